@@ -1,0 +1,309 @@
+"""The model: one config table for the Llama family and a static-KV-cache transformer.
+
+Weights use the Hugging Face layout for q/k (rotate-half rotary), so converted Hugging Face checkpoints need no
+permutation. Names follow gpt-fast: `wqkv` is q, k and v fused along the output dimension.
+"""
+import difflib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class BriskError(Exception):
+    """A problem with the user's input: scripts print it as one line and exit with status 1."""
+
+
+@dataclass
+class ModelArgs:
+    block_size: int = 2048  # longest context the model was trained for
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32  # query heads
+    dim: int = 4096  # residual stream width
+    intermediate_size: Optional[int] = None  # SwiGLU hidden width; None: Llama's rule from dim
+    n_local_heads: int = -1  # key/value heads (GQA); -1: same as n_head
+    head_dim: Optional[int] = None  # None: dim // n_head
+    rope_base: float = 10000.0  # rotary theta
+    norm_eps: float = 1e-5
+    rope_scaling: Optional[dict] = None  # Llama-3.1 style: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    tie_embeddings: bool = False  # output head shares the token embedding
+    qkv_bias: bool = False  # Qwen2 puts a bias on q, k and v
+
+    def __post_init__(self):
+        if self.n_local_heads == -1:
+            self.n_local_heads = self.n_head
+        if self.intermediate_size is None:
+            hidden = 4 * self.dim
+            n_hidden = int(2 * hidden / 3)
+            self.intermediate_size = n_hidden + (256 - n_hidden % 256) % 256
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_head
+        if self.n_head % self.n_local_heads:
+            raise BriskError(f"n_head {self.n_head} is not a multiple of n_local_heads {self.n_local_heads}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        return cls(**transformer_configs[find_preset(name)])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_preset(name: str) -> str:
+    """Exact name first, then the longest preset name found (case-insensitively) inside `name`."""
+    if name in transformer_configs:
+        return name
+    low = name.lower()
+    hits = [k for k in transformer_configs if k.lower() in low]
+    if hits:
+        return max(hits, key=len)
+    close = difflib.get_close_matches(name, list(transformer_configs), n=5, cutoff=0.3)
+    raise BriskError(f"unknown model {name!r}; close names: {', '.join(close) or 'none'}")
+
+
+_L31 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_L32 = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+transformer_configs = {
+    "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, dim=4096),
+    "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, dim=5120),
+    "Llama-2-70b": dict(block_size=4096, n_layer=80, n_head=64, dim=8192, n_local_heads=8, intermediate_size=28672),
+    "CodeLlama-7b": dict(block_size=16384, vocab_size=32016, n_layer=32, dim=4096, rope_base=1000000),
+    "CodeLlama-13b": dict(block_size=16384, vocab_size=32016, n_layer=40, n_head=40, dim=5120, rope_base=1000000),
+    "CodeLlama-34b": dict(block_size=16384, n_layer=48, n_head=64, dim=8192, vocab_size=32000, n_local_heads=8, intermediate_size=22016, rope_base=1000000),
+    "Meta-Llama-3-8B": dict(block_size=8192, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256, rope_base=500000),
+    "Meta-Llama-3-70B": dict(block_size=8192, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672, vocab_size=128256, rope_base=500000),
+    "Llama-3.1-8B": dict(block_size=131072, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256, rope_base=500000, rope_scaling=_L31),
+    "Llama-3.1-70B": dict(block_size=131072, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672, vocab_size=128256, rope_base=500000, rope_scaling=_L31),
+    "Llama-3.1-405B": dict(block_size=131072, n_layer=126, n_head=128, n_local_heads=8, dim=16384, intermediate_size=53248, vocab_size=128256, rope_base=500000, rope_scaling=_L31),
+    "Llama-3.2-1B": dict(block_size=131072, n_layer=16, n_head=32, n_local_heads=8, dim=2048, intermediate_size=8192, vocab_size=128256, rope_base=500000, rope_scaling=_L32, tie_embeddings=True),
+    "Llama-3.2-3B": dict(block_size=131072, n_layer=28, n_head=24, n_local_heads=8, dim=3072, intermediate_size=8192, vocab_size=128256, rope_base=500000, rope_scaling=_L32, tie_embeddings=True),
+    "Mistral-7B": dict(block_size=32768, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=32000),
+    "TinyLlama-1.1B": dict(block_size=2048, n_layer=22, n_head=32, n_local_heads=4, dim=2048, intermediate_size=5632),
+    "llama-68m": dict(block_size=2048, n_layer=2, n_head=12, dim=768, intermediate_size=3072),
+    "llama-160m": dict(block_size=2048, n_layer=12, n_head=12, dim=768, intermediate_size=3072),
+    "SmolLM2-135M": dict(block_size=8192, n_layer=30, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536, vocab_size=49152, rope_base=100000, tie_embeddings=True),
+    "SmolLM2-360M": dict(block_size=8192, n_layer=32, n_head=15, n_local_heads=5, dim=960, intermediate_size=2560, vocab_size=49152, rope_base=100000, tie_embeddings=True),
+    "SmolLM2-1.7B": dict(block_size=8192, n_layer=24, n_head=32, n_local_heads=32, dim=2048, intermediate_size=8192, vocab_size=49152, rope_base=130000, tie_embeddings=True),
+    "Qwen2-0.5B": dict(block_size=32768, n_layer=24, n_head=14, n_local_heads=2, dim=896, intermediate_size=4864, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
+    "Qwen2-1.5B": dict(block_size=32768, n_layer=28, n_head=12, n_local_heads=2, dim=1536, intermediate_size=8960, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
+    "Qwen2-7B": dict(block_size=32768, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944, vocab_size=152064, rope_base=1000000, norm_eps=1e-6, qkv_bias=True),
+    "Qwen2.5-0.5B": dict(block_size=32768, n_layer=24, n_head=14, n_local_heads=2, dim=896, intermediate_size=4864, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
+    "Qwen2.5-1.5B": dict(block_size=32768, n_layer=28, n_head=12, n_local_heads=2, dim=1536, intermediate_size=8960, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
+    "Qwen2.5-3B": dict(block_size=32768, n_layer=36, n_head=16, n_local_heads=2, dim=2048, intermediate_size=11008, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
+    "Qwen2.5-7B": dict(block_size=32768, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944, vocab_size=152064, rope_base=1000000, norm_eps=1e-6, qkv_bias=True),
+}
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size: int, max_seq_length: int, n_heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (max_batch_size, n_heads, max_seq_length, head_dim)  # [B, Hkv, S, D]
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # input_pos: [T], k/v: [B, Hkv, T, D]; writes in place so compiled graphs keep their buffers
+        B = k.shape[0]
+        self.k_cache[:B, :, input_pos] = k
+        self.v_cache[:B, :, input_pos] = v
+        return self.k_cache[:B], self.v_cache[:B]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    @classmethod
+    def from_name(cls, name: str) -> "Transformer":
+        return cls(ModelArgs.from_name(name))
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        """Allocate the KV cache and the rotary/mask tables for up to `max_seq_length` positions."""
+        if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
+            return
+        c = self.config
+        self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        for b in self.layers:
+            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype).to(device)
+        cos, sin = rope_tables(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling)
+        self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype), persistent=False)  # [S, D/2]
+        self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)  # [S, D/2]
+        causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
+        self.register_buffer("causal_mask", causal, persistent=False)  # [S, S]
+
+    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        # idx: [B, T] token ids at positions input_pos: [T]; returns logits [B, T, V]
+        assert self.max_seq_length > 0, "call setup_caches() first"
+        mask = self.causal_mask[None, None, input_pos]  # [1, 1, T, S]
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, D/2]
+        x = self.tok_embeddings(idx)  # [B, T, dim]
+        for layer in self.layers:
+            x = layer(x, input_pos, cos, sin, mask)
+        return self.output(self.norm(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), input_pos, cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        # n_head etc. come from the weights' shapes so that a tensor-parallel shard runs unchanged
+        kv_size = self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_local_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32 as the reference does, then scale in the model's dtype
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.type_as(x)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, scaling: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [seq_len, head_dim/2] for rotate-half rotary embeddings, computed in fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [D/2]
+    if scaling is not None:
+        inv_freq = _llama31_scale(inv_freq, **scaling)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [S, D/2]
+    return angles.cos(), angles.sin()
+
+
+def _llama31_scale(inv_freq: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                   original_max_position_embeddings: int, **_) -> Tensor:
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between interpolated
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    between = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(between, smoothed, out)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, H, T, D]; cos/sin: [T, D/2]. Rotate-half layout: pairs are (i, i + D/2).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: `model.pth` (a state dict) with `model_config.json` (ModelArgs) beside it.
+
+CONFIG_NAME = "model_config.json"
+
+
+def load_config(checkpoint_path: Path) -> ModelArgs:
+    """The config written by the converter beside the weights, else the preset matching the directory name."""
+    cfg = Path(checkpoint_path).parent / CONFIG_NAME
+    if cfg.is_file():
+        try:
+            return ModelArgs.from_dict(json.loads(cfg.read_text()))
+        except (TypeError, ValueError) as e:
+            raise BriskError(f"{cfg}: not a model config ({e})") from None
+    return ModelArgs.from_name(Path(checkpoint_path).parent.name)
+
+
+def load_state_dict(checkpoint_path: Path) -> dict:
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise BriskError(f"checkpoint not found: {path} (run ./scripts/prepare.sh first?)")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
+        raise BriskError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
+    """Build the model on the meta device and assign the checkpoint's tensors, cast once to dtype/device.
+
+    Quantized checkpoints (written by quantize.py) carry a `__quant__` entry; their linears are swapped for
+    quantized modules before loading, and packed for the device afterwards.
+    """
+    sd = load_state_dict(checkpoint_path)
+    config = load_config(checkpoint_path)
+    quant = sd.pop("__quant__", None)
+    with torch.device("meta"):
+        model = Transformer(config)
+    if quant is not None:
+        import quantize
+        quantize.prepare_model(model, quant)
+    sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
+    if config.tie_embeddings:  # the file holds the shared matrix once
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    try:
+        model.load_state_dict(sd, assign=True, strict=True)
+    except RuntimeError as e:
+        raise BriskError(f"{checkpoint_path} does not match its config: {' '.join(str(e).split())[:300]}") from None
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    if quant is not None:
+        quantize.finalize_model(model, quant, device)
+    return model.eval()

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random checkpoints in our own format, with a small trained BPE tokenizer, and the real
+default model when it has been prepared."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import CONFIG_NAME, ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_CHECKPOINT = ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct" / "model.pth"
+
+TINY = dict(block_size=256, vocab_size=320, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "Once upon a time there was a little model that generated tokens very fast.",
+    "Grüße aus München — naïve café, 東京, emoji 🙂🚀 and numbers 0123456789.",
+    "def forward(self, x):\n    return self.w2(F.silu(self.w1(x)) * self.w3(x))\n",
+]
+
+
+def write_tiny_tokenizer(directory: Path, vocab_size: int = TINY["vocab_size"]) -> None:
+    """A byte-level BPE `tokenizer.json` (ids < vocab_size) with ChatML special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 8, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = dict(bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                  add_bos_token=False, chat_template=CHATML, tokenizer_class="PreTrainedTokenizerFast")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def make_checkpoint(directory: Path, seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
+    """Random weights for a tiny model (TINY updated with `overrides`) saved as directory/model.pth."""
+    args = ModelArgs(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():  # larger than default init so that logits are peaked and argmax is stable
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    if args.tie_embeddings:
+        sd.pop("output.weight")
+    torch.save(sd, directory / "model.pth")
+    (directory / CONFIG_NAME).write_text(json.dumps(args.to_dict()))
+    if tokenizer:
+        write_tiny_tokenizer(directory, args.vocab_size)
+    return directory / "model.pth"
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    """Path to model.pth of a tiny random GQA model with a tokenizer beside it."""
+    return make_checkpoint(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as left by ./scripts/prepare.sh; CI prepares it, elsewhere its absence skips."""
+    if not REAL_CHECKPOINT.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{REAL_CHECKPOINT} missing: .ci/run must run ./scripts/prepare.sh first")
+        pytest.skip("run ./scripts/prepare.sh to enable tests on the real model")
+    return REAL_CHECKPOINT

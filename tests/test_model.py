@@ -1,0 +1,72 @@
+"""model.py on its own: presets, config round trip, cache behaviour. Parity with transformers is in test_convert.py."""
+import pytest
+import torch
+
+from model import BriskError, ModelArgs, Transformer, find_preset, load_model, transformer_configs
+from conftest import make_checkpoint
+
+
+@pytest.mark.parametrize("name, preset", [
+    ("Llama-2-7b", "Llama-2-7b"),  # exact
+    ("meta-llama/Llama-2-7b-chat-hf", "Llama-2-7b"),  # substring, case-insensitive
+    ("codellama/CodeLlama-34b-Python-hf", "CodeLlama-34b"),
+    ("meta-llama/Llama-3.2-1B-Instruct", "Llama-3.2-1B"),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M"),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B"),  # longest match wins over Qwen2-0.5B? no: Qwen2-0.5B is not a substring
+    ("JackFram/llama-160m", "llama-160m"),
+])
+def test_preset_lookup(name, preset):
+    assert find_preset(name) == preset
+
+
+def test_unknown_name_lists_close_names():
+    with pytest.raises(BriskError, match="unknown model 'Lama-2-7b'.*Llama-2-7b"):
+        find_preset("Lama-2-7b")
+
+
+def test_every_preset_builds_a_consistent_config():
+    for name, preset in transformer_configs.items():
+        a = ModelArgs.from_name(name)
+        assert a.n_head % a.n_local_heads == 0 and a.head_dim * a.n_head == a.dim, name
+        assert ModelArgs.from_dict(a.to_dict()) == a
+
+
+def test_llama2_7b_shape_matches_published_size():
+    with torch.device("meta"):
+        m = Transformer.from_name("Llama-2-7b")
+    assert sum(p.numel() for p in m.parameters()) == 6_738_415_616
+
+
+def test_cached_decode_equals_full_forward(tmp_path):
+    model = load_model(make_checkpoint(tmp_path, tokenizer=False), dtype=torch.float32)
+    model.setup_caches(2, 32)
+    idx = torch.randint(0, 320, (2, 20))
+    with torch.no_grad():
+        full = model(idx, torch.arange(20))
+        prefix = model(idx[:, :12], torch.arange(12))  # prefill 12, then verify 3, then decode one at a time
+        chunk = model(idx[:, 12:15], torch.arange(12, 15))
+        steps = [model(idx[:, i:i + 1], torch.tensor([i])) for i in range(15, 20)]
+    torch.testing.assert_close(torch.cat([prefix, chunk, *steps], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_head_shares_the_embedding(tmp_path):
+    model = load_model(make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=True), dtype=torch.float32)
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_loads_in_each_dtype(tmp_path, dtype):
+    model = load_model(make_checkpoint(tmp_path, tokenizer=False, qkv_bias=True), dtype=dtype)
+    model.setup_caches(1, 16)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+    assert logits.dtype == dtype and logits.shape == (1, 3, 320) and torch.isfinite(logits).all()
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(BriskError, match="checkpoint not found"):
+        load_model(tmp_path / "nope" / "model.pth")
+    path = make_checkpoint(tmp_path, tokenizer=False)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(BriskError, match="cannot read checkpoint"):
+        load_model(path)
