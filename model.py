@@ -6,9 +6,11 @@ permutation. Names follow gpt-fast: `wqkv` is q, k and v fused along the output 
 import difflib
 import json
 import math
+import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -307,3 +309,34 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
     if quant is not None:
         quantize.finalize_model(model, quant, device)
     return model.eval()
+
+
+def check_writable(path: Path, force: bool) -> None:
+    if Path(path).exists() and not force:
+        raise BriskError(f"{path} exists; pass --force to overwrite it")
+
+
+def save_atomic(path: Path, write: Callable[[Path], None], force: bool = False) -> None:
+    """Call write(tmp) and rename tmp to path, so an interrupted run never leaves a half-written file."""
+    path = Path(path)
+    check_writable(path, force)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(state_dict: dict, path: Path, force: bool = False) -> None:
+    save_atomic(path, lambda tmp: torch.save(state_dict, tmp), force)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main(); a BriskError or Ctrl-C becomes one line on stderr and exit status 1."""
+    try:
+        main()
+    except BriskError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
