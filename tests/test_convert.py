@@ -1,0 +1,281 @@
+"""Hugging Face checkpoints: scripts/convert_hf_checkpoint.py must give the logits transformers gives, for each
+supported family and file layout; scripts/download.py asks the Hub for only the files brisk needs; bad input ends
+in one `error:` line. Everything runs offline on tiny random models."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub.utils import filter_repo_objects
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from model import CONFIG_NAME, BriskError, load_model, load_state_dict
+from scripts import convert_hf_checkpoint as convert_hf
+from scripts import download
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, max_position_embeddings=256)
+# Llama 3.1 rope scaling, with original_max_position_embeddings shrunk so that it changes angles within 24 positions
+L31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+           original_max_position_embeddings=64)
+
+# family: (config class, model class, config overrides, how the weights are saved)
+FAMILIES = {
+    "llama2-mha": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4, rms_norm_eps=1e-5), "safetensors"),
+    "llama3-gqa": (LlamaConfig, LlamaForCausalLM, dict(rope_theta=500000.0), "safetensors-sharded"),
+    "llama3.1-rope-scaling": (LlamaConfig, LlamaForCausalLM, dict(rope_parameters=dict(rope_theta=500000.0, **L31)),
+                              "bin-sharded"),
+    "llama3.2-tied": (LlamaConfig, LlamaForCausalLM,
+                      dict(rope_parameters=dict(rope_theta=500000.0, **{**L31, "factor": 32.0}),
+                           tie_word_embeddings=True), "safetensors-bf16"),
+    "qwen2-bias-tied": (Qwen2Config, Qwen2ForCausalLM, dict(rope_theta=1000000.0, tie_word_embeddings=True), "bin"),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(head_dim=32), "safetensors-sharded"),
+    "llama-68m-like": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=12,
+                                                           intermediate_size=384), "bin-old"),
+}
+
+
+def make_hf_model(directory: Path, family: str, seed: int = 0):
+    """A tiny random transformers model of `family`, saved to `directory`; returns it in fp32 for reference."""
+    config_cls, model_cls, overrides, layout = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # wider than the default init so logits are far from flat; norms random so a swap shows
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    if layout == "safetensors":
+        model.save_pretrained(directory)
+    elif layout == "safetensors-sharded":
+        model.save_pretrained(directory, max_shard_size="60KB")
+    elif layout == "safetensors-bf16":  # bf16 weights (not buffers: rope stays fp32); the reference upcasts them
+        for p in model.parameters():
+            p.data = p.data.bfloat16()
+        model.save_pretrained(directory)
+        for p in model.parameters():
+            p.data = p.data.float()
+    else:  # transformers 5 writes only safetensors; write pytorch_model*.bin as older releases did
+        model.config.architectures = [model_cls.__name__]
+        model.config.save_pretrained(directory)
+        save_bin(model.state_dict(), directory, n_shards=3 if layout == "bin-sharded" else 1,
+                 old=layout == "bin-old")
+    return model
+
+
+def save_bin(sd: dict, directory: Path, n_shards: int, old: bool) -> None:
+    if old:  # checkpoints from transformers < 4.31 also saved a rotary buffer
+        sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    if n_shards == 1:
+        torch.save(sd, directory / "pytorch_model.bin")
+        return
+    # round robin puts the q, k and v of a layer in different shards
+    weight_map = {k: f"pytorch_model-{i % n_shards + 1:05d}-of-{n_shards:05d}.bin" for i, k in enumerate(sd)}
+    for file in set(weight_map.values()):
+        torch.save({k: v for k, v in sd.items() if weight_map[k] == file}, directory / file)
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def run_convert(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "convert_hf_checkpoint.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, match: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert match in lines[0]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_converted_model_matches_transformers(tmp_path, family):
+    hf = make_hf_model(tmp_path, family)
+    convert_hf.convert(tmp_path)
+    ours = load_model(tmp_path / "model.pth", dtype=torch.float32)
+    T = 24
+    ours.setup_caches(2, T)
+    idx = torch.randint(0, TINY["vocab_size"], (2, T))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        full = ours(idx, torch.arange(T))
+        steps = torch.cat([ours(idx[:, i:i + 1], torch.tensor([i])) for i in range(T)], dim=1)  # through the cache
+    full_err, step_err = (full - ref).abs().max().item(), (steps - ref).abs().max().item()
+    print(f"{family}: max |logits - transformers| full {full_err:.2e}, cached {step_err:.2e}")
+    assert ref.std() > 0.5  # not flat: a wrong rope or swapped norm would move them well past 1e-4
+    assert full_err <= 1e-4 and step_err <= 1e-4
+
+
+def test_conversion_keeps_stored_dtype_and_config(tmp_path):
+    make_hf_model(tmp_path, "llama3.2-tied")
+    convert_hf.convert(tmp_path)
+    sd = load_state_dict(tmp_path / "model.pth")
+    assert "output.weight" not in sd  # tied head: the embedding is stored once
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert cfg["tie_embeddings"] and cfg["rope_base"] == 500000.0 and cfg["rope_scaling"]["factor"] == 32.0
+
+
+@pytest.mark.parametrize("hf_config, expected", [
+    # transformers < 5: rope_theta and rope_scaling at the top level
+    (dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", **{k: v for k, v in L31.items() if k != "rope_type"})),
+     dict(rope_base=500000.0, rope_scaling={k: v for k, v in L31.items() if k != "rope_type"})),
+    (dict(rope_theta=1e6, rope_scaling=None), dict(rope_base=1e6, rope_scaling=None)),
+    # Mistral 7B v0.1: a 4096-token sliding window caps the context brisk (full attention) can serve exactly
+    (dict(architectures=["MistralForCausalLM"], max_position_embeddings=32768, sliding_window=4096),
+     dict(block_size=4096, qkv_bias=False)),
+    # Qwen2 declares a window it does not use; its q/k/v bias is implicit
+    (dict(architectures=["Qwen2ForCausalLM"], sliding_window=131072, use_sliding_window=False),
+     dict(block_size=256, qkv_bias=True)),
+])
+def test_config_variants(hf_config, expected):
+    cfg = {**TINY, "architectures": ["LlamaForCausalLM"], **hf_config}
+    args = convert_hf.config_from_hf(cfg).to_dict()
+    assert {k: args[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("hf_config, match", [
+    (dict(architectures=["GPT2LMHeadModel"]), "unsupported architecture GPT2LMHeadModel"),
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)), "rope_type 'yarn'"),
+    (dict(attention_bias=True), "attention_bias"),
+])
+def test_unsupported_configs_are_refused(hf_config, match):
+    with pytest.raises(BriskError, match=match):
+        convert_hf.config_from_hf({**TINY, "architectures": ["LlamaForCausalLM"], **hf_config})
+
+
+def test_without_config_json_the_preset_is_used(tmp_path):
+    d = tmp_path / "llama-68m"
+    d.mkdir()
+    make_hf_model(d, "llama-68m-like")
+    (d / "config.json").unlink()
+    # the llama-68m preset is the real 768-wide model, so the tiny weights are rejected against it
+    with pytest.raises(BriskError, match=r"tok_embeddings.weight is \[256, 96\], expected \[32000, 768\]"):
+        convert_hf.convert(d)
+    assert not (d / "model.pth").exists()
+
+
+def test_llama3_tokenizer_model_is_copied_from_original(tmp_path):
+    make_hf_model(tmp_path, "llama3-gqa")
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "tokenizer.model").write_bytes(b"tiktoken ranks")
+    convert_hf.convert(tmp_path)
+    assert (tmp_path / "tokenizer.model").read_bytes() == b"tiktoken ranks"
+
+
+# Bad input, through the command line: one `error:` line, non-zero exit, nothing written.
+
+def test_missing_directory(tmp_path):
+    assert_one_line_error(run_convert("--checkpoint_dir", tmp_path / "nope"), "is not a directory")
+
+
+def test_truncated_safetensors(tmp_path):
+    make_hf_model(tmp_path, "llama3-gqa")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    assert_one_line_error(run_convert("--checkpoint_dir", tmp_path), f"cannot read {shard}")
+    assert not list(tmp_path.glob("model.pth*")) and not (tmp_path / CONFIG_NAME).exists()
+
+
+def test_unknown_architecture(tmp_path):
+    make_hf_model(tmp_path, "llama2-mha")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconForCausalLM"]}))
+    assert_one_line_error(run_convert("--checkpoint_dir", tmp_path), "unsupported architecture FalconForCausalLM")
+    assert not list(tmp_path.glob("model.pth*")) and not (tmp_path / CONFIG_NAME).exists()
+
+
+def test_existing_output_needs_force(tmp_path):
+    make_hf_model(tmp_path, "llama2-mha")
+    convert_hf.convert(tmp_path)
+    before = (tmp_path / "model.pth").read_bytes()
+    assert_one_line_error(run_convert("--checkpoint_dir", tmp_path), "exists; pass --force")
+    assert (tmp_path / "model.pth").read_bytes() == before
+    make_hf_model(tmp_path, "llama2-mha", seed=1)
+    convert_hf.convert(tmp_path, force=True)
+    assert (tmp_path / "model.pth").read_bytes() != before
+
+
+# scripts/prepare.sh on a local Hugging Face directory, run from elsewhere
+
+def test_prepare_converts_a_local_directory_once(tmp_path):
+    d = tmp_path / "hf"
+    d.mkdir()
+    make_hf_model(d, "llama2-mha")
+    prepare = [str(ROOT / "scripts" / "prepare.sh"), str(d)]
+    first = subprocess.run(prepare, capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert (d / "model.pth").is_file() and (d / CONFIG_NAME).is_file()
+    again = subprocess.run(prepare, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0 and "already exists" in again.stdout
+
+
+# scripts/download.py, with the Hub replaced by a recorded file listing
+
+LLAMA3_REPO = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+               "model-00002-of-00002.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
+               "tokenizer.json", "tokenizer_config.json", "original/tokenizer.model", "original/consolidated.00.pth",
+               "original/params.json", "LICENSE", "README.md", ".gitattributes"]
+BIN_REPO = ["config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json", "training_args.bin",
+            "README.md"]
+BOTH_REPO = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "flax_model.msgpack"]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Records what download.py asks snapshot_download for; `files` is the fake repo's listing."""
+    calls = {"files": []}
+    monkeypatch.setattr(download, "list_repo_files", lambda repo_id, token=None: calls["files"])
+    monkeypatch.setattr(download, "snapshot_download", lambda repo_id, **kw: calls.update(repo_id=repo_id, **kw))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("files, wanted", [
+    (LLAMA3_REPO, set(LLAMA3_REPO) - {"original/consolidated.00.pth", "original/params.json", "LICENSE", "README.md",
+                                      ".gitattributes"}),
+    (BIN_REPO, {"config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json"}),
+    (BOTH_REPO, {"config.json", "model.safetensors", "tokenizer.json"}),  # safetensors preferred
+])
+def test_download_fetches_only_needed_files(hub, tmp_path, files, wanted):
+    hub["files"] = files
+    download.main(["--repo_id", "meta-llama/Llama-3.2-1B", "--checkpoint_dir", str(tmp_path)])
+    assert hub["repo_id"] == "meta-llama/Llama-3.2-1B"
+    assert Path(hub["local_dir"]) == tmp_path / "meta-llama" / "Llama-3.2-1B"
+    # the same filter snapshot_download applies to the repo's files
+    assert set(filter_repo_objects(files, allow_patterns=hub["allow_patterns"])) == wanted
+
+
+def test_download_token_from_flag_or_environment(hub, monkeypatch, tmp_path):
+    download.main(["--repo_id", "a/b", "--checkpoint_dir", str(tmp_path)])
+    assert hub["token"] is None  # huggingface_hub then uses the saved login, if any
+    monkeypatch.setenv("HF_TOKEN", "hf_env")
+    download.main(["--repo_id", "a/b", "--checkpoint_dir", str(tmp_path)])
+    assert hub["token"] == "hf_env"
+    download.main(["--repo_id", "a/b", "--checkpoint_dir", str(tmp_path), "--hf_token", "hf_flag"])
+    assert hub["token"] == "hf_flag"
+
+
+def hub_error(cls):
+    # the Hub's HTTP errors want a live response object to be built; the mapping only looks at the type
+    return cls.__new__(cls)
+
+
+@pytest.mark.parametrize("error, match", [
+    (lambda: hub_error(download.GatedRepoError), "is gated: accept its license at https://huggingface.co/a/b"),
+    (lambda: hub_error(download.RepositoryNotFoundError), "repository a/b not found"),
+    (lambda: download.HTTPError("[Errno -2] Name or service not known"), "could not download a/b: .*network"),
+    (lambda: OSError("No space left on device"), "could not download a/b: No space left"),
+])
+def test_download_errors_are_one_line(hub, monkeypatch, tmp_path, error, match):
+    def fail(*args, **kwargs):
+        raise error()
+    monkeypatch.setattr(download, "list_repo_files", fail)
+    with pytest.raises(BriskError, match=match) as e:
+        download.download("a/b", tmp_path, None)
+    assert "\n" not in str(e.value)
