@@ -1,0 +1,435 @@
+"""Generate text with a static KV cache, optionally compiled: completion, chat, interactive chat, benchmarking.
+
+    python generate.py --checkpoint_path checkpoints/ORG/NAME/model.pth --prompt "Hello, my name is"
+
+Generated text goes to stdout; timings go to stderr (and to --json).
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from model import BriskError, Transformer, check_writable, load_config, load_model, run_cli, save_atomic
+from tokenizer import load_tokenizer
+
+DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None) -> Tensor:
+    """Next-token distribution [B, V] from logits [B, V]: temperature, then top-k, then top-p (nucleus)."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None:
+        pivot = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # [B, 1] k-th largest
+        logits = torch.where(logits < pivot, -float("inf"), logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+        sorted_probs = sorted_logits.softmax(-1)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens more likely than this one
+        # keep the smallest prefix whose mass reaches top_p; the most likely token has before == 0 < top_p
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, -float("inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits.softmax(-1)
+
+
+def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
+    # argmax(p / E) with E ~ Exponential(1) draws index i with probability p_i, without the host sync of
+    # torch.multinomial: [B, V] -> [B, 1]
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(torch.int)
+
+
+def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """(token [B, 1], probs [B, V]) from the last position's logits [B, V]; temperature 0 is greedy."""
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True).to(torch.int), probs
+    return multinomial_sample_one_no_sync(probs), probs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> Tensor:
+    # x: [B, T] at positions input_pos: [T] -> first new token [B, 1]
+    logits = model(x, input_pos)
+    return sample(logits[:, -1], **sampling_kwargs)[0]
+
+
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> tuple[Tensor, Tensor]:
+    # x: [B, 1] at input_pos: [1] -> (next token [B, 1], probs [B, V])
+    logits = model(x, input_pos)
+    return sample(logits[:, -1], **sampling_kwargs)
+
+
+def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
+                    decode_fn: Callable = decode_one_token, **sampling_kwargs) -> Iterator[Tensor]:
+    """Feed each sampled token back in, yielding the next one [B, 1]; the caller stops early by not asking."""
+    for _ in range(num_new_tokens):
+        next_token, _ = decode_fn(model, cur_token, input_pos, **sampling_kwargs)
+        input_pos += 1
+        cur_token = next_token.clone()  # a CUDA graph's output is overwritten by its next replay
+        yield cur_token
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size: int = 1, *,
+             eos_ids=(), start_pos: int = 0, on_token: Optional[Callable[[int, int], bool]] = None,
+             prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token, **sampling_kwargs):
+    """Sample up to max_new_tokens after prompt [T] for batch_size copies of it.
+
+    The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below start_pos
+    are taken as already in the cache (the earlier turns of a conversation) and are not computed again.
+    A row stops at an eos id (which it keeps) or when on_token(row, token) returns True for a token it has just
+    taken (eos ids are not passed to it); generation ends when every row has stopped. Returns (new tokens per row, {"ttft_s", "decode_s", "steps"}).
+    """
+    device = prompt.device
+    T = prompt.size(0)
+    x = prompt[start_pos:].view(1, -1).repeat(batch_size, 1)  # [B, T - start_pos]
+    input_pos = torch.arange(start_pos, T, device=device)
+    rows = [[] for _ in range(batch_size)]
+    done = [False] * batch_size
+
+    def take(token: Tensor) -> bool:  # token: [B, 1]; True when every row has stopped
+        for i, t in enumerate(token.view(-1).tolist()):  # the host sync that streaming and stopping need
+            if not done[i]:
+                rows[i].append(t)
+                done[i] = t in eos_ids or (on_token is not None and on_token(i, t))
+        return all(done)
+
+    t0 = time.perf_counter()
+    token = prefill_fn(model, x, input_pos, **sampling_kwargs)
+    finished = take(token)
+    t1 = time.perf_counter()
+    steps = 0
+    if not finished:
+        pos = torch.tensor([T], device=device)
+        for token in decode_n_tokens(model, token, pos, max_new_tokens - 1, decode_fn, **sampling_kwargs):
+            steps += 1
+            if take(token):
+                break
+    sync(device)
+    return rows, {"ttft_s": t1 - t0, "decode_s": time.perf_counter() - t1, "steps": steps}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def compile_settings(device: torch.device) -> dict:
+    """torch.compile arguments for decode_one_token: the one place where they are chosen per device. Inductor
+    settings go in `options` (per compiled function) rather than the global config, so nothing leaks into
+    other compiled code."""
+    if device.type == "cuda":
+        return dict(fullgraph=True, mode="reduce-overhead")  # CUDA graphs remove the per-kernel launch cost
+    # freezing makes the weights constants, so Inductor can prepack them for its CPU GEMMs
+    return dict(fullgraph=True, options=dict(max_autotune=True, freezing=True, coordinate_descent_tuning=True))
+
+
+def compiled_fns(device: torch.device, compile: bool, compile_prefill: bool) -> dict:
+    fns = dict(prefill_fn=prefill, decode_fn=decode_one_token)
+    if compile:
+        fns["decode_fn"] = torch.compile(decode_one_token, **compile_settings(device))
+    if compile_prefill:  # the prompt length varies between calls
+        fns["prefill_fn"] = torch.compile(prefill, fullgraph=True, dynamic=True)
+    return fns
+
+
+def _load_model(checkpoint_path: Path, device: torch.device, dtype: torch.dtype) -> Transformer:
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_path, device, dtype)
+    sync(device)
+    print(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return model
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of parameters and buffers (quantized weights and scales are buffers); a tied matrix counts once.
+    Call before setup_caches so the KV cache and rotary tables are not counted."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class TextStream:
+    """The text of one sequence as its tokens arrive, cut before the first stop string. Text is written to `out`
+    (if given) once it can no longer turn into a stop string, so a stop string is never printed."""
+
+    def __init__(self, tokenizer, stops=(), out=None):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = [s for s in stops if s]
+        self.hold = max(map(len, self.stops), default=1) - 1
+        self.out, self.text, self.shown, self.stopped = out, "", 0, False
+
+    def push(self, token: int) -> bool:
+        """Add a token; True once a stop string has appeared."""
+        if not self.stopped:
+            self._add(self.decoder.push(token))
+        return self.stopped
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self._add(self.decoder.flush())
+        self._show(len(self.text))
+        return self.text
+
+    def _add(self, new: str) -> None:
+        start = max(0, len(self.text) - self.hold)  # an earlier stop string would have been found already
+        self.text += new
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+        self._show(len(self.text) - (0 if self.stopped else self.hold))
+
+    def _show(self, end: int) -> None:
+        if self.out is not None and end > self.shown:
+            self.out.write(self.text[self.shown:end])
+            self.out.flush()
+            self.shown = end
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def figures(model: Transformer, rows: list, timing: dict, prompt_len: int, weights: int, device) -> dict:
+    steps, ttft, decode_s = timing["steps"], timing["ttft_s"], timing["decode_s"]
+    new, total = max(map(len, rows)), ttft + decode_s
+    decode_tps = steps / decode_s if steps else None
+    bandwidth = None
+    if decode_tps is not None:
+        c, cache = model.config, model.layers[0].attention.kv_cache.k_cache
+        avg_context = prompt_len + (steps + 1) / 2  # decode step j attends to prompt_len + j positions
+        kv = 2 * c.n_layer * len(rows) * c.n_local_heads * c.head_dim * avg_context * cache.element_size()
+        bandwidth = (weights + kv) * decode_tps / 1e9
+    return dict(new_tokens=new, tokens_generated=sum(map(len, rows)), ttft_s=ttft, decode_s=decode_s,
+                total_s=total, decode_tokens_per_s=decode_tps, e2e_tokens_per_s=new / total,
+                throughput_tokens_per_s=sum(map(len, rows)) / total, bandwidth_gb_s=bandwidth,
+                peak_memory_gb=peak_memory_gb(device))
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Medians over the samples after the first (a warm-up), or over the only one."""
+    counted = samples[1:] or samples
+    keys = [k for k, v in counted[0].items() if isinstance(v, (int, float))]
+    out = {}
+    for k in keys:
+        values = [s[k] for s in counted if s[k] is not None]
+        out[k] = statistics.median(values) if values else None
+    return out
+
+
+def describe(f: dict) -> str:
+    def num(v, unit, fmt=".1f"):
+        return "n/a" if v is None else f"{v:{fmt}} {unit}"
+    return (f"{f['new_tokens']} tokens, time to first token {num(f['ttft_s'], 's', '.3f')}, "
+            f"decode {num(f['decode_tokens_per_s'], 'tok/s')}, end-to-end {num(f['e2e_tokens_per_s'], 'tok/s')}, "
+            f"bandwidth {num(f['bandwidth_gb_s'], 'GB/s', '.2f')}, peak memory {num(f['peak_memory_gb'], 'GB', '.2f')}")
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def chat(model, tokenizer, args, device, max_seq_length: int, fns: dict, sampling: dict) -> None:
+    """Multi-turn chat in the model's template. Each turn's prompt is the whole conversation; the cache still
+    holds the tokens the conversation shares with the previous turn, so only the rest is prefilled."""
+    messages, cached = [], []  # cached: the tokens whose keys/values are in the cache, from position 0
+    first = args.prompt
+    print("chat: type a message and press Enter; Ctrl-D ends", file=sys.stderr)
+    while True:
+        if first is not None:
+            user, first = first, None
+            print(f"> {user}")
+        else:
+            try:
+                user = input("> ")
+            except EOFError:
+                print()
+                return
+        if not user.strip():
+            continue
+        messages.append(dict(role="user", content=user))
+        ids = tokenizer.encode_chat(messages)
+        if len(ids) > max_seq_length:
+            raise BriskError(f"the conversation ({len(ids)} tokens) no longer fits --max_seq_length {max_seq_length}")
+        start = min(common_prefix(cached, ids), len(ids) - 1)
+        stream = TextStream(tokenizer, args.stop, sys.stdout)
+        rows, timing = generate(model, torch.tensor(ids, device=device), min(args.max_new_tokens, max_seq_length - len(ids) + 1),
+                                eos_ids=tokenizer.eos_ids, start_pos=start, on_token=lambda i, t: stream.push(t),
+                                **fns, **sampling)
+        messages.append(dict(role="assistant", content=stream.finish()))
+        print()
+        cached = ids + rows[0][:-1]  # the last token was sampled but never fed through the model
+        print(f"[{len(ids) - start} prompt tokens prefilled, {start} reused; {len(rows[0])} tokens, "
+              f"{len(rows[0]) / (timing['ttft_s'] + timing['decode_s']):.1f} tok/s]", file=sys.stderr)
+
+
+BANDWIDTH_HELP = (
+    "achieved memory bandwidth GB/s = (bytes of weights read per decode step, i.e. the sum of parameter and buffer "
+    "bytes of the model with a tied matrix counted once and the KV cache excluded, + average KV cache bytes read "
+    "per step, i.e. 2 * n_layer * batch_size * n_kv_heads * head_dim * average context length * element size) "
+    "* decode tokens/s (decode steps per second, per sequence, excluding prefill)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Figures: " + BANDWIDTH_HELP)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT, help="model.pth of a checkpoint dir")
+    p.add_argument("--prompt", default=None,
+                   help='text to continue (default "Hello, my name is"); an integer N: a random N-token prompt')
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (--prompt: first message)")
+    p.add_argument("--num_samples", type=int, default=1, help="times to generate (the first is a warm-up)")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--batch_size", type=int, default=1, help="copies of the prompt generated at once")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--stop", nargs="+", default=[], help="stop when one of these strings is generated")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--max_seq_length", type=int, default=None,
+                   help=f"KV cache length (default: prompt + max_new_tokens, or {INTERACTIVE_MAX_SEQ_LENGTH} with "
+                        "--interactive; at most the model's block_size)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample")
+    p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    p.add_argument("--force", action="store_true", help="overwrite existing --json/--profile files")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("num_samples", "max_new_tokens", "batch_size", "top_k", "max_seq_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BriskError(f"--{name} must be at least 1, got {value}")
+    if args.temperature < 0:
+        raise BriskError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise BriskError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.interactive and args.batch_size != 1:
+        raise BriskError("--interactive generates one sequence; leave out --batch_size")
+    for path in (args.json, args.profile):
+        if path is not None:
+            check_writable(path, args.force)
+    if not args.checkpoint_path.is_file():
+        raise BriskError(f"checkpoint not found: {args.checkpoint_path} (run ./scripts/prepare.sh first?)")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        raise BriskError(f"unknown device {args.device!r}") from None
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise BriskError("--device cuda, but CUDA is not available")
+
+
+def encode_prompt(args, tokenizer, vocab_size: int) -> tuple[list[int], Optional[str]]:
+    """Prompt tokens, and the text to print before the generated text (None: print nothing)."""
+    text = "Hello, my name is" if args.prompt is None else args.prompt
+    if text.strip().isdigit():
+        g = torch.Generator().manual_seed(0 if args.seed is None else args.seed)
+        return torch.randint(vocab_size, (int(text),), generator=g).tolist(), None
+    if args.chat:
+        return tokenizer.encode_chat([dict(role="user", content=text)]), None
+    return tokenizer.encode(text), text
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_args(args)
+
+    config = load_config(args.checkpoint_path)
+    tokenizer = load_tokenizer(args.checkpoint_path.parent)
+    device, dtype = args.device, DTYPES[args.dtype]
+    if args.interactive:
+        ids, shown = [], None
+        max_seq_length = args.max_seq_length or min(config.block_size, INTERACTIVE_MAX_SEQ_LENGTH)
+    else:
+        ids, shown = encode_prompt(args, tokenizer, min(tokenizer.vocab_size, config.vocab_size))
+        max_seq_length = args.max_seq_length or min(len(ids) + args.max_new_tokens, config.block_size)
+        if len(ids) > config.block_size:
+            raise BriskError(f"the prompt has {len(ids)} tokens, more than the model's block_size {config.block_size}")
+        if len(ids) > max_seq_length:
+            raise BriskError(f"the prompt has {len(ids)} tokens, more than --max_seq_length {max_seq_length}")
+    if max_seq_length > config.block_size:
+        raise BriskError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}")
+    max_new_tokens = min(args.max_new_tokens, max_seq_length - len(ids) + 1)  # the last token is never fed back
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model = _load_model(args.checkpoint_path, device, dtype)
+    weights = weight_bytes(model)
+    model.setup_caches(args.batch_size, max_seq_length)
+    fns = compiled_fns(device, args.compile, args.compile_prefill)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.interactive:
+        return chat(model, tokenizer, args, device, max_seq_length, fns, sampling)
+
+    prompt = torch.tensor(ids, device=device)
+    samples = []
+    for i in range(args.num_samples):
+        last = i == args.num_samples - 1
+        streams = [TextStream(tokenizer, args.stop, sys.stdout if args.batch_size == 1 else None)
+                   for _ in range(args.batch_size)]
+        if args.batch_size == 1 and shown is not None:
+            sys.stdout.write(shown)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        profiler = torch.profiler.profile() if args.profile and last else nullcontext()
+        with profiler:
+            rows, timing = generate(model, prompt, max_new_tokens, args.batch_size, eos_ids=tokenizer.eos_ids,
+                                    on_token=lambda r, t: streams[r].push(t), **fns, **sampling)
+        texts = [s.finish() for s in streams]
+        if args.batch_size == 1:
+            print()
+        else:
+            for text in texts:
+                print((shown or "") + text)
+        samples.append(figures(model, rows, timing, len(ids), weights, device))
+        label = "warm-up" + (", includes compilation" if args.compile or args.compile_prefill else "")
+        print(f"sample {i + 1}{f' ({label})' if i == 0 and args.num_samples > 1 else ''}: {describe(samples[-1])}",
+              file=sys.stderr)
+        if args.profile and last:
+            save_atomic(args.profile, lambda tmp: profiler.export_chrome_trace(str(tmp)), args.force)
+            print(f"wrote profiler trace {args.profile}", file=sys.stderr)
+
+    summary = summarize(samples)
+    over = f"median of samples 2-{args.num_samples}" if args.num_samples > 1 else "one sample"
+    print(f"summary ({over}, batch size {args.batch_size}, {len(ids)} prompt tokens): {describe(summary)}",
+          file=sys.stderr)
+    if args.json is not None:
+        cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
+                   compile_prefill=args.compile_prefill, batch_size=args.batch_size, prompt_tokens=len(ids),
+                   max_new_tokens=max_new_tokens, max_seq_length=max_seq_length, num_samples=args.num_samples,
+                   weight_bytes=weights, **sampling, warmup_s=samples[0]["total_s"])
+        report = dict(config=cfg, samples=samples, summary=summary, bandwidth_formula=BANDWIDTH_HELP)
+        save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), args.force)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,363 @@
+"""generate.py: sampling, cached decoding, stopping, streaming, batching, compilation and the command line."""
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate as gen
+from conftest import ROOT, make_checkpoint
+from model import BriskError, load_model, run_cli
+from tokenizer import load_tokenizer
+
+PROMPT = [5, 17, 42, 99, 7, 250, 3]
+
+
+def tiny_model(path: Path, batch_size: int = 1, max_seq_length: int = 64):
+    model = load_model(path, "cpu", torch.float32)
+    model.setup_caches(batch_size, max_seq_length)
+    return model
+
+
+def greedy(model, n: int, batch_size: int = 1, **kwargs) -> list:
+    rows, _ = gen.generate(model, torch.tensor(PROMPT), n, batch_size, temperature=0.0, **kwargs)
+    return rows
+
+
+def run_generate(*args, check=True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--device", "cpu", "--dtype", "float32", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, cwd=ROOT, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr.decode()
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(4, 50)
+    token, _ = gen.sample(logits, temperature=0.0, top_k=3, top_p=0.5)
+    assert token.view(-1).tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_k_keeps_the_k_most_likely_tokens_renormalized():
+    logits = torch.tensor([[1.0, 3.0, 0.5, 2.0, -1.0, 2.5]])
+    probs = gen.logits_to_probs(logits, temperature=0.5, top_k=3)
+    expected = torch.zeros_like(probs)
+    expected[0, [1, 3, 5]] = torch.softmax(logits[0, [1, 3, 5]] / 0.5, -1)
+    torch.testing.assert_close(probs, expected)
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.3, [0]), (0.75, [0, 1]), (0.85, [0, 1, 2]), (1.0, [0, 1, 2, 3])])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    probs = gen.logits_to_probs(p.log(), temperature=1.0, top_p=top_p)
+    expected = torch.zeros_like(p)
+    expected[0, kept] = p[0, kept] / p[0, kept].sum()
+    torch.testing.assert_close(probs, expected)
+
+
+def test_top_p_keeps_the_most_likely_token_even_when_it_alone_exceeds_p():
+    probs = gen.logits_to_probs(torch.tensor([[5.0, 0.0, 0.0]]), temperature=1.0, top_p=0.01)
+    assert probs.tolist() == [[1.0, 0.0, 0.0]]
+
+
+def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    expected = probs.double() * tokens.numel()
+    allowed = expected > 0
+    assert counts[~allowed].sum() == 0, "sampled a token outside the allowed set"
+    return float(((counts[allowed] - expected[allowed]) ** 2 / expected[allowed]).sum())
+
+
+def test_samples_follow_the_truncated_distribution():
+    # 8 tokens; top-k 5 drops three, then top-p 0.9 drops the least likely survivor: 4 remain, 3 degrees of freedom
+    logits = torch.tensor([2.0, 1.5, -3.0, 1.0, 0.2, -2.0, 0.5, -4.0])
+    kw = dict(temperature=0.8, top_k=5, top_p=0.9)
+    probs = gen.logits_to_probs(logits[None], **kw)[0]
+    assert (probs > 0).sum() == 4
+    torch.manual_seed(0)
+    n = 40_000
+    tokens, _ = gen.sample(logits.expand(n, -1), **kw)
+    # P(chi2 with 3 dof > 25) ~ 1.6e-5: fails if sampling ignores temperature, top-k or top-p
+    assert chi_square(tokens.view(-1).long(), probs) < 25
+
+
+def test_sampling_compiles_fullgraph_and_matches_eager():
+    logits = torch.tensor([[2.0, 1.5, -3.0, 1.0, 0.2, -2.0, 0.5, -4.0]]).expand(1000, -1)
+    kw = dict(temperature=0.8, top_k=5, top_p=0.9)
+    compiled = torch.compile(gen.sample, fullgraph=True)
+    tokens, probs = compiled(logits, **kw)
+    torch.testing.assert_close(probs, gen.logits_to_probs(logits, **kw))
+    assert chi_square(tokens.view(-1).long(), probs[0]) < 25
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation on token ids
+
+
+def test_cached_decoding_matches_recomputing_the_whole_sequence(tiny_checkpoint):
+    model = tiny_model(tiny_checkpoint)
+    tokens = greedy(model, 12)[0]
+    seq = torch.tensor([PROMPT + tokens])  # [1, T + 12]
+    # step by step through the cache, as generate does
+    model.setup_caches(1, 64)
+    cached = [model(seq[:, :len(PROMPT)], torch.arange(len(PROMPT)))[:, -1]]
+    for pos in range(len(PROMPT), seq.size(1) - 1):
+        cached.append(model(seq[:, pos:pos + 1], torch.tensor([pos]))[:, -1])
+    # every position at once in a fresh model, where nothing comes from an earlier call
+    fresh = tiny_model(tiny_checkpoint)
+    full = fresh(seq[:, :-1], torch.arange(seq.size(1) - 1))[0, len(PROMPT) - 1:]  # [12, V]
+    torch.testing.assert_close(torch.cat(cached), full, rtol=1e-4, atol=1e-4)
+    assert full.argmax(-1).tolist() == tokens
+
+
+def test_eos_stops_generation_and_is_kept(tiny_checkpoint):
+    model = tiny_model(tiny_checkpoint)
+    free = greedy(model, 16)[0]
+    eos = free[5]
+    stopped = greedy(model, 16, eos_ids=[eos])[0]
+    assert stopped == free[:free.index(eos) + 1]
+
+
+def test_on_token_can_stop_a_row(tiny_checkpoint):
+    model = tiny_model(tiny_checkpoint)
+    seen = []
+    rows = greedy(model, 16, on_token=lambda row, t: seen.append(t) or len(seen) == 4)
+    assert len(rows[0]) == 4 and rows[0] == seen
+
+
+def test_batch_rows_equal_a_single_sequence(tiny_checkpoint):
+    single = greedy(tiny_model(tiny_checkpoint), 12)
+    batch = greedy(tiny_model(tiny_checkpoint, batch_size=2), 12, batch_size=2)
+    assert batch == single * 2
+
+
+def test_generation_stops_at_the_requested_length(tiny_checkpoint):
+    rows, timing = gen.generate(tiny_model(tiny_checkpoint), torch.tensor(PROMPT), 9, temperature=0.0)
+    assert len(rows[0]) == 9 and timing["steps"] == 8
+
+
+def test_reusing_the_cached_prefix_matches_a_full_prefill(tiny_checkpoint):
+    # a conversation's second turn: the first turn's tokens are already in the cache
+    model = tiny_model(tiny_checkpoint)
+    first = PROMPT + greedy(model, 6)[0][:-1]  # what the cache holds after the first turn
+    second = first + [11, 12, 13]
+    reused, _ = gen.generate(model, torch.tensor(second), 8, temperature=0.0, start_pos=len(first))
+    fresh, _ = gen.generate(tiny_model(tiny_checkpoint), torch.tensor(second), 8, temperature=0.0)
+    assert reused == fresh
+
+
+@pytest.mark.slow
+def test_compiled_greedy_matches_eager(tmp_path):
+    path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
+    eager = greedy(tiny_model(path), 6)
+    fns = gen.compiled_fns(torch.device("cpu"), compile=True, compile_prefill=True)
+    compiled = greedy(tiny_model(path), 6, **fns)
+    assert compiled == eager
+    assert greedy(tiny_model(path), 6, **fns) == eager  # the second run replays the compiled code
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text: stop strings and streaming
+
+
+class LetterTokenizer:
+    """Token i is the i-th character of `alphabet`; enough to drive TextStream without a real vocabulary."""
+
+    def __init__(self, alphabet: str):
+        self.alphabet = alphabet
+
+    def stream_decoder(self):
+        tok = self
+
+        class Decoder:
+            def push(self, i):
+                return tok.alphabet[i]
+
+            def flush(self):
+                return ""
+        return Decoder()
+
+
+def test_text_stream_cuts_before_a_stop_string_and_never_prints_it():
+    tok = LetterTokenizer("abcdefgh")
+    out = io.StringIO()
+    stream = gen.TextStream(tok, ["def", "zz"], out)
+    stopped = [stream.push(i) for i in [0, 1, 2, 3, 4, 5, 6]]  # a b c d e f g
+    assert stopped == [False, False, False, False, False, True, True]
+    assert stream.finish() == "abc" and out.getvalue() == "abc"
+
+
+def test_text_stream_prints_everything_without_a_stop():
+    tok = LetterTokenizer("abcdefgh")
+    out = io.StringIO()
+    stream = gen.TextStream(tok, ["hx"], out)
+    for i in [7, 0, 7]:
+        assert not stream.push(i)
+    assert out.getvalue() == "ha"  # the last "h" might start "hx"
+    assert stream.finish() == "hah" and out.getvalue() == "hah"
+
+
+def test_streaming_multibyte_text_is_exact(tiny_checkpoint):
+    tok = load_tokenizer(tiny_checkpoint.parent)
+    text = "Grüße aus München — 東京 🙂🚀!"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some characters span several tokens
+    out = io.StringIO()
+    stream = gen.TextStream(tok, [], out)
+    pieces = []
+    for i in ids:
+        stream.push(i)
+        pieces.append(out.getvalue())
+    assert stream.finish() == text and out.getvalue() == text
+    assert all("\ufffd" not in p for p in pieces)  # no half character was ever printed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def echo_checkpoint(directory: Path, text: str) -> Path:
+    """A tiny model whose greedy continuation of `text` is `text` again, over and over: token t_i is followed by
+    t_(i+1) (cyclically). Embeddings of the cycle's tokens are orthogonal unit vectors and every block writes
+    nothing to the residual stream, so the head sees a scaled copy of the current token's vector."""
+    path = make_checkpoint(directory)
+    ids = load_tokenizer(directory).encode(text)
+    assert len(set(ids)) == len(ids), "the cycle needs distinct tokens"
+    sd = torch.load(path)
+    dim = sd["tok_embeddings.weight"].shape[1]
+    for k in sd:
+        if k.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            sd[k].zero_()
+    sd["output.weight"].zero_()
+    for i, t in enumerate(ids):
+        sd["tok_embeddings.weight"][t] = torch.eye(dim)[i]
+        sd["output.weight"][ids[(i + 1) % len(ids)]] = 10 * torch.eye(dim)[i]
+    torch.save(sd, path)
+    return path
+
+
+def test_cli_streams_multibyte_text_byte_exactly(tmp_path):
+    text = "東京🙂"
+    path = echo_checkpoint(tmp_path / "echo", text)
+    n = len(load_tokenizer(path.parent).encode(text))
+    proc = run_generate("--checkpoint_path", path, "--prompt", text, "--temperature", 0, "--max_new_tokens", 2 * n)
+    assert proc.stdout == (text * 3 + "\n").encode()
+
+
+def cli(*args):
+    """main() in this process, on the CPU in float32."""
+    gen.main(["--device", "cpu", "--dtype", "float32", *map(str, args)])
+
+
+def test_stop_string_ends_generation_before_it(tmp_path, capsys):
+    text = "東京🙂"
+    path = echo_checkpoint(tmp_path / "echo", text)
+    cli("--checkpoint_path", path, "--prompt", text, "--temperature", 0, "--max_new_tokens", 20, "--stop", "🙂",
+        "--json", tmp_path / "out.json")
+    assert capsys.readouterr().out == text + "東京\n"
+    assert json.loads((tmp_path / "out.json").read_text())["samples"][0]["new_tokens"] < 20
+
+
+def test_cli_json_figures_count_the_generated_tokens(tiny_checkpoint, tmp_path):
+    out = tmp_path / "figures.json"
+    proc = run_generate("--checkpoint_path", tiny_checkpoint, "--prompt", "The quick brown fox", "--temperature", 0,
+                        "--max_new_tokens", 10, "--num_samples", 2, "--batch_size", 2, "--json", out)
+    report = json.loads(out.read_text())
+    tok = load_tokenizer(tiny_checkpoint.parent)
+    model = tiny_model(tiny_checkpoint)
+    rows, _ = gen.generate(model, torch.tensor(tok.encode("The quick brown fox")), 10, temperature=0.0,
+                           eos_ids=tok.eos_ids)
+    cfg = report["config"]
+    assert (cfg["device"], cfg["dtype"], cfg["batch_size"], cfg["compile"]) == ("cpu", "float32", 2, False)
+    assert cfg["prompt_tokens"] == len(tok.encode("The quick brown fox"))
+    assert len(report["samples"]) == 2
+    for s in report["samples"] + [report["summary"]]:
+        assert s["new_tokens"] == len(rows[0]) and s["tokens_generated"] == 2 * len(rows[0])
+        assert s["ttft_s"] > 0 and s["decode_tokens_per_s"] > 0 and s["bandwidth_gb_s"] > 0
+        assert s["peak_memory_gb"] > 0
+    text = "The quick brown fox" + tok.decode([t for t in rows[0] if t not in tok.eos_ids])
+    assert proc.stdout.decode() == f"{text}\n{text}\n" * 2  # batch of two, two samples
+    assert "summary" in proc.stderr.decode()
+
+
+def test_an_integer_prompt_is_that_many_random_tokens(tiny_checkpoint, tmp_path):
+    out = tmp_path / "figures.json"
+    cli("--checkpoint_path", tiny_checkpoint, "--prompt", 40, "--max_new_tokens", 5, "--seed", 1, "--json", out)
+    assert json.loads(out.read_text())["config"]["prompt_tokens"] == 40
+
+
+def test_cli_bad_input_is_one_error_line(tmp_path):
+    proc = run_generate("--checkpoint_path", tmp_path / "missing" / "model.pth", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.decode().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing' / 'model.pth'}"
+                                                 " (run ./scripts/prepare.sh first?)"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--top_k", "0"], "--top_k must be at least 1"),
+    (["--temperature", "-0.1"], "--temperature must be >= 0"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    (["--num_samples", "0"], "--num_samples must be at least 1"),
+    (["--prompt", "a b c d e f g h i j", "--max_seq_length", "4"], "more than --max_seq_length 4"),
+    (["--prompt", "300"], "more than the model's block_size 256"),
+    (["--max_seq_length", "1000"], "exceeds the model's block_size 256"),
+])
+def test_bad_input_is_rejected_before_loading_the_model(tiny_checkpoint, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(gen, "load_model", lambda *a: pytest.fail("loaded the model despite bad input"))
+    with pytest.raises(SystemExit) as exit:
+        run_cli(lambda: gen.main(["--checkpoint_path", str(tiny_checkpoint), *args]))
+    assert exit.value.code.startswith("error: ") and message in exit.value.code
+    assert "\n" not in exit.value.code and capsys.readouterr().err == ""
+
+
+def test_existing_json_is_not_overwritten(tiny_checkpoint, tmp_path):
+    out = tmp_path / "figures.json"
+    out.write_text("keep")
+    with pytest.raises(BriskError, match="--force"):
+        gen.main(["--checkpoint_path", str(tiny_checkpoint), "--json", str(out)])
+    assert out.read_text() == "keep"
+
+
+def test_interactive_reuses_the_conversation_cache(tiny_checkpoint, capsys, monkeypatch):
+    turns = iter(["The quick brown fox", "Once upon a time"])
+
+    def ask(prompt=""):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("builtins.input", ask)
+    cli("--checkpoint_path", tiny_checkpoint, "--interactive", "--temperature", 0, "--max_new_tokens", 8)
+    out, err = capsys.readouterr()
+    reused = int(re.search(r"(\d+) reused", err.splitlines()[-1]).group(1))
+    assert reused > 0  # the second turn did not prefill the first again
+
+    # each reply equals generating from the whole conversation so far in a fresh cache
+    tok = load_tokenizer(tiny_checkpoint.parent)
+
+    def reply(messages):
+        model = tiny_model(tiny_checkpoint, max_seq_length=256)
+        rows, _ = gen.generate(model, torch.tensor(tok.encode_chat(messages)), 8, temperature=0.0,
+                               eos_ids=tok.eos_ids)
+        return tok.decode([t for t in rows[0] if t not in tok.eos_ids])
+    conversation = [dict(role="user", content="The quick brown fox")]
+    first = reply(conversation)
+    conversation += [dict(role="assistant", content=first), dict(role="user", content="Once upon a time")]
+    assert out == f"{first}\n{reply(conversation)}\n\n"
+
+
+def test_chat_on_smollm2_answers_sensibly(real_checkpoint):
+    proc = run_generate("--checkpoint_path", real_checkpoint, "--chat", "--temperature", 0, "--max_new_tokens", 16,
+                        "--prompt", "What is the capital of France? Answer in one sentence.")
+    assert "Paris" in proc.stdout.decode()
