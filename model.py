@@ -283,11 +283,13 @@ def load_state_dict(checkpoint_path: Path) -> dict:
         raise BriskError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
+def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, transform=None) -> Transformer:
     """Build the model on the meta device and assign the checkpoint's tensors, cast once to dtype/device.
 
     Quantized checkpoints (written by quantize.py) carry a `__quant__` entry; their linears are swapped for
-    quantized modules before loading, and packed for the device afterwards.
+    quantized modules before loading, and packed for the device afterwards. `transform(model, state_dict)`, if
+    given, may reshape the unloaded model and returns the state dict to load (tp.apply_tp keeps one rank's slices
+    of the memory-mapped checkpoint, before anything is copied).
     """
     sd = load_state_dict(checkpoint_path)
     config = load_config(checkpoint_path)
@@ -297,6 +299,8 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
     if quant is not None:
         import quantize
         quantize.prepare_model(model, quant)
+    if transform is not None:
+        sd = transform(model, sd)
     sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
     if config.tie_embeddings:  # the file holds the shared matrix once
         sd["output.weight"] = sd["tok_embeddings.weight"]

@@ -1,0 +1,107 @@
+"""Tensor parallelism (tp.py) in real processes: torchrun starts 2 or 3 CPU ranks talking over gloo, each running
+tests/tp_driver.py, whose greedy decoding must match a single process's."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tp
+from conftest import make_checkpoint
+from model import BriskError, ModelArgs, load_config, load_state_dict, save_checkpoint
+
+DRIVER = Path(__file__).resolve().parent / "tp_driver.py"
+ATOL = 1e-4
+# the CPU int4 kernel rounds its output to bf16, per rank before the sum and once after it in a single process
+INT4_ATOL = 0.05
+# 6 query heads in 3 GQA groups: splits across 3 processes (and dim 96 / 3 keeps int4's groups of 32 whole)
+TINY3 = dict(n_head=6, n_local_heads=3, dim=96, intermediate_size=192, qkv_bias=True)
+
+
+def quantized(float_path: Path, quant: dict) -> Path:
+    import quantize
+    out = quantize.output_path(float_path, quant["mode"], quant.get("groupsize"))
+    sd = quantize.quantize_state_dict(load_state_dict(float_path), load_config(float_path), quant)
+    save_checkpoint(sd, out)
+    return out
+
+
+def torchrun(nproc: int, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(DRIVER), *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_and_compare(nproc: int, tmp_path: Path, checkpoints: list[Path], *flags) -> dict:
+    """Run the driver on nproc ranks; check each checkpoint it decoded against one process. Returns the refusals
+    {checkpoint: message}."""
+    from tp_driver import decode
+    out = tmp_path / "tp.pt"
+    r = torchrun(nproc, "--out", out, *flags, *checkpoints)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results, refused = torch.load(out), {}
+    for c in checkpoints:
+        got = results[str(c)]
+        if "error" in got:
+            refused[c] = got["error"]
+            continue
+        want = decode(c, steps=8)
+        atol = INT4_ATOL if "int4" in c.name else ATOL
+        assert got["tokens"] == want["tokens"], c.name
+        torch.testing.assert_close(got["logits"], want["logits"], atol=atol, rtol=0, msg=c.name)
+    return refused
+
+
+def test_two_processes_match_one_float_int8_int4(tmp_path):
+    """Split while loading (load_model's transform). int4 splits only between whole groups: with groups of 64,
+    wo's 64 inputs cannot be split in two."""
+    f = make_checkpoint(tmp_path / "tiny", tokenizer=False)
+    g64 = quantized(f, {"mode": "int4", "groupsize": 64})
+    checkpoints = [f, quantized(f, {"mode": "int8"}), quantized(f, {"mode": "int4", "groupsize": 32}), g64]
+    refused = run_and_compare(2, tmp_path, checkpoints)
+    assert refused == {g64: "cannot split int4 group size 64 across 2 processes: layers.0.attention.wo would have "
+                            "32 inputs per process"}
+
+
+def test_three_processes_match_one_after_loading(tmp_path):
+    """A loaded model split in place, with q/k/v biases (Qwen2) and GQA groups split across 3 processes; a model
+    whose heads 3 does not divide is refused."""
+    f = make_checkpoint(tmp_path / "tiny3", tokenizer=False, **TINY3)
+    g = make_checkpoint(tmp_path / "tiny", tokenizer=False)
+    refused = run_and_compare(3, tmp_path, [f, quantized(f, {"mode": "int8"}), g], "--loaded")
+    assert refused == {g: "cannot split the model across 3 processes: n_head 4, n_local_heads 2, "
+                       "intermediate_size 128 not divisible by 3 (possible: 1, 2)"}
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_one_process(tmp_path):
+    """The all-reduces trace into the compiled graph (fullgraph=True: no graph break)."""
+    run_and_compare(2, tmp_path, [make_checkpoint(tmp_path / "tiny", tokenizer=False)], "--compile")
+
+
+def test_check_divisible():
+    config = ModelArgs(**{**dict(n_layer=1, vocab_size=32), **TINY3})
+    for n in (1, 3):
+        tp.check_divisible(config, n)
+    with pytest.raises(BriskError, match=r"n_head 6, n_local_heads 3 not divisible by 4 \(possible: 1, 3\)"):
+        tp.check_divisible(config, 4)
+
+
+def test_a_stalled_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    """Rank 1 stops answering after 2 steps: rank 0's all-reduce gives up after --dist_timeout and exits,
+    and torchrun then ends rank 1 (without the timeout, rank 0 would wait for half an hour)."""
+    f = make_checkpoint(tmp_path / "tiny", tokenizer=False)
+    r = torchrun(2, "--out", tmp_path / "tp.pt", "--dist_timeout", 3, "--stall_after", 2, f, timeout=90)
+    assert r.returncode != 0
+    assert "Timed out" in r.stderr
+
+
+def test_a_crashed_rank_makes_the_others_fail(tmp_path):
+    f = make_checkpoint(tmp_path / "tiny", tokenizer=False)
+    r = torchrun(2, "--out", tmp_path / "tp.pt", "--dist_timeout", 30, "--crash_after", 2, f, timeout=90)
+    assert r.returncode != 0
+    assert "exitcode  : 3" in r.stderr
+    assert not (tmp_path / "tp.pt").exists()

@@ -1,0 +1,149 @@
+"""Tensor parallelism: one model split across N processes started by torchrun, each holding 1/N of every block.
+
+    torchrun --standalone --nproc_per_node 2 generate.py --checkpoint_path checkpoints/ORG/NAME/model.pth
+    # several machines: the same command on each, with --node_rank 0..NNODES-1
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 generate.py ...
+
+Each transformer block is split Megatron-style, so that it needs two all-reduces and nothing else:
+  - attention: wqkv column-wise by heads (q, k and v are each split by heads, so every rank keeps whole heads and
+    their GQA grouping, and its own part of the KV cache), wo row-wise; the outputs are summed after wo;
+  - feed-forward: w1 and w3 column-wise, w2 row-wise; the outputs are summed after w2.
+The embedding, the norms and the output head are replicated. An embedding lookup reads a few rows, so splitting
+it saves memory but no time. Splitting the head's vocabulary would cut what each rank reads per decode step (on a
+GPU node the head is a large part of a rank's share: Llama-3-8B at 8 ranks reads 1 GB of head against 1.75 GB of
+blocks), but the logits must then be gathered, and model.forward returns the logits of every prompt position:
+left for when prefill computes the last position only.
+
+The split happens while loading: `load_model(path, device, dtype, transform=apply_tp)` hands apply_tp the
+memory-mapped state dict before any copy, so each rank reads and copies only its slices and never holds the whole
+model, on the CPU or on its GPU. Quantized checkpoints split the same way (int8 scales follow the output rows;
+int4 is split in its file format, before it is packed for the device, and only at group boundaries).
+
+Ranks communicate through torch.distributed (NCCL between GPUs, gloo on the CPU) with a timeout (--dist_timeout,
+or BRISK_DIST_TIMEOUT, default 60 s): a rank that dies or stalls makes the others fail instead of hanging.
+"""
+import atexit
+import math
+import os
+import sys
+import traceback
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+from torch import Tensor
+
+from model import BriskError, ModelArgs, Transformer
+
+DEFAULT_TIMEOUT_S = 60.0
+# which dimension of each tensor of a linear runs over its outputs (N) and over its inputs (K): int8 `scales` are
+# per output; int4 `weight` holds two inputs per byte ([N, K/2]) and `scales_and_zeros` one row per group [K/g, N, 2]
+N_DIM = {"weight": 0, "bias": 0, "scales": 0, "scales_and_zeros": 1}
+K_DIM = {"weight": 1, "scales_and_zeros": 0}
+
+
+def maybe_init_dist(timeout_s: Optional[float] = None, quiet: bool = True) -> tuple[int, int]:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK) and
+    return (rank, world_size); (0, 1) when the script was not started by torchrun.
+
+    Also: each rank uses GPU LOCAL_RANK; all ranks share one random seed (sampled tokens must agree or the ranks
+    would run different computations); with `quiet`, ranks other than 0 print nothing but a traceback."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("BRISK_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "cpu:gloo,cuda:nccl"  # the model may still run on the CPU with --device cpu
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    atexit.register(dist.destroy_process_group)
+    rank = dist.get_rank()
+    seed = torch.randint(2**62, (1,))
+    dist.broadcast(seed, src=0)
+    torch.manual_seed(seed.item())
+    if quiet and rank > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=sys.__stderr__)
+    return rank, world
+
+
+def check_divisible(config: ModelArgs, world_size: int) -> None:
+    """Refuse a number of processes that does not divide the heads and the feed-forward width."""
+    sizes = dict(n_head=config.n_head, n_local_heads=config.n_local_heads,
+                 intermediate_size=config.intermediate_size)
+    bad = [f"{k} {v}" for k, v in sizes.items() if v % world_size]
+    if bad:
+        g = math.gcd(*sizes.values())
+        fits = [str(n) for n in range(1, g + 1) if g % n == 0]
+        raise BriskError(f"cannot split the model across {world_size} processes: {', '.join(bad)} not divisible "
+                         f"by {world_size} (possible: {', '.join(fits)})")
+
+
+def _all_reduce(module: nn.Module, inputs, output: Tensor) -> Tensor:
+    # forward hook: sum the partial outputs of the ranks (functional, so torch.compile traces it into the graph)
+    return funcol.all_reduce(output, "sum", dist.group.WORLD)
+
+
+def _split(t: Tensor, leaf: str, parts: Optional[list[int]], rank: int, world: int) -> Tensor:
+    """This rank's slice of tensor `leaf` of a linear: of each of `parts` (sizes along N) when split column-wise,
+    along K when split row-wise (parts None); a per-output tensor of a row-wise split is kept whole."""
+    if parts is None:
+        if leaf not in K_DIM:
+            return t
+        dim = K_DIM[leaf]
+        n = t.shape[dim] // world
+        return t.narrow(dim, rank * n, n)
+    dim = N_DIM[leaf]
+    pieces = [p.narrow(dim, rank * (p.shape[dim] // world), p.shape[dim] // world) for p in t.split(parts, dim)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def apply_tp(model: Transformer, state_dict: Optional[dict] = None) -> Optional[dict]:
+    """Split `model` for this rank in place (a no-op in a single process).
+
+    With `state_dict` (the checkpoint, for load_model's `transform`), `model` is not loaded yet and the state dict
+    of this rank's slices is returned; without, the loaded model's own weights are split."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return state_dict
+    rank, world = dist.get_rank(), dist.get_world_size()
+    c = model.config
+    check_divisible(c, world)
+    out = None if state_dict is None else dict(state_dict)
+    H, Hkv, D = c.n_head, c.n_local_heads, c.head_dim
+    for i, block in enumerate(model.layers):
+        attn, ffn = block.attention, block.feed_forward
+        plan = [("attention.wqkv", attn.wqkv, [H * D, Hkv * D, Hkv * D]), ("attention.wo", attn.wo, None),
+                ("feed_forward.w1", ffn.w1, [c.intermediate_size]), ("feed_forward.w3", ffn.w3, [c.intermediate_size]),
+                ("feed_forward.w2", ffn.w2, None)]
+        for name, lin, parts in plan:
+            if getattr(lin, "kernel", None) is not None:
+                raise BriskError("int4 weights packed for a kernel cannot be split: split while loading, with "
+                                 "load_model(..., transform=tp.apply_tp)")
+            if parts is None:
+                k = lin.in_features // world
+                if k % getattr(lin, "groupsize", 1):
+                    raise BriskError(f"cannot split int4 group size {lin.groupsize} across {world} processes: "
+                                     f"layers.{i}.{name} would have {k} inputs per process")
+                lin.in_features = k
+            else:
+                lin.out_features //= world
+            for leaf, t in [*lin.named_parameters(recurse=False), *lin.named_buffers(recurse=False)]:
+                new = _split(t, leaf, parts, rank, world)
+                if out is not None:
+                    key = f"layers.{i}.{name}.{leaf}"
+                    out[key] = _split(out[key], leaf, parts, rank, world).contiguous()  # a copy only if strided
+                else:
+                    new = new.clone()  # do not keep the whole tensor alive through a view
+                setattr(lin, leaf, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
+        attn.n_head, attn.n_local_heads = H // world, Hkv // world
+        attn.register_forward_hook(_all_reduce)
+        ffn.register_forward_hook(_all_reduce)
+    # the config now describes this rank's share: setup_caches sizes the KV cache by n_local_heads
+    c.n_head, c.n_local_heads, c.intermediate_size = H // world, Hkv // world, c.intermediate_size // world
+    return out
