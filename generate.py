@@ -9,6 +9,7 @@ import json
 import resource
 import statistics
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -110,9 +111,11 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
     rows = [[] for _ in range(batch_size)]
     done = [False] * batch_size
 
-    def take(token: Tensor) -> bool:  # token: [B, 1]; True when every row has stopped
-        for i, t in enumerate(token.view(-1).tolist()):  # the host sync that streaming and stopping need
-            if not done[i]:
+    def take(tokens: Tensor) -> bool:  # tokens: [B, n]; True when every row has stopped
+        for i, new in enumerate(tokens.tolist()):  # the host sync that streaming and stopping need
+            for t in new:
+                if done[i]:
+                    break
                 rows[i].append(t)
                 done[i] = t in eos_ids or (on_token is not None and on_token(i, t))
         return all(done)
@@ -128,7 +131,6 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
             steps += 1
             if take(token):
                 break
-    sync(device)
     return rows, {"ttft_s": t1 - t0, "decode_s": time.perf_counter() - t1, "steps": steps}
 
 
@@ -292,27 +294,37 @@ def chat(model, tokenizer, args, device, max_seq_length: int, fns: dict, samplin
 BANDWIDTH_HELP = (
     "achieved memory bandwidth GB/s = (bytes of weights read per decode step, i.e. the sum of parameter and buffer "
     "bytes of the model with a tied matrix counted once and the KV cache excluded, + average KV cache bytes read "
-    "per step, i.e. 2 * n_layer * batch_size * n_kv_heads * head_dim * average context length * element size) "
-    "* decode tokens/s (decode steps per second, per sequence, excluding prefill)")
+    "per step, i.e. 2 * n_layer * batch_size * n_kv_heads * head_dim * average context length * element size, the "
+    "average context length being prompt tokens + (decode steps + 1) / 2) * decode tokens/s")
+FIGURES_HELP = f"""figures (per sample, and the median over the samples after the first, a warm-up):
+  time to first token  prefill, including sampling the first new token
+  decode tokens/s      per sequence, after the first token (decode steps per second)
+  end-to-end tokens/s  per sequence, new tokens / (prefill + decode time)
+  throughput           new tokens of all sequences / (prefill + decode time)
+  peak memory          torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on CPU
+{textwrap.fill(BANDWIDTH_HELP, 100, initial_indent="  ", subsequent_indent="    ")}"""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Figures: " + BANDWIDTH_HELP)
-    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT, help="model.pth of a checkpoint dir")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=FIGURES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                   help=f"model.pth in a checkpoint directory (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--prompt", default=None,
                    help='text to continue (default "Hello, my name is"); an integer N: a random N-token prompt')
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (--prompt: first message)")
-    p.add_argument("--num_samples", type=int, default=1, help="times to generate (the first is a warm-up)")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--batch_size", type=int, default=1, help="copies of the prompt generated at once")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--num_samples", type=int, default=1, help="times to generate (default 1; the first is a warm-up)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="per sample, or per turn (default 200)")
+    p.add_argument("--batch_size", type=int, default=1, help="copies of the prompt generated at once (default 1)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (default 200)")
+    p.add_argument("--top_p", type=float, default=None, help="then from the fewest tokens whose probability reaches p, in (0, 1] (default: off)")
     p.add_argument("--stop", nargs="+", default=[], help="stop when one of these strings is generated")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling and random prompts")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help=f"KV cache length (default: prompt + max_new_tokens, or {INTERACTIVE_MAX_SEQ_LENGTH} with "
                         "--interactive; at most the model's block_size)")
@@ -411,9 +423,10 @@ def main(argv=None) -> None:
             for text in texts:
                 print((shown or "") + text)
         samples.append(figures(model, rows, timing, len(ids), weights, device))
-        label = "warm-up" + (", includes compilation" if args.compile or args.compile_prefill else "")
-        print(f"sample {i + 1}{f' ({label})' if i == 0 and args.num_samples > 1 else ''}: {describe(samples[-1])}",
-              file=sys.stderr)
+        notes = ["warm-up"] if i == 0 and args.num_samples > 1 else []
+        notes += ["includes compilation"] if i == 0 and (args.compile or args.compile_prefill) else []
+        label = f"sample {i + 1}" + (f" ({', '.join(notes)})" if notes else "")
+        print(f"{label}: {describe(samples[-1])}", file=sys.stderr)
         if args.profile and last:
             save_atomic(args.profile, lambda tmp: profiler.export_chrome_trace(str(tmp)), args.force)
             print(f"wrote profiler trace {args.profile}", file=sys.stderr)

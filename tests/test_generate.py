@@ -358,6 +358,6 @@ def test_interactive_reuses_the_conversation_cache(tiny_checkpoint, capsys, monk
 
 
 def test_chat_on_smollm2_answers_sensibly(real_checkpoint):
-    proc = run_generate("--checkpoint_path", real_checkpoint, "--chat", "--temperature", 0, "--max_new_tokens", 16,
+    proc = run_generate("--checkpoint_path", real_checkpoint, "--chat", "--temperature", 0, "--max_new_tokens", 12,
                         "--prompt", "What is the capital of France? Answer in one sentence.")
     assert "Paris" in proc.stdout.decode()
