@@ -102,7 +102,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
     The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below start_pos
     are taken as already in the cache (the earlier turns of a conversation) and are not computed again.
     A row stops at an eos id (which it keeps) or when on_token(row, token) returns True for a token it has just
-    taken (eos ids are not passed to it); generation ends when every row has stopped. Returns (new tokens per row, {"ttft_s", "decode_s", "steps"}).
+    taken (eos ids are not passed to it); generation ends when every row has stopped.
+    Returns (the new tokens of each row, {"ttft_s", "decode_s", "steps"}).
     """
     device = prompt.device
     T = prompt.size(0)
@@ -247,6 +248,7 @@ def describe(f: dict) -> str:
         return "n/a" if v is None else f"{v:{fmt}} {unit}"
     return (f"{f['new_tokens']} tokens, time to first token {num(f['ttft_s'], 's', '.3f')}, "
             f"decode {num(f['decode_tokens_per_s'], 'tok/s')}, end-to-end {num(f['e2e_tokens_per_s'], 'tok/s')}, "
+            f"throughput {num(f['throughput_tokens_per_s'], 'tok/s')}, "
             f"bandwidth {num(f['bandwidth_gb_s'], 'GB/s', '.2f')}, peak memory {num(f['peak_memory_gb'], 'GB', '.2f')}")
 
 
@@ -281,9 +283,9 @@ def chat(model, tokenizer, args, device, max_seq_length: int, fns: dict, samplin
             raise BriskError(f"the conversation ({len(ids)} tokens) no longer fits --max_seq_length {max_seq_length}")
         start = min(common_prefix(cached, ids), len(ids) - 1)
         stream = TextStream(tokenizer, args.stop, sys.stdout)
-        rows, timing = generate(model, torch.tensor(ids, device=device), min(args.max_new_tokens, max_seq_length - len(ids) + 1),
-                                eos_ids=tokenizer.eos_ids, start_pos=start, on_token=lambda i, t: stream.push(t),
-                                **fns, **sampling)
+        max_new_tokens = min(args.max_new_tokens, max_seq_length - len(ids) + 1)
+        rows, timing = generate(model, torch.tensor(ids, device=device), max_new_tokens, eos_ids=tokenizer.eos_ids,
+                                start_pos=start, on_token=lambda i, t: stream.push(t), **fns, **sampling)
         messages.append(dict(role="assistant", content=stream.finish()))
         print()
         cached = ids + rows[0][:-1]  # the last token was sampled but never fed through the model
@@ -319,7 +321,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=1, help="copies of the prompt generated at once (default 1)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
     p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (default 200)")
-    p.add_argument("--top_p", type=float, default=None, help="then from the fewest tokens whose probability reaches p, in (0, 1] (default: off)")
+    p.add_argument("--top_p", type=float, default=None,
+                   help="then from the fewest tokens whose probability reaches p, in (0, 1] (default: off)")
     p.add_argument("--stop", nargs="+", default=[], help="stop when one of these strings is generated")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling and random prompts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -391,6 +394,8 @@ def main(argv=None) -> None:
     if max_seq_length > config.block_size:
         raise BriskError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}")
     max_new_tokens = min(args.max_new_tokens, max_seq_length - len(ids) + 1)  # the last token is never fed back
+    if max_new_tokens < args.max_new_tokens and not args.interactive:
+        print(f"note: at most {max_new_tokens} new tokens fit in --max_seq_length {max_seq_length}", file=sys.stderr)
 
     if args.seed is not None:
         torch.manual_seed(args.seed)

@@ -357,7 +357,7 @@ def test_interactive_reuses_the_conversation_cache(tiny_checkpoint, capsys, monk
     assert out == f"{first}\n{reply(conversation)}\n\n"
 
 
-def test_chat_on_smollm2_answers_sensibly(real_checkpoint):
-    proc = run_generate("--checkpoint_path", real_checkpoint, "--chat", "--temperature", 0, "--max_new_tokens", 12,
-                        "--prompt", "What is the capital of France? Answer in one sentence.")
-    assert "Paris" in proc.stdout.decode()
+def test_chat_on_smollm2_answers_sensibly(real_checkpoint, capsys):
+    cli("--checkpoint_path", real_checkpoint, "--chat", "--temperature", 0, "--max_new_tokens", 12,
+        "--prompt", "What is the capital of France? Answer in one sentence.")
+    assert "Paris" in capsys.readouterr().out
