@@ -1,8 +1,9 @@
-"""Tensor parallelism: one model split across N processes started by torchrun, each holding 1/N of every block.
+r"""Tensor parallelism: one model split across N processes started by torchrun, each holding 1/N of every block.
 
     torchrun --standalone --nproc_per_node 2 generate.py --checkpoint_path checkpoints/ORG/NAME/model.pth
-    # several machines: the same command on each, with --node_rank 0..NNODES-1
-    torchrun --nnodes 2 --nproc_per_node 8 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 generate.py ...
+    # several machines: the same command on each (R = 0..NNODES-1, HOST:PORT = an address of node 0 they all reach)
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank R --rdzv_id brisk --rdzv_backend c10d \
+        --rdzv_endpoint HOST:29500 generate.py --checkpoint_path ...
 
 Each transformer block is split Megatron-style, so that it needs two all-reduces and nothing else:
   - attention: wqkv column-wise by heads (q, k and v are each split by heads, so every rank keeps whole heads and
