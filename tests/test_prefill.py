@@ -1,0 +1,260 @@
+"""generate_prefill.py: restoring cached prefixes gives the logits and tokens of a full prefill; the cache keeps its
+memory budget, survives a save/load round trip, and refuses foreign or corrupt files without losing them."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate as gen
+import generate_prefill as gp
+from conftest import ROOT, make_checkpoint
+from model import BriskError, load_model
+
+SHARED = [5, 17, 42, 99, 7, 250, 3, 61, 8, 140, 33, 2]
+TAIL_A, TAIL_B = [77, 12, 90, 6], [201, 45, 9]
+
+
+def tiny(path: Path, dtype=torch.float32, max_seq_length: int = 64):
+    model = load_model(path, "cpu", dtype)
+    model.setup_caches(1, max_seq_length)
+    return model
+
+
+def new_cache(model, path: Path, budget_bytes: int = 1 << 30) -> gp.PrefixCache:
+    return gp.PrefixCache([model], [gp.model_meta(model, path)], budget_bytes)
+
+
+def prefill_logits(model, ids: list, start: int = 0) -> torch.Tensor:
+    # logits [T, V] of ids[start:], the cache already holding positions < start
+    with torch.no_grad():
+        return model(torch.tensor([ids[start:]]), torch.arange(start, len(ids)))[0]
+
+
+def scribble(model) -> None:
+    """Fill the KV cache with noise, so that only restored positions can be right."""
+    for layer in model.layers:
+        layer.attention.kv_cache.k_cache.normal_()
+        layer.attention.kv_cache.v_cache.normal_()
+
+
+def greedy(model, cache, ids: list, n: int = 8, **fns) -> tuple[list, int]:
+    new, _, cached = gp.generate_cached(model, cache, ids, n, temperature=0.0, **fns)
+    return new, cached
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("prefill") / "tiny")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Restoring a prefix
+
+
+@pytest.mark.parametrize("stored, prompt, hit", [
+    (SHARED, SHARED + TAIL_B, len(SHARED)),  # the whole entry is a prefix of the prompt
+    (SHARED + TAIL_A, SHARED + TAIL_B, len(SHARED)),  # a hit shorter than the stored entry
+    (SHARED + TAIL_A, SHARED, len(SHARED) - 1),  # the whole prompt is cached: its last token is prefilled again
+])
+def test_restored_prefix_then_prefill_gives_the_logits_of_a_full_prefill(ckpt, stored, prompt, hit):
+    model = tiny(ckpt)
+    full = prefill_logits(model, prompt)
+    cache = new_cache(model, ckpt)
+    prefill_logits(model, stored)
+    assert cache.store(stored)
+    scribble(model)
+    assert cache.restore(prompt, len(prompt) - 1) == hit
+    torch.testing.assert_close(prefill_logits(model, prompt, hit), full[hit:], atol=1e-5, rtol=0)
+
+
+def test_the_cache_stores_only_the_prefix_slice(ckpt):
+    model = tiny(ckpt, max_seq_length=64)
+    cache = new_cache(model, ckpt)
+    prefill_logits(model, SHARED)
+    cache.store(SHARED)
+    c = model.config
+    (kv,) = cache.entries[tuple(SHARED)]
+    assert kv.shape == (c.n_layer, 2, c.n_local_heads, len(SHARED), c.head_dim)
+    assert cache.nbytes == kv.numel() * 4 == len(SHARED) * cache.bytes_per_token()
+
+
+def test_greedy_output_with_a_cached_prefix_is_token_identical(ckpt):
+    model = tiny(ckpt)
+    cache = new_cache(model, ckpt)
+    first, cached = greedy(model, cache, SHARED + TAIL_A)
+    assert cached == 0
+    cache.store(SHARED + TAIL_A)
+    fresh, _ = greedy(tiny(ckpt), new_cache(model, ckpt), SHARED + TAIL_B)
+    again, cached = greedy(model, cache, SHARED + TAIL_B)
+    assert cached == len(SHARED) and again == fresh
+
+
+def test_restore_writes_into_the_existing_kv_buffers(ckpt):
+    model = tiny(ckpt)
+    cache = new_cache(model, ckpt)
+    prefill_logits(model, SHARED)
+    cache.store(SHARED)
+    before = [layer.attention.kv_cache.k_cache.data_ptr() for layer in model.layers]
+    cache.restore(SHARED + TAIL_A, 100)
+    assert [layer.attention.kv_cache.k_cache.data_ptr() for layer in model.layers] == before
+
+
+@pytest.mark.slow
+def test_compiled_decode_reads_the_restored_prefix(tmp_path):
+    path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
+    eager, _ = greedy(tiny(path), new_cache(tiny(path), path), SHARED + TAIL_B)
+    fns = gen.compiled_fns(torch.device("cpu"), compile=True, compile_prefill=False)
+    model = tiny(path)
+    cache = new_cache(model, path)
+    greedy(model, cache, SHARED + TAIL_A, **fns)
+    cache.store(SHARED + TAIL_A)
+    compiled, cached = greedy(model, cache, SHARED + TAIL_B, **fns)
+    assert cached == len(SHARED) and compiled == eager
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory budget and files
+
+
+def test_eviction_keeps_the_budget_over_hundreds_of_prompts(tmp_path):
+    path = make_checkpoint(tmp_path / "small", tokenizer=False, n_layer=1, dim=16, n_head=2, n_local_heads=1,
+                           intermediate_size=32, vocab_size=64)
+    model = tiny(path, max_seq_length=40)
+    per_token = 2 * 1 * 1 * 8 * 4  # k and v, 1 layer, 1 kv head, head_dim 8, fp32
+    cache = new_cache(model, path, budget_bytes=300 * per_token)
+    g = torch.Generator().manual_seed(0)
+    keep = list(range(1, 11))  # used again and again, so never the least recently used
+    cache.store(keep)
+    for i in range(400):
+        ids = torch.randint(64, (int(torch.randint(5, 40, (1,), generator=g)),), generator=g).tolist()
+        assert cache.store(ids)
+        assert cache.restore(keep + [0], 100) == len(keep)
+        assert cache.nbytes <= cache.budget
+        assert cache.nbytes == sum(t.numel() * 4 for kv in cache.entries.values() for t in kv)
+        assert tuple(ids) in cache.entries or any(k[:len(ids)] == tuple(ids) for k in cache.entries)
+    assert tuple(keep) in cache.entries
+    assert 7 < len(cache.entries) < 300 / 5
+    assert not cache.store(list(range(301)))  # larger than the whole budget: not cached, nothing evicted
+    assert tuple(keep) in cache.entries
+
+
+def test_storing_an_extension_replaces_its_prefix(ckpt):
+    model = tiny(ckpt)
+    cache = new_cache(model, ckpt)
+    prefill_logits(model, SHARED + TAIL_A)
+    cache.store(SHARED)
+    cache.store(SHARED + TAIL_A)
+    assert list(cache.entries) == [tuple(SHARED + TAIL_A)]
+    cache.store(SHARED)  # already covered
+    assert list(cache.entries) == [tuple(SHARED + TAIL_A)]
+
+
+def test_save_and_load_round_trip_restores_the_same_logits(ckpt, tmp_path):
+    model = tiny(ckpt)
+    prompt = SHARED + TAIL_B
+    full = prefill_logits(model, prompt)
+    cache = new_cache(model, ckpt)
+    prefill_logits(model, SHARED + TAIL_A)
+    cache.store(SHARED + TAIL_A)
+    cache.save(tmp_path / "c.pt")
+    torch.load(tmp_path / "c.pt", weights_only=True)
+
+    other = tiny(ckpt)  # as in a new process
+    loaded = new_cache(other, ckpt)
+    loaded.load(tmp_path / "c.pt")
+    assert list(loaded.entries) == list(cache.entries) and loaded.nbytes == cache.nbytes
+    assert loaded.restore(prompt, len(prompt) - 1) == len(SHARED)
+    torch.testing.assert_close(prefill_logits(other, prompt, len(SHARED)), full[len(SHARED):], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("made_with, message", [
+    (dict(n_layer=1), "another model (config differs in n_layer)"),
+    (dict(seed=1), "another checkpoint"),
+    (dict(dtype=torch.bfloat16), "holds bfloat16 keys/values, this run uses float32"),
+])
+def test_a_cache_file_from_another_model_or_dtype_is_refused(ckpt, tmp_path, made_with, message):
+    dtype = made_with.pop("dtype", torch.float32)
+    path = make_checkpoint(tmp_path / "other", tokenizer=False, **made_with) if made_with else ckpt
+    model = tiny(path, dtype)
+    cache = new_cache(model, path)
+    prefill_logits(model, SHARED)
+    cache.store(SHARED)
+    cache.save(tmp_path / "c.pt")
+    with pytest.raises(BriskError, match=re.escape(message)):
+        new_cache(tiny(ckpt), ckpt).load(tmp_path / "c.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_prefill(ckpt: Path, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "generate_prefill.py"), "--checkpoint_path", str(ckpt), "--device", "cpu",
+           "--dtype", "float32", "--temperature", "0", "--max_new_tokens", "4", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_reuses_the_context_within_a_run_and_across_runs(ckpt, tmp_path):
+    context = tmp_path / "context.txt"
+    context.write_text("The quick brown fox jumps over the lazy dog. Once upon a time there was a little model")
+    args = ["--context", context, "--prompt", " that generated", "--prompt", " tokens very fast",
+            "--cache_file", tmp_path / "c.pt"]
+    first = run_prefill(ckpt, *args, "--json", tmp_path / "1.json")
+    assert first.returncode == 0, first.stderr
+    second = run_prefill(ckpt, *args, "--json", tmp_path / "2.json")
+    assert second.returncode == 0, second.stderr
+    runs = [json.loads((tmp_path / f"{i}.json").read_text()) for i in (1, 2)]
+    n = runs[0]["config"]["context_tokens"]
+    assert [p["cached_tokens"] for p in runs[0]["prompts"]] == [0, n]
+    assert [p["cached_tokens"] for p in runs[1]["prompts"]] == [n, n]  # the new process loaded the cache file
+    assert runs[0]["summary"]["speedup"] is not None and "x faster" in first.stderr
+    assert first.stdout == second.stdout  # greedy text is the same, cached or not
+
+
+@pytest.mark.slow
+def test_cli_interactive_turns_reuse_the_conversation(ckpt, tmp_path):
+    cmd = [sys.executable, str(ROOT / "generate_prefill.py"), "--checkpoint_path", str(ckpt), "--device", "cpu",
+           "--dtype", "float32", "--temperature", "0", "--max_new_tokens", "3", "--interactive",
+           "--json", str(tmp_path / "chat.json")]
+    proc = subprocess.run(cmd, input="hello there\nand again\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    turns = json.loads((tmp_path / "chat.json").read_text())["prompts"]
+    assert turns[0]["cached_tokens"] == 0
+    assert turns[1]["cached_tokens"] >= turns[0]["prompt_tokens"]  # the first turn (and as much of the reply as
+    # encodes to the same tokens again)
+
+
+def corrupt(path: Path, ckpt: Path) -> None:
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+
+
+def foreign(path: Path, ckpt: Path) -> None:
+    other = make_checkpoint(path.parent / "other", tokenizer=False, n_layer=1)
+    model = tiny(other)
+    new_cache(model, other).save(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make, args, message", [
+    (corrupt, [], "cannot read cache file"),
+    (foreign, [], "another model"),
+    (foreign, ["--dtype", "bfloat16"], "holds float32 keys/values, this run uses bfloat16"),
+    (None, ["--max_seq_length", "8"], "the context has"),
+])
+def test_cli_bad_input_is_one_line_and_the_cache_file_is_kept(ckpt, tmp_path, make, args, message):
+    cache_file = tmp_path / "c.pt"
+    if make is not None:
+        make(cache_file, ckpt)
+    before = cache_file.read_bytes() if make else None
+    proc = run_prefill(ckpt, "--context", "The quick brown fox jumps over the lazy dog.", "--prompt", " Once",
+                       "--cache_file", cache_file, *args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (cache_file.read_bytes() == before) if make else not cache_file.exists()
+    assert not cache_file.with_name("c.pt.tmp").exists()
