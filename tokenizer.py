@@ -177,9 +177,9 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """tokenizer.model of Llama 2 / Mistral / TinyLlama. Like transformers' LlamaTokenizer, control tokens written
-    in the text (`<s>`, `</s>`) become those tokens, and only the start of the text gets SentencePiece's
-    dummy-prefix space, not the text following a special token."""
+    """tokenizer.model of Llama 2 / Mistral / TinyLlama. Control tokens written in the text (`<s>`, `</s>`) become
+    those tokens; the text between them is encoded by SentencePiece piece by piece, each with its dummy-prefix
+    space, as Meta's reference code, llama.cpp and the models' own tokenizer.json (legacy Llama) do."""
 
     def __init__(self, sp, directory: Path):
         self.sp = sp
@@ -187,7 +187,6 @@ class SentencePieceTokenizer(Tokenizer):
         specials = [sp.id_to_piece(i) for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)]
         specials = sorted(specials, key=len, reverse=True)  # longest first, so no special shadows a longer one
         self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-        self._unk_prefix = len(sp.encode(sp.id_to_piece(sp.unk_id())))
         self._configure(directory, _piece(sp, sp.bos_id()), _piece(sp, sp.eos_id()), True)
 
     def _encode(self, text: str) -> list:
@@ -196,10 +195,8 @@ class SentencePieceTokenizer(Tokenizer):
         for k, part in enumerate(parts):
             if k % 2:  # a special token
                 ids.append(self.sp.piece_to_id(part))
-            elif k == 0:
-                ids += self.sp.encode(part) if part else []
-            elif part:  # encode without the dummy-prefix space: behind "<unk>" text, then drop those pieces
-                ids += self.sp.encode(self.sp.id_to_piece(self.sp.unk_id()) + part)[self._unk_prefix:]
+            elif part:
+                ids += self.sp.encode(part)
         return ids
 
     def decode(self, ids) -> str:

@@ -107,15 +107,16 @@ def sp_dir(tmp_path_factory):
 
 
 def llama_reference(directory):
-    """transformers' LlamaTokenizer over the SentencePiece vocabulary. AutoTokenizer builds exactly this from
-    tokenizer.model, but needs protobuf to read the file, so the vocabulary is handed over directly."""
+    """transformers' LlamaTokenizer over the SentencePiece vocabulary. AutoTokenizer builds this from
+    tokenizer.model, but needs protobuf to read the file, so the vocabulary is handed over directly. `legacy`
+    gives each text piece between special tokens its dummy-prefix space, as Llama's own tokenizer.json does."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
     from transformers.tokenization_utils_base import generate_merges
 
     sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    ref = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_bos_token=True)
+    ref = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, legacy=True)
     ref.chat_template = LLAMA2_TEMPLATE
     return sp, ref
 
@@ -124,7 +125,7 @@ def test_sentencepiece_matches_transformers(sp_dir):
     sp, ref = llama_reference(sp_dir)
     tok = load_tokenizer(sp_dir)
     assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.vocab_size) == (1, [2], True, 400)
-    for text in TEXTS + ["<s>[INST] hi [/INST] ok </s>", "x<s>y</s> z"]:
+    for text in TEXTS + ["<s>[INST] hi [/INST] ok </s>", "x<s>y</s>z"]:
         ids = tok.encode(text)
         assert ids == ref.encode(text), text
         assert tok.decode(ids) == ref.decode(ids), text
@@ -134,13 +135,15 @@ def test_sentencepiece_matches_transformers(sp_dir):
 
 
 def test_sentencepiece_leading_whitespace_follows_sentencepiece(sp_dir):
-    # SentencePiece always adds its dummy-prefix space; transformers' Metaspace skips it when the text already
-    # starts with a space. The model was trained on SentencePiece's pieces, so we follow SentencePiece.
+    # SentencePiece always adds its dummy-prefix space; transformers' Metaspace skips it when the text (or the
+    # text after a special token) already starts with a space. The model was trained on SentencePiece's
+    # pieces, and llama.cpp does the same, so we follow SentencePiece.
     sp, _ = llama_reference(sp_dir)
     tok = load_tokenizer(sp_dir)
     for text in LEADING_SPACE:
         assert tok.encode(text, bos=False) == sp.encode(text)
         assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)) == text
+    assert tok.encode("</s> x", bos=False) == [2] + sp.encode(" x")
 
 
 def test_sentencepiece_chat_template_matches_transformers(sp_dir):
