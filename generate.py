@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
+import tp
 from model import BriskError, Transformer, check_writable, load_config, load_model, run_cli, save_atomic
 from tokenizer import load_tokenizer
 
@@ -160,7 +161,7 @@ def compiled_fns(device: torch.device, compile: bool, compile_prefill: bool) -> 
 
 def _load_model(checkpoint_path: Path, device: torch.device, dtype: torch.dtype) -> Transformer:
     t0 = time.perf_counter()
-    model = load_model(checkpoint_path, device, dtype)
+    model = load_model(checkpoint_path, device, dtype, transform=tp.apply_tp)  # under torchrun: this rank's part
     sync(device)
     print(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return model
@@ -335,6 +336,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    p.add_argument("--dist_timeout", type=float, default=None,
+                   help=f"under torchrun: seconds a rank waits for the others before failing "
+                        f"(default {tp.DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--force", action="store_true", help="overwrite existing --json/--profile files")
     return p.parse_args(argv)
 
@@ -376,9 +380,13 @@ def encode_prompt(args, tokenizer, vocab_size: int) -> tuple[list[int], Optional
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    rank, world = tp.maybe_init_dist(args.dist_timeout)  # under torchrun; ranks other than 0 print nothing
     check_args(args)
 
     config = load_config(args.checkpoint_path)
+    tp.check_divisible(config, world)
+    if args.interactive and world > 1:
+        raise BriskError("--interactive reads stdin in a single process; run it without torchrun")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     device, dtype = args.device, DTYPES[args.dtype]
     if args.interactive:
@@ -432,7 +440,7 @@ def main(argv=None) -> None:
         notes += ["includes compilation"] if i == 0 and (args.compile or args.compile_prefill) else []
         label = f"sample {i + 1}" + (f" ({', '.join(notes)})" if notes else "")
         print(f"{label}: {describe(samples[-1])}", file=sys.stderr)
-        if args.profile and last:
+        if args.profile and last and rank == 0:
             save_atomic(args.profile, lambda tmp: profiler.export_chrome_trace(str(tmp)), args.force)
             print(f"wrote profiler trace {args.profile}", file=sys.stderr)
 
@@ -440,7 +448,7 @@ def main(argv=None) -> None:
     over = f"median of samples 2-{args.num_samples}" if args.num_samples > 1 else "one sample"
     print(f"summary ({over}, batch size {args.batch_size}, {len(ids)} prompt tokens): {describe(summary)}",
           file=sys.stderr)
-    if args.json is not None:
+    if args.json is not None and rank == 0:
         cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
                    compile_prefill=args.compile_prefill, batch_size=args.batch_size, prompt_tokens=len(ids),
                    max_new_tokens=max_new_tokens, max_seq_length=max_seq_length, num_samples=args.num_samples,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tp
-from conftest import make_checkpoint
+from conftest import ROOT, make_checkpoint
 from model import BriskError, ModelArgs, load_config, load_state_dict, save_checkpoint
 
 DRIVER = Path(__file__).resolve().parent / "tp_driver.py"
@@ -28,11 +28,13 @@ def quantized(float_path: Path, quant: dict) -> Path:
     return out
 
 
-def torchrun(nproc: int, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args, script: Path = DRIVER, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(DRIVER), *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+           str(script), *map(str, args)]
+    r = subprocess.run(cmd, env=env, capture_output=True, timeout=timeout)
+    # decoded here rather than with text=True, which would turn a generated "\r" into "\n"
+    return subprocess.CompletedProcess(cmd, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
 def run_and_compare(nproc: int, tmp_path: Path, checkpoints: list[Path], *flags) -> dict:
@@ -80,6 +82,19 @@ def test_three_processes_match_one_after_loading(tmp_path):
 def test_compiled_decode_matches_one_process(tmp_path):
     """The all-reduces trace into the compiled graph (fullgraph=True: no graph break)."""
     run_and_compare(2, tmp_path, [make_checkpoint(tmp_path / "tiny", tokenizer=False)], "--compile")
+
+
+def test_generate_under_torchrun_prints_the_single_process_text_once(tmp_path, capsys):
+    import generate
+    f = make_checkpoint(tmp_path / "tiny")
+    args = ["--checkpoint_path", f, "--device", "cpu", "--dtype", "float32", "--prompt", "Once upon a time",
+            "--max_new_tokens", 12, "--temperature", 0.8, "--seed", 1]
+    generate.main(list(map(str, args)))
+    alone = capsys.readouterr().out
+    split = torchrun(2, *args, script=ROOT / "generate.py")
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout == alone
+    assert split.stderr.count("summary (one sample") == 1
 
 
 def test_check_divisible():
