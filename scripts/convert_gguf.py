@@ -236,8 +236,9 @@ def convert_tokenizer(meta: dict) -> tuple[str, dict, dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("gguf_file", type=Path)
-    p.add_argument("--checkpoint_dir", type=Path, required=True)
+    p.add_argument("gguf_file", type=Path, help="a GGUF file of architecture llama or qwen2, any quantization")
+    p.add_argument("--checkpoint_dir", type=Path, required=True,
+                   help="where to write model.pth, model_config.json and the tokenizer files")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the stored weights")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     args = p.parse_args(argv)
