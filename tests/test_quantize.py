@@ -1,0 +1,258 @@
+"""quantize.py: the int8/int4 math, the packed kernels against the plain dequantize path, checkpoints that load
+back to exactly the model they describe, GPTQ against round-to-nearest, CLI errors; scripts/perplexity.py."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quantize
+from conftest import make_checkpoint
+from model import BriskError, load_model, run_cli
+from quantize import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, gptq_quantize, int4_dequantize, int4_quantize,
+                      int8_quantize, pack_nibbles, to_scales_and_zeros, unpack_nibbles)
+from scripts.perplexity import perplexity
+
+SMALL = dict(dim=128, intermediate_size=256)  # every group size divides the inputs
+
+
+def weights(n=48, k=256, seed=0):
+    """Rows of very different magnitudes, as real layers have."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * torch.logspace(-3, 0, n)[:, None]
+
+
+def logits(model, idx):
+    model.setup_caches(1, idx.shape[1])
+    with torch.no_grad():
+        return model(idx, torch.arange(idx.shape[1])).float()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def quantize_cli(path, *args):
+    quantize.main(["--checkpoint_path", str(path), *args])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The math
+
+
+def test_int8_error_is_at_most_half_a_step_per_row():
+    w = weights()
+    q, s = int8_quantize(w)
+    assert q.dtype == torch.int8 and s.shape == (48,)
+    assert ((w - q.float() * s[:, None]).abs() <= s[:, None] / 2 * (1 + 1e-6)).all()
+    assert (q.abs().amax(1) == 127).all()  # the scale is no larger than it has to be
+
+
+@pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
+def test_int4_error_is_at_most_half_a_step_per_group(groupsize):
+    w = weights()
+    q, s, z = int4_quantize(w, groupsize, dtype=torch.float32)
+    assert q.dtype == torch.uint8 and s.shape == z.shape == (48, 256 // groupsize)
+    err = (w - int4_dequantize(q, s, z)).reshape(48, -1, groupsize).abs()
+    assert (err <= s[..., None] / 2 * (1 + 1e-5)).all()
+    groups = q.reshape(48, -1, groupsize)
+    assert (groups.amin(-1) == 0).all() and (groups.amax(-1) == 15).all()  # each group spans the whole range
+    # the file's bf16 scales/zero points: the values are chosen for the rounded parameters, so the only extra
+    # error is at the ends of a group's range, from rounding the zero point (8 bits of mantissa)
+    q, s, z = int4_quantize(w, groupsize)
+    err = (w - int4_dequantize(q, s, z)).reshape(48, -1, groupsize).abs()
+    assert (err <= s[..., None] / 2 + z.abs()[..., None] * 2 ** -8 + 1e-7).all()
+
+
+def test_nibble_packing_round_trips_with_even_columns_high():
+    q = torch.randint(0, 16, (4, 64), dtype=torch.uint8)
+    p = pack_nibbles(q)
+    assert p.shape == (4, 32) and (p[:, 0] == q[:, 0] * 16 + q[:, 1]).all()
+    assert torch.equal(unpack_nibbles(p), q)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: the packed CPU paths compute what the plain dequantize path computes
+
+
+def int4_linear(w, groupsize, kernel):
+    n, k = w.shape
+    m = WeightOnlyInt4Linear(k, n, groupsize)
+    q, s, z = int4_quantize(F.pad(w, (0, m.scales_and_zeros.shape[0] * groupsize - k)), groupsize)
+    m.weight, m.scales_and_zeros = pack_nibbles(q), to_scales_and_zeros(s, z).to(torch.bfloat16)
+    m.pack(kernel)
+    return m
+
+
+@pytest.mark.parametrize("groupsize, k", [(32, 256), (128, 256), (64, 96)])  # 96: inputs padded to 128
+def test_cpu_int4_kernel_equals_dequantize_path(groupsize, k):
+    w = weights(n=64, k=k) * 10
+    packed, plain = int4_linear(w, groupsize, "cpu"), int4_linear(w, groupsize, None)
+    assert packed.kernel == "cpu" and plain.kernel is None
+    x = torch.randn(2, 5, k, dtype=torch.bfloat16)
+    torch.testing.assert_close(packed(x).float(), plain(x).float(), rtol=2e-2, atol=2e-2 * plain(x).abs().max())
+    y = packed(x.float())  # other dtypes round-trip through bf16
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, plain(x).float(), rtol=2e-2, atol=2e-2 * plain(x).abs().max().item())
+
+
+def test_cpu_int8_kernel_equals_plain_path():
+    w = weights(n=40, k=96)
+    m = WeightOnlyInt8Linear(96, 40)
+    m.weight, scales = int8_quantize(w)
+    m.scales = scales.to(torch.bfloat16)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    plain = m(x).float()
+    m.packed_mm = True
+    torch.testing.assert_close(m(x).float(), plain, rtol=2e-2, atol=2e-2 * plain.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def fake_quantized(path, mode, groupsize):
+    """The float model with each quantized matrix replaced by its dequantized value, computed independently."""
+    model = load_model(path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, lin in quantize._linears(model):
+            if name == "output" or mode == "int8":
+                q, s = int8_quantize(lin.weight)
+                lin.weight.copy_(q.float() * s[:, None])  # a tied head shares this with the embedding
+            else:
+                k = lin.in_features
+                q, s, z = int4_quantize(F.pad(lin.weight, (0, -k % groupsize)), groupsize)  # zero-padded inputs
+                lin.weight.copy_(int4_dequantize(q, s, z)[:, :k])
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("mode, groupsize", [("int8", None), ("int4", 32), ("int4", 256)])
+def test_checkpoint_loads_back_to_the_model_it_describes(tmp_path, monkeypatch, mode, groupsize, tied):
+    path = make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=tied, qkv_bias=True, **SMALL)
+    quantize_cli(path, "--mode", mode, *(["--groupsize", str(groupsize)] if groupsize else []))
+    out = quantize.output_path(path, mode, groupsize)
+    assert out.name == {"int8": "model_int8.pth", "int4": f"model_int4.g{groupsize}.pth"}[mode]
+    idx = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(0))
+    expected = logits(fake_quantized(path, mode, groupsize), idx)
+    monkeypatch.setattr(quantize, "_int4_kernel", lambda *_: None)  # the exact fp32 path
+    model = load_model(out, dtype=torch.float32)
+    torch.testing.assert_close(logits(model, idx), expected, rtol=1e-4, atol=1e-4)
+    assert isinstance(model.output, WeightOnlyInt8Linear)  # the head is int8 in every mode
+    if tied:  # one int8 matrix serves the embedding and the head
+        assert model.tok_embeddings.weight is model.output.weight
+
+
+@pytest.mark.parametrize("mode, groupsize, bound", [("int8", None, 0.08), ("int4", 32, 0.55), ("int4", 128, 0.7)])
+def test_quantized_logits_stay_close_to_float(tmp_path, mode, groupsize, bound):
+    # these random models give relative errors of ~0.04 (int8), ~0.41 (int4 g32) and 0.47-0.57 (int4 g128) over
+    # seeds; an off-by-one zero point or a wrong scale gives about 1 or more
+    path = make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=True, **SMALL)
+    quantize_cli(path, "--mode", mode, *(["--groupsize", str(groupsize)] if groupsize else []))
+    idx = torch.randint(0, 320, (1, 32), generator=torch.Generator().manual_seed(0))
+    reference = logits(load_model(path, dtype=torch.bfloat16), idx)
+    assert rel_err(logits(load_model(quantize.output_path(path, mode, groupsize)), idx), reference) < bound
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPTQ
+
+
+@pytest.mark.parametrize("groupsize", [32, 128])
+def test_gptq_output_error_is_lower_than_round_to_nearest(groupsize):
+    g = torch.Generator().manual_seed(0)
+    # correlated inputs with a few loud features, like activations after a norm
+    X = torch.randn(1024, 256, generator=g) @ torch.randn(256, 256, generator=g) / 16
+    X[:, :8] *= 10
+    w = torch.randn(96, 256, generator=g)
+    q, s, z = gptq_quantize(w, X.t() @ X, groupsize)
+    assert q.dtype == torch.uint8 and q.max() <= 15 and s.shape == (96, 256 // groupsize)
+    gptq_err = (X @ (w - int4_dequantize(q, s, z)).t()).norm()
+    rtn_err = (X @ (w - int4_dequantize(*int4_quantize(w, groupsize))).t()).norm()
+    assert gptq_err < 0.8 * rtn_err
+
+
+def test_gptq_checkpoint_beats_round_to_nearest_on_its_calibration_text(tmp_path):
+    path = make_checkpoint(tmp_path, **SMALL)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(quantize.pydoc_text(0)[:6000])
+    quantize_cli(path, "--mode", "int4", "--groupsize", "64")
+    quantize_cli(path, "--mode", "int4-gptq", "--groupsize", "64", "--calibration_file", str(calib),
+                 "--calibration_samples", "8", "--calibration_seq_length", "64")
+    samples = quantize.calibration_samples(path.parent, calib.read_text(), 8, 64)
+    reference = torch.cat([logits(load_model(path, dtype=torch.float32), s[None]) for s in samples])
+
+    def error(name):
+        model = load_model(path.with_name(name), dtype=torch.float32)
+        return rel_err(torch.cat([logits(model, s[None]) for s in samples]), reference)
+
+    assert error("model_int4-gptq.g64.pth") < 0.9 * error("model_int4.g64.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI errors: one line, exit status 1, nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "int3"], "unknown mode 'int3'"),
+    (["--mode", "int4", "--groupsize", "48"], "--groupsize must be one of 32, 64, 128, 256, got 48"),
+    (["--mode", "int8", "--groupsize", "32"], "--groupsize applies to the int4 modes only"),
+    (["--mode", "int4-gptq", "--calibration_samples", "100000"], "calibration text has"),
+    (["--mode", "int4-gptq", "--calibration_file", "nope.txt"], "calibration file not found"),
+])
+def test_bad_arguments_are_one_line_errors(tiny_checkpoint, args, message):
+    before = sorted(tiny_checkpoint.parent.iterdir())
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: quantize_cli(tiny_checkpoint, *args))
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
+    assert message in e.value.code
+    assert sorted(tiny_checkpoint.parent.iterdir()) == before
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(BriskError, match="checkpoint not found"):
+        quantize_cli(tmp_path / "nope" / "model.pth", "--mode", "int8")
+    path = make_checkpoint(tmp_path, tokenizer=False)
+    quantize_cli(path, "--mode", "int8")
+    with pytest.raises(BriskError, match=r"model_int8.pth exists; pass --force"):
+        quantize_cli(path, "--mode", "int8")
+    quantize_cli(path, "--mode", "int8", "--force")
+    with pytest.raises(BriskError, match=r"is already quantized \(\{'mode': 'int8'\}\)"):
+        quantize_cli(path.with_name("model_int8.pth"), "--mode", "int4")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tmp_path):
+    model = load_model(make_checkpoint(tmp_path, tokenizer=False), dtype=torch.float32)
+    with torch.no_grad():
+        model.output.weight.zero_()  # every logit 0: each token has probability 1/320
+    ppl, n = perplexity(model, list(range(100)), max_seq_length=32, stride=8, progress=False)
+    assert n == 99 and ppl == pytest.approx(320, rel=1e-5)
+
+
+def test_perplexity_windows_score_each_token_once_with_the_longest_context(tmp_path):
+    model = load_model(make_checkpoint(tmp_path, tokenizer=False), dtype=torch.float32)
+    ids = torch.randint(0, 320, (70,)).tolist()
+    full = logits(model, torch.tensor([ids]))[0]
+    nll = F.cross_entropy(full[:-1], torch.tensor(ids[1:]))
+    assert perplexity(model, ids, 70, 16, progress=False) == (pytest.approx(math.exp(nll.item()), rel=1e-5), 69)
+    # strided windows: every token is scored once (disjoint windows skip each window's first token)
+    assert perplexity(model, ids, 32, 16, progress=False)[1] == 69
+    assert perplexity(model, ids, 32, 32, progress=False)[1] == 69 - 2
+
+
+@pytest.mark.slow
+def test_real_model_int8_keeps_its_predictions(real_checkpoint, tmp_path):
+    for f in real_checkpoint.parent.iterdir():  # quantize a linked copy, leaving the checkpoint dir untouched
+        if not (f.name.startswith("model_") and f.suffix == ".pth"):
+            (tmp_path / f.name).symlink_to(f)
+    quantize_cli(tmp_path / "model.pth", "--mode", "int8")
+    from tokenizer import load_tokenizer
+    idx = torch.tensor([load_tokenizer(tmp_path).encode(quantize.pydoc_text(1)[:400])])
+    expected = logits(load_model(real_checkpoint), idx).argmax(-1)
+    agree = (logits(load_model(tmp_path / "model_int8.pth"), idx).argmax(-1) == expected).float().mean()
+    assert agree > 0.9
