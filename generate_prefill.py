@@ -145,22 +145,29 @@ class PrefixCache:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:  # truncated, not a zip, or pickled objects
-            raise BriskError(f"cannot read cache file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BriskError(f"cannot read cache file {path}: {why}") from None
         if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
             raise BriskError(f"{path} is not a prefix cache file")
         if state.get("dtype") != dtype_name(self.dtype):
             raise BriskError(f"cache file {path} holds {state.get('dtype')} keys/values, this run uses "
                              f"{dtype_name(self.dtype)}: pass --dtype {state.get('dtype')} or another --cache_file")
         metas = state.get("models")
-        if not isinstance(metas, list) or len(metas) != len(self.metas):
-            raise BriskError(f"cache file {path} was made for {len(metas or [])} models, this run has {len(self.metas)}")
+        if not (isinstance(metas, list) and all(isinstance(m, dict) and isinstance(m.get("config"), dict)
+                                                for m in metas)):
+            raise BriskError(f"cache file {path} is corrupt (no model metadata)")
+        if len(metas) != len(self.metas):
+            raise BriskError(f"cache file {path} was made for {len(metas)} models, this run has {len(self.metas)}")
         for theirs, ours in zip(metas, self.metas):
-            if theirs.get("config") != ours["config"]:
-                diff = sorted(k for k in ours["config"] if ours["config"][k] != (theirs.get("config") or {}).get(k))
+            if theirs["config"] != ours["config"]:
+                diff = sorted(k for k in ours["config"] if ours["config"][k] != theirs["config"].get(k))
                 raise BriskError(f"cache file {path} was made for another model (config differs in {', '.join(diff)})")
             if theirs.get("fingerprint") != ours["fingerprint"]:
                 raise BriskError(f"cache file {path} was made from another checkpoint (same config, other weights)")
-        for e in state.get("entries", []):
+        entries = state.get("entries")
+        if not (isinstance(entries, list) and all(isinstance(e, dict) for e in entries)):
+            raise BriskError(f"cache file {path} is corrupt (no entry list)")
+        for e in entries:
             tokens, kv = e.get("tokens"), e.get("kv")
             if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens)
                     and isinstance(kv, list) and len(kv) == len(self.models)
@@ -282,13 +289,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context", default=None, help="a file, or text: the shared beginning of every prompt")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts_file", type=Path, default=None, help="a file with one prompt per line")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template, the context as system message")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap prompts in the chat template, the context as system message")
     p.add_argument("--interactive", action="store_true",
                    help="multi-turn chat on stdin (the prompts: first messages), reusing the conversation's cache")
     p.add_argument("--cache_file", type=Path, default=None,
                    help="load the prefix cache from this file if it exists, and save it there at the end")
     p.add_argument("--cache_budget_mb", type=float, default=DEFAULT_BUDGET_MB,
-                   help=f"memory for cached keys/values, MiB; least recently used entries go first (default {DEFAULT_BUDGET_MB})")
+                   help="memory for cached keys/values, MiB; least recently used entries go first "
+                        f"(default {DEFAULT_BUDGET_MB})")
     p.add_argument("--cache_device", default="cpu", help="where cached keys/values live (default cpu)")
     p.add_argument("--max_new_tokens", type=int, default=200, help="per prompt, or per turn (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
@@ -300,8 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(gen.DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--max_seq_length", type=int, default=None,
-                   help=f"KV cache length (default: longest prompt + max_new_tokens, or {gen.INTERACTIVE_MAX_SEQ_LENGTH} "
-                        "with --interactive; at most the model's block_size)")
+                   help="KV cache length (default: longest prompt + max_new_tokens, or "
+                        f"{gen.INTERACTIVE_MAX_SEQ_LENGTH} with --interactive; at most the model's block_size)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     p.add_argument("--json", type=Path, default=None, help="write the per-prompt figures to this file")
@@ -366,7 +375,8 @@ def main(argv=None) -> None:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     stats = []
 
-    def run_turn(ids: list[int], keep: Optional[int], max_new_tokens: int = args.max_new_tokens, show: bool = True) -> str:
+    def run_turn(ids: list[int], keep: Optional[int], max_new_tokens: int = args.max_new_tokens,
+                 show: bool = True) -> str:
         """Generate after ids and cache their first `keep` tokens (None: the whole conversation so far)."""
         if len(ids) > max_seq_length:
             raise BriskError(f"the conversation ({len(ids)} tokens) no longer fits --max_seq_length {max_seq_length}")
@@ -397,7 +407,8 @@ def main(argv=None) -> None:
     s = summary(stats)
     if s["cold_ttft_s"] is not None and s["cached_ttft_s"] is not None:
         print(f"time to first token: cold {s['cold_ttft_s']:.3f} s (median of {s['cold_prompts']}), cached "
-              f"{s['cached_ttft_s']:.3f} s (median of {s['cached_prompts']}): {s['speedup']:.1f}x faster", file=sys.stderr)
+              f"{s['cached_ttft_s']:.3f} s (median of {s['cached_prompts']}): {s['speedup']:.1f}x faster",
+              file=sys.stderr)
     print(f"prefix cache: {len(cache.entries)} entries, {cache.nbytes / 2**20:.1f} MiB of {args.cache_budget_mb:g} MiB",
           file=sys.stderr)
     if args.cache_file is not None:

@@ -88,6 +88,7 @@ def test_greedy_output_with_a_cached_prefix_is_token_identical(ckpt):
     first, cached = greedy(model, cache, SHARED + TAIL_A)
     assert cached == 0
     cache.store(SHARED + TAIL_A)
+    scribble(model)
     fresh, _ = greedy(tiny(ckpt), new_cache(model, ckpt), SHARED + TAIL_B)
     again, cached = greedy(model, cache, SHARED + TAIL_B)
     assert cached == len(SHARED) and again == fresh
@@ -112,6 +113,7 @@ def test_compiled_decode_reads_the_restored_prefix(tmp_path):
     cache = new_cache(model, path)
     greedy(model, cache, SHARED + TAIL_A, **fns)
     cache.store(SHARED + TAIL_A)
+    scribble(model)
     compiled, cached = greedy(model, cache, SHARED + TAIL_B, **fns)
     assert cached == len(SHARED) and compiled == eager
 
@@ -161,7 +163,6 @@ def test_save_and_load_round_trip_restores_the_same_logits(ckpt, tmp_path):
     prefill_logits(model, SHARED + TAIL_A)
     cache.store(SHARED + TAIL_A)
     cache.save(tmp_path / "c.pt")
-    torch.load(tmp_path / "c.pt", weights_only=True)
 
     other = tiny(ckpt)  # as in a new process
     loaded = new_cache(other, ckpt)
@@ -169,6 +170,18 @@ def test_save_and_load_round_trip_restores_the_same_logits(ckpt, tmp_path):
     assert list(loaded.entries) == list(cache.entries) and loaded.nbytes == cache.nbytes
     assert loaded.restore(prompt, len(prompt) - 1) == len(SHARED)
     torch.testing.assert_close(prefill_logits(other, prompt, len(SHARED)), full[len(SHARED):], atol=1e-5, rtol=0)
+
+
+def test_a_cache_file_whose_entries_do_not_match_the_model_is_corrupt(ckpt, tmp_path):
+    model = tiny(ckpt)
+    cache = new_cache(model, ckpt)
+    prefill_logits(model, SHARED)
+    cache.store(SHARED)
+    state = cache.state()
+    state["entries"][0]["tokens"].append(1)  # one token more than the keys/values hold
+    torch.save(state, tmp_path / "c.pt")
+    with pytest.raises(BriskError, match="corrupt"):
+        new_cache(tiny(ckpt), ckpt).load(tmp_path / "c.pt")
 
 
 @pytest.mark.parametrize("made_with, message", [
