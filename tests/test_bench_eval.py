@@ -1,0 +1,266 @@
+"""bench.py and eval.py: benchmark figures that agree with each other, perplexity equal to transformers' on the same
+weights and text, and the lm-evaluation-harness adapter on a model that continues a sentence with certainty."""
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import bench
+import eval as brisk_eval
+from conftest import make_checkpoint, write_tiny_tokenizer
+from model import BriskError, load_model
+from scripts import convert_hf_checkpoint as convert_hf
+from tokenizer import load_tokenizer
+
+SENTENCE = "the quick brown fox jumps over a lazy dog. "  # each word of it is a distinct token of the tiny tokenizer
+HF_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def hf_checkpoint(directory: Path):
+    """A tiny random transformers Llama saved to `directory` and converted to ours; returns it, in fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**HF_TINY)).eval()
+    with torch.no_grad():  # wider than the default init, so that the text is far from uniformly likely
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model.save_pretrained(directory)
+    write_tiny_tokenizer(directory, HF_TINY["vocab_size"])
+    convert_hf.convert(directory)
+    return model
+
+
+def repeating_checkpoint(directory: Path, text: str) -> Path:
+    """Weights that continue `text` with certainty: a bigram table over its tokens, each of which must always be
+    followed by the same token. Attention and feed-forward outputs are zero, so the residual stream is the token's
+    embedding, a one-hot vector e_i per token of the text; RMSNorm scales it to sqrt(dim) e_i and the head row of the
+    token that follows has 10 e_i, a logit of 10 sqrt(dim) against 0 for every other token."""
+    path = make_checkpoint(directory)
+    ids = load_tokenizer(directory).encode(text)
+    follows = dict(zip(ids, ids[1:]))
+    assert all(follows[a] == b for a, b in zip(ids, ids[1:])), "a token of the text has two successors"
+    sd = torch.load(path, weights_only=True)
+    dim = sd["norm.weight"].numel()
+    emb, head = sd["tok_embeddings.weight"], sd["output.weight"]
+    head.zero_()
+    for i, (token, successor) in enumerate(follows.items()):
+        emb[token] = torch.nn.functional.one_hot(torch.tensor(i), dim).float()
+        head[successor, i] = 10.0
+    for name, t in sd.items():
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            t.zero_()
+    torch.save(sd, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_hf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("random_hf")
+    return hf_checkpoint(d), d / "model.pth"
+
+
+@pytest.fixture(scope="module")
+def repeater(tmp_path_factory) -> Path:
+    """A checkpoint that continues SENTENCE (repeated) with certainty."""
+    return repeating_checkpoint(tmp_path_factory.mktemp("repeater"), (SENTENCE * 3).rstrip())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench.py
+
+
+def test_bench_figures_are_consistent(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    N = 6
+    bench.main(["--checkpoint_path", str(ckpt), "--input-tokens", "4,9", "--batch-size", "1,2", "--max-new-tokens",
+                str(N), "--num-iter", "2", "--warmup", "1", "--dtype", "float32", "--copy_gib", "0.05",
+                "--json", str(out)])
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert [(r["input_tokens"], r["batch_size"]) for r in results] == [(4, 1), (4, 2), (9, 1), (9, 2)]
+    config = load_model(ckpt, "cpu", torch.float32).config
+    kv_per_token = bench.kv_bytes_per_token(config, 4)
+    for r in results:
+        assert len(r["iterations"]) == 2 and r["compile_s"] is None
+        for it in r["iterations"]:
+            assert it["new_tokens"] == N and it["tokens_generated"] == N * r["batch_size"]
+            assert it["decode_steps"] == N - 1
+            assert it["next_token_p50_ms"] <= it["next_token_p90_ms"]
+            assert it["decode_tokens_per_s"] == pytest.approx(it["decode_steps"] / it["decode_s"])
+            # the per-token latencies add up to the decode time (the gaps are measured independently of it)
+            assert it["next_token_mean_ms"] * it["decode_steps"] / 1e3 == pytest.approx(it["decode_s"], abs=0.05)
+            assert it["total_s"] == pytest.approx(it["ttft_s"] + it["decode_s"])
+            kv = kv_per_token * r["batch_size"] * (r["input_tokens"] + N / 2)
+            assert it["bandwidth_gb_s"] == pytest.approx((r["weight_bytes"] + kv) * it["decode_tokens_per_s"] / 1e9)
+            assert it["bandwidth_pct"] == pytest.approx(
+                100 * it["bandwidth_gb_s"] / report["environment"]["device_copy_gb_s"])
+        for k, s in r["summary"].items():
+            assert s["min"] <= s["median"] <= s["max"], k
+        assert r["noisy"] == (r["spread"] > 1.15)
+    table = capsys.readouterr().out
+    assert table.count("| brisk | model.pth | float32 |") == 4
+
+
+def test_bench_peer_transformers_runs_the_same_configuration(random_hf, tmp_path, capsys):
+    _, ckpt = random_hf
+    out = tmp_path / "bench.json"
+    bench.main(["--checkpoint_path", str(ckpt), "--input-tokens", "5", "--batch-size", "2", "--max-new-tokens", "4",
+                "--num-iter", "1", "--warmup", "0", "--dtype", "float32", "--copy_gib", "0.05", "--peers",
+                "transformers", "--hf_model", str(ckpt.parent), "--json", str(out)])
+    report = json.loads(out.read_text())
+    brisk, peer = report["results"]
+    assert (brisk["engine"], peer["engine"]) == ("brisk", "transformers")
+    it = peer["iterations"][0]
+    assert (it["new_tokens"], it["tokens_generated"], it["decode_steps"]) == (4, 8, 3)
+    (ratio,) = report["ratios"]
+    assert ratio["decode_speedup"] == pytest.approx(
+        brisk["summary"]["decode_tokens_per_s"]["median"] / peer["summary"]["decode_tokens_per_s"]["median"])
+    assert "| transformers |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], None),
+    (["--input-tokens", "a,b"], None),
+    (["--checkpoint_path", "missing/model.pth"], "checkpoint not found"),
+])
+def test_bench_rejects_bad_arguments(argv, message):
+    with pytest.raises((SystemExit, BriskError)) as e:
+        bench.main(argv)
+    if message:
+        assert message in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval.py: perplexity
+
+
+def hf_perplexity(model, ids: list, max_length: int, stride: int) -> float:
+    """The sliding-window recipe of the transformers perplexity guide."""
+    ids = torch.tensor([ids])
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + max_length, ids.size(1))
+        x = ids[:, begin:end]
+        labels = x.clone()
+        labels[:, :-(end - prev_end)] = -100  # only the tokens no earlier window scored
+        with torch.no_grad():
+            loss = model(x, labels=labels).loss
+        n = (labels[:, 1:] != -100).sum().item()  # the first position has nothing to predict it
+        nll, count, prev_end = nll + loss.item() * n, count + n, end
+        if end == ids.size(1):
+            break
+    return math.exp(nll / count)
+
+
+def test_perplexity_equals_transformers_on_the_same_weights(random_hf, tmp_path):
+    model, ckpt = random_hf
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a little model that generated tokens very fast. " * 3)
+    ids = load_tokenizer(ckpt.parent).encode(text.read_text())
+    assert len(ids) > 40  # several overlapping windows
+    report = brisk_eval.main(["--checkpoint_path", str(ckpt), "--dtype", "float32", "--text_file", str(text),
+                              "--max_seq_length", "24", "--stride", "10", "--json", str(tmp_path / "ppl.json")])
+    ours = report["perplexity"]["perplexity"]
+    assert ours > 5  # a random model: far from 1, so agreement means something
+    assert ours == pytest.approx(hf_perplexity(model, ids, 24, 10), rel=1e-4)
+    assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"]["tokens"] == len(ids) - 1
+
+
+def test_perplexity_of_a_text_the_model_continues_with_certainty_is_near_1(repeater, tmp_path):
+    text = tmp_path / "repeat.txt"
+    text.write_text((SENTENCE * 8).rstrip())
+    report = brisk_eval.main(["--checkpoint_path", str(repeater), "--dtype", "float32", "--text_file", str(text),
+                              "--max_seq_length", "32", "--stride", "16"])
+    assert report["perplexity"]["tokens"] > 64  # several windows
+    assert 1 <= report["perplexity"]["perplexity"] < 1.001
+
+
+def test_eval_rejects_a_missing_text_file(repeater):
+    with pytest.raises(BriskError, match="text file not found"):
+        brisk_eval.main(["--checkpoint_path", str(repeater), "--text_file", "no/such.txt"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval.py: the lm-evaluation-harness adapter
+
+
+def adapter(checkpoint: Path, max_length: int = 64) -> "brisk_eval.BriskLM":
+    model = load_model(checkpoint, "cpu", torch.float32)
+    return brisk_eval.BriskLM(model, load_tokenizer(checkpoint.parent), max_length, max_gen_toks=16, progress=False)
+
+
+def request(*args):
+    return SimpleNamespace(args=args)  # what the adapter reads of an lm_eval Instance
+
+
+def test_loglikelihood_prefers_the_learned_continuation(repeater):
+    lm = adapter(repeater)
+    (good, good_greedy), (bad, bad_greedy) = lm.loglikelihood([
+        request("the quick brown fox", " jumps over"),
+        request("the quick brown fox", " the lazy"),
+    ])
+    assert good_greedy and good > -0.3
+    assert not bad_greedy and bad < good - 3
+
+
+def test_generate_until_stops_at_the_stop_string(repeater):
+    lm = adapter(repeater)
+    (text,) = lm.generate_until([request(SENTENCE + "the quick", {"until": ["lazy"], "max_gen_toks": 12})])
+    assert text == " brown fox jumps over a "
+
+
+def test_loglikelihood_rolling_equals_transformers(random_hf):
+    pytest.importorskip("lm_eval")  # the rolling windows are lm_eval's
+    model, ckpt = random_hf
+    lm = adapter(ckpt, max_length=64)
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = load_tokenizer(ckpt.parent).encode(text, bos=False)
+    assert len(ids) < 64  # one window: the whole text after the prefix token
+    x = torch.tensor([[lm.prefix, *ids]])
+    with torch.no_grad():
+        logp = model(x).logits[0, :-1].log_softmax(-1)  # [T, V]
+    expected = logp.gather(-1, x[0, 1:, None]).sum().item()
+    (ours,) = lm.loglikelihood_rolling([request(text)])
+    assert ours == pytest.approx(expected, rel=1e-4)
+    # windows shorter than the text split it; the sum stays a log-likelihood of every token exactly once
+    (split,) = adapter(ckpt, max_length=8).loglikelihood_rolling([request(text)])
+    assert split < 0 and split != pytest.approx(ours, rel=1e-6)
+
+
+TASK = """task: repeat_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_runs_a_local_task_through_the_adapter(repeater, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    words = SENTENCE.split()
+    # lm_eval puts a space between the context and each choice
+    docs = [dict(context=" ".join(words[:i]), choices=[words[i], words[i - 1] + "s"], answer=0)
+            for i in (2, 4, 6)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "repeat_choice.yaml").write_text(TASK.format(data=data))
+    results = lm_eval.simple_evaluate(model=adapter(repeater), tasks=["repeat_choice"],
+                                      task_manager=TaskManager(include_path=str(tasks)))
+    assert results["results"]["repeat_choice"]["acc,none"] == 1.0
