@@ -249,8 +249,7 @@ metric_list:
 
 
 def test_lm_eval_runs_a_local_task_through_the_adapter(repeater, tmp_path, monkeypatch):
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager
+    pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     words = SENTENCE.split()
     # lm_eval puts a space between the context and each choice
@@ -261,6 +260,8 @@ def test_lm_eval_runs_a_local_task_through_the_adapter(repeater, tmp_path, monke
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "repeat_choice.yaml").write_text(TASK.format(data=data))
-    results = lm_eval.simple_evaluate(model=adapter(repeater), tasks=["repeat_choice"],
-                                      task_manager=TaskManager(include_path=str(tasks)))
-    assert results["results"]["repeat_choice"]["acc,none"] == 1.0
+    report = brisk_eval.main(["--checkpoint_path", str(repeater), "--dtype", "float32", "--tasks", "repeat_choice",
+                              "--include_path", str(tasks), "--json", str(tmp_path / "tasks.json")])
+    assert "perplexity" not in report
+    assert report["tasks"]["repeat_choice"]["acc,none"] == 1.0
+    assert json.loads((tmp_path / "tasks.json").read_text())["tasks"]["repeat_choice"]["acc,none"] == 1.0
