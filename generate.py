@@ -97,13 +97,15 @@ def sync(device: torch.device) -> None:
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size: int = 1, *,
              eos_ids=(), start_pos: int = 0, on_token: Optional[Callable[[int, int], bool]] = None,
-             prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token, **sampling_kwargs):
+             prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token, speculator=None,
+             **sampling_kwargs):
     """Sample up to max_new_tokens after prompt [T] for batch_size copies of it.
 
     The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below start_pos
     are taken as already in the cache (the earlier turns of a conversation) and are not computed again.
     A row stops at an eos id (which it keeps) or when on_token(row, token) returns True for a token it has just
     taken (eos ids are not passed to it); generation ends when every row has stopped.
+    A speculator (speculative.Speculator, batch_size 1) proposes tokens that the target verifies several at a time.
     Returns (the new tokens of each row, {"ttft_s", "decode_s", "steps"}).
     """
     device = prompt.device
@@ -125,11 +127,14 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
     t0 = time.perf_counter()
     token = prefill_fn(model, x, input_pos, **sampling_kwargs)
     finished = take(token)
+    if speculator is not None:  # even when finished: in a chat the proposer's cache must keep up with the target's
+        speculator.prefill(prompt, start_pos)
     t1 = time.perf_counter()
     steps = 0
     if not finished:
         pos = torch.tensor([T], device=device)
-        for token in decode_n_tokens(model, token, pos, max_new_tokens - 1, decode_fn, **sampling_kwargs):
+        decode = decode_n_tokens if speculator is None else speculator.decode
+        for token in decode(model, token, pos, max_new_tokens - 1, decode_fn, **sampling_kwargs):
             steps += 1
             if take(token):
                 break
@@ -218,8 +223,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def figures(model: Transformer, rows: list, timing: dict, prompt_len: int, weights: int, device) -> dict:
-    steps, ttft, decode_s = timing["steps"], timing["ttft_s"], timing["decode_s"]
+    ttft, decode_s = timing["ttft_s"], timing["decode_s"]
     new, total = max(map(len, rows)), ttft + decode_s
+    steps = new - 1  # tokens decoded after the first: one per step, or several with speculative decoding
     decode_tps = steps / decode_s if steps else None
     bandwidth = None
     if decode_tps is not None:
@@ -301,10 +307,14 @@ BANDWIDTH_HELP = (
     "average context length being prompt tokens + (decode steps + 1) / 2) * decode tokens/s")
 FIGURES_HELP = f"""figures (per sample, and the median over the samples after the first, a warm-up):
   time to first token  prefill, including sampling the first new token
-  decode tokens/s      per sequence, after the first token (decode steps per second)
+  decode tokens/s      per sequence, the tokens after the first / their decode time (with speculative decoding
+                       a target pass yields several: bandwidth below is then an effective figure per token)
   end-to-end tokens/s  per sequence, new tokens / (prefill + decode time)
   throughput           new tokens of all sequences / (prefill + decode time)
   peak memory          torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on CPU
+  acceptance rate      speculative decoding: draft tokens accepted / draft tokens proposed, and the mean number
+                       of the k draft tokens accepted per verification (each verification also yields one token
+                       from the target); plain decode steps: where nothing was proposed (no prompt-lookup match)
 {textwrap.fill(BANDWIDTH_HELP, 100, initial_indent="  ", subsequent_indent="    ")}"""
 
 
@@ -340,6 +350,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"under torchrun: seconds a rank waits for the others before failing "
                         f"(default {tp.DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--force", action="store_true", help="overwrite existing --json/--profile files")
+    g = p.add_argument_group("speculative decoding (batch size 1; exact: the output follows the target's distribution)")
+    g.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                   help="model.pth of a smaller model with the same vocabulary that proposes tokens")
+    g.add_argument("--draft", choices=["int4", "int8"], default=None,
+                   help="self-speculation: the target quantized proposes (model_int4.g32.pth or model_int8.pth "
+                        "beside it, written as quantize.py does if missing)")
+    g.add_argument("--prompt_lookup", type=int, default=None, metavar="N",
+                   help="propose the tokens that followed the latest earlier occurrence of the last N..1 tokens")
+    g.add_argument("--speculate_k", type=int, default=None, help="tokens proposed per verification (default 5)")
     return p.parse_args(argv)
 
 
@@ -388,6 +407,8 @@ def main(argv=None) -> None:
     if args.interactive and world > 1:
         raise BriskError("--interactive reads stdin in a single process; run it without torchrun")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
+    import speculative  # it imports this module
+    speculative.check_args(args, config, tokenizer.vocab_size, world)  # sets args.speculate_k when speculating
     device, dtype = args.device, DTYPES[args.dtype]
     if args.interactive:
         ids, shown = [], None
@@ -409,8 +430,11 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed)
     model = _load_model(args.checkpoint_path, device, dtype)
     weights = weight_bytes(model)
-    model.setup_caches(args.batch_size, max_seq_length)
+    room = args.speculate_k or 0  # a verify pass writes k positions past the last token taken
+    model.setup_caches(args.batch_size, max_seq_length + room)
     fns = compiled_fns(device, args.compile, args.compile_prefill)
+    if args.speculate_k:
+        fns["speculator"] = speculative.build(args, device, dtype, max_seq_length + room, _load_model)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.interactive:
         return chat(model, tokenizer, args, device, max_seq_length, fns, sampling)
@@ -440,6 +464,9 @@ def main(argv=None) -> None:
         notes += ["includes compilation"] if i == 0 and (args.compile or args.compile_prefill) else []
         label = f"sample {i + 1}" + (f" ({', '.join(notes)})" if notes else "")
         print(f"{label}: {describe(samples[-1])}", file=sys.stderr)
+        if args.speculate_k:
+            samples[-1].update(speculative.figures(fns["speculator"].stats, args.speculate_k))
+            print(f"{label}: {speculative.describe(samples[-1])}", file=sys.stderr)
         if args.profile and last and rank == 0:
             save_atomic(args.profile, lambda tmp: profiler.export_chrome_trace(str(tmp)), args.force)
             print(f"wrote profiler trace {args.profile}", file=sys.stderr)
@@ -448,11 +475,15 @@ def main(argv=None) -> None:
     over = f"median of samples 2-{args.num_samples}" if args.num_samples > 1 else "one sample"
     print(f"summary ({over}, batch size {args.batch_size}, {len(ids)} prompt tokens): {describe(summary)}",
           file=sys.stderr)
+    if args.speculate_k:
+        print(f"summary: {speculative.describe(summary)}", file=sys.stderr)
     if args.json is not None and rank == 0:
         cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
                    compile_prefill=args.compile_prefill, batch_size=args.batch_size, prompt_tokens=len(ids),
                    max_new_tokens=max_new_tokens, max_seq_length=max_seq_length, num_samples=args.num_samples,
-                   weight_bytes=weights, **sampling, warmup_s=samples[0]["total_s"])
+                   weight_bytes=weights, **sampling, warmup_s=samples[0]["total_s"],
+                   draft_checkpoint=args.draft_checkpoint_path and str(args.draft_checkpoint_path),
+                   draft=args.draft, prompt_lookup=args.prompt_lookup, speculate_k=args.speculate_k)
         report = dict(config=cfg, samples=samples, summary=summary, bandwidth_formula=BANDWIDTH_HELP)
         save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), args.force)
 

@@ -1,0 +1,321 @@
+"""Speculative decoding: a cheap proposer guesses k tokens, the target checks all of them in one forward pass.
+
+    python generate.py --draft_checkpoint_path checkpoints/ORG/SMALL/model.pth --speculate_k 5   # a draft model
+    python generate.py --draft int4                                 # the target quantized to int4 as its own draft
+    python generate.py --prompt_lookup 3                            # copy what followed an earlier occurrence
+
+The output follows the target's distribution exactly, whatever the proposer (Leviathan et al. 2023, Chen et al.
+2023): draft token i, drawn from q_i, is kept with probability min(1, p_i / q_i); the first one rejected is
+replaced by a sample of normalize(max(0, p_i - q_i)); when all k are kept the target's distribution after them
+gives one more token for free. p and q are the processed distributions (temperature, top-k, top-p); at
+temperature 0 both are one-hot argmaxes and the rule keeps a draft token exactly when it is the target's argmax.
+Prompt lookup proposes deterministically (q is one-hot): a token is kept with probability p(token), else the
+replacement is drawn from p without it.
+
+Caches: the verify pass writes the target's keys/values for the last token taken and the k draft tokens; after
+`a` are kept, the positions beyond are stale and are overwritten before anything attends to them. The draft model
+has been fed the last token and the first k - 1 draft tokens; when all k are kept it is fed the k-th too, so both
+caches always hold every position before the last token taken (the invariant plain decoding has).
+One sequence at a time: rows of a batch would keep different numbers of tokens, hence sit at different positions.
+"""
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import quantize
+from generate import compile_settings, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync
+from model import BriskError, Transformer, load_config, load_model, load_state_dict, save_checkpoint
+
+DEFAULT_K = 5
+SELF_DRAFTS = ("int4", "int8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The acceptance rule
+
+
+def processed_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None) -> Tensor:
+    """Distributions [N, V] that sampling draws from, for logits [N, V]; at temperature 0 the one-hot argmax."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    return logits_to_probs(logits, temperature, top_k, top_p)
+
+
+def draw(probs: Tensor, greedy: bool) -> Tensor:
+    # probs: [1, V], possibly unnormalized (argmax(p / E) does not care) -> token [1]
+    if greedy:  # one-hot: exact without drawing random numbers
+        return probs.argmax(-1).to(torch.int)
+    return multinomial_sample_one_no_sync(probs).view(1)
+
+
+def accept(draft: Tensor, q: Tensor, p: Tensor, greedy: bool = False) -> Tensor:
+    """The tokens [a + 1] one verification yields: the first a draft tokens kept, then one from the target.
+
+    draft: [k] tokens drawn from q: [k, Vq]; p: [k + 1, Vp], the target's distributions after the last token taken
+    and after each draft token. Vocabularies padded to different sizes are compared with zeros in the padding."""
+    k = draft.numel()
+    V = max(p.size(-1), q.size(-1))
+    p, q = F.pad(p, (0, V - p.size(-1))), F.pad(q, (0, V - q.size(-1)))
+    i = torch.arange(k, device=p.device)
+    ratio = p[i, draft] / q[i, draft]  # q > 0 where the draft drew from
+    rejected = (torch.rand(k, device=p.device) >= ratio).nonzero()  # u < ratio: kept with probability min(1, ratio)
+    if rejected.numel() == 0:
+        return torch.cat([draft, draw(p[k:], greedy)])  # the bonus token
+    a = int(rejected[0])
+    residual = (p[a] - q[a]).clamp(min=0)
+    # a rejection implies p(d) < q(d), so the residual has mass; the fallback only guards against rounding
+    residual = torch.where(residual.sum() > 0, residual, p[a])
+    return torch.cat([draft[:a], draw(residual[None], greedy)])
+
+
+def verify(model: Transformer, x: Tensor, input_pos: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None) -> Tensor:
+    # x: [1, k + 1] (the last token taken, then the k draft tokens) at input_pos: [k + 1] -> p: [k + 1, V]
+    return processed_probs(model(x, input_pos)[0], temperature, top_k, top_p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Proposers: propose(history, cur_token, pos, k, greedy, sampling) -> (draft [k], q [k, V]) or None (no proposal:
+# a plain decode step follows); catch_up(token [1, 1], pos) feeds a token the proposer has not seen.
+
+
+class DraftModel:
+    """A smaller model (or the target quantized) drafts k tokens one by one with its own KV cache."""
+
+    def __init__(self, model: Transformer, decode_fn: Callable = decode_one_token):
+        self.model, self.decode_fn = model, decode_fn
+
+    def prefill(self, x: Tensor, input_pos: Tensor) -> None:
+        self.model(x, input_pos)
+
+    def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool, sampling: dict):
+        if pos + k >= self.model.max_seq_length:  # room for the k draft tokens and a catch-up
+            return None
+        tokens, qs = [], []
+        for i in range(k):
+            cur_token, q = self.decode_fn(self.model, cur_token, torch.tensor([pos + i], device=cur_token.device),
+                                          **sampling)
+            cur_token = cur_token.clone()  # a CUDA graph's outputs are overwritten by its next replay
+            tokens.append(cur_token.view(1))
+            qs.append(q.clone())
+        draft = torch.cat(tokens)  # [k]
+        q = F.one_hot(draft.long(), qs[0].size(-1)).float() if greedy else torch.cat(qs)  # [k, V]
+        return draft, q
+
+    def catch_up(self, token: Tensor, pos: int) -> None:
+        self.model(token, torch.tensor([pos], device=token.device))
+
+
+class PromptLookup:
+    """Proposes the k tokens that followed the most recent earlier occurrence of the sequence's last n tokens,
+    trying n = max_n down to 1 (prompt-lookup decoding: cheap, and strong where the output copies its input)."""
+
+    def __init__(self, max_n: int):
+        self.max_n = max_n
+
+    def prefill(self, x: Tensor, input_pos: Tensor) -> None:
+        pass
+
+    def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool, sampling: dict):
+        draft = lookup(history, self.max_n, k)
+        if draft is None:
+            return None
+        draft = torch.tensor(draft, dtype=torch.int, device=cur_token.device)
+        return draft, None  # deterministic: Speculator makes q one-hot at the target's vocabulary size
+
+    def catch_up(self, token: Tensor, pos: int) -> None:
+        pass
+
+
+def lookup(seq: list, max_n: int, k: int) -> Optional[list]:
+    """The k tokens after the latest j < len(seq) - 1 with seq[j-n+1..j] == seq[-n:], n from max_n down to 1,
+    or None. Past the end of seq the copy continues with its own output (seq looks periodic from j on)."""
+    L = len(seq)
+    for n in range(min(max_n, L - 1), 0, -1):
+        suffix, last = seq[-n:], seq[-1]
+        for j in range(L - 2, n - 2, -1):
+            if seq[j] == last and seq[j - n + 1:j + 1] == suffix:
+                out = seq[j + 1:j + 1 + k]
+                while len(out) < k:  # seq[j + 1 + i] for i past the end, where seq + out extends it
+                    out.append((seq + out)[j + 1 + len(out)])
+                return out
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decode loop
+
+
+class Speculator:
+    """Pass as generate(..., speculator=...): after the target's prefill, prefill(prompt, start_pos) lets the
+    proposer read the prompt; decode(...) then stands in for decode_n_tokens, yielding [1, n] tokens per step.
+    `stats` counts the current generation's verifications and kept draft tokens."""
+
+    def __init__(self, proposer, k: int = DEFAULT_K, verify_fn: Callable = verify):
+        if k < 1:
+            raise BriskError(f"--speculate_k must be at least 1, got {k}")
+        self.proposer, self.k, self.verify_fn = proposer, k, verify_fn
+        self.history: list = []
+        self.stats: dict = {}
+
+    def prefill(self, prompt: Tensor, start_pos: int = 0) -> None:
+        # prompt: [T], of which positions before start_pos are already in the caches
+        if prompt.dim() != 1:
+            raise BriskError("speculative decoding generates one sequence at a time")
+        pos = torch.arange(start_pos, prompt.size(0), device=prompt.device)
+        self.proposer.prefill(prompt[start_pos:].view(1, -1), pos)
+        self.history = prompt.tolist()
+        self.stats = dict(verifications=0, accepted=0, plain_steps=0)
+
+    def decode(self, model: Transformer, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
+               decode_fn: Callable = decode_one_token, **sampling) -> Iterator[Tensor]:
+        if cur_token.size(0) != 1:
+            raise BriskError("speculative decoding generates one sequence at a time; leave out --batch_size")
+        greedy, k, device = sampling.get("temperature", 1.0) == 0, self.k, cur_token.device
+        pos, left = int(input_pos), num_new_tokens
+        self.history.append(int(cur_token))
+        while left > 0:
+            proposal = None
+            if pos + k < model.max_seq_length:  # the verify pass writes positions pos..pos+k
+                proposal = self.proposer.propose(self.history, cur_token, pos, k, greedy, sampling)
+            if proposal is None:
+                self.proposer.catch_up(cur_token, pos)
+                new = decode_fn(model, cur_token, torch.tensor([pos], device=device), **sampling)[0].clone().view(1)
+                self.stats["plain_steps"] += 1
+            else:
+                draft, q = proposal
+                x = torch.cat([cur_token.view(1), draft]).view(1, -1)  # [1, k + 1]
+                p = self.verify_fn(model, x, torch.arange(pos, pos + k + 1, device=device), **sampling)
+                if q is None:
+                    q = F.one_hot(draft.long(), p.size(-1)).float()
+                new = accept(draft, q, p, greedy)
+                if new.numel() == k + 1:  # all kept: the draft has not yet seen the last of them
+                    self.proposer.catch_up(draft[-1:].view(1, 1), pos + k)
+                self.stats["verifications"] += 1
+                self.stats["accepted"] += new.numel() - 1
+            new = new[:left]
+            self.history += new.tolist()
+            pos, left = pos + new.numel(), left - new.numel()
+            cur_token = new[-1:].view(1, 1)
+            yield new.view(1, -1)
+
+
+def figures(stats: dict, k: int) -> dict:
+    """acceptance_rate: draft tokens kept / proposed; accepted_per_verification: of k, kept per target pass."""
+    v = stats["verifications"]
+    return dict(speculate_k=k, verifications=v, plain_steps=stats["plain_steps"],
+                acceptance_rate=stats["accepted"] / (k * v) if v else None,
+                accepted_per_verification=stats["accepted"] / v if v else None)
+
+
+def describe(f: dict) -> str:
+    if not f["verifications"]:
+        return f"speculation: no verifications, {f['plain_steps']} plain decode steps"
+    return (f"speculation: acceptance rate {f['acceptance_rate']:.2f}, {f['accepted_per_verification']:.2f} of "
+            f"{f['speculate_k']} draft tokens accepted per verification, {f['verifications']:g} verifications, "
+            f"{f['plain_steps']:g} plain decode steps")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: generate.py's --draft_checkpoint_path, --draft, --prompt_lookup, --speculate_k
+
+
+def requested(args) -> bool:
+    return any(x is not None for x in (args.draft_checkpoint_path, args.draft, args.prompt_lookup))
+
+
+def vocabulary(directory: Path):
+    """What fixes the meaning of token ids: tokenizer.json's vocabulary and added tokens, or tokenizer.model."""
+    path = directory / "tokenizer.json"
+    if path.is_file():
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BriskError(f"{path}: not a tokenizer ({e})") from None
+        vocab = d.get("model", {}).get("vocab")
+        if isinstance(vocab, list):  # Unigram: [piece, score] pairs
+            vocab = [v[0] for v in vocab]
+        return "tokenizer.json", vocab, sorted((t["id"], t["content"]) for t in d.get("added_tokens", []))
+    path = directory / "tokenizer.model"
+    return ("tokenizer.model", path.read_bytes()) if path.is_file() else None
+
+
+def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
+    """Checks that need no weights; for a draft checkpoint, that it shares the target's vocabulary."""
+    given = [f for f, v in (("--draft_checkpoint_path", args.draft_checkpoint_path), ("--draft", args.draft),
+                            ("--prompt_lookup", args.prompt_lookup)) if v is not None]
+    if len(given) > 1:
+        raise BriskError(f"choose one proposer: {' or '.join(given)}")
+    if not given:
+        if args.speculate_k is not None:
+            raise BriskError("--speculate_k needs --draft_checkpoint_path, --draft or --prompt_lookup")
+        return
+    args.speculate_k = DEFAULT_K if args.speculate_k is None else args.speculate_k
+    if args.speculate_k < 1:
+        raise BriskError(f"--speculate_k must be at least 1, got {args.speculate_k}")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise BriskError(f"--prompt_lookup must be at least 1, got {args.prompt_lookup}")
+    if args.batch_size != 1:
+        raise BriskError("speculative decoding generates one sequence at a time; leave out --batch_size")
+    if world > 1:
+        raise BriskError("speculative decoding runs in a single process; run it without torchrun")
+    if args.draft is not None and self_draft_path(args).resolve() == args.checkpoint_path.resolve():
+        raise BriskError(f"--draft {args.draft}: {args.checkpoint_path} is that model already; pass the float model")
+    path = args.draft_checkpoint_path
+    if path is None:
+        return
+    if not path.is_file():
+        raise BriskError(f"draft checkpoint not found: {path}")
+    target_vocab, draft_vocab = vocabulary(args.checkpoint_path.parent), vocabulary(path.parent)
+    if draft_vocab is None:
+        raise BriskError(f"no tokenizer.json or tokenizer.model beside {path}: cannot check that the draft shares "
+                         "the target's vocabulary")
+    if target_vocab != draft_vocab:
+        raise BriskError(f"the draft {path} and the target {args.checkpoint_path} have different vocabularies "
+                         f"(compared their {draft_vocab[0]})")
+    draft_size, needed = load_config(path).vocab_size, min(config.vocab_size, tokenizer_vocab_size)
+    if draft_size < needed:
+        raise BriskError(f"the draft's vocab_size {draft_size} is smaller than the target's vocabulary ({needed})")
+
+
+def self_draft_path(args) -> Path:
+    groupsize = quantize.DEFAULT_GROUPSIZE if args.draft == "int4" else None
+    return quantize.output_path(args.checkpoint_path, args.draft, groupsize)
+
+
+def make_self_draft(checkpoint_path: Path, mode: str, path: Path) -> None:
+    """Quantize the float target as quantize.py --mode MODE does (round-to-nearest, default group size)."""
+    sd = load_state_dict(checkpoint_path)
+    if "__quant__" in sd:
+        raise BriskError(f"--draft {mode}: {path} is missing and {checkpoint_path} is already quantized; pass the "
+                         "float model.pth")
+    print(f"{path} not found: writing it for --draft {mode} (as quantize.py --mode {mode} does)", file=sys.stderr)
+    quant = {"mode": "int8"} if mode == "int8" else {"mode": "int4", "groupsize": quantize.DEFAULT_GROUPSIZE,
+                                                     "method": "rtn"}
+    save_checkpoint(quantize.quantize_state_dict(sd, load_config(checkpoint_path), quant), path)
+
+
+def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int,
+          load: Callable = load_model) -> Speculator:
+    """The Speculator for the checked args; a draft model is loaded (made first if --draft's file is missing)
+    and given a cache of max_seq_length positions."""
+    verify_fn, decode_fn = verify, decode_one_token
+    if args.compile:  # k is fixed, so the verify pass has a static shape
+        verify_fn = torch.compile(verify, **compile_settings(device))
+        decode_fn = torch.compile(decode_one_token, **compile_settings(device))
+    if args.prompt_lookup is not None:
+        return Speculator(PromptLookup(args.prompt_lookup), args.speculate_k, verify_fn)
+    path = args.draft_checkpoint_path
+    if path is None:
+        path = self_draft_path(args)
+        if not path.is_file():
+            make_self_draft(args.checkpoint_path, args.draft, path)
+    draft = load(path, device, dtype)
+    draft.setup_caches(1, max_seq_length)
+    return Speculator(DraftModel(draft, decode_fn), args.speculate_k, verify_fn)
