@@ -19,6 +19,7 @@ caches always hold every position before the last token taken (the invariant pla
 One sequence at a time: rows of a batch would keep different numbers of tokens, hence sit at different positions.
 """
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -166,8 +167,6 @@ class Speculator:
 
     def prefill(self, prompt: Tensor, start_pos: int = 0) -> None:
         # prompt: [T], of which positions before start_pos are already in the caches
-        if prompt.dim() != 1:
-            raise BriskError("speculative decoding generates one sequence at a time")
         pos = torch.arange(start_pos, prompt.size(0), device=prompt.device)
         self.proposer.prefill(prompt[start_pos:].view(1, -1), pos)
         self.history = prompt.tolist()
@@ -216,9 +215,9 @@ def figures(stats: dict, k: int) -> dict:
 
 def describe(f: dict) -> str:
     if not f["verifications"]:
-        return f"speculation: no verifications, {f['plain_steps']} plain decode steps"
+        return f"speculation: no verifications, {f['plain_steps']:g} plain decode steps"
     return (f"speculation: acceptance rate {f['acceptance_rate']:.2f}, {f['accepted_per_verification']:.2f} of "
-            f"{f['speculate_k']} draft tokens accepted per verification, {f['verifications']:g} verifications, "
+            f"{f['speculate_k']:g} draft tokens accepted per verification, {f['verifications']:g} verifications, "
             f"{f['plain_steps']:g} plain decode steps")
 
 
@@ -265,8 +264,8 @@ def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
         raise BriskError("speculative decoding generates one sequence at a time; leave out --batch_size")
     if world > 1:
         raise BriskError("speculative decoding runs in a single process; run it without torchrun")
-    if args.draft is not None and self_draft_path(args).resolve() == args.checkpoint_path.resolve():
-        raise BriskError(f"--draft {args.draft}: {args.checkpoint_path} is that model already; pass the float model")
+    if args.draft is not None:
+        check_self_draft(args)
     path = args.draft_checkpoint_path
     if path is None:
         return
@@ -289,12 +288,23 @@ def self_draft_path(args) -> Path:
     return quantize.output_path(args.checkpoint_path, args.draft, groupsize)
 
 
+def check_self_draft(args) -> None:
+    path = self_draft_path(args)
+    if path.resolve() == args.checkpoint_path.resolve():
+        raise BriskError(f"--draft {args.draft}: {path} is that model already; pass the float model.pth")
+    if path.is_file():
+        return
+    if "__quant__" in load_state_dict(args.checkpoint_path):  # memory-mapped: reads no weights
+        raise BriskError(f"--draft {args.draft}: {path} is missing and {args.checkpoint_path} is quantized; pass "
+                         "the float model.pth")
+    if not os.access(path.parent, os.W_OK):
+        raise BriskError(f"--draft {args.draft}: {path} is missing and {path.parent} is not writable; make it with "
+                         "quantize.py")
+
+
 def make_self_draft(checkpoint_path: Path, mode: str, path: Path) -> None:
     """Quantize the float target as quantize.py --mode MODE does (round-to-nearest, default group size)."""
     sd = load_state_dict(checkpoint_path)
-    if "__quant__" in sd:
-        raise BriskError(f"--draft {mode}: {path} is missing and {checkpoint_path} is already quantized; pass the "
-                         "float model.pth")
     print(f"{path} not found: writing it for --draft {mode} (as quantize.py --mode {mode} does)", file=sys.stderr)
     quant = {"mode": "int8"} if mode == "int8" else {"mode": "int4", "groupsize": quantize.DEFAULT_GROUPSIZE,
                                                      "method": "rtn"}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import generate as gen
+import quantize
 import speculative as spec
 from conftest import ROOT, make_checkpoint
 from model import CONFIG_NAME, load_model, run_cli
@@ -282,3 +283,14 @@ def test_a_draft_without_tokenizer_cannot_be_checked(pair, tmp_path):
     with pytest.raises(SystemExit) as exit:
         run_cli(lambda: gen.main(["--checkpoint_path", str(pair[0]), "--draft_checkpoint_path", str(draft)]))
     assert "cannot check that the draft shares the target's vocabulary" in exit.value.code
+
+
+def test_a_self_draft_is_made_from_the_float_model_only(tmp_path, monkeypatch):
+    path = make_checkpoint(tmp_path / "q")
+    quantize.main(["--checkpoint_path", str(path), "--mode", "int4"])
+    int4 = path.with_name("model_int4.g32.pth")
+    monkeypatch.setattr(gen, "load_model", lambda *a, **kw: pytest.fail("loaded a model despite bad input"))
+    for draft, message in [("int4", f"{int4} is that model already"), ("int8", f"{int4} is quantized")]:
+        with pytest.raises(SystemExit) as exit:
+            run_cli(lambda: gen.main(["--checkpoint_path", str(int4), "--draft", draft]))
+        assert message in exit.value.code
