@@ -143,8 +143,8 @@ def lookup(seq: list, max_n: int, k: int) -> Optional[list]:
         for j in range(L - 2, n - 2, -1):
             if seq[j] == last and seq[j - n + 1:j + 1] == suffix:
                 out = seq[j + 1:j + 1 + k]
-                while len(out) < k:  # seq[j + 1 + i] for i past the end, where seq + out extends it
-                    out.append((seq + out)[j + 1 + len(out)])
+                while len(out) < k:  # (seq + out)[j + 1 + len(out)]: past the end, out repeats with period L-1-j
+                    out.append(out[j + 1 + len(out) - L])
                 return out
     return None
 
