@@ -151,8 +151,9 @@ def compile_settings(device: torch.device) -> dict:
     other compiled code."""
     if device.type == "cuda":
         return dict(fullgraph=True, mode="reduce-overhead")  # CUDA graphs remove the per-kernel launch cost
-    # freezing makes the weights constants, so Inductor can prepack them for its CPU GEMMs
-    return dict(fullgraph=True, options=dict(max_autotune=True, freezing=True, coordinate_descent_tuning=True))
+    # Inductor's defaults: measured on SmolLM2-135M (BENCHMARKS.md), freezing and max-autotune made float decode
+    # slower on the CPU (bf16 24.3 -> 19.7 tok/s with freezing, 17.7 with max-autotune + freezing)
+    return dict(fullgraph=True)
 
 
 def compiled_fns(device: torch.device, compile: bool, compile_prefill: bool) -> dict:
