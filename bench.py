@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from generate import (BANDWIDTH_HELP, DTYPES, compiled_fns, figures, generate, peak_memory_gb, sync,
+from generate import (BANDWIDTH_HELP, DTYPES, compiled_fns, figures, generate, parse_device, peak_memory_gb, sync,
                       weight_bytes)
 from model import BriskError, ModelArgs, check_writable, load_config, load_model, run_cli, save_atomic
 
@@ -350,12 +350,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise BriskError(f"checkpoint not found: {path} (run ./scripts/prepare.sh first?)")
     if args.json is not None:
         check_writable(args.json, args.force)
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        raise BriskError(f"unknown device {args.device!r}") from None
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        raise BriskError("--device cuda, but CUDA is not available")
+    args.device = parse_device(args.device)
     if args.peers is None:
         return
     args.peers = list(args.peers or PEERS)

@@ -379,12 +379,17 @@ def check_args(args: argparse.Namespace) -> None:
             check_writable(path, args.force)
     if not args.checkpoint_path.is_file():
         raise BriskError(f"checkpoint not found: {args.checkpoint_path} (run ./scripts/prepare.sh first?)")
+    args.device = parse_device(args.device)
+
+
+def parse_device(name: str) -> torch.device:
     try:
-        args.device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError:
-        raise BriskError(f"unknown device {args.device!r}") from None
-    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise BriskError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise BriskError("--device cuda, but CUDA is not available")
+    return device
 
 
 def encode_prompt(args, tokenizer, vocab_size: int) -> tuple[list[int], Optional[str]]:
