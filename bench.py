@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from generate import (BANDWIDTH_HELP, DTYPES, compiled_fns, figures, generate, parse_device, peak_memory_gb, sync,
                       weight_bytes)
-from model import BriskError, ModelArgs, check_writable, load_config, load_model, run_cli, save_atomic
+from model import BriskError, ModelArgs, check_checkpoint, check_writable, load_config, load_model, run_cli, save_atomic
 
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
 DEFAULT_GGUF = Path.home() / ".cache" / "brisk" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # left there by prepare.sh
@@ -346,8 +346,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.copy_gib <= 0:
         raise BriskError(f"--copy_gib must be positive, got {args.copy_gib}")
     for path in args.checkpoint_path:
-        if not path.is_file():
-            raise BriskError(f"checkpoint not found: {path} (run ./scripts/prepare.sh first?)")
+        check_checkpoint(path)
     if args.json is not None:
         check_writable(args.json, args.force)
     args.device = parse_device(args.device)

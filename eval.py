@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from generate import DTYPES, TextStream, generate
-from model import BriskError, Transformer, check_writable, load_model, run_cli, save_atomic
+from model import BriskError, Transformer, check_checkpoint, check_writable, load_model, run_cli, save_atomic
 from scripts.perplexity import DEFAULT_CHARS, perplexity
 from quantize import pydoc_text
 from tokenizer import load_tokenizer
@@ -142,8 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Optional[dict]:
     args = parse_args(argv)
-    if not args.checkpoint_path.is_file():
-        raise BriskError(f"checkpoint not found: {args.checkpoint_path} (run ./scripts/prepare.sh first?)")
+    check_checkpoint(args.checkpoint_path)
     if args.text_file is not None and not args.text_file.is_file():
         raise BriskError(f"text file not found: {args.text_file}")
     if args.json is not None:

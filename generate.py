@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 import tp
-from model import BriskError, Transformer, check_writable, load_config, load_model, run_cli, save_atomic
+from model import (DTYPES, BriskError, Transformer, check_checkpoint, check_writable, load_config, load_model, run_cli,
+                   save_atomic)
 from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,8 +377,7 @@ def check_args(args: argparse.Namespace) -> None:
     for path in (args.json, args.profile):
         if path is not None:
             check_writable(path, args.force)
-    if not args.checkpoint_path.is_file():
-        raise BriskError(f"checkpoint not found: {args.checkpoint_path} (run ./scripts/prepare.sh first?)")
+    check_checkpoint(args.checkpoint_path)
     args.device = parse_device(args.device)
 
 

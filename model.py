@@ -273,10 +273,18 @@ def load_config(checkpoint_path: Path) -> ModelArgs:
     return ModelArgs.from_name(Path(checkpoint_path).parent.name)
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def check_checkpoint(path: Path) -> None:
+    """Scripts call this before any slow work, so a wrong path fails at once."""
+    if not Path(path).is_file():
+        raise BriskError(f"checkpoint not found: {path} (run ./scripts/prepare.sh first?)")
+
+
 def load_state_dict(checkpoint_path: Path) -> dict:
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise BriskError(f"checkpoint not found: {path} (run ./scripts/prepare.sh first?)")
+    check_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # truncated zip, pickle of arbitrary objects, ...

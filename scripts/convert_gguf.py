@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import CONFIG_NAME, BriskError, ModelArgs, _llama31_scale, check_writable, run_cli, save_atomic, save_checkpoint
+from model import CONFIG_NAME, DTYPES, BriskError, ModelArgs, _llama31_scale, check_writable, run_cli, save_atomic, save_checkpoint
 
 ARCHITECTURES = ("llama", "qwen2")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # GGUF tensor name inside a block -> ours
 BLOCK_NAMES = {

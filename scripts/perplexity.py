@@ -19,10 +19,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import BriskError, Transformer, load_model, run_cli  # noqa: E402
+from model import DTYPES, BriskError, Transformer, load_model, run_cli  # noqa: E402
 from quantize import pydoc_text  # noqa: E402
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_CHARS = 20_000
 
 
