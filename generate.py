@@ -13,7 +13,7 @@ import textwrap
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -267,24 +267,29 @@ def common_prefix(a: list, b: list) -> int:
     return n
 
 
+def user_messages(first: Sequence[str] = ()) -> Iterator[str]:
+    """The user's messages of an interactive chat: `first` (echoed), then lines read from stdin until Ctrl-D;
+    blank ones are skipped."""
+    print("chat: type a message and press Enter; Ctrl-D ends", file=sys.stderr)
+    for user in first:
+        print(f"> {user}")
+        if user.strip():
+            yield user
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print()
+            return
+        if user.strip():
+            yield user
+
+
 def chat(model, tokenizer, args, device, max_seq_length: int, fns: dict, sampling: dict) -> None:
     """Multi-turn chat in the model's template. Each turn's prompt is the whole conversation; the cache still
     holds the tokens the conversation shares with the previous turn, so only the rest is prefilled."""
     messages, cached = [], []  # cached: the tokens whose keys/values are in the cache, from position 0
-    first = args.prompt
-    print("chat: type a message and press Enter; Ctrl-D ends", file=sys.stderr)
-    while True:
-        if first is not None:
-            user, first = first, None
-            print(f"> {user}")
-        else:
-            try:
-                user = input("> ")
-            except EOFError:
-                print()
-                return
-        if not user.strip():
-            continue
+    for user in user_messages([] if args.prompt is None else [args.prompt]):
         messages.append(dict(role="user", content=user))
         ids = tokenizer.encode_chat(messages)
         if len(ids) > max_seq_length:
@@ -319,18 +324,14 @@ FIGURES_HELP = f"""figures (per sample, and the median over the samples after th
 {textwrap.fill(BANDWIDTH_HELP, 100, initial_indent="  ", subsequent_indent="    ")}"""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=FIGURES_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every script that generates (generate.py, generate_prefill.py): the model, chat, sampling, cache
+    length, device, compilation, figures file, torchrun and speculative decoding; check_generation_args checks them."""
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model.pth in a checkpoint directory (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--prompt", default=None,
-                   help='text to continue (default "Hello, my name is"); an integer N: a random N-token prompt')
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (--prompt: first message)")
-    p.add_argument("--num_samples", type=int, default=1, help="times to generate (default 1; the first is a warm-up)")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="per sample, or per turn (default 200)")
-    p.add_argument("--batch_size", type=int, default=1, help="copies of the prompt generated at once (default 1)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="per sample, prompt or turn (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
     p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (default 200)")
     p.add_argument("--top_p", type=float, default=None,
@@ -341,16 +342,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--max_seq_length", type=int, default=None,
-                   help=f"KV cache length (default: prompt + max_new_tokens, or {INTERACTIVE_MAX_SEQ_LENGTH} with "
-                        "--interactive; at most the model's block_size)")
+                   help=f"KV cache length (default: the longest prompt + max_new_tokens, or "
+                        f"{INTERACTIVE_MAX_SEQ_LENGTH} with --interactive; at most the model's block_size)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
-    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     p.add_argument("--dist_timeout", type=float, default=None,
                    help=f"under torchrun: seconds a rank waits for the others before failing "
                         f"(default {tp.DEFAULT_TIMEOUT_S:g})")
-    p.add_argument("--force", action="store_true", help="overwrite existing --json/--profile files")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
     g = p.add_argument_group("speculative decoding (batch size 1; exact: the output follows the target's distribution)")
     g.add_argument("--draft_checkpoint_path", type=Path, default=None,
                    help="model.pth of a smaller model with the same vocabulary that proposes tokens")
@@ -360,11 +360,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompt_lookup", type=int, default=None, metavar="N",
                    help="propose the tokens that followed the latest earlier occurrence of the last N..1 tokens")
     g.add_argument("--speculate_k", type=int, default=None, help="tokens proposed per verification (default 5)")
-    return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_samples", "max_new_tokens", "batch_size", "top_k", "max_seq_length"):
+def check_generation_args(args: argparse.Namespace) -> None:
+    """Checks of add_generation_args's flags that need no model (speculative.check_args does the speculative ones);
+    turns args.device into a torch.device."""
+    for name in ("max_new_tokens", "top_k", "max_seq_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BriskError(f"--{name} must be at least 1, got {value}")
@@ -372,13 +373,34 @@ def check_args(args: argparse.Namespace) -> None:
         raise BriskError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise BriskError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.interactive and args.batch_size != 1:
-        raise BriskError("--interactive generates one sequence; leave out --batch_size")
-    for path in (args.json, args.profile):
-        if path is not None:
-            check_writable(path, args.force)
+    if args.json is not None:
+        check_writable(args.json, args.force)
     check_checkpoint(args.checkpoint_path)
     args.device = parse_device(args.device)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=FIGURES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default=None,
+                   help='text to continue (default "Hello, my name is"); an integer N: a random N-token prompt')
+    p.add_argument("--num_samples", type=int, default=1, help="times to generate (default 1; the first is a warm-up)")
+    p.add_argument("--batch_size", type=int, default=1, help="copies of the prompt generated at once (default 1)")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample")
+    add_generation_args(p)
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("num_samples", "batch_size"):
+        value = getattr(args, name)
+        if value < 1:
+            raise BriskError(f"--{name} must be at least 1, got {value}")
+    if args.interactive and args.batch_size != 1:
+        raise BriskError("--interactive generates one sequence; leave out --batch_size")
+    if args.profile is not None:
+        check_writable(args.profile, args.force)
+    check_generation_args(args)
 
 
 def parse_device(name: str) -> torch.device:
@@ -439,7 +461,7 @@ def main(argv=None) -> None:
     model.setup_caches(args.batch_size, max_seq_length + room)
     fns = compiled_fns(device, args.compile, args.compile_prefill)
     if args.speculate_k:
-        fns["speculator"] = speculative.build(args, device, dtype, max_seq_length + room, _load_model)
+        fns["speculator"] = speculative.build(args, device, dtype, max_seq_length + room)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.interactive:
         return chat(model, tokenizer, args, device, max_seq_length, fns, sampling)

@@ -260,21 +260,8 @@ def summary(stats: list[dict]) -> dict:
 def interactive(conv: Conversation, run_turn, first: list[str]) -> None:
     """Multi-turn chat; each turn's prompt is the whole conversation, whose cached beginning is restored."""
     history = []
-    print("chat: type a message and press Enter; Ctrl-D ends", file=sys.stderr)
-    while True:
-        if first:
-            user = first.pop(0)
-            print(f"> {user}")
-        else:
-            try:
-                user = input("> ")
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return
-        if not user.strip():
-            continue
-        ids = conv.encode(user, history)
-        reply = run_turn(ids, keep=None)
+    for user in gen.user_messages(first):
+        reply = run_turn(conv.encode(user, history), keep=None)
         history += [dict(role="user", content=user), dict(role="assistant", content=reply)]
 
 
@@ -284,43 +271,22 @@ def interactive(conv: Conversation, run_turn, first: list[str]) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_path", type=Path, default=gen.DEFAULT_CHECKPOINT,
-                   help=f"model.pth in a checkpoint directory (default: {gen.DEFAULT_CHECKPOINT})")
-    p.add_argument("--context", default=None, help="a file, or text: the shared beginning of every prompt")
+    p.add_argument("--context", default=None,
+                   help="a file, or text: the shared beginning of every prompt (with --chat: the system message)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts_file", type=Path, default=None, help="a file with one prompt per line")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap prompts in the chat template, the context as system message")
-    p.add_argument("--interactive", action="store_true",
-                   help="multi-turn chat on stdin (the prompts: first messages), reusing the conversation's cache")
     p.add_argument("--cache_file", type=Path, default=None,
                    help="load the prefix cache from this file if it exists, and save it there at the end")
     p.add_argument("--cache_budget_mb", type=float, default=DEFAULT_BUDGET_MB,
                    help="memory for cached keys/values, MiB; least recently used entries go first "
                         f"(default {DEFAULT_BUDGET_MB})")
     p.add_argument("--cache_device", default="cpu", help="where cached keys/values live (default cpu)")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="per prompt, or per turn (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
-    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (default 200)")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass, in (0, 1] (default: off)")
-    p.add_argument("--stop", nargs="+", default=[], help="stop when one of these strings is generated")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=list(gen.DTYPES), default="bfloat16", help="default bfloat16")
-    p.add_argument("--max_seq_length", type=int, default=None,
-                   help="KV cache length (default: longest prompt + max_new_tokens, or "
-                        f"{gen.INTERACTIVE_MAX_SEQ_LENGTH} with --interactive; at most the model's block_size)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step")
-    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
-    p.add_argument("--json", type=Path, default=None, help="write the per-prompt figures to this file")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
-    p.set_defaults(num_samples=1, batch_size=1, profile=None)  # what gen.check_args checks besides ours
+    gen.add_generation_args(p)
     return p.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    gen.check_args(args)
+    gen.check_generation_args(args)
     if args.cache_budget_mb <= 0:
         raise BriskError(f"--cache_budget_mb must be positive, got {args.cache_budget_mb}")
     try:
@@ -335,6 +301,8 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
+    if any(v is not None for v in (args.draft_checkpoint_path, args.draft, args.prompt_lookup, args.speculate_k)):
+        raise BriskError("speculative decoding: not in generate_prefill.py yet")
     config = load_config(args.checkpoint_path)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     device, dtype = args.device, gen.DTYPES[args.dtype]

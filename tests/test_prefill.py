@@ -12,7 +12,7 @@ import torch
 import generate as gen
 import generate_prefill as gp
 from conftest import ROOT, make_checkpoint
-from model import BriskError, load_model
+from model import BriskError, load_model, run_cli
 
 SHARED = [5, 17, 42, 99, 7, 250, 3, 61, 8, 140, 33, 2]
 TAIL_A, TAIL_B = [77, 12, 90, 6], [201, 45, 9]
@@ -203,6 +203,32 @@ def test_a_cache_file_from_another_model_or_dtype_is_refused(ckpt, tmp_path, mad
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
+
+
+SHARED_FLAGS = ["--checkpoint_path", "x/model.pth", "--chat", "--max_new_tokens", "7", "--temperature", "0.5",
+                "--top_k", "9", "--top_p", "0.9", "--stop", "a", "b", "--seed", "3", "--device", "cpu", "--dtype",
+                "float16", "--max_seq_length", "99", "--compile", "--json", "f.json", "--force", "--prompt_lookup", "2",
+                "--speculate_k", "4"]
+
+
+def test_generate_py_flags_mean_the_same_here():
+    ours, theirs = vars(gp.parse_args(SHARED_FLAGS)), vars(gen.parse_args(SHARED_FLAGS))
+    shared = ours.keys() & theirs.keys()
+    assert {"checkpoint_path", "draft_checkpoint_path", "dist_timeout", "interactive", "compile_prefill"} <= shared
+    assert {k: ours[k] for k in shared - {"prompt"}} == {k: theirs[k] for k in shared - {"prompt"}}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    (["--cache_budget_mb", "0"], "--cache_budget_mb must be positive"),
+    (["--max_seq_length", "1000"], "exceeds the model's block_size 256"),
+])
+def test_bad_input_is_rejected_before_loading_the_model(ckpt, monkeypatch, args, message):
+    monkeypatch.setattr(gen, "load_model", lambda *a, **kw: pytest.fail("loaded the model despite bad input"))
+    with pytest.raises(SystemExit) as exit:
+        run_cli(lambda: gp.main(["--checkpoint_path", str(ckpt), "--prompt", "Once", *args]))
+    assert exit.value.code.startswith("error: ") and message in exit.value.code
 
 
 def run_prefill(ckpt: Path, *args) -> subprocess.CompletedProcess:
