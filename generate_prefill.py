@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 import generate as gen
+import speculative
 from model import BriskError, Transformer, load_config, run_cli, save_atomic
 from tokenizer import load_tokenizer
 
@@ -157,7 +158,9 @@ class PrefixCache:
                                                 for m in metas)):
             raise BriskError(f"cache file {path} is corrupt (no model metadata)")
         if len(metas) != len(self.metas):
-            raise BriskError(f"cache file {path} was made for {len(metas)} models, this run has {len(self.metas)}")
+            raise BriskError(f"cache file {path} holds the keys/values of {len(metas)} model(s), this run caches "
+                             f"{len(self.metas)} (a draft model's are cached with the target's): use another "
+                             "--cache_file")
         for theirs, ours in zip(metas, self.metas):
             if theirs["config"] != ours["config"]:
                 diff = sorted(k for k in ours["config"] if ours["config"][k] != theirs["config"].get(k))
@@ -240,10 +243,13 @@ class Conversation:
         return gen.common_prefix(self.context_ids, ids)
 
 
-def describe(i: int, s: dict) -> str:
+def describe(i: int, s: dict, draft: bool = False) -> str:
+    """One prompt's figures; with a draft model, its cache is restored and prefilled exactly as the target's."""
     tps = "n/a" if s["decode_tokens_per_s"] is None else f"{s['decode_tokens_per_s']:.1f} tok/s"
-    return (f"[prompt {i}: {s['prompt_tokens']} tokens, {s['cached_tokens']} cached, {s['prefilled_tokens']} "
-            f"prefilled; time to first token {s['ttft_s']:.3f} s; {s['new_tokens']} new tokens, decode {tps}]")
+    both = " (each for the target and the draft)" if draft else ""
+    line = (f"[prompt {i}: {s['prompt_tokens']} tokens, {s['cached_tokens']} cached, {s['prefilled_tokens']} "
+            f"prefilled{both}; time to first token {s['ttft_s']:.3f} s; {s['new_tokens']} new tokens, decode {tps}]")
+    return line if "verifications" not in s else f"{line}\n[prompt {i}: {speculative.describe(s)}]"
 
 
 def summary(stats: list[dict]) -> dict:
@@ -282,6 +288,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"(default {DEFAULT_BUDGET_MB})")
     p.add_argument("--cache_device", default="cpu", help="where cached keys/values live (default cpu)")
     gen.add_generation_args(p)
+    p.set_defaults(batch_size=1)  # one sequence per prompt (speculative.check_args reads it)
     return p.parse_args(argv)
 
 
@@ -301,10 +308,9 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
-    if any(v is not None for v in (args.draft_checkpoint_path, args.draft, args.prompt_lookup, args.speculate_k)):
-        raise BriskError("speculative decoding: not in generate_prefill.py yet")
     config = load_config(args.checkpoint_path)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
+    speculative.check_args(args, config, tokenizer.vocab_size, 1)  # sets args.speculate_k when speculating
     device, dtype = args.device, gen.DTYPES[args.dtype]
     conv = Conversation(tokenizer, read_context(args.context), args.chat or args.interactive)
     prompts = read_prompts(args)
@@ -323,23 +329,29 @@ def main(argv=None) -> None:
                          f"a prompt after it (--max_seq_length {max_seq_length})")
     if longest > max_seq_length:
         raise BriskError(f"a prompt has {longest} tokens, more than --max_seq_length {max_seq_length}")
-    budget = int(args.cache_budget_mb * 2**20)
-    per_token = 2 * config.n_layer * config.n_local_heads * config.head_dim * dtype.itemsize
-    if len(conv.context_ids) * per_token > budget:
-        raise BriskError(f"the context's keys/values take {len(conv.context_ids) * per_token / 2**20:.1f} MiB, "
-                         f"more than --cache_budget_mb {args.cache_budget_mb:g}")
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model = gen._load_model(args.checkpoint_path, device, dtype)
-    cache = PrefixCache([model], [model_meta(model, args.checkpoint_path)], budget, args.cache_device)
+    weights = gen.weight_bytes(model)
+    room = args.speculate_k or 0  # a verify pass writes k positions past the last token taken
+    model.setup_caches(1, max_seq_length + room)
+    fns = gen.compiled_fns(device, args.compile, args.compile_prefill)
+    models, metas = [model], [model_meta(model, args.checkpoint_path)]
+    if args.speculate_k:
+        speculator = fns["speculator"] = speculative.build(args, device, dtype, max_seq_length + room)
+        if isinstance(speculator.proposer, speculative.DraftModel):  # its keys/values are cached with the target's
+            models.append(speculator.proposer.model)
+            metas.append(model_meta(models[1], args.draft_checkpoint_path or speculative.self_draft_path(args)))
+    cache = PrefixCache(models, metas, int(args.cache_budget_mb * 2**20), args.cache_device)
+    context_bytes = len(conv.context_ids) * cache.bytes_per_token()
+    if context_bytes > cache.budget:
+        raise BriskError(f"the context's keys/values take {context_bytes / 2**20:.1f} MiB, more than "
+                         f"--cache_budget_mb {args.cache_budget_mb:g}")
     if args.cache_file is not None and args.cache_file.exists():
         cache.load(args.cache_file)
         print(f"loaded {len(cache.entries)} cached prefixes ({cache.nbytes / 2**20:.1f} MiB) from {args.cache_file}",
               file=sys.stderr)
-    weights = gen.weight_bytes(model)
-    model.setup_caches(1, max_seq_length)
-    fns = gen.compiled_fns(device, args.compile, args.compile_prefill)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     stats = []
 
@@ -360,7 +372,9 @@ def main(argv=None) -> None:
         f = gen.figures(model, [new], timing, len(ids), weights, device)
         stats.append(dict(prompt_tokens=len(ids), cached_tokens=cached, prefilled_tokens=len(ids) - cached,
                           restore_s=timing["restore_s"], **f))
-        print(describe(len(stats), stats[-1]), file=sys.stderr)
+        if args.speculate_k:
+            stats[-1].update(speculative.figures(speculator.stats, args.speculate_k))
+        print(describe(len(stats), stats[-1], len(models) > 1), file=sys.stderr)
         return text
 
     if args.interactive:
@@ -386,7 +400,10 @@ def main(argv=None) -> None:
         cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
                    compile_prefill=args.compile_prefill, context_tokens=len(conv.context_ids),
                    max_new_tokens=args.max_new_tokens, max_seq_length=max_seq_length, **sampling,
-                   cache_file=str(args.cache_file) if args.cache_file else None, cache_budget_mb=args.cache_budget_mb)
+                   cache_file=str(args.cache_file) if args.cache_file else None, cache_budget_mb=args.cache_budget_mb,
+                   draft_checkpoint=args.draft_checkpoint_path and str(args.draft_checkpoint_path),
+                   draft=args.draft, prompt_lookup=args.prompt_lookup, speculate_k=args.speculate_k,
+                   cached_models=len(models))
         report = dict(config=cfg, prompts=stats, summary=s,
                       cache=dict(entries=len(cache.entries), bytes=cache.nbytes))
         save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), args.force)

@@ -11,6 +11,7 @@ import torch
 
 import generate as gen
 import generate_prefill as gp
+import speculative as spec
 from conftest import ROOT, make_checkpoint
 from model import BriskError, load_model, run_cli
 
@@ -41,8 +42,8 @@ def scribble(model) -> None:
         layer.attention.kv_cache.v_cache.normal_()
 
 
-def greedy(model, cache, ids: list, n: int = 8, **fns) -> tuple[list, int]:
-    new, _, cached = gp.generate_cached(model, cache, ids, n, temperature=0.0, **fns)
+def greedy(model, cache, ids: list, n: int = 8, **kwargs) -> tuple[list, int]:
+    new, _, cached = gp.generate_cached(model, cache, ids, n, temperature=0.0, **kwargs)
     return new, cached
 
 
@@ -116,6 +117,70 @@ def test_compiled_decode_reads_the_restored_prefix(tmp_path):
     scribble(model)
     compiled, cached = greedy(model, cache, SHARED + TAIL_B, **fns)
     assert cached == len(SHARED) and compiled == eager
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A draft model: its keys/values are cached and restored with the target's
+
+
+@pytest.fixture(scope="module")
+def draft_ckpt(ckpt) -> Path:
+    """A smaller model with other random weights and the same tokenizer."""
+    return make_checkpoint(ckpt.parent.parent / "draft", seed=1, n_layer=1, dim=32, n_head=2, n_local_heads=1,
+                           intermediate_size=64)
+
+
+def with_draft(target_path: Path, draft_path: Path, k: int = 3):
+    """A target, a draft proposing k tokens, and a prefix cache holding both."""
+    target, draft = tiny(target_path, max_seq_length=64 + k), tiny(draft_path, max_seq_length=64 + k)
+    cache = gp.PrefixCache([target, draft], [gp.model_meta(target, target_path), gp.model_meta(draft, draft_path)],
+                           1 << 30)
+    return target, cache, spec.Speculator(spec.DraftModel(draft), k)
+
+
+def test_the_draft_cache_after_restore_and_prefill_equals_a_full_prefill(ckpt, draft_ckpt):
+    target, cache, speculator = with_draft(ckpt, draft_ckpt)
+    draft = speculator.proposer.model
+    greedy(target, cache, SHARED + TAIL_A, speculator=speculator)
+    cache.store(SHARED + TAIL_A)
+    scribble(target)
+    scribble(draft)
+    prompt = SHARED + TAIL_B
+    assert cache.restore(prompt, len(prompt) - 1) == len(SHARED)
+    speculator.prefill(torch.tensor(prompt), len(SHARED))  # what generate does after the target's prefill
+
+    fresh = spec.Speculator(spec.DraftModel(tiny(draft_ckpt)))
+    fresh.prefill(torch.tensor(prompt))
+    for layer, want in zip(draft.layers, fresh.proposer.model.layers):
+        got, want = layer.attention.kv_cache, want.attention.kv_cache
+        torch.testing.assert_close(got.k_cache[:, :, :len(prompt)], want.k_cache[:, :, :len(prompt)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.v_cache[:, :, :len(prompt)], want.v_cache[:, :, :len(prompt)], atol=1e-5, rtol=0)
+
+
+def test_with_a_draft_greedy_output_is_that_of_no_draft_and_of_plain_generation(ckpt, draft_ckpt):
+    target, cache, speculator = with_draft(ckpt, draft_ckpt)
+    alone = tiny(ckpt)
+    no_draft = new_cache(alone, ckpt)
+    for prompt, hit in [(SHARED + TAIL_A, 0), (SHARED + TAIL_B, len(SHARED))]:
+        new, cached = greedy(target, cache, prompt, 20, speculator=speculator)
+        assert cached == hit and speculator.stats["verifications"] > 0
+        assert new == greedy(alone, no_draft, prompt, 20)[0]
+        rows, _ = gen.generate(tiny(ckpt), torch.tensor(prompt), 20, temperature=0.0)
+        assert new == rows[0]
+        cache.store(prompt)
+        no_draft.store(prompt)
+
+
+def test_the_target_as_its_own_draft_accepts_everything_after_a_restore(ckpt):
+    """Only a draft cache restored right proposes exactly the target's tokens."""
+    target, cache, speculator = with_draft(ckpt, ckpt, k=4)
+    greedy(target, cache, SHARED + TAIL_A, 17, speculator=speculator)
+    cache.store(SHARED + TAIL_A)
+    scribble(target)
+    scribble(speculator.proposer.model)
+    _, cached = greedy(target, cache, SHARED + TAIL_B, 17, speculator=speculator)
+    assert cached == len(SHARED)
+    assert speculator.stats == dict(verifications=4, accepted=16, plain_steps=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,6 +266,17 @@ def test_a_cache_file_from_another_model_or_dtype_is_refused(ckpt, tmp_path, mad
         new_cache(tiny(ckpt), ckpt).load(tmp_path / "c.pt")
 
 
+def test_a_cache_file_without_the_draft_is_refused_by_a_run_with_one(ckpt, draft_ckpt, tmp_path):
+    model = tiny(ckpt)
+    prefill_logits(model, SHARED)
+    cache = new_cache(model, ckpt)
+    cache.store(SHARED)
+    cache.save(tmp_path / "c.pt")
+    _, both, _ = with_draft(ckpt, draft_ckpt)
+    with pytest.raises(BriskError, match=re.escape("holds the keys/values of 1 model(s), this run caches 2")):
+        both.load(tmp_path / "c.pt")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -266,6 +342,31 @@ def test_cli_interactive_turns_reuse_the_conversation(ckpt, tmp_path):
     assert turns[0]["cached_tokens"] == 0
     assert turns[1]["cached_tokens"] >= turns[0]["prompt_tokens"]  # the first turn (and as much of the reply as
     # encodes to the same tokens again)
+
+
+def test_cli_with_a_draft_prints_the_text_of_no_draft_and_of_generate_py(ckpt, tmp_path, capsys):
+    """The target as its own draft: every draft token is accepted, also after the second prompt's cached prefix."""
+    texts = ["The quick brown fox", "The quick brown fox jumps over"]
+    flags = ["--checkpoint_path", str(ckpt), "--device", "cpu", "--dtype", "float32", "--temperature", "0",
+             "--max_new_tokens", "12"]
+    prompts = [a for t in texts for a in ("--prompt", t)]
+    gp.main([*flags, *prompts, "--draft_checkpoint_path", str(ckpt), "--speculate_k", "3",
+             "--json", str(tmp_path / "draft.json")])
+    with_draft = capsys.readouterr()
+    gp.main([*flags, *prompts])
+    assert capsys.readouterr().out == with_draft.out
+    for text in texts:
+        gen.main([*flags, "--prompt", text])
+        assert f"> {text}\n{capsys.readouterr().out[len(text):]}" in with_draft.out
+
+    report = json.loads((tmp_path / "draft.json").read_text())
+    assert report["config"]["cached_models"] == 2 and report["config"]["speculate_k"] == 3
+    first, second = report["prompts"]
+    assert first["cached_tokens"] == 0 < second["cached_tokens"]
+    for p in (first, second):
+        assert p["acceptance_rate"] == 1.0 and p["verifications"] > 0
+    assert with_draft.err.count("(each for the target and the draft)") == 2
+    assert with_draft.err.count("speculation: acceptance rate 1.00") == 2
 
 
 def corrupt(path: Path, ckpt: Path) -> None:
