@@ -17,19 +17,29 @@ Caches: the verify pass writes the target's keys/values for the last token taken
 has been fed the last token and the first k - 1 draft tokens; when all k are kept it is fed the k-th too, so both
 caches always hold every position before the last token taken (the invariant plain decoding has).
 One sequence at a time: rows of a batch would keep different numbers of tokens, hence sit at different positions.
+
+Under torchrun (tp.py) the target is split as always; a draft model is split the same way when the number of
+processes divides its heads and feed-forward width (and its int4 groups), else every rank runs a whole copy.
+Every rank takes the same decisions without exchanging them: the logits are identical on all ranks after the
+all-reduces, the replicated parts compute the same on each, and the random draws (draft sampling, the acceptance
+test's uniforms, the replacement tokens) all come from the global generator, which tp.maybe_init_dist seeds alike
+on every rank and which every rank then advances through the same calls.
 """
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 import quantize
-from generate import compile_settings, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync
+import tp
+from generate import compile_settings, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync, sync
 from model import BriskError, Transformer, load_config, load_model, load_state_dict, save_checkpoint
 
 DEFAULT_K = 5
@@ -262,10 +272,8 @@ def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
         raise BriskError(f"--prompt_lookup must be at least 1, got {args.prompt_lookup}")
     if args.batch_size != 1:
         raise BriskError("speculative decoding generates one sequence at a time; leave out --batch_size")
-    if world > 1:
-        raise BriskError("speculative decoding runs in a single process; run it without torchrun")
     if args.draft is not None:
-        check_self_draft(args)
+        check_self_draft(args, config, world)
     path = args.draft_checkpoint_path
     if path is None:
         return
@@ -288,12 +296,21 @@ def self_draft_path(args) -> Path:
     return quantize.output_path(args.checkpoint_path, args.draft, groupsize)
 
 
-def check_self_draft(args) -> None:
+def check_self_draft(args, config, world: int) -> None:
     path = self_draft_path(args)
     if path.resolve() == args.checkpoint_path.resolve():
         raise BriskError(f"--draft {args.draft}: {path} is that model already; pass the float model.pth")
+    if world > 1:  # split like the target (the target's heads and width divide already): int4 groups must fit
+        try:
+            tp.check_divisible(config, world, quantize.DEFAULT_GROUPSIZE if args.draft == "int4" else None)
+        except BriskError as e:
+            raise BriskError(f"--draft {args.draft} across {world} processes: {e}; use --draft int8 or fewer "
+                             "processes") from None
     if path.is_file():
         return
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:  # rank 0's file would be on one machine only
+        raise BriskError(f"--draft {args.draft}: {path} is missing; on several machines make it first with "
+                         f"quantize.py --mode {args.draft}")
     if "__quant__" in load_state_dict(args.checkpoint_path):  # memory-mapped: reads no weights
         raise BriskError(f"--draft {args.draft}: {path} is missing and {args.checkpoint_path} is quantized; pass "
                          "the float model.pth")
@@ -303,7 +320,10 @@ def check_self_draft(args) -> None:
 
 
 def make_self_draft(checkpoint_path: Path, mode: str, path: Path) -> None:
-    """Quantize the float target as quantize.py --mode MODE does (round-to-nearest, default group size)."""
+    """Unless `path` exists, quantize the float target into it as quantize.py --mode MODE does (round-to-nearest,
+    default group size)."""
+    if path.is_file():
+        return
     sd = load_state_dict(checkpoint_path)
     print(f"{path} not found: writing it for --draft {mode} (as quantize.py --mode {mode} does)", file=sys.stderr)
     quant = {"mode": "int8"} if mode == "int8" else {"mode": "int4", "groupsize": quantize.DEFAULT_GROUPSIZE,
@@ -311,10 +331,20 @@ def make_self_draft(checkpoint_path: Path, mode: str, path: Path) -> None:
     save_checkpoint(quantize.quantize_state_dict(sd, load_config(checkpoint_path), quant), path)
 
 
-def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int,
-          load: Callable = load_model) -> Speculator:
-    """The Speculator for the checked args; a draft model is loaded (made first if --draft's file is missing)
-    and given a cache of max_seq_length positions."""
+def split_refusal(path: Path, world: int) -> Optional[str]:
+    """Why tp.apply_tp cannot split the model at `path` across `world` processes; None when it can."""
+    quant = load_state_dict(path).get("__quant__") or {}  # memory-mapped: reads no weights
+    try:
+        tp.check_divisible(load_config(path), world, quant.get("groupsize"))
+    except BriskError as e:
+        return str(e)
+    return None
+
+
+def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int) -> Speculator:
+    """The Speculator for the checked args; a draft model is loaded (made first if --draft's file is missing:
+    by rank 0 alone under torchrun), split across the processes if it can be, and given a cache of
+    max_seq_length positions."""
     verify_fn, decode_fn = verify, decode_one_token
     if args.compile:  # k is fixed, so the verify pass has a static shape
         verify_fn = torch.compile(verify, **compile_settings(device))
@@ -324,8 +354,14 @@ def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int,
     path = args.draft_checkpoint_path
     if path is None:
         path = self_draft_path(args)
-        if not path.is_file():
-            make_self_draft(args.checkpoint_path, args.draft, path)
-    draft = load(path, device, dtype)
+        tp.rank0_first(lambda: make_self_draft(args.checkpoint_path, args.draft, path))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    refusal = split_refusal(path, world) if world > 1 else None
+    if refusal:
+        print(f"the draft {path} runs whole on each of the {world} processes, not split: {refusal}", file=sys.stderr)
+    t0 = time.perf_counter()
+    draft = load_model(path, device, dtype, transform=None if refusal else tp.apply_tp)
+    sync(device)
+    print(f"loaded draft {path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     draft.setup_caches(1, max_seq_length)
     return Speculator(DraftModel(draft, decode_fn), args.speculate_k, verify_fn)

@@ -18,7 +18,8 @@ left for when prefill computes the last position only.
 The split happens while loading: `load_model(path, device, dtype, transform=apply_tp)` hands apply_tp the
 memory-mapped state dict before any copy, so each rank reads and copies only its slices and never holds the whole
 model, on the CPU or on its GPU. Quantized checkpoints split the same way (int8 scales follow the output rows;
-int4 is split in its file format, before it is packed for the device, and only at group boundaries).
+int4 is split in its file format, before it is packed for the device, and only at group boundaries). A draft model
+for speculative decoding is split the same way when it can be, else each rank runs a whole copy (speculative.py).
 
 Ranks communicate through torch.distributed (NCCL between GPUs, gloo on the CPU) with a timeout (--dist_timeout,
 or BRISK_DIST_TIMEOUT, default 60 s): a rank that dies or stalls makes the others fail instead of hanging.
@@ -29,7 +30,7 @@ import os
 import sys
 import traceback
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,7 @@ from torch import Tensor
 from model import BriskError, ModelArgs, Transformer
 
 DEFAULT_TIMEOUT_S = 60.0
+WRITE_TIMEOUT_S = 3600.0  # rank0_first: how long the other ranks wait for rank 0's file
 # which dimension of each tensor of a linear runs over its outputs (N) and over its inputs (K): int8 `scales` are
 # per output; int4 `weight` holds two inputs per byte ([N, K/2]) and `scales_and_zeros` one row per group [K/g, N, 2]
 N_DIM = {"weight": 0, "bias": 0, "scales": 0, "scales_and_zeros": 1}
@@ -74,8 +76,9 @@ def maybe_init_dist(timeout_s: Optional[float] = None, quiet: bool = True) -> tu
     return rank, world
 
 
-def check_divisible(config: ModelArgs, world_size: int) -> None:
-    """Refuse a number of processes that does not divide the heads and the feed-forward width."""
+def check_divisible(config: ModelArgs, world_size: int, int4_groupsize: Optional[int] = None) -> None:
+    """Refuse a number of processes that does not divide the heads and the feed-forward width, or, for int4
+    weights, that would cut a group of the linears split along their inputs (wo, w2)."""
     sizes = dict(n_head=config.n_head, n_local_heads=config.n_local_heads,
                  intermediate_size=config.intermediate_size)
     bad = [f"{k} {v}" for k, v in sizes.items() if v % world_size]
@@ -84,6 +87,25 @@ def check_divisible(config: ModelArgs, world_size: int) -> None:
         fits = [str(n) for n in range(1, g + 1) if g % n == 0]
         raise BriskError(f"cannot split the model across {world_size} processes: {', '.join(bad)} not divisible "
                          f"by {world_size} (possible: {', '.join(fits)})")
+    if int4_groupsize is None:
+        return
+    for name, k in (("attention.wo", config.n_head * config.head_dim), ("feed_forward.w2", config.intermediate_size)):
+        if k // world_size % int4_groupsize:
+            raise BriskError(f"cannot split int4 group size {int4_groupsize} across {world_size} processes: "
+                             f"{name} would have {k // world_size} inputs per process")
+
+
+def rank0_first(fn: Callable[[], None], timeout_s: float = WRITE_TIMEOUT_S) -> None:
+    """Run fn on rank 0 alone while the other ranks wait for it (fn writes a file that every rank reads next);
+    just run it in a single process. The wait has its own timeout: writing a model's worth of weights can take
+    longer than a collective should (a rank 0 that fails closes its connections, which ends the wait at once)."""
+    if not dist.is_initialized():
+        return fn()
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    if dist.get_rank() == 0:
+        fn()
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
 
 
 def _all_reduce(module: nn.Module, inputs, output: Tensor) -> Tensor:
@@ -114,7 +136,8 @@ def apply_tp(model: Transformer, state_dict: Optional[dict] = None) -> Optional[
         return state_dict
     rank, world = dist.get_rank(), dist.get_world_size()
     c = model.config
-    check_divisible(c, world)
+    groupsizes = {m.groupsize for m in model.modules() if getattr(m, "groupsize", None)}  # int4 linears
+    check_divisible(c, world, max(groupsizes, default=None))
     out = None if state_dict is None else dict(state_dict)
     H, Hkv, D = c.n_head, c.n_local_heads, c.head_dim
     for i, block in enumerate(model.layers):
@@ -127,11 +150,7 @@ def apply_tp(model: Transformer, state_dict: Optional[dict] = None) -> Optional[
                 raise BriskError("int4 weights packed for a kernel cannot be split: split while loading, with "
                                  "load_model(..., transform=tp.apply_tp)")
             if parts is None:
-                k = lin.in_features // world
-                if k % getattr(lin, "groupsize", 1):
-                    raise BriskError(f"cannot split int4 group size {lin.groupsize} across {world} processes: "
-                                     f"layers.{i}.{name} would have {k} inputs per process")
-                lin.in_features = k
+                lin.in_features //= world
             else:
                 lin.out_features //= world
             for leaf, t in [*lin.named_parameters(recurse=False), *lin.named_buffers(recurse=False)]:

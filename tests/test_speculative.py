@@ -13,7 +13,7 @@ import generate as gen
 import quantize
 import speculative as spec
 from conftest import ROOT, make_checkpoint
-from model import CONFIG_NAME, load_model, run_cli
+from model import CONFIG_NAME, BriskError, load_config, load_model, run_cli
 from test_generate import chi_square
 from tokenizer import load_tokenizer
 
@@ -294,3 +294,26 @@ def test_a_self_draft_is_made_from_the_float_model_only(tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as exit:
             run_cli(lambda: gen.main(["--checkpoint_path", str(int4), "--draft", draft]))
         assert message in exit.value.code
+
+
+def test_a_self_draft_across_processes_must_split_like_the_target(tmp_path, monkeypatch):
+    """Under torchrun the self-draft is split like the target: int4 groups of 32 must fit a rank's share of wo's
+    64 / 4 = 16 inputs (refused, before loading); int8 has no groups. A missing file is written by rank 0, which
+    processes on other machines would not see."""
+    path = make_checkpoint(tmp_path / "t", n_head=4, n_local_heads=4, intermediate_size=128)  # dim 64
+    config = load_config(path)
+
+    def check(draft: str, world: int) -> None:
+        args = argparse.Namespace(checkpoint_path=path, draft=draft, draft_checkpoint_path=None, prompt_lookup=None,
+                                  speculate_k=None, batch_size=1)
+        spec.check_args(args, config, config.vocab_size, world)
+
+    check("int4", 2)  # 32 inputs of wo per rank
+    check("int8", 4)
+    with pytest.raises(BriskError, match=r"^--draft int4 across 4 processes: cannot split int4 group size 32 across "
+                                         r"4 processes: attention.wo would have 16 inputs per process; use --draft "
+                                         r"int8 or fewer processes$"):
+        check("int4", 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 machines of 2 processes
+    with pytest.raises(BriskError, match="model_int8.pth is missing; on several machines make it first"):
+        check("int8", 4)

@@ -5,6 +5,11 @@
 Rank 0 saves {checkpoint: {"logits": [steps, V], "tokens": [steps]} or {"error": message}} to --out.
 --stall_after/--crash_after make rank 1 hang/exit after that many decode steps, to check that the other ranks fail
 instead of waiting forever.
+
+    torchrun ... tests/tp_driver.py --out result.pt --speculate "--draft int8 --temperature 0.8" ... CHECKPOINT
+
+decodes with generate.generate and the speculator that generate.py's speculation flags (and --temperature, --seed)
+build; rank 0 saves {(checkpoint, flags): {"tokens": [each rank's tokens], "stats": speculator.stats}}.
 """
 import argparse
 import os
@@ -13,10 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tp  # noqa: E402
-from model import BriskError, load_model, run_cli  # noqa: E402
+from model import BriskError, load_config, load_model, run_cli  # noqa: E402
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]
 
@@ -44,6 +50,36 @@ def decode(checkpoint_path: Path, steps: int, compile: bool = False, loaded: boo
     return dict(logits=torch.stack(all_logits), tokens=tokens)
 
 
+def speculation_flags(text: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None)
+    p.add_argument("--draft", default=None)
+    p.add_argument("--prompt_lookup", type=int, default=None)
+    p.add_argument("--speculate_k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(text.split())
+
+
+@torch.no_grad()
+def speculate(checkpoint_path: Path, text: str, steps: int, world: int) -> dict:
+    """`steps` tokens after PROMPT from generate.generate with the speculator built as generate.py builds it."""
+    import generate
+    import speculative
+    args = speculation_flags(text)
+    args.checkpoint_path, args.batch_size, args.compile = checkpoint_path, 1, False
+    config = load_config(checkpoint_path)
+    speculative.check_args(args, config, config.vocab_size, world)
+    model = load_model(checkpoint_path, "cpu", torch.float32, transform=tp.apply_tp)
+    max_seq_length = len(PROMPT) + steps + args.speculate_k
+    model.setup_caches(1, max_seq_length)
+    speculator = speculative.build(args, torch.device("cpu"), torch.float32, max_seq_length)
+    torch.manual_seed(args.seed)
+    rows, _ = generate.generate(model, torch.tensor(PROMPT), steps, speculator=speculator,
+                                temperature=args.temperature, top_k=None)
+    return dict(tokens=rows[0], stats=speculator.stats)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("checkpoints", type=Path, nargs="+")
@@ -54,6 +90,8 @@ def main() -> None:
     p.add_argument("--dist_timeout", type=float, default=None)
     p.add_argument("--stall_after", type=int, default=None)
     p.add_argument("--crash_after", type=int, default=None)
+    p.add_argument("--speculate", action="append", default=[], metavar="FLAGS",
+                   help="speculation flags as one string (repeatable): decode with them instead")
     args = p.parse_args()
     rank, world = tp.maybe_init_dist(args.dist_timeout)
 
@@ -65,6 +103,15 @@ def main() -> None:
 
     results = {}
     for c in args.checkpoints:
+        for text in args.speculate:
+            got = speculate(c, text, args.steps, world)
+            tokens = [got["tokens"]]
+            if world > 1:  # every rank's, to show that they agree
+                tokens = [None] * world
+                dist.all_gather_object(tokens, got["tokens"])
+            results[str(c), text] = dict(got, tokens=tokens)
+        if args.speculate:
+            continue
         try:
             results[str(c)] = decode(c, args.steps, args.compile, args.loaded, on_step)
         except BriskError as e:  # the same on every rank
