@@ -7,6 +7,9 @@ instead of being computed again, so a long shared context costs its prefill once
 Each prompt is the context followed by the prompt text (with --chat: the context is the system message). Without
 --context the cache still serves the longest cached beginning of each prompt. Generated text goes to stdout; per
 prompt, the cached and prefilled token counts and the time to first token go to stderr (and to --json).
+The other flags are generate.py's. With a draft model (--draft_checkpoint_path, --draft) its keys/values are cached
+and restored with the target's, so neither prefills a cached prefix again. Under torchrun (tp.py) each rank caches
+its own part of the keys/values, and --cache_file c.pt becomes one file per rank (c.rank0-of-2.pt, ...).
 """
 import argparse
 import hashlib
@@ -19,14 +22,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 import generate as gen
 import speculative
+import tp
 from model import BriskError, Transformer, load_config, run_cli, save_atomic
 from tokenizer import load_tokenizer
 
-CACHE_FORMAT = "brisk-prefix-cache/1"
+CACHE_FORMAT = "brisk-prefix-cache/2"
 DEFAULT_BUDGET_MB = 2048
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -45,8 +50,19 @@ def fingerprint(checkpoint_path: Path) -> str:
     return h.hexdigest()
 
 
-def model_meta(model: Transformer, checkpoint_path: Path) -> dict:
-    return dict(config=model.config.to_dict(), fingerprint=fingerprint(checkpoint_path))
+def model_meta(model: Transformer, checkpoint_path: Path, rank: int = 0, world: int = 1) -> dict:
+    """What a cache file's keys/values belong to: the model (under torchrun: this rank's part) and its weights."""
+    return dict(config=model.config.to_dict(), fingerprint=fingerprint(checkpoint_path),
+                split=dict(rank=rank, world=world))
+
+
+def split_name(split: dict) -> str:
+    return "a single process" if split["world"] == 1 else f"rank {split['rank']} of {split['world']} processes"
+
+
+def rank_file(path: Path, rank: int, world: int) -> Path:
+    """Under torchrun each rank caches its own part of the keys/values, in its own file: c.pt -> c.rank0-of-2.pt."""
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}-of-{world}{path.suffix}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -149,7 +165,7 @@ class PrefixCache:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise BriskError(f"cannot read cache file {path}: {why}") from None
         if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
-            raise BriskError(f"{path} is not a prefix cache file")
+            raise BriskError(f"{path} is not a prefix cache file of this version ({CACHE_FORMAT})")
         if state.get("dtype") != dtype_name(self.dtype):
             raise BriskError(f"cache file {path} holds {state.get('dtype')} keys/values, this run uses "
                              f"{dtype_name(self.dtype)}: pass --dtype {state.get('dtype')} or another --cache_file")
@@ -162,6 +178,9 @@ class PrefixCache:
                              f"{len(self.metas)} (a draft model's are cached with the target's): use another "
                              "--cache_file")
         for theirs, ours in zip(metas, self.metas):
+            if theirs.get("split") != ours["split"]:  # another rank's part, or another split of the model
+                made = split_name(theirs["split"]) if isinstance(theirs.get("split"), dict) else "unknown processes"
+                raise BriskError(f"cache file {path} was made by {made}, this is {split_name(ours['split'])}")
             if theirs["config"] != ours["config"]:
                 diff = sorted(k for k in ours["config"] if ours["config"][k] != theirs["config"].get(k))
                 raise BriskError(f"cache file {path} was made for another model (config differs in {', '.join(diff)})")
@@ -184,6 +203,19 @@ class PrefixCache:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generation
+
+
+def check_same_entries(cache: PrefixCache) -> None:
+    """Under torchrun every rank must restore the same prefixes (and evict alike), or the ranks would run different
+    computations: their caches must hold the same keys in the same order."""
+    if not dist.is_initialized():
+        return
+    digest = int(hashlib.sha256(repr(list(cache.entries)).encode()).hexdigest()[:15], 16)
+    t = torch.tensor([digest, -digest])
+    dist.all_reduce(t, dist.ReduceOp.MAX)  # [max, -min]
+    if t[0] != -t[1]:
+        raise BriskError("the ranks' cache files hold different prefixes (one missing, or from another run): "
+                         "delete them or use another --cache_file")
 
 
 def generate_cached(model: Transformer, cache: PrefixCache, ids: list[int], max_new_tokens: int, **kwargs):
@@ -307,10 +339,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    rank, world = tp.maybe_init_dist(args.dist_timeout)  # under torchrun; ranks other than 0 print nothing
     check_args(args)
     config = load_config(args.checkpoint_path)
+    tp.check_divisible(config, world)
+    if args.interactive and world > 1:
+        raise BriskError("--interactive reads stdin in a single process; run it without torchrun")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
-    speculative.check_args(args, config, tokenizer.vocab_size, 1)  # sets args.speculate_k when speculating
+    speculative.check_args(args, config, tokenizer.vocab_size, world)  # sets args.speculate_k when speculating
     device, dtype = args.device, gen.DTYPES[args.dtype]
     conv = Conversation(tokenizer, read_context(args.context), args.chat or args.interactive)
     prompts = read_prompts(args)
@@ -337,21 +373,24 @@ def main(argv=None) -> None:
     room = args.speculate_k or 0  # a verify pass writes k positions past the last token taken
     model.setup_caches(1, max_seq_length + room)
     fns = gen.compiled_fns(device, args.compile, args.compile_prefill)
-    models, metas = [model], [model_meta(model, args.checkpoint_path)]
+    models, metas = [model], [model_meta(model, args.checkpoint_path, rank, world)]
     if args.speculate_k:
         speculator = fns["speculator"] = speculative.build(args, device, dtype, max_seq_length + room)
         if isinstance(speculator.proposer, speculative.DraftModel):  # its keys/values are cached with the target's
             models.append(speculator.proposer.model)
-            metas.append(model_meta(models[1], args.draft_checkpoint_path or speculative.self_draft_path(args)))
+            draft_path = args.draft_checkpoint_path or speculative.self_draft_path(args)
+            metas.append(model_meta(models[1], draft_path, rank, world))
     cache = PrefixCache(models, metas, int(args.cache_budget_mb * 2**20), args.cache_device)
     context_bytes = len(conv.context_ids) * cache.bytes_per_token()
     if context_bytes > cache.budget:
         raise BriskError(f"the context's keys/values take {context_bytes / 2**20:.1f} MiB, more than "
                          f"--cache_budget_mb {args.cache_budget_mb:g}")
-    if args.cache_file is not None and args.cache_file.exists():
-        cache.load(args.cache_file)
-        print(f"loaded {len(cache.entries)} cached prefixes ({cache.nbytes / 2**20:.1f} MiB) from {args.cache_file}",
+    cache_file = args.cache_file and rank_file(args.cache_file, rank, world)
+    if cache_file is not None and cache_file.exists():
+        cache.load(cache_file)
+        print(f"loaded {len(cache.entries)} cached prefixes ({cache.nbytes / 2**20:.1f} MiB) from {cache_file}",
               file=sys.stderr)
+    check_same_entries(cache)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     stats = []
 
@@ -393,10 +432,11 @@ def main(argv=None) -> None:
               file=sys.stderr)
     print(f"prefix cache: {len(cache.entries)} entries, {cache.nbytes / 2**20:.1f} MiB of {args.cache_budget_mb:g} MiB",
           file=sys.stderr)
-    if args.cache_file is not None:
-        cache.save(args.cache_file)
-        print(f"saved the prefix cache to {args.cache_file}", file=sys.stderr)
-    if args.json is not None:
+    if cache_file is not None:
+        cache.save(cache_file)
+        others = " (and the other ranks' parts beside it)" if world > 1 else ""
+        print(f"saved the prefix cache to {cache_file}{others}", file=sys.stderr)
+    if args.json is not None and rank == 0:
         cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
                    compile_prefill=args.compile_prefill, context_tokens=len(conv.context_ids),
                    max_new_tokens=args.max_new_tokens, max_seq_length=max_seq_length, **sampling,

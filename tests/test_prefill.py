@@ -398,3 +398,40 @@ def test_cli_bad_input_is_one_line_and_the_cache_file_is_kept(ckpt, tmp_path, ma
     assert "Traceback" not in proc.stderr
     assert (cache_file.read_bytes() == before) if make else not cache_file.exists()
     assert not cache_file.with_name("c.pt.tmp").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Under torchrun: each rank caches its own part of the keys/values
+
+
+def test_two_processes_print_the_single_process_text_and_reuse_their_own_cache_files(ckpt, tmp_path, capsys):
+    from test_tp import torchrun
+    args = ["--checkpoint_path", ckpt, "--device", "cpu", "--dtype", "float32", "--temperature", 0,
+            "--max_new_tokens", 6, "--context", "The quick brown fox jumps over the lazy dog. Once upon a time",
+            "--prompt", " there was", "--prompt", " a little model"]
+    gp.main([*map(str, args), "--json", str(tmp_path / "alone.json")])
+    alone = capsys.readouterr().out
+    n = json.loads((tmp_path / "alone.json").read_text())["config"]["context_tokens"]
+    # the target as its own draft, split like it: all its tokens are accepted only if its restored cache is right
+    draft = ["--draft_checkpoint_path", ckpt, "--speculate_k", 2]
+    for run, hits in [(1, [0, n]), (2, [n, n])]:  # the second run loads each rank's file of the first
+        split = torchrun(2, *args, *draft, "--cache_file", tmp_path / "c.pt", "--json", tmp_path / f"{run}.json",
+                         script=ROOT / "generate_prefill.py")
+        assert split.returncode == 0, split.stderr[-3000:]
+        assert split.stdout == alone
+        prompts = json.loads((tmp_path / f"{run}.json").read_text())["prompts"]
+        assert [p["cached_tokens"] for p in prompts] == hits
+        assert [p["acceptance_rate"] for p in prompts] == [1.0, 1.0]
+    assert sorted(f.name for f in tmp_path.glob("c.*")) == ["c.rank0-of-2.pt", "c.rank1-of-2.pt"]
+
+    with pytest.raises(BriskError, match="was made by rank 0 of 2 processes, this is a single process"):
+        gp.main([*map(str, args + draft), "--cache_file", str(tmp_path / "c.rank0-of-2.pt")])
+    (tmp_path / "c.rank1-of-2.pt").unlink()  # rank 1 would prefill what rank 0 restores: refused
+    split = torchrun(2, *args, *draft, "--cache_file", tmp_path / "c.pt", script=ROOT / "generate_prefill.py")
+    assert split.returncode != 0 and "error: the ranks' cache files hold different prefixes" in split.stderr
+
+
+def test_interactive_is_refused_under_torchrun(ckpt, monkeypatch):
+    monkeypatch.setattr(gp.tp, "maybe_init_dist", lambda timeout_s=None: (0, 2))  # as rank 0 of 2
+    with pytest.raises(BriskError, match="--interactive reads stdin in a single process; run it without torchrun"):
+        gp.main(["--checkpoint_path", str(ckpt), "--interactive"])
