@@ -7,8 +7,11 @@ Every configuration (engine x input tokens x batch size) decodes greedily from t
 for exactly --max-new-tokens tokens (end-of-sequence tokens do not stop it), --warmup times untimed and --num-iter
 times timed. Figures are the median over the timed iterations, with their min and max; a configuration whose
 decode speed varies by more than --noise (max / min) is flagged as noisy. The markdown table goes to stdout.
+generate.py's speculative decoding flags (--draft_checkpoint_path, --draft, --prompt_lookup, --speculate_k) make
+brisk speculate, at batch size 1, and add its acceptance figures.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -23,9 +26,11 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+import speculative
 from generate import (BANDWIDTH_HELP, DTYPES, compiled_fns, figures, generate, parse_device, peak_memory_gb, sync,
                       weight_bytes)
 from model import BriskError, ModelArgs, check_checkpoint, check_writable, load_config, load_model, run_cli, save_atomic
+from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
 DEFAULT_GGUF = Path.home() / ".cache" / "brisk" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # left there by prepare.sh
@@ -35,14 +40,22 @@ SPREAD_KEY = "decode_tokens_per_s"  # the figure whose spread marks a configurat
 FIGURES_HELP = f"""figures (per configuration: median over the timed iterations, min and max in the JSON):
   compile s         first warm-up iteration minus the median iteration (with --compile, or a compiling peer)
   TTFT              time to first token: prefill of the prompt and sampling of the first new token
-  next-token p50/90 percentiles of the time between consecutive new tokens (per iteration, then the median)
-  decode tok/s      per sequence, after the first token: decode steps / decode time
+  next-token p50/90 percentiles of the time between consecutive new tokens (per iteration, then the median);
+                    with speculative decoding, the time per generated token averaged over a verification: each
+                    token a verification yields is charged the verification's time / the number of its tokens
+  decode tok/s      per sequence: the tokens after the first / their decode time (one token per decode step,
+                    or several per verification with speculative decoding)
   GB/s, % of device achieved memory bandwidth, and its share of the device's copy bandwidth, measured once at
                     the start by copying a --copy_gib GiB tensor (bytes read + written / best time of 5)
   peak GB           torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS so far
+  accept rate       speculative decoding: draft tokens accepted / draft tokens proposed (k per verification)
+  accepted / verif. speculative decoding: mean number of the k draft tokens accepted per verification (each
+                    verification also yields one token of the target's); decode steps in the JSON are
+                    verifications + plain steps (where prompt lookup found nothing to propose). GB/s counts the
+                    target's weights only: an effective figure per generated token
 {textwrap.fill(BANDWIDTH_HELP, 110, initial_indent="  ", subsequent_indent="    ")}
-peers (--peers, same prompt tokens, greedy): Hugging Face transformers eager, and transformers with the documented
-static cache + torch.compile recipe (generation_config.cache_implementation = "static", model.forward =
+peers (--peers, same prompt tokens, greedy, without speculation): Hugging Face transformers eager, and
+transformers with the documented static cache + torch.compile recipe (generation_config.cache_implementation = "static", model.forward =
 torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)), loaded from --hf_model or else --gguf (recent
 transformers may keep a GGUF's weights packed and compute in float32: --hf_model gives the plain model); llama.cpp through llama-cpp-python on the --gguf file in its own precision, batch size 1 only, with
 n_threads = torch.get_num_threads(); install it with
@@ -78,9 +91,13 @@ def device_bandwidth(device: torch.device, gib: float) -> float:
     return 2 * n / best / 1e9
 
 
-def latency_figures(stamps: list[float]) -> dict:
-    """Next-token latencies in ms from the times at which consecutive new tokens of a sequence were seen."""
-    gaps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+def latency_figures(stamps: list[float], step_sizes: Optional[list[int]] = None) -> dict:
+    """Next-token latencies in ms from the times at which consecutive new tokens of a sequence were seen. With
+    `step_sizes`, the tokens each decode step yielded (speculative decoding), every token of a step is charged
+    the step's time (from the previous step's last token to its own last) / its number of tokens."""
+    step_sizes = step_sizes or [1] * (len(stamps) - 1)
+    ends = stamps[:1] + [stamps[i] for i in itertools.accumulate(step_sizes)]  # stamps[0]: prefill's token
+    gaps = [(b - a) * 1e3 / n for a, b, n in zip(ends, ends[1:], step_sizes) for _ in range(n)]
     if not gaps:
         return dict(next_token_p50_ms=None, next_token_p90_ms=None, next_token_mean_ms=None)
     p50, p90 = (statistics.quantiles(gaps, n=10, method="inclusive")[i] for i in (4, 8)) if len(gaps) > 1 else gaps * 2
@@ -121,19 +138,26 @@ def spread(samples: list[dict]) -> dict:
 
 
 class Brisk:
-    def __init__(self, checkpoint: Path, args):
+    """brisk's generate(); with `spec` (checked speculation arguments, see speculation()) it speculates."""
+
+    def __init__(self, checkpoint: Path, args, spec: Optional[argparse.Namespace] = None):
         self.name, self.checkpoint, self.dtype, self.device = "brisk", str(checkpoint), args.dtype, args.device
-        self.compiles, self.compile_prefill = args.compile, args.compile_prefill
+        self.compiles, self.compile_prefill, self.spec = args.compile, args.compile_prefill, spec
+        self.speculation = None if spec is None else dict(proposer=proposer(spec), speculate_k=spec.speculate_k)
         self.model = load_model(checkpoint, args.device, DTYPES[args.dtype])
         self.weights = weight_bytes(self.model)  # before the caches exist, so they are not counted
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
         # a cache sized to this configuration, as generate.py would allocate (setup_caches never shrinks one)
+        room = self.spec.speculate_k if self.spec else 0  # a verify pass writes k positions past the last token
         self.model.max_batch_size = self.model.max_seq_length = -1
-        self.model.setup_caches(batch_size, max_seq_length)
+        self.model.setup_caches(batch_size, max_seq_length + room)
         if self.compiles or self.compile_prefill:
             torch._dynamo.reset()  # each configuration compiles afresh, so its compile time is its own
         self.fns = compiled_fns(self.device, self.compiles, self.compile_prefill)
+        if self.spec:  # as generate.py builds it: the draft loaded with a cache of this configuration's length
+            self.fns["speculator"] = speculative.build(self.spec, self.device, DTYPES[self.dtype],
+                                                       max_seq_length + room)
         return None
 
     def once(self, prompt, batch_size: int, max_new_tokens: int) -> dict:
@@ -149,8 +173,13 @@ class Brisk:
         rows, timing = generate(self.model, prompt, max_new_tokens, batch_size, on_token=on_token,
                                 temperature=0.0, top_k=None, **self.fns)
         sync(self.device)
-        out = figures(self.model, rows, timing, prompt.numel(), self.weights, self.device)
-        return dict(out, decode_steps=timing["steps"], **latency_figures(stamps))
+        out = dict(figures(self.model, rows, timing, prompt.numel(), self.weights, self.device),
+                   decode_steps=timing["steps"])
+        speculator = self.fns.get("speculator")
+        if speculator is None:
+            return dict(out, **latency_figures(stamps))
+        return dict(out, **latency_figures(stamps, speculator.step_sizes),
+                    **speculative.figures(speculator.stats, self.spec.speculate_k))
 
 
 def load_hf_model(args):
@@ -236,7 +265,8 @@ def measure(engine, prompt, batch_size: int, max_new_tokens: int, warmup: int, n
             device_gb_s: float, noise: float) -> dict:
     T = prompt.numel()
     result = dict(engine=engine.name, checkpoint=engine.checkpoint, dtype=engine.dtype, compile=engine.compiles,
-                  input_tokens=T, batch_size=batch_size, max_new_tokens=max_new_tokens, weight_bytes=engine.weights)
+                  speculation=getattr(engine, "speculation", None), input_tokens=T, batch_size=batch_size,
+                  max_new_tokens=max_new_tokens, weight_bytes=engine.weights)
     skipped = engine.prepare(batch_size, T + max_new_tokens)
     if skipped:
         return dict(result, skipped=skipped)
@@ -262,19 +292,22 @@ def table(results: list[dict]) -> str:
         return "n/a" if v is None else f"{v * scale:{fmt}}"
 
     head = ("engine | checkpoint | dtype | input | batch | compile s | TTFT ms | next-token p50 ms | p90 ms | "
-            "decode tok/s (min-max) | GB/s | % of device | peak GB | note")
+            "decode tok/s (min-max) | accept rate | accepted / verif. | GB/s | % of device | peak GB | note")
     lines = ["| " + head + " |", "|" + "---|" * (head.count("|") + 1)]
     for r in results:
+        spec = r["speculation"]
+        engine = r["engine"] if spec is None else f"{r['engine']} ({spec['proposer']}, k {spec['speculate_k']})"
         if "skipped" in r:
-            cells = ["n/a"] * 9 + [r["skipped"]]
+            cells = ["n/a"] * 10 + [r["skipped"]]
         else:
             s = r["summary"].get(SPREAD_KEY)
             tps = "n/a" if s is None else f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+            accepted = [med(r, "acceptance_rate", fmt=".2f"), med(r, "accepted_per_verification", fmt=".2f")]
             cells = ["-" if r["compile_s"] is None else f"{r['compile_s']:.1f}", med(r, "ttft_s", 1e3),
                      med(r, "next_token_p50_ms", fmt=".2f"), med(r, "next_token_p90_ms", fmt=".2f"), tps,
-                     med(r, "bandwidth_gb_s", fmt=".2f"), med(r, "bandwidth_pct"), med(r, "peak_memory_gb", fmt=".2f"),
-                     f"noisy ({r['spread']:.2f}x)" if r["noisy"] else ""]
-        lines.append("| " + " | ".join([r["engine"], Path(r["checkpoint"]).name, r["dtype"], str(r["input_tokens"]),
+                     *(accepted if spec else ["-", "-"]), med(r, "bandwidth_gb_s", fmt=".2f"), med(r, "bandwidth_pct"),
+                     med(r, "peak_memory_gb", fmt=".2f"), f"noisy ({r['spread']:.2f}x)" if r["noisy"] else ""]
+        lines.append("| " + " | ".join([engine, Path(r["checkpoint"]).name, r["dtype"], str(r["input_tokens"]),
                                           str(r["batch_size"]), *cells]) + " |")
     return "\n".join(lines)
 
@@ -337,6 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{DEFAULT_GGUF} if present)")
     p.add_argument("--json", type=Path, default=None, help="write every figure of every iteration to this file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    speculative.add_args(p)  # brisk speculates (greedy, as always here; peers do not)
     return p.parse_args(argv)
 
 
@@ -373,9 +407,29 @@ def check_args(args: argparse.Namespace) -> None:
             args.peers.remove("llama.cpp")
 
 
+def speculation(args: argparse.Namespace, checkpoint: Path) -> Optional[argparse.Namespace]:
+    """generate.py's speculation arguments for one checkpoint, checked by speculative.check_args as generate.py
+    checks them (None when no proposer is given)."""
+    names = ("draft_checkpoint_path", "draft", "prompt_lookup", "speculate_k")
+    spec = argparse.Namespace(checkpoint_path=checkpoint, batch_size=max(args.batch_size), compile=args.compile,
+                              **{k: getattr(args, k) for k in names})
+    config = load_config(checkpoint)
+    # the tokenizer's vocabulary: a draft may stop there, short of the target's padded vocab_size
+    vocab = load_tokenizer(checkpoint.parent).vocab_size if spec.draft_checkpoint_path else config.vocab_size
+    speculative.check_args(spec, config, vocab, 1)
+    return spec if speculative.requested(spec) else None
+
+
+def proposer(spec: argparse.Namespace) -> str:
+    if spec.draft_checkpoint_path is not None:
+        return f"draft {spec.draft_checkpoint_path}"
+    return f"{spec.draft} self-draft" if spec.draft else f"prompt lookup {spec.prompt_lookup}"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
+    specs = [speculation(args, p) for p in args.checkpoint_path]  # before loading anything
     configs = [load_config(p) for p in args.checkpoint_path]
     longest = max(args.input_tokens) + args.max_new_tokens
     for path, c in zip(args.checkpoint_path, configs):
@@ -384,7 +438,7 @@ def main(argv=None) -> None:
 
     gb_s = device_bandwidth(args.device, args.copy_gib)
     print(f"device copy bandwidth {gb_s:.1f} GB/s ({args.device}, {torch.get_num_threads()} threads)", file=sys.stderr)
-    engines = [Brisk(p, args) for p in args.checkpoint_path]
+    engines = [Brisk(p, args, spec) for p, spec in zip(args.checkpoint_path, specs)]
     hf_model = load_hf_model(args) if {"transformers", "transformers-compile"} & set(args.peers or []) else None
     for peer in args.peers or []:
         if peer == "llama.cpp":
@@ -392,7 +446,8 @@ def main(argv=None) -> None:
         else:
             engines.append(Transformers(hf_model, args, configs[0], compiled=peer == "transformers-compile"))
 
-    vocab = min(c.vocab_size for c in configs)
+    drafts = [load_config(args.draft_checkpoint_path)] if args.draft_checkpoint_path else []
+    vocab = min(c.vocab_size for c in configs + drafts)  # prompt tokens every model can embed
     results = []
     grid = [(T, B) for T in args.input_tokens for B in args.batch_size]
     with tqdm(total=len(grid) * len(engines), desc="bench", unit="config") as bar:

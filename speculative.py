@@ -25,6 +25,7 @@ all-reduces, the replicated parts compute the same on each, and the random draws
 test's uniforms, the replacement tokens) all come from the global generator, which tp.maybe_init_dist seeds alike
 on every rank and which every rank then advances through the same calls.
 """
+import argparse
 import json
 import os
 import sys
@@ -166,7 +167,8 @@ def lookup(seq: list, max_n: int, k: int) -> Optional[list]:
 class Speculator:
     """Pass as generate(..., speculator=...): after the target's prefill, prefill(prompt, start_pos) lets the
     proposer read the prompt; decode(...) then stands in for decode_n_tokens, yielding [1, n] tokens per step.
-    `stats` counts the current generation's verifications and kept draft tokens."""
+    `stats` counts the current generation's verifications and kept draft tokens; `step_sizes` lists the tokens
+    each of its decode steps yielded."""
 
     def __init__(self, proposer, k: int = DEFAULT_K, verify_fn: Callable = verify):
         if k < 1:
@@ -174,6 +176,7 @@ class Speculator:
         self.proposer, self.k, self.verify_fn = proposer, k, verify_fn
         self.history: list = []
         self.stats: dict = {}
+        self.step_sizes: list = []
 
     def prefill(self, prompt: Tensor, start_pos: int = 0) -> None:
         # prompt: [T], of which positions before start_pos are already in the caches
@@ -181,6 +184,7 @@ class Speculator:
         self.proposer.prefill(prompt[start_pos:].view(1, -1), pos)
         self.history = prompt.tolist()
         self.stats = dict(verifications=0, accepted=0, plain_steps=0)
+        self.step_sizes = []
 
     def decode(self, model: Transformer, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
                decode_fn: Callable = decode_one_token, **sampling) -> Iterator[Tensor]:
@@ -210,6 +214,7 @@ class Speculator:
                 self.stats["accepted"] += new.numel() - 1
             new = new[:left]
             self.history += new.tolist()
+            self.step_sizes.append(new.numel())
             pos, left = pos + new.numel(), left - new.numel()
             cur_token = new[-1:].view(1, 1)
             yield new.view(1, -1)
@@ -233,6 +238,19 @@ def describe(f: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line: generate.py's --draft_checkpoint_path, --draft, --prompt_lookup, --speculate_k
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (batch size 1; exact: the output follows the target's distribution)")
+    g.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                   help="model.pth of a smaller model with the same vocabulary that proposes tokens")
+    g.add_argument("--draft", choices=SELF_DRAFTS, default=None,
+                   help="self-speculation: the target quantized proposes (model_int4.g32.pth or model_int8.pth "
+                        "beside it, written as quantize.py does if missing)")
+    g.add_argument("--prompt_lookup", type=int, default=None, metavar="N",
+                   help="propose the tokens that followed the latest earlier occurrence of the last N..1 tokens")
+    g.add_argument("--speculate_k", type=int, default=None,
+                   help=f"tokens proposed per verification (default {DEFAULT_K})")
 
 
 def requested(args) -> bool:

@@ -13,6 +13,7 @@ import eval as brisk_eval
 from conftest import make_checkpoint, write_tiny_tokenizer
 from model import BriskError, load_model
 from scripts import convert_hf_checkpoint as convert_hf
+from test_speculative import noisy_copy
 from tokenizer import load_tokenizer
 
 SENTENCE = "the quick brown fox jumps over a lazy dog. "  # each word of it is a distinct token of the tiny tokenizer
@@ -124,14 +125,56 @@ def test_bench_peer_transformers_runs_the_same_configuration(random_hf, tmp_path
     assert "| transformers |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("proposer", ["draft", "prompt_lookup"])
+def test_bench_speculation_reports_acceptance_beside_the_figures(proposer, tmp_path, capsys):
+    """generate.py's speculation flags: greedy speculative decoding of exactly N tokens, whose next-token latency
+    spreads each verification's time over the tokens it yielded."""
+    ckpt = make_checkpoint(tmp_path / "tiny")
+    flags = (["--draft_checkpoint_path", str(noisy_copy(ckpt, tmp_path / "noisy", noise=0.02)), "--speculate_k", "3"]
+             if proposer == "draft" else ["--prompt_lookup", "2"])
+    out = tmp_path / "bench.json"
+    N = 12
+    bench.main(["--checkpoint_path", str(ckpt), *flags, "--input-tokens", "8", "--max-new-tokens", str(N),
+                "--num-iter", "2", "--warmup", "1", "--dtype", "float32", "--copy_gib", "0.05", "--json", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    k = 3 if proposer == "draft" else 5
+    assert r["speculation"]["speculate_k"] == k and r["batch_size"] == 1
+    for it in r["iterations"]:
+        assert it["new_tokens"] == it["tokens_generated"] == N
+        assert it["decode_steps"] == it["verifications"] + it["plain_steps"] and it["verifications"] > 0
+        # each verification yields its accepted draft tokens and one of the target's (the last may be cut at N)
+        assert N - 1 <= it["decode_steps"] + it["accepted_per_verification"] * it["verifications"] < N - 1 + k
+        assert 0 <= it["acceptance_rate"] <= 1
+        assert it["accepted_per_verification"] == pytest.approx(k * it["acceptance_rate"])
+        assert it["decode_tokens_per_s"] == pytest.approx((N - 1) / it["decode_s"])
+        assert it["next_token_mean_ms"] * (N - 1) / 1e3 == pytest.approx(it["decode_s"], abs=0.05)
+    if proposer == "draft":  # the noisy draft is sometimes right, sometimes wrong
+        assert 0 < r["summary"]["acceptance_rate"]["median"] < 1
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| brisk ("))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[11] == f"{r['summary']['acceptance_rate']['median']:.2f}"  # accept rate
+    assert cells[12] == f"{r['summary']['accepted_per_verification']['median']:.2f}"  # accepted / verif.
+
+
+def test_latency_of_a_verification_is_spread_over_its_tokens():
+    # prefill's token at 0 ms; a verification yields 3 tokens at 30 ms; a plain step 1 token at 40 ms
+    stamps = [0.0, 0.030, 0.030, 0.030, 0.040]
+    f = bench.latency_figures(stamps, [3, 1])
+    assert f["next_token_mean_ms"] == pytest.approx(10.0) and f["next_token_p50_ms"] == pytest.approx(10.0)
+    assert bench.latency_figures(stamps)["next_token_mean_ms"] == pytest.approx(10.0)  # token by token: 30, 0, 0, 10
+    assert bench.latency_figures(stamps)["next_token_p50_ms"] == pytest.approx(5.0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], None),
     (["--input-tokens", "a,b"], None),
     (["--checkpoint_path", "missing/model.pth"], "checkpoint not found"),
+    (["--prompt_lookup", "2", "--batch-size", "1,2"], "speculative decoding generates one sequence at a time"),
+    (["--speculate_k", "3"], "--speculate_k needs --draft_checkpoint_path, --draft or --prompt_lookup"),
 ])
-def test_bench_rejects_bad_arguments(argv, message):
+def test_bench_rejects_bad_arguments(argv, message, tiny_checkpoint):
     with pytest.raises((SystemExit, BriskError)) as e:
-        bench.main(argv)
+        bench.main(["--checkpoint_path", str(tiny_checkpoint), *argv])
     if message:
         assert message in str(e.value)
 

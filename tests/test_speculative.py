@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,15 +50,20 @@ def pair(tmp_path_factory):
     return target, draft
 
 
+def noisy_copy(checkpoint: Path, directory: Path, noise: float = 0.08) -> Path:
+    """The checkpoint (and its tokenizer) with noise of this std on its matrices (whose entries have std 0.15): a
+    draft that sometimes agrees with it (0.02: more often than not)."""
+    shutil.copytree(checkpoint.parent, directory, dirs_exist_ok=True)
+    sd = torch.load(checkpoint, weights_only=True)
+    torch.manual_seed(0)
+    path = directory / "model.pth"
+    torch.save({k: v + noise * torch.randn_like(v) if v.dim() == 2 else v for k, v in sd.items()}, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def noisy_draft(pair, tmp_path_factory):
-    """The target with noise on its weights: a draft that agrees with the target often, not always."""
-    d = tmp_path_factory.mktemp("noisy")
-    shutil.copytree(pair[0].parent, d, dirs_exist_ok=True)
-    sd = torch.load(pair[0], weights_only=True)
-    torch.manual_seed(0)
-    torch.save({k: v + 0.08 * torch.randn_like(v) if v.dim() == 2 else v for k, v in sd.items()}, d / "model.pth")
-    return d / "model.pth"
+    return noisy_copy(pair[0], tmp_path_factory.mktemp("noisy"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
