@@ -351,15 +351,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help=f"under torchrun: seconds a rank waits for the others before failing "
                         f"(default {tp.DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    g = p.add_argument_group("speculative decoding (batch size 1; exact: the output follows the target's distribution)")
-    g.add_argument("--draft_checkpoint_path", type=Path, default=None,
-                   help="model.pth of a smaller model with the same vocabulary that proposes tokens")
-    g.add_argument("--draft", choices=["int4", "int8"], default=None,
-                   help="self-speculation: the target quantized proposes (model_int4.g32.pth or model_int8.pth "
-                        "beside it, written as quantize.py does if missing)")
-    g.add_argument("--prompt_lookup", type=int, default=None, metavar="N",
-                   help="propose the tokens that followed the latest earlier occurrence of the last N..1 tokens")
-    g.add_argument("--speculate_k", type=int, default=None, help="tokens proposed per verification (default 5)")
+    import speculative  # it imports this module
+    speculative.add_args(p)
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
