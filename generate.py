@@ -55,11 +55,12 @@ def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-           top_p: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    """(token [B, 1], probs [B, V]) from the last position's logits [B, V]; temperature 0 is greedy."""
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
+           top_p: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """(token [B, 1], probs [B, V]) from the last position's logits [B, V]; temperature 0 is greedy and returns
+    no probs (a top-k and softmax over the vocabulary cost ~10% of a small model's decode step on a CPU)."""
     if temperature == 0:
-        return torch.argmax(logits, dim=-1, keepdim=True).to(torch.int), probs
+        return torch.argmax(logits, dim=-1, keepdim=True).to(torch.int), None
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
     return multinomial_sample_one_no_sync(probs), probs
 
 
@@ -73,8 +74,9 @@ def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs)
     return sample(logits[:, -1], **sampling_kwargs)[0]
 
 
-def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> tuple[Tensor, Tensor]:
-    # x: [B, 1] at input_pos: [1] -> (next token [B, 1], probs [B, V])
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor,
+                     **sampling_kwargs) -> tuple[Tensor, Optional[Tensor]]:
+    # x: [B, 1] at input_pos: [1] -> (next token [B, 1], probs [B, V] or None when greedy)
     logits = model(x, input_pos)
     return sample(logits[:, -1], **sampling_kwargs)
 
@@ -151,9 +153,12 @@ def compile_settings(device: torch.device) -> dict:
     other compiled code."""
     if device.type == "cuda":
         return dict(fullgraph=True, mode="reduce-overhead")  # CUDA graphs remove the per-kernel launch cost
-    # Inductor's defaults: measured on SmolLM2-135M (BENCHMARKS.md), freezing and max-autotune made float decode
-    # slower on the CPU (bf16 24.3 -> 19.7 tok/s with freezing, 17.7 with max-autotune + freezing)
-    return dict(fullgraph=True)
+    # Measured on SmolLM2-135M (BENCHMARKS.md), A/B in one process. realize_acc_reads_threshold=1 stores each
+    # pointwise result (a norm's output, say) once instead of recomputing it inside the loop of every consumer: a
+    # decode step's matrix-vector loops otherwise redo the RMSNorm for each of the weight's rows (int8 +30%,
+    # int4 +30%). cpp_wrapper calls the kernels from C++, saving ~3 ms of Python per step (+2-15%). Freezing
+    # and max-autotune made decode slower.
+    return dict(fullgraph=True, options={"cpp_wrapper": True, "realize_acc_reads_threshold": 1})
 
 
 def compiled_fns(device: torch.device, compile: bool, compile_prefill: bool) -> dict:
@@ -460,6 +465,13 @@ def main(argv=None) -> None:
         return chat(model, tokenizer, args, device, max_seq_length, fns, sampling)
 
     prompt = torch.tensor(ids, device=device)
+    compile_s = None
+    if args.compile or args.compile_prefill:  # compile now, so that no sample's figures include it
+        t0 = time.perf_counter()
+        generate(model, prompt, min(max_new_tokens, room + 2), args.batch_size, **fns, **sampling)  # a verify too
+        compile_s = time.perf_counter() - t0
+        print(f"compiled in {compile_s:.1f} s (a {min(max_new_tokens, room + 2)}-token generation, not counted "
+              "below)", file=sys.stderr)
     samples = []
     for i in range(args.num_samples):
         last = i == args.num_samples - 1
@@ -480,9 +492,7 @@ def main(argv=None) -> None:
             for text in texts:
                 print((shown or "") + text)
         samples.append(figures(model, rows, timing, len(ids), weights, device))
-        notes = ["warm-up"] if i == 0 and args.num_samples > 1 else []
-        notes += ["includes compilation"] if i == 0 and (args.compile or args.compile_prefill) else []
-        label = f"sample {i + 1}" + (f" ({', '.join(notes)})" if notes else "")
+        label = f"sample {i + 1}" + (" (warm-up)" if i == 0 and args.num_samples > 1 else "")
         print(f"{label}: {describe(samples[-1])}", file=sys.stderr)
         if args.speculate_k:
             samples[-1].update(speculative.figures(fns["speculator"].stats, args.speculate_k))
@@ -501,7 +511,7 @@ def main(argv=None) -> None:
         cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
                    compile_prefill=args.compile_prefill, batch_size=args.batch_size, prompt_tokens=len(ids),
                    max_new_tokens=max_new_tokens, max_seq_length=max_seq_length, num_samples=args.num_samples,
-                   weight_bytes=weights, **sampling, warmup_s=samples[0]["total_s"],
+                   weight_bytes=weights, **sampling, compile_s=compile_s,
                    draft_checkpoint=args.draft_checkpoint_path and str(args.draft_checkpoint_path),
                    draft=args.draft, prompt_lookup=args.prompt_lookup, speculate_k=args.speculate_k)
         report = dict(config=cfg, samples=samples, summary=summary, bandwidth_formula=BANDWIDTH_HELP)

@@ -115,9 +115,10 @@ class DraftModel:
                                           **sampling)
             cur_token = cur_token.clone()  # a CUDA graph's outputs are overwritten by its next replay
             tokens.append(cur_token.view(1))
-            qs.append(q.clone())
+            if not greedy:
+                qs.append(q.clone())
         draft = torch.cat(tokens)  # [k]
-        q = F.one_hot(draft.long(), qs[0].size(-1)).float() if greedy else torch.cat(qs)  # [k, V]
+        q = F.one_hot(draft.long(), self.model.config.vocab_size).float() if greedy else torch.cat(qs)  # [k, V]
         return draft, q
 
     def catch_up(self, token: Tensor, pos: int) -> None:

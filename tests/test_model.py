@@ -1,8 +1,10 @@
 """model.py on its own: presets, config round trip, cache behaviour. Parity with transformers is in test_convert.py."""
+import re
+
 import pytest
 import torch
 
-from model import BriskError, ModelArgs, Transformer, find_preset, load_model, transformer_configs
+from model import BriskError, Linear, ModelArgs, Transformer, find_preset, load_model, transformer_configs
 from conftest import make_checkpoint
 
 
@@ -70,3 +72,34 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(BriskError, match="cannot read checkpoint"):
         load_model(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["float", "int8"])
+def test_compiled_one_row_product_is_a_loop_with_linear_values(dtype, mode):
+    """Compiled on the CPU, a one-row product (a decode step) is Inductor's own multiply-and-sum loop rather than
+    aten's matrix product, and gives F.linear's values; several rows still use the matrix product."""
+    from torch._inductor.utils import run_and_get_code
+    import quantize
+    matrix_product = re.compile(r"extern_kernels\.(add)?mm\b|aten\.(add)?mm\b|_weight_int8pack_mm")
+    torch.manual_seed(0)
+    lin = Linear(96, 40, bias=True).to(dtype)
+    if mode == "int8":
+        q = quantize.WeightOnlyInt8Linear(96, 40, bias=True)
+        q.weight, scales = quantize.int8_quantize(lin.weight.float())
+        q.scales, q.bias = scales.to(dtype), lin.bias
+        with torch.no_grad():
+            lin.weight.copy_(q.weight * scales[:, None])  # the float layer that the int8 one stands for
+        lin, layer = lin, q
+    else:
+        layer = lin
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    x = torch.randn(1, 1, 96, dtype=dtype)
+    with torch.no_grad():
+        y, codes = run_and_get_code(compiled, x)
+        want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+        torch.testing.assert_close(y.float(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+        assert y.shape == (1, 1, 40) and not matrix_product.search("".join(codes))
+        _, codes = run_and_get_code(compiled, torch.randn(1, 5, 96, dtype=dtype))
+        assert matrix_product.search("".join(codes))
