@@ -422,11 +422,11 @@ def encode_prompt(args, tokenizer, vocab_size: int) -> tuple[list[int], Optional
     return tokenizer.encode(text), text
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def start(args: argparse.Namespace, check: Callable[[argparse.Namespace], None]):
+    """What a generation script does before loading weights: join torchrun's process group, check the flags with
+    `check`, then check them against the model's config and tokenizer. Returns (rank, world, config, tokenizer)."""
     rank, world = tp.maybe_init_dist(args.dist_timeout)  # under torchrun; ranks other than 0 print nothing
-    check_args(args)
-
+    check(args)
     config = load_config(args.checkpoint_path)
     tp.check_divisible(config, world)
     if args.interactive and world > 1:
@@ -434,6 +434,13 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     import speculative  # it imports this module
     speculative.check_args(args, config, tokenizer.vocab_size, world)  # sets args.speculate_k when speculating
+    return rank, world, config, tokenizer
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rank, world, config, tokenizer = start(args, check_args)
+    import speculative  # it imports this module
     device, dtype = args.device, DTYPES[args.dtype]
     if args.interactive:
         ids, shown = [], None

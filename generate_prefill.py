@@ -27,9 +27,7 @@ from torch import Tensor
 
 import generate as gen
 import speculative
-import tp
-from model import BriskError, Transformer, load_config, run_cli, save_atomic
-from tokenizer import load_tokenizer
+from model import BriskError, Transformer, run_cli, save_atomic
 
 CACHE_FORMAT = "brisk-prefix-cache/2"
 DEFAULT_BUDGET_MB = 2048
@@ -339,14 +337,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world = tp.maybe_init_dist(args.dist_timeout)  # under torchrun; ranks other than 0 print nothing
-    check_args(args)
-    config = load_config(args.checkpoint_path)
-    tp.check_divisible(config, world)
-    if args.interactive and world > 1:
-        raise BriskError("--interactive reads stdin in a single process; run it without torchrun")
-    tokenizer = load_tokenizer(args.checkpoint_path.parent)
-    speculative.check_args(args, config, tokenizer.vocab_size, world)  # sets args.speculate_k when speculating
+    rank, world, config, tokenizer = gen.start(args, check_args)
     device, dtype = args.device, gen.DTYPES[args.dtype]
     conv = Conversation(tokenizer, read_context(args.context), args.chat or args.interactive)
     prompts = read_prompts(args)

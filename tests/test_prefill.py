@@ -432,6 +432,6 @@ def test_two_processes_print_the_single_process_text_and_reuse_their_own_cache_f
 
 
 def test_interactive_is_refused_under_torchrun(ckpt, monkeypatch):
-    monkeypatch.setattr(gp.tp, "maybe_init_dist", lambda timeout_s=None: (0, 2))  # as rank 0 of 2
+    monkeypatch.setattr(gp.gen.tp, "maybe_init_dist", lambda timeout_s=None: (0, 2))  # as rank 0 of 2
     with pytest.raises(BriskError, match="--interactive reads stdin in a single process; run it without torchrun"):
         gp.main(["--checkpoint_path", str(ckpt), "--interactive"])
