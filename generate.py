@@ -474,11 +474,10 @@ def main(argv=None) -> None:
     prompt = torch.tensor(ids, device=device)
     compile_s = None
     if args.compile or args.compile_prefill:  # compile now, so that no sample's figures include it
-        t0 = time.perf_counter()
-        generate(model, prompt, min(max_new_tokens, room + 2), args.batch_size, **fns, **sampling)  # a verify too
+        n, t0 = min(max_new_tokens, room + 2), time.perf_counter()  # enough tokens for a verify pass too
+        generate(model, prompt, n, args.batch_size, **fns, **sampling)
         compile_s = time.perf_counter() - t0
-        print(f"compiled in {compile_s:.1f} s (a {min(max_new_tokens, room + 2)}-token generation, not counted "
-              "below)", file=sys.stderr)
+        print(f"compiled in {compile_s:.1f} s (a {n}-token generation, not counted below)", file=sys.stderr)
     samples = []
     for i in range(args.num_samples):
         last = i == args.num_samples - 1
