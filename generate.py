@@ -360,13 +360,18 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     speculative.add_args(p)
 
 
-def check_generation_args(args: argparse.Namespace) -> None:
-    """Checks of add_generation_args's flags that need no model (speculative.check_args does the speculative ones);
-    turns args.device into a torch.device."""
-    for name in ("max_new_tokens", "top_k", "max_seq_length"):
+def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Refuse counts below 1 among the flags `names` (None: not given)."""
+    for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BriskError(f"--{name} must be at least 1, got {value}")
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """Checks of add_generation_args's flags that need no model (speculative.check_args does the speculative ones);
+    turns args.device into a torch.device."""
+    check_at_least_one(args, "max_new_tokens", "top_k", "max_seq_length")
     if args.temperature < 0:
         raise BriskError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -390,10 +395,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_samples", "batch_size"):
-        value = getattr(args, name)
-        if value < 1:
-            raise BriskError(f"--{name} must be at least 1, got {value}")
+    check_at_least_one(args, "num_samples", "batch_size")
     if args.interactive and args.batch_size != 1:
         raise BriskError("--interactive generates one sequence; leave out --batch_size")
     if args.profile is not None:
@@ -517,9 +519,7 @@ def main(argv=None) -> None:
         cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
                    compile_prefill=args.compile_prefill, batch_size=args.batch_size, prompt_tokens=len(ids),
                    max_new_tokens=max_new_tokens, max_seq_length=max_seq_length, num_samples=args.num_samples,
-                   weight_bytes=weights, **sampling, compile_s=compile_s,
-                   draft_checkpoint=args.draft_checkpoint_path and str(args.draft_checkpoint_path),
-                   draft=args.draft, prompt_lookup=args.prompt_lookup, speculate_k=args.speculate_k)
+                   weight_bytes=weights, **sampling, compile_s=compile_s, **speculative.settings(args))
         report = dict(config=cfg, samples=samples, summary=summary, bandwidth_formula=BANDWIDTH_HELP)
         save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), args.force)
 

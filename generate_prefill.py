@@ -432,9 +432,7 @@ def main(argv=None) -> None:
                    compile_prefill=args.compile_prefill, context_tokens=len(conv.context_ids),
                    max_new_tokens=args.max_new_tokens, max_seq_length=max_seq_length, **sampling,
                    cache_file=str(args.cache_file) if args.cache_file else None, cache_budget_mb=args.cache_budget_mb,
-                   draft_checkpoint=args.draft_checkpoint_path and str(args.draft_checkpoint_path),
-                   draft=args.draft, prompt_lookup=args.prompt_lookup, speculate_k=args.speculate_k,
-                   cached_models=len(models))
+                   **speculative.settings(args), cached_models=len(models))
         report = dict(config=cfg, prompts=stats, summary=s,
                       cache=dict(entries=len(cache.entries), bytes=cache.nbytes))
         save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), args.force)

@@ -224,13 +224,18 @@ def one_row_on_cpu(x: Tensor) -> bool:
     return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
 
 
+def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
+    # x: [..., 1, K] (one row), weight: [N, K] of any dtype -> [..., 1, N] in fp32, as the loop one_row_on_cpu means
+    return (x.float()[..., None, :] * weight.float()).sum(-1)
+
+
 class Linear(nn.Linear):
     """nn.Linear with the one-row CPU product written for Inductor (see one_row_on_cpu)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not one_row_on_cpu(x):
             return F.linear(x, self.weight, self.bias)
-        y = (x.float()[..., None, :] * self.weight.float()).sum(-1).to(x.dtype)  # [..., 1, K] * [N, K] -> [..., N]
+        y = one_row_product(x, self.weight).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model import (BriskError, Transformer, check_writable, load_config, load_model, load_state_dict, one_row_on_cpu,
-                   run_cli, save_checkpoint)
+                   one_row_product, run_cli, save_checkpoint)
 
 MODES = ("int8", "int4", "int4-gptq")
 GROUPSIZES = (32, 64, 128, 256)
@@ -137,7 +137,7 @@ class WeightOnlyInt8Linear(nn.Module):
         # (no reuse of the weight across rows), so from ~16 rows on, converting the weight and running one bf16
         # GEMM is faster (512 rows: 2.6 ms vs 18 ms for a 1536x576 weight). Inductor fuses the cast and scaling.
         if one_row_on_cpu(x):  # as model.Linear: Inductor's loop beats the int8 kernel by ~1.4x (BENCHMARKS.md)
-            y = ((x.float()[..., None, :] * self.weight.float()).sum(-1) * self.scales.float()).to(x.dtype)
+            y = (one_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
         elif (self.packed_mm and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16
                 and x.numel() <= KERNEL_ROWS * self.in_features):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)

@@ -254,6 +254,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"tokens proposed per verification (default {DEFAULT_K})")
 
 
+def settings(args) -> dict:
+    """The speculation flags as the scripts' --json files record them."""
+    return dict(draft_checkpoint=args.draft_checkpoint_path and str(args.draft_checkpoint_path), draft=args.draft,
+                prompt_lookup=args.prompt_lookup, speculate_k=args.speculate_k)
+
+
 def requested(args) -> bool:
     return any(x is not None for x in (args.draft_checkpoint_path, args.draft, args.prompt_lookup))
 
