@@ -5,7 +5,8 @@
 
 Every configuration (engine x input tokens x batch size) decodes greedily from the same random prompt (fixed seed)
 for exactly --max-new-tokens tokens (end-of-sequence tokens do not stop it), --warmup times untimed and --num-iter
-times timed. Figures are the median over the timed iterations, with their min and max; a configuration whose
+times timed; the timed iterations run in rounds, every engine once per round, so that a shared machine's drift
+hits all engines alike. Figures are the median over the timed iterations, with their min and max; a configuration whose
 decode speed varies by more than --noise (max / min) is flagged as noisy. The markdown table goes to stdout.
 generate.py's speculative decoding flags (--draft_checkpoint_path, --draft, --prompt_lookup, --speculate_k) make
 brisk speculate, at batch size 1, and add its acceptance figures.
@@ -152,8 +153,6 @@ class Brisk:
         room = self.spec.speculate_k if self.spec else 0  # a verify pass writes k positions past the last token
         self.model.max_batch_size = self.model.max_seq_length = -1
         self.model.setup_caches(batch_size, max_seq_length + room)
-        if self.compiles or self.compile_prefill:
-            torch._dynamo.reset()  # each configuration compiles afresh, so its compile time is its own
         self.fns = compiled_fns(self.device, self.compiles, self.compile_prefill)
         if self.spec:  # as generate.py builds it: the draft loaded with a cache of this configuration's length
             self.fns["speculator"] = speculative.build(self.spec, self.device, DTYPES[self.dtype],
@@ -192,7 +191,7 @@ def load_hf_model(args):
 
 
 class Transformers:
-    """The eager peer, or the compiled one; both may share one model, as prepare() sets it up each time."""
+    """The eager peer, or the compiled one; both may share one model, as once() puts its own forward in place."""
 
     def __init__(self, model, args, config: ModelArgs, compiled: bool):
         self.name = "transformers-compile" if compiled else "transformers"
@@ -202,18 +201,18 @@ class Transformers:
         self.kv_per_token = kv_bytes_per_token(config, DTYPES[args.dtype].itemsize)
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
-        m = self.model
-        m.__dict__.pop("forward", None)  # back to the eager forward of the class
-        m.generation_config.cache_implementation = None
         if self.compiles:  # the recipe of the transformers documentation (LLM optimization: static cache)
-            torch._dynamo.reset()
-            m.generation_config.cache_implementation = "static"
-            m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
+            self.forward = torch.compile(type(self.model).forward.__get__(self.model), mode="reduce-overhead",
+                                         fullgraph=True)
         return None
 
     @torch.no_grad()
     def once(self, prompt, batch_size: int, max_new_tokens: int) -> dict:
-        stamps = []
+        m, stamps = self.model, []
+        m.__dict__.pop("forward", None)  # the eager forward of the class, unless this peer compiles
+        m.generation_config.cache_implementation = "static" if self.compiles else None
+        if self.compiles:
+            m.forward = self.forward
 
         class Stamps:  # a transformers streamer: put() gets the prompt, then each new token [B]
             def put(self, value):
@@ -261,25 +260,38 @@ class LlamaCpp:
                                   self.kv_per_token, self.device), **latency_figures(stamps))
 
 
-def measure(engine, prompt, batch_size: int, max_new_tokens: int, warmup: int, num_iter: int,
-            device_gb_s: float, noise: float) -> dict:
+def measure(engines: list, prompt, batch_size: int, max_new_tokens: int, warmup: int, num_iter: int,
+            device_gb_s: float, noise: float) -> list[dict]:
+    """Every engine's figures for one configuration. Each engine warms up first; then the timed iterations run in
+    rounds, every engine once per round, so that drift of a shared machine (minutes long) hits all alike."""
     T = prompt.numel()
-    result = dict(engine=engine.name, checkpoint=engine.checkpoint, dtype=engine.dtype, compile=engine.compiles,
-                  speculation=getattr(engine, "speculation", None), input_tokens=T, batch_size=batch_size,
-                  max_new_tokens=max_new_tokens, weight_bytes=engine.weights)
-    skipped = engine.prepare(batch_size, T + max_new_tokens)
-    if skipped:
-        return dict(result, skipped=skipped)
-    warm = [engine.once(prompt, batch_size, max_new_tokens) for _ in range(warmup)]
-    samples = [engine.once(prompt, batch_size, max_new_tokens) for _ in range(num_iter)]
-    for s in samples:
-        s["bandwidth_pct"] = None if s["bandwidth_gb_s"] is None else 100 * s["bandwidth_gb_s"] / device_gb_s
-    summary = spread(samples)
-    compile_s = warm[0]["total_s"] - summary["total_s"]["median"] if engine.compiles and warm else None
-    key = SPREAD_KEY if SPREAD_KEY in summary else "total_s"
-    ratio = summary[key]["max"] / summary[key]["min"] if summary[key]["min"] > 0 else math.inf
-    return dict(result, compile_s=compile_s, warmup_total_s=[w["total_s"] for w in warm], spread_figure=key,
-                spread=ratio, noisy=ratio > noise, summary=summary, iterations=samples)
+    if any(e.compiles for e in engines):
+        torch._dynamo.reset()  # each configuration compiles afresh, so its compile time is its own
+    results, timed = [], []
+    for engine in engines:
+        result = dict(engine=engine.name, checkpoint=engine.checkpoint, dtype=engine.dtype, compile=engine.compiles,
+                      speculation=getattr(engine, "speculation", None), input_tokens=T, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, weight_bytes=engine.weights)
+        skipped = engine.prepare(batch_size, T + max_new_tokens)
+        if skipped:
+            results.append(dict(result, skipped=skipped))
+            continue
+        warm = [engine.once(prompt, batch_size, max_new_tokens) for _ in range(warmup)]
+        results.append(dict(result, warmup_total_s=[w["total_s"] for w in warm]))
+        timed.append((engine, results[-1], []))
+    for _ in range(num_iter):
+        for engine, _, samples in timed:
+            samples.append(engine.once(prompt, batch_size, max_new_tokens))
+    for engine, result, samples in timed:
+        for s in samples:
+            s["bandwidth_pct"] = None if s["bandwidth_gb_s"] is None else 100 * s["bandwidth_gb_s"] / device_gb_s
+        summary = spread(samples)
+        warm = result["warmup_total_s"]
+        key = SPREAD_KEY if SPREAD_KEY in summary else "total_s"
+        ratio = summary[key]["max"] / summary[key]["min"] if summary[key]["min"] > 0 else math.inf
+        result.update(compile_s=warm[0] - summary["total_s"]["median"] if engine.compiles and warm else None,
+                      spread_figure=key, spread=ratio, noisy=ratio > noise, summary=summary, iterations=samples)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,14 +462,10 @@ def main(argv=None) -> None:
     vocab = min(c.vocab_size for c in configs + drafts)  # prompt tokens every model can embed
     results = []
     grid = [(T, B) for T in args.input_tokens for B in args.batch_size]
-    with tqdm(total=len(grid) * len(engines), desc="bench", unit="config") as bar:
-        for T, B in grid:  # engines interleaved per configuration, so drift of the machine hits all alike
-            g = torch.Generator().manual_seed(args.seed + T)
-            prompt = torch.randint(vocab, (T,), generator=g).to(args.device)
-            for e in engines:
-                bar.set_postfix_str(f"{e.name} {Path(e.checkpoint).name} input {T} batch {B}")
-                results.append(measure(e, prompt, B, args.max_new_tokens, args.warmup, args.num_iter, gb_s, args.noise))
-                bar.update()
+    for T, B in tqdm(grid, desc="bench", unit="config"):
+        g = torch.Generator().manual_seed(args.seed + T)
+        prompt = torch.randint(vocab, (T,), generator=g).to(args.device)
+        results += measure(engines, prompt, B, args.max_new_tokens, args.warmup, args.num_iter, gb_s, args.noise)
 
     print(table(results))
     speedups = ratios(results)

@@ -108,21 +108,50 @@ def test_bench_figures_are_consistent(tmp_path, capsys):
     assert table.count("| brisk | model.pth | float32 |") == 4
 
 
-def test_bench_peer_transformers_runs_the_same_configuration(random_hf, tmp_path, capsys):
+def test_bench_peers_transformers_run_the_same_configuration(random_hf, tmp_path, capsys):
+    """Eager and static cache + compile share one transformers model, taking turns in the timed rounds."""
     _, ckpt = random_hf
     out = tmp_path / "bench.json"
     bench.main(["--checkpoint_path", str(ckpt), "--input-tokens", "5", "--batch-size", "2", "--max-new-tokens", "4",
-                "--num-iter", "1", "--warmup", "0", "--dtype", "float32", "--copy_gib", "0.05", "--peers",
-                "transformers", "--hf_model", str(ckpt.parent), "--json", str(out)])
+                "--num-iter", "2", "--warmup", "1", "--dtype", "float32", "--copy_gib", "0.05", "--peers",
+                "transformers", "transformers-compile", "--hf_model", str(ckpt.parent), "--json", str(out)])
     report = json.loads(out.read_text())
-    brisk, peer = report["results"]
-    assert (brisk["engine"], peer["engine"]) == ("brisk", "transformers")
-    it = peer["iterations"][0]
-    assert (it["new_tokens"], it["tokens_generated"], it["decode_steps"]) == (4, 8, 3)
-    (ratio,) = report["ratios"]
-    assert ratio["decode_speedup"] == pytest.approx(
-        brisk["summary"]["decode_tokens_per_s"]["median"] / peer["summary"]["decode_tokens_per_s"]["median"])
-    assert "| transformers |" in capsys.readouterr().out
+    brisk, eager, compiled = report["results"]
+    assert (brisk["engine"], eager["engine"], compiled["engine"]) == ("brisk", "transformers", "transformers-compile")
+    for peer in (eager, compiled):
+        for it in peer["iterations"]:
+            assert (it["new_tokens"], it["tokens_generated"], it["decode_steps"]) == (4, 8, 3)
+    assert compiled["compile_s"] > 0 and eager["compile_s"] is None
+    ratios = {r["peer"]: r["decode_speedup"] for r in report["ratios"]}
+    assert ratios["transformers"] == pytest.approx(
+        brisk["summary"]["decode_tokens_per_s"]["median"] / eager["summary"]["decode_tokens_per_s"]["median"])
+    assert "| transformers-compile |" in capsys.readouterr().out
+
+
+def test_bench_times_engines_in_rounds_after_each_warms_up():
+    """Warm-ups first, engine by engine; then one timed iteration per engine per round, so slow drift of a shared
+    machine reaches every engine alike. An engine that skips the configuration is left out of the rounds."""
+    calls = []
+
+    class Fake:
+        compiles, weights, checkpoint, dtype = False, 1, "ckpt", "float32"
+
+        def __init__(self, name, skip=None):
+            self.name, self.skip = name, skip
+
+        def prepare(self, batch_size, max_seq_length):
+            calls.append(f"prepare {self.name}")
+            return self.skip
+
+        def once(self, prompt, batch_size, max_new_tokens):
+            calls.append(self.name)
+            return dict(total_s=1.0, decode_tokens_per_s=10.0, bandwidth_gb_s=None)
+
+    results = bench.measure([Fake("a"), Fake("b"), Fake("c", skip="batch size 1 only")], torch.arange(4), 1, 8,
+                            warmup=1, num_iter=3, device_gb_s=1.0, noise=1.15)
+    assert calls == ["prepare a", "a", "prepare b", "b", "prepare c"] + ["a", "b"] * 3
+    assert [r["engine"] for r in results] == ["a", "b", "c"]
+    assert [len(r.get("iterations", [])) for r in results] == [3, 3, 0] and results[2]["skipped"]
 
 
 @pytest.mark.parametrize("proposer", ["draft", "prompt_lookup"])
