@@ -147,24 +147,31 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
 # Command line
 
 
-def compile_settings(device: torch.device) -> dict:
-    """torch.compile arguments for decode_one_token: the one place where they are chosen per device. Inductor
-    settings go in `options` (per compiled function) rather than the global config, so nothing leaks into
-    other compiled code."""
+def compile_step(fn: Callable, device: torch.device) -> Callable:
+    """torch.compile(fn) for one model whose weights and caches keep their shapes: a decode step, a verify pass.
+
+    Inductor settings go in `options`, per compiled function, so nothing leaks into other compiled code. Measured
+    on SmolLM2-135M's CPU decode (BENCHMARKS.md), A/B in one process: realize_acc_reads_threshold=1 stores each
+    pointwise result (a norm's output, say) once instead of recomputing it inside the loop of every consumer, as
+    a step's matrix-vector loops otherwise redo the RMSNorm for each row of the weight (int8 +30%, int4 +30%);
+    cpp_wrapper calls the kernels from C++, saving ~3 ms of Python per step (+2-15%); freezing and max-autotune
+    were slower. Before each call Dynamo would check ~500 guards on the modules the step reads (1-1.5 ms, 5-10%
+    of a small model's step on a CPU); they are dropped, which is safe because every call here compiles fn
+    afresh (isolate_recompiles: its graphs are its own), so a compiled step never meets another model. Callers
+    make a new one after setup_caches."""
     if device.type == "cuda":
-        return dict(fullgraph=True, mode="reduce-overhead")  # CUDA graphs remove the per-kernel launch cost
-    # Measured on SmolLM2-135M (BENCHMARKS.md), A/B in one process. realize_acc_reads_threshold=1 stores each
-    # pointwise result (a norm's output, say) once instead of recomputing it inside the loop of every consumer: a
-    # decode step's matrix-vector loops otherwise redo the RMSNorm for each of the weight's rows (int8 +30%,
-    # int4 +30%). cpp_wrapper calls the kernels from C++, saving ~3 ms of Python per step (+2-15%). Freezing
-    # and max-autotune made decode slower.
-    return dict(fullgraph=True, options={"cpp_wrapper": True, "realize_acc_reads_threshold": 1})
+        options = {"triton.cudagraphs": True}  # mode="reduce-overhead": CUDA graphs remove the per-kernel launches
+    else:
+        options = {"cpp_wrapper": True, "realize_acc_reads_threshold": 1}
+    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    return torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
 
 
 def compiled_fns(device: torch.device, compile: bool, compile_prefill: bool) -> dict:
+    """The prefill and decode functions for one model with its caches set up (see compile_step)."""
     fns = dict(prefill_fn=prefill, decode_fn=decode_one_token)
     if compile:
-        fns["decode_fn"] = torch.compile(decode_one_token, **compile_settings(device))
+        fns["decode_fn"] = compile_step(decode_one_token, device)
     if compile_prefill:  # the prompt length varies between calls
         fns["prefill_fn"] = torch.compile(prefill, fullgraph=True, dynamic=True)
     return fns

@@ -40,7 +40,7 @@ from torch import Tensor
 
 import quantize
 import tp
-from generate import compile_settings, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync, sync
+from generate import compile_step, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync, sync
 from model import BriskError, Transformer, load_config, load_model, load_state_dict, save_checkpoint
 
 DEFAULT_K = 5
@@ -372,8 +372,8 @@ def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int) -
     max_seq_length positions."""
     verify_fn, decode_fn = verify, decode_one_token
     if args.compile:  # k is fixed, so the verify pass has a static shape
-        verify_fn = torch.compile(verify, **compile_settings(device))
-        decode_fn = torch.compile(decode_one_token, **compile_settings(device))
+        verify_fn = compile_step(verify, device)  # of the target
+        decode_fn = compile_step(decode_one_token, device)  # of the draft, set up below
     if args.prompt_lookup is not None:
         return Speculator(PromptLookup(args.prompt_lookup), args.speculate_k, verify_fn)
     path = args.draft_checkpoint_path

@@ -158,10 +158,21 @@ def test_reusing_the_cached_prefix_matches_a_full_prefill(tiny_checkpoint):
 def test_compiled_greedy_matches_eager(tmp_path):
     path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
     eager = greedy(tiny_model(path), 6)
+    model = tiny_model(path)
     fns = gen.compiled_fns(torch.device("cpu"), compile=True, compile_prefill=True)
-    compiled = greedy(tiny_model(path), 6, **fns)
-    assert compiled == eager
-    assert greedy(tiny_model(path), 6, **fns) == eager  # the second run replays the compiled code
+    assert greedy(model, 6, **fns) == eager
+    assert greedy(model, 6, **fns) == eager  # the second run replays the compiled code
+
+
+@pytest.mark.slow
+def test_compiled_steps_of_two_models_keep_to_their_own_model(tmp_path):
+    """A compiled step skips the guards on the model's modules, so each compile_step call must keep its own
+    compiled graphs: a second model (two layers, not one) called in turn with the first gets its own graph."""
+    models = [tiny_model(make_checkpoint(tmp_path / f"m{n}", seed=n, tokenizer=False, n_layer=n)) for n in (1, 2)]
+    eager = [greedy(m, 6) for m in models]
+    steps = [gen.compiled_fns(torch.device("cpu"), compile=True, compile_prefill=False) for _ in models]
+    for _ in range(2):
+        assert [greedy(m, 6, **fns) for m, fns in zip(models, steps)] == eager
 
 
 # ---------------------------------------------------------------------------------------------------------------
