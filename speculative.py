@@ -94,7 +94,7 @@ def verify(model: Transformer, x: Tensor, input_pos: Tensor, temperature: float 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Proposers: propose(history, cur_token, pos, k, greedy, sampling) -> (draft [k], q [k, V]) or None (no proposal:
-# a plain decode step follows); catch_up(token [1, 1], pos) feeds a token the proposer has not seen.
+# a plain decode step follows); catch_up(token [1, 1], pos, sampling) feeds a token the proposer has not seen.
 
 
 class DraftModel:
@@ -121,8 +121,10 @@ class DraftModel:
         q = F.one_hot(draft.long(), self.model.config.vocab_size).float() if greedy else torch.cat(qs)  # [k, V]
         return draft, q
 
-    def catch_up(self, token: Tensor, pos: int) -> None:
-        self.model(token, torch.tensor([pos], device=token.device))
+    def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
+        # through the (compiled) decode step, as its sampled token is merely not used: a plain forward would run
+        # the draft eagerly once per fully accepted draft
+        self.decode_fn(self.model, token, torch.tensor([pos], device=token.device), **sampling)
 
 
 class PromptLookup:
@@ -142,7 +144,7 @@ class PromptLookup:
         draft = torch.tensor(draft, dtype=torch.int, device=cur_token.device)
         return draft, None  # deterministic: Speculator makes q one-hot at the target's vocabulary size
 
-    def catch_up(self, token: Tensor, pos: int) -> None:
+    def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
         pass
 
 
@@ -199,7 +201,7 @@ class Speculator:
             if pos + k < model.max_seq_length:  # the verify pass writes positions pos..pos+k
                 proposal = self.proposer.propose(self.history, cur_token, pos, k, greedy, sampling)
             if proposal is None:
-                self.proposer.catch_up(cur_token, pos)
+                self.proposer.catch_up(cur_token, pos, sampling)
                 new = decode_fn(model, cur_token, torch.tensor([pos], device=device), **sampling)[0].clone().view(1)
                 self.stats["plain_steps"] += 1
             else:
@@ -210,7 +212,7 @@ class Speculator:
                     q = F.one_hot(draft.long(), p.size(-1)).float()
                 new = accept(draft, q, p, greedy)
                 if new.numel() == k + 1:  # all kept: the draft has not yet seen the last of them
-                    self.proposer.catch_up(draft[-1:].view(1, 1), pos + k)
+                    self.proposer.catch_up(draft[-1:].view(1, 1), pos + k, sampling)
                 self.stats["verifications"] += 1
                 self.stats["accepted"] += new.numel() - 1
             new = new[:left]
