@@ -201,7 +201,8 @@ class Transformers:
         self.kv_per_token = kv_bytes_per_token(config, DTYPES[args.dtype].itemsize)
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
-        if self.compiles:  # the recipe of the transformers documentation (LLM optimization: static cache)
+        if self.compiles:  # the recipe of the transformers documentation (LLM optimization: static cache), on the
+            # class's forward: the model's own attribute may be the other peer's compiled one
             self.forward = torch.compile(type(self.model).forward.__get__(self.model), mode="reduce-overhead",
                                          fullgraph=True)
         return None
