@@ -18,7 +18,8 @@ with `scales_and_zeros` [K/g, N, 2] (bf16). `finalize_model` repacks them for th
 is one (CPU: bf16 activations; CUDA) and otherwise dequantizes at run time. A layer whose in_features the group
 size does not divide (SmolLM2's 576 with g128/g256) is zero-padded to the next multiple; its input is padded to
 match at run time, so every group size works with every model. CPU's int4 kernel, like the int8 one, reads the
-weight once per row of activations: decode is fast, long prefills are slower than bf16.
+weight once per row of activations: fast for decode, slow for a long prompt, so from INT4_KERNEL_ROWS rows on the
+weight is dequantized from its packed form and multiplied with one GEMM instead.
 """
 import argparse
 import math
@@ -39,6 +40,7 @@ GROUPSIZES = (32, 64, 128, 256)
 DEFAULT_GROUPSIZE = 32
 INT4_PARAM_DTYPE = torch.bfloat16  # the int4 kernels read bf16 scales and zero points
 KERNEL_ROWS = 16  # up to this many rows of activations the CPU int8 kernel beats dequantize + GEMM
+INT4_KERNEL_ROWS = 128  # likewise for the CPU int4 kernel, measured on SmolLM2-135M (BENCHMARKS.md)
 
 
 def pydoc_text(part: int) -> str:
@@ -105,6 +107,15 @@ def unpack_nibbles(p: Tensor) -> Tensor:
     return torch.stack([p >> 4, p & 15], dim=-1).reshape(p.shape[0], -1)
 
 
+def cpu_packed_values(p: Tensor) -> Tensor:
+    """The values [N, K] (0..15) that `_convert_weight_to_int4pack_for_cpu` packed into p [N, K/2] uint8. Its layout
+    (torch 2.13, AVX-512): blocks of 64 rows; within a block, for each input column, 32 bytes whose low nibbles are
+    rows 0..31 and high nibbles rows 32..63. `WeightOnlyInt4Linear.pack` checks this on the weight before using it."""
+    n, k = p.shape[0], p.shape[1] * 2
+    b = p.view(n // 64, k, 32)  # [N/64, K, 32]
+    return torch.cat([b & 15, b >> 4], dim=-1).transpose(1, 2).reshape(n, k)
+
+
 def to_scales_and_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
     # [N, K/g] each -> [K/g, N, 2], the layout of the int4 kernels
     return torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
@@ -168,12 +179,15 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(k // groupsize, out_features, 2))  # [K/g, N, 2]
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
         self.kernel: Optional[str] = None  # set by pack(): "cpu", "cuda", or None for the dequantize path
+        self.unpackable = False  # set by pack(): the CPU-packed weight can be read back (cpu_packed_values)
 
     def pack(self, kernel: Optional[str]) -> None:
         """Repack the file's two-per-byte values for `kernel` ("cpu" or "cuda"), or unpack them (None)."""
         q = unpack_nibbles(self.weight)  # [N, K]
         if kernel == "cpu":
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            # the layout is torch's own: read it back only where it is the one cpu_packed_values knows
+            self.unpackable = q.shape[0] % 64 == 0 and torch.equal(cpu_packed_values(self.weight[:64]), q[:64])
         elif kernel == "cuda":
             tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight, tiles)
@@ -188,14 +202,18 @@ class WeightOnlyInt4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if k != self.in_features:
             x2 = F.pad(x2, (0, k - self.in_features))
-        if self.kernel == "cpu":  # the kernels take bf16 activations: other dtypes round-trip through bf16
+        # CPU's kernel takes time linear in the rows (a 1536x576 weight: 10 ms for 512 rows against 3.4 ms for
+        # dequantizing it and one bf16 GEMM), so long inputs take the dequantize path
+        if self.kernel == "cpu" and not (self.unpackable and x2.shape[0] >= INT4_KERNEL_ROWS):
+            # the kernels take bf16 activations: other dtypes round-trip through bf16
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.groupsize,
                                                            self.scales_and_zeros).to(x.dtype)
         elif self.kernel == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize,
                                                    self.scales_and_zeros).to(x.dtype)
-        else:  # `weight` holds unpacked values [N, K]
-            w = int4_dequantize(self.weight, *from_scales_and_zeros(self.scales_and_zeros), dtype=x.dtype)
+        else:  # `weight` holds the values [N, K] unpacked, or packed for the CPU kernel
+            q = cpu_packed_values(self.weight) if self.kernel == "cpu" else self.weight
+            w = int4_dequantize(q, *from_scales_and_zeros(self.scales_and_zeros), dtype=x.dtype)
             y = F.linear(x2, w)
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias

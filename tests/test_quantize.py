@@ -96,6 +96,28 @@ def test_cpu_int4_kernel_equals_dequantize_path(groupsize, k):
     torch.testing.assert_close(y, plain(x).float(), rtol=2e-2, atol=2e-2 * plain(x).abs().max().item())
 
 
+def test_cpu_packed_int4_weights_read_back_to_their_values():
+    q = torch.randint(0, 16, (128, 64), dtype=torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(quantize.cpu_packed_values(packed), q)
+    assert int4_linear(weights(n=64, k=64), 32, "cpu").unpackable
+    assert not int4_linear(weights(n=96, k=64), 32, "cpu").unpackable  # not whole blocks of 64 rows: kernel only
+
+
+def test_long_inputs_dequantize_the_cpu_packed_weight_to_the_same_result(monkeypatch):
+    w = weights(n=64, k=256) * 10
+    packed, plain = int4_linear(w, 32, "cpu"), int4_linear(w, 32, None)
+    x = torch.randn(1, 6, 256, dtype=torch.bfloat16)
+    reads, read_back = [], quantize.cpu_packed_values
+    monkeypatch.setattr(quantize, "cpu_packed_values", lambda p: reads.append(p) or read_back(p))
+    kernel_y = packed(x)  # 6 rows, fewer than INT4_KERNEL_ROWS: the kernel
+    assert not reads
+    monkeypatch.setattr(quantize, "INT4_KERNEL_ROWS", 6)
+    long_y = packed(x)  # as many rows as INT4_KERNEL_ROWS: the weight dequantized, as the plain module does
+    assert len(reads) == 1 and torch.equal(long_y, plain(x))
+    torch.testing.assert_close(kernel_y.float(), long_y.float(), rtol=2e-2, atol=2e-2 * long_y.abs().max())
+
+
 def test_cpu_int8_kernel_equals_plain_path():
     w = weights(n=40, k=96)
     m = WeightOnlyInt8Linear(96, 40)
