@@ -40,7 +40,7 @@ GROUPSIZES = (32, 64, 128, 256)
 DEFAULT_GROUPSIZE = 32
 INT4_PARAM_DTYPE = torch.bfloat16  # the int4 kernels read bf16 scales and zero points
 KERNEL_ROWS = 16  # up to this many rows of activations the CPU int8 kernel beats dequantize + GEMM
-INT4_KERNEL_ROWS = 128  # likewise for the CPU int4 kernel, measured on SmolLM2-135M (BENCHMARKS.md)
+INT4_KERNEL_ROWS = 128  # from this many rows on, dequantize + GEMM beats the CPU int4 kernel (BENCHMARKS.md)
 
 
 def pydoc_text(part: int) -> str:
