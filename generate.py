@@ -70,7 +70,7 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None
 
 def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> Tensor:
     # x: [B, T] at positions input_pos: [T] -> first new token [B, 1]
-    logits = model(x, input_pos)
+    logits = model(x, input_pos, logits_to_keep=1)
     return sample(logits[:, -1], **sampling_kwargs)[0]
 
 

@@ -156,15 +156,16 @@ class Transformer(nn.Module):
         causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)  # [S, S]
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        # idx: [B, T] token ids at positions input_pos: [T]; returns logits [B, T, V]
+    def forward(self, idx: Tensor, input_pos: Tensor, logits_to_keep: int = 0) -> Tensor:
+        # idx: [B, T] token ids at positions input_pos: [T]; returns logits [B, T, V], or [B, logits_to_keep, V]
+        # for the last positions only: a prefill needs one row of the head's product, not T
         assert self.max_seq_length > 0, "call setup_caches() first"
         mask = self.causal_mask[None, None, input_pos]  # [1, 1, T, S]
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, D/2]
         x = self.tok_embeddings(idx)  # [B, T, dim]
         for layer in self.layers:
             x = layer(x, input_pos, cos, sin, mask)
-        return self.output(self.norm(x))
+        return self.output(self.norm(x[:, -logits_to_keep:]))
 
 
 class TransformerBlock(nn.Module):

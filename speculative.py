@@ -104,7 +104,7 @@ class DraftModel:
         self.model, self.decode_fn = model, decode_fn
 
     def prefill(self, x: Tensor, input_pos: Tensor) -> None:
-        self.model(x, input_pos)
+        self.model(x, input_pos, logits_to_keep=1)  # only the cache is wanted
 
     def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool, sampling: dict):
         if pos + k >= self.model.max_seq_length:  # room for the k draft tokens and a catch-up

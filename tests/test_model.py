@@ -51,6 +51,19 @@ def test_cached_decode_equals_full_forward(tmp_path):
     torch.testing.assert_close(torch.cat([prefix, chunk, *steps], 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_logits_to_keep_computes_the_last_rows_only(tmp_path):
+    model = load_model(make_checkpoint(tmp_path, tokenizer=False), dtype=torch.float32)
+    model.setup_caches(2, 32)
+    idx = torch.randint(0, 320, (2, 20))
+    with torch.no_grad():
+        full = model(idx, torch.arange(20))
+        last = model(idx, torch.arange(20), logits_to_keep=1)
+        last3 = model(idx, torch.arange(20), logits_to_keep=3)
+    assert last.shape == (2, 1, full.shape[-1]) and last3.shape == (2, 3, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last3, full[:, -3:], atol=1e-5, rtol=1e-5)
+
+
 def test_tied_head_shares_the_embedding(tmp_path):
     model = load_model(make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=True), dtype=torch.float32)
     assert model.output.weight is model.tok_embeddings.weight
