@@ -39,12 +39,18 @@ def test_llama2_7b_shape_matches_published_size():
     assert sum(p.numel() for p in m.parameters()) == 6_738_415_616
 
 
-def test_cached_decode_equals_full_forward(tmp_path):
+def model_and_full_forward(tmp_path):
+    """A float model with caches for 2 x 32 positions, a batch of 20-token prompts and its logits [2, 20, V]."""
     model = load_model(make_checkpoint(tmp_path, tokenizer=False), dtype=torch.float32)
     model.setup_caches(2, 32)
     idx = torch.randint(0, 320, (2, 20))
     with torch.no_grad():
-        full = model(idx, torch.arange(20))
+        return model, idx, model(idx, torch.arange(20))
+
+
+def test_cached_decode_equals_full_forward(tmp_path):
+    model, idx, full = model_and_full_forward(tmp_path)
+    with torch.no_grad():
         prefix = model(idx[:, :12], torch.arange(12))  # prefill 12, then verify 3, then decode one at a time
         chunk = model(idx[:, 12:15], torch.arange(12, 15))
         steps = [model(idx[:, i:i + 1], torch.tensor([i])) for i in range(15, 20)]
@@ -52,11 +58,8 @@ def test_cached_decode_equals_full_forward(tmp_path):
 
 
 def test_logits_to_keep_computes_the_last_rows_only(tmp_path):
-    model = load_model(make_checkpoint(tmp_path, tokenizer=False), dtype=torch.float32)
-    model.setup_caches(2, 32)
-    idx = torch.randint(0, 320, (2, 20))
+    model, idx, full = model_and_full_forward(tmp_path)
     with torch.no_grad():
-        full = model(idx, torch.arange(20))
         last = model(idx, torch.arange(20), logits_to_keep=1)
         last3 = model(idx, torch.arange(20), logits_to_keep=3)
     assert last.shape == (2, 1, full.shape[-1]) and last3.shape == (2, 3, full.shape[-1])
