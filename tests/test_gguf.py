@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, _CORPUS, CHATML, write_tiny_tokenizer
 from model import BriskError, load_model
-from scripts import convert_gguf
+from scripts import convert_gguf, gguf_retype
 from tokenizer import load_tokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -203,6 +203,30 @@ def test_tiny_gguf_tokenizer_matches_transformers(tiny_gguf, tmp_path):
         for text in TEXTS + ["<s>[INST] hi [/INST] ok </s>", "  leading spaces", "x</s> y"]:
             assert tok.encode(text) == sp.encode(text), text
             assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text)), text
+
+
+def test_retyped_gguf_keeps_metadata_and_gives_the_head_its_own_type(tiny_gguf, tmp_path):
+    """scripts/gguf_retype.py, which makes llama.cpp's side of the benchmarks: Q8_0 blocks with a Q4_0 head read
+    back (by our converter) as transformers reads the same file, tokenizer and all."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, hf, directory = tiny_gguf
+    out = tmp_path / "mixed.gguf"
+    Q = gguf.GGMLQuantizationType
+    gguf_retype.retype(directory / "f32.gguf", out, Q.Q8_0, head_type=Q.Q4_0)
+    types = {t.name: (t.tensor_type, len(t.shape)) for t in gguf.GGUFReader(out).tensors}
+    head = "token_embd.weight" if hf.config.tie_word_embeddings else "output.weight"
+    assert types.pop(head) == (Q.Q4_0, 2)
+    assert set(types.values()) == {(Q.Q8_0, 2), (Q.F32, 1)}  # norms and biases stay F32
+    convert_gguf.main([str(out), "--checkpoint_dir", str(tmp_path / "ckpt")])
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert (our_logits(tmp_path / "ckpt", ids) - expected).abs().max() <= 1e-4
+    ref_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    assert load_tokenizer(tmp_path / "ckpt").encode(TEXTS[1]) == ref_tok.encode(TEXTS[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
