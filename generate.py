@@ -154,11 +154,11 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     on SmolLM2-135M's CPU decode (BENCHMARKS.md), A/B in one process: realize_acc_reads_threshold=1 stores each
     pointwise result (a norm's output, say) once instead of recomputing it inside the loop of every consumer, as
     a step's matrix-vector loops otherwise redo the RMSNorm for each row of the weight (int8 +30%, int4 +30%);
-    cpp_wrapper calls the kernels from C++, saving ~3 ms of Python per step (+2-15%); freezing and max-autotune
-    were slower. Before each call Dynamo would check ~500 guards on the modules the step reads (1-1.5 ms, 5-10%
-    of a small model's step on a CPU); they are dropped, which is safe because every call here compiles fn
-    afresh (isolate_recompiles: its graphs are its own), so a compiled step never meets another model. Callers
-    make a new one after setup_caches."""
+    cpp_wrapper calls the kernels from C++, saving ~3 ms of Python per step (+2-15%); freezing was slower (it
+    folds every weight.float() into a float32 copy: bf16 -33%), with max-autotune too. Before each call Dynamo
+    would check ~500 guards on the modules the step reads (1-1.5 ms, 5-10% of a small model's step on a CPU);
+    they are dropped, which is safe because every call here compiles fn afresh (isolate_recompiles: its graphs
+    are its own), so a compiled step never meets another model. Callers make a new one after setup_caches."""
     if device.type == "cuda":
         options = {"triton.cudagraphs": True}  # mode="reduce-overhead": CUDA graphs remove the per-kernel launches
     else:
