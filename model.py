@@ -160,7 +160,12 @@ class Transformer(nn.Module):
         # idx: [B, T] token ids at positions input_pos: [T]; returns logits [B, T, V], or [B, logits_to_keep, V]
         # for the last positions only: a prefill needs one row of the head's product, not T
         assert self.max_seq_length > 0, "call setup_caches() first"
-        mask = self.causal_mask[None, None, input_pos]  # [1, 1, T, S]
+        # Eagerly, the positions (ascending) attend to the cache up to the last of them only, as the keys past it are
+        # masked out, and a prompt from position 0 is plain causal attention, which SDPA does without a mask in half
+        # the work. Compiled graphs keep the whole static cache and mask.
+        T = idx.shape[1]
+        end = self.max_seq_length if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
+        mask = None if end == T else self.causal_mask[None, None, input_pos, :end]  # [1, 1, T, end]; None: causal
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, D/2]
         x = self.tok_embeddings(idx)  # [B, T, dim]
         for layer in self.layers:
@@ -176,7 +181,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor]) -> Tensor:
         h = x + self.attention(self.attention_norm(x), input_pos, cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -190,7 +195,7 @@ class Attention(nn.Module):
         self.wo = Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor]) -> Tensor:
         B, T, _ = x.shape
         # n_head etc. come from the weights' shapes so that a tensor-parallel shard runs unchanged
         kv_size = self.n_local_heads * self.head_dim
@@ -200,7 +205,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_local_heads)
+        end = T if mask is None else mask.shape[-1]  # the cache positions attended to
+        y = F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_head != self.n_local_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
         return self.wo(y)
 
