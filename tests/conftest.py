@@ -2,12 +2,15 @@
 default model when it has been prepared."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from model import CONFIG_NAME, ModelArgs, Transformer
+from model import ModelArgs
+from scripts.random_checkpoint import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_CHECKPOINT = ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct" / "model.pth"
@@ -46,21 +49,23 @@ def write_tiny_tokenizer(directory: Path, vocab_size: int = TINY["vocab_size"]) 
 def make_checkpoint(directory: Path, seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
     """Random weights for a tiny model (TINY updated with `overrides`) saved as directory/model.pth."""
     args = ModelArgs(**{**TINY, **overrides})
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    with torch.no_grad():  # larger than default init so that logits are peaked and argmax is stable
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    directory.mkdir(parents=True, exist_ok=True)
-    sd = model.state_dict()
-    if args.tie_embeddings:
-        sd.pop("output.weight")
-    torch.save(sd, directory / "model.pth")
-    (directory / CONFIG_NAME).write_text(json.dumps(args.to_dict()))
+    # weights larger than usual, so that logits are peaked and argmax is stable
+    path = write_random_checkpoint(directory, args, force=True, seed=seed, std=0.15, dtype=torch.float32)
     if tokenizer:
         write_tiny_tokenizer(directory, args.vocab_size)
-    return directory / "model.pth"
+    return path
+
+
+def run_script(script: str, *args) -> subprocess.CompletedProcess:
+    """Run `script` (a path from the repository root) with `args` in a subprocess, as a user would."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, match: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert match in lines[0]
 
 
 @pytest.fixture

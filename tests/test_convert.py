@@ -3,7 +3,6 @@ supported family and file layout; scripts/download.py asks the Hub for only the 
 in one `error:` line. Everything runs offline on tiny random models."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,11 @@ import torch
 from huggingface_hub.utils import filter_repo_objects
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from conftest import ROOT, assert_one_line_error, run_script
 from model import CONFIG_NAME, BriskError, load_model, load_state_dict
 from scripts import convert_hf_checkpoint as convert_hf
 from scripts import download
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=256)
 # Llama 3.1 rope scaling, with original_max_position_embeddings shrunk so that it changes angles within 24 positions
@@ -83,14 +82,7 @@ def save_bin(sd: dict, directory: Path, n_shards: int, old: bool) -> None:
 
 
 def run_convert(*args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "scripts" / "convert_hf_checkpoint.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, match: str) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert match in lines[0]
+    return run_script("scripts/convert_hf_checkpoint.py", *args)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -4,14 +4,13 @@ SmolLM2-135M-Instruct Q4_1 file, and bad input."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, _CORPUS, CHATML, write_tiny_tokenizer
+from conftest import _CORPUS, CHATML, run_script, write_tiny_tokenizer
 from model import BriskError, load_model
 from scripts import convert_gguf, gguf_retype
 from tokenizer import load_tokenizer
@@ -294,8 +293,7 @@ def test_real_tokenizer_matches_transformers_gguf_reading(real_checkpoint, real_
 # Bad input
 
 def run_convert(*args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "scripts" / "convert_gguf.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    return run_script("scripts/convert_gguf.py", *args)
 
 
 def test_truncated_gguf_is_one_line_error_and_leaves_nothing(tmp_path):
