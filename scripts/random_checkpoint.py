@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import CONFIG_NAME, DTYPES, BriskError, ModelArgs, Transformer, check_writable, run_cli, save_atomic, \
-    save_checkpoint  # noqa: E402
+from model import (CONFIG_NAME, DTYPES, BriskError, ModelArgs, Transformer, check_writable, run_cli,  # noqa: E402
+                   save_atomic, save_checkpoint)
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, std: float = 0.02, dtype=torch.bfloat16,

@@ -1,4 +1,4 @@
-"""scripts/random_checkpoint.py: random weights in a preset's shape, which every script reads like a converted
+"""scripts/random_checkpoint.py: random weights in a preset's shape, which load and benchmark like a converted
 checkpoint (bench.py needs no tokenizer for them); existing files are kept unless --force."""
 import json
 import subprocess
@@ -8,6 +8,7 @@ import torch
 import bench
 from conftest import assert_one_line_error, run_script
 from model import CONFIG_NAME, ModelArgs, load_model
+
 
 def run(*args) -> subprocess.CompletedProcess:
     return run_script("scripts/random_checkpoint.py", *args)
