@@ -68,25 +68,28 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None
 # Generation
 
 
-def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> Tensor:
-    # x: [B, T] at positions input_pos: [T] -> first new token [B, 1]
-    logits = model(x, input_pos, logits_to_keep=1)
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, kv_len: Optional[int] = None,
+            **sampling_kwargs) -> Tensor:
+    # x: [B, T] at positions input_pos: [T] -> first new token [B, 1]; kv_len: see Transformer.forward
+    logits = model(x, input_pos, logits_to_keep=1, kv_len=kv_len)
     return sample(logits[:, -1], **sampling_kwargs)[0]
 
 
-def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor,
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, kv_len: Optional[int] = None,
                      **sampling_kwargs) -> tuple[Tensor, Optional[Tensor]]:
     # x: [B, 1] at input_pos: [1] -> (next token [B, 1], probs [B, V] or None when greedy)
-    logits = model(x, input_pos)
+    logits = model(x, input_pos, kv_len=kv_len)
     return sample(logits[:, -1], **sampling_kwargs)
 
 
 def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
                     decode_fn: Callable = decode_one_token, **sampling_kwargs) -> Iterator[Tensor]:
     """Feed each sampled token back in, yielding the next one [B, 1]; the caller stops early by not asking."""
+    pos = int(input_pos[-1])  # read once; the host counts the positions after it
     for _ in range(num_new_tokens):
-        next_token, _ = decode_fn(model, cur_token, input_pos, **sampling_kwargs)
+        next_token, _ = decode_fn(model, cur_token, input_pos, kv_len=model.attend_len(pos), **sampling_kwargs)
         input_pos += 1
+        pos += 1
         cur_token = next_token.clone()  # a CUDA graph's output is overwritten by its next replay
         yield cur_token
 
@@ -127,7 +130,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
         return all(done)
 
     t0 = time.perf_counter()
-    token = prefill_fn(model, x, input_pos, **sampling_kwargs)
+    token = prefill_fn(model, x, input_pos, kv_len=model.attend_len(T - 1), **sampling_kwargs)
     finished = take(token)
     if speculator is not None:  # even when finished: in a chat the proposer's cache must keep up with the target's
         speculator.prefill(prompt, start_pos)
@@ -160,14 +163,21 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     folds every weight.float() into a float32 copy: bf16 -33%), with max-autotune too. Before each call Dynamo
     would check ~500 guards on the modules the step reads (1-1.5 ms, 5-10% of a small model's step on a CPU);
     they are dropped, which is safe because every call here compiles fn afresh (isolate_recompiles: its graphs
-    are its own), so a compiled step never meets another model. Callers make a new one after setup_caches."""
+    are its own), so a compiled step never meets another model. Callers make a new one after setup_caches.
+    The number of cache positions attended to (fn's `kv_len` argument, Transformer.attend_len) is a dynamic size
+    from the first trace on: one graph serves every length instead of a recompile when it first changes."""
     if device.type == "cuda":
         options = {"triton.cudagraphs": True}  # mode="reduce-overhead": CUDA graphs remove the per-kernel launches
     else:
         options = {"cpp_wrapper": True, "realize_acc_reads_threshold": 1,
                    "cpp.enable_floating_point_contract_flag": "fast"}
     options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    return torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
+    compiled = torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
+
+    def step(*args, **kwargs):
+        with torch.compiler.config.patch(dynamic_sources="L['kv_len']"):  # read when (re)tracing; ~0.5 us a call
+            return compiled(*args, **kwargs)
+    return step
 
 
 def compiled_fns(device: torch.device, compile: bool, compile_prefill: bool) -> dict:

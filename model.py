@@ -148,24 +148,42 @@ class Transformer(nn.Module):
         c = self.config
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
         dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        # One spare position, never written: a compiled step's attended prefix (attend_len) is then never the
+        # whole cache, whose view would be contiguous where every shorter one is not: a second graph.
+        S = max_seq_length + 1
         for b in self.layers:
-            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype).to(device)
-        cos, sin = rope_tables(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling)
+            b.attention.kv_cache = KVCache(max_batch_size, S, c.n_local_heads, c.head_dim, dtype).to(device)
+        cos, sin = rope_tables(S, c.head_dim, c.rope_base, c.rope_scaling)
         self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype), persistent=False)  # [S, D/2]
         self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)  # [S, D/2]
-        causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
+        causal = torch.tril(torch.ones(S, S, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)  # [S, S]
 
-    def forward(self, idx: Tensor, input_pos: Tensor, logits_to_keep: int = 0) -> Tensor:
+    def attend_len(self, last_pos: int) -> int:
+        """How many cache positions a compiled pass whose last input sits at last_pos attends to: last_pos + 1
+        rounded up to a block of 64 positions (from 1024 on, 1/16 of the position's power of two), at most
+        max_seq_length. A compiled step takes it as its one dynamic size, so it reads the cache written so far
+        (at most ~6% more) instead of all of it, and CUDA graphs, recorded once per length, stay few."""
+        n = last_pos + 1
+        block = max(64, 1 << max(0, n.bit_length() - 5))
+        return min(-(-n // block) * block, self.max_seq_length)
+
+    def forward(self, idx: Tensor, input_pos: Tensor, logits_to_keep: int = 0, kv_len: Optional[int] = None) -> Tensor:
         # idx: [B, T] token ids at positions input_pos: [T]; returns logits [B, T, V], or [B, logits_to_keep, V]
         # for the last positions only: a prefill needs one row of the head's product, not T
         assert self.max_seq_length > 0, "call setup_caches() first"
-        # Eagerly, the positions (ascending) attend to the cache up to the last of them only, as the keys past it are
-        # masked out, and a prompt from position 0 is plain causal attention, which SDPA does without a mask in half
-        # the work. Compiled graphs keep the whole static cache and mask.
+        # The positions (ascending) attend to the cache up to the last of them only, as the keys past it are masked
+        # out. Eagerly that is exactly input_pos[-1] + 1 positions, and a prompt from position 0 is plain causal
+        # attention, which SDPA does without a mask in half the work. Compiled code cannot read input_pos on the
+        # host: it attends to kv_len positions (attend_len(input_pos[-1]), a dynamic size of its graph), or to the
+        # whole cache when none is given.
         T = idx.shape[1]
-        end = self.max_seq_length if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
-        mask = None if end == T else self.causal_mask[None, None, input_pos, :end]  # [1, 1, T, end]; None: causal
+        if torch.compiler.is_compiling():
+            end = self.max_seq_length if kv_len is None else kv_len
+            mask = self.causal_mask[None, None, input_pos, :end]  # [1, 1, T, end]
+        else:
+            end = int(input_pos[-1]) + 1
+            mask = None if end == T else self.causal_mask[None, None, input_pos, :end]  # [1, 1, T, end]; None: causal
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, D/2]
         x = self.tok_embeddings(idx)  # [B, T, dim]
         for layer in self.layers:

@@ -86,10 +86,10 @@ def accept(draft: Tensor, q: Tensor, p: Tensor, greedy: bool = False) -> Tensor:
     return torch.cat([draft[:a], draw(residual[None], greedy)])
 
 
-def verify(model: Transformer, x: Tensor, input_pos: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-           top_p: Optional[float] = None) -> Tensor:
+def verify(model: Transformer, x: Tensor, input_pos: Tensor, kv_len: Optional[int] = None, temperature: float = 1.0,
+           top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
     # x: [1, k + 1] (the last token taken, then the k draft tokens) at input_pos: [k + 1] -> p: [k + 1, V]
-    return processed_probs(model(x, input_pos)[0], temperature, top_k, top_p)
+    return processed_probs(model(x, input_pos, kv_len=kv_len)[0], temperature, top_k, top_p)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class DraftModel:
         tokens, qs = [], []
         for i in range(k):
             cur_token, q = self.decode_fn(self.model, cur_token, torch.tensor([pos + i], device=cur_token.device),
-                                          **sampling)
+                                          kv_len=self.model.attend_len(pos + i), **sampling)
             cur_token = cur_token.clone()  # a CUDA graph's outputs are overwritten by its next replay
             tokens.append(cur_token.view(1))
             if not greedy:
@@ -124,7 +124,8 @@ class DraftModel:
     def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
         # through the (compiled) decode step, as its sampled token is merely not used: a plain forward would run
         # the draft eagerly once per fully accepted draft
-        self.decode_fn(self.model, token, torch.tensor([pos], device=token.device), **sampling)
+        self.decode_fn(self.model, token, torch.tensor([pos], device=token.device),
+                       kv_len=self.model.attend_len(pos), **sampling)
 
 
 class PromptLookup:
@@ -202,12 +203,14 @@ class Speculator:
                 proposal = self.proposer.propose(self.history, cur_token, pos, k, greedy, sampling)
             if proposal is None:
                 self.proposer.catch_up(cur_token, pos, sampling)
-                new = decode_fn(model, cur_token, torch.tensor([pos], device=device), **sampling)[0].clone().view(1)
+                new = decode_fn(model, cur_token, torch.tensor([pos], device=device), kv_len=model.attend_len(pos),
+                                **sampling)[0].clone().view(1)
                 self.stats["plain_steps"] += 1
             else:
                 draft, q = proposal
                 x = torch.cat([cur_token.view(1), draft]).view(1, -1)  # [1, k + 1]
-                p = self.verify_fn(model, x, torch.arange(pos, pos + k + 1, device=device), **sampling)
+                p = self.verify_fn(model, x, torch.arange(pos, pos + k + 1, device=device),
+                                   kv_len=model.attend_len(pos + k), **sampling)
                 if q is None:
                     q = F.one_hot(draft.long(), p.size(-1)).float()
                 new = accept(draft, q, p, greedy)

@@ -165,6 +165,25 @@ def test_compiled_greedy_matches_eager(tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_step_attends_to_the_written_cache_in_one_graph(tmp_path):
+    """The compiled step's attended length (attend_len: 64, 128, ... of a 256-position cache) is a dynamic size:
+    decoding across those blocks gives the eager logits at every position and compiles one graph."""
+    from torch._dynamo.utils import counters
+    path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
+    eager, model = tiny_model(path, max_seq_length=256), tiny_model(path, max_seq_length=256)
+    step = gen.compile_step(lambda model, x, input_pos, kv_len: model(x, input_pos, kv_len=kv_len),
+                            torch.device("cpu"))
+    graphs = counters["stats"]["unique_graphs"]
+    tokens = torch.randint(0, 320, (1, 200))
+    with torch.no_grad():
+        for pos in range(200):
+            x, input_pos = tokens[:, pos:pos + 1], torch.tensor([pos])
+            torch.testing.assert_close(step(model, x, input_pos, model.attend_len(pos)), eager(x, input_pos),
+                                       atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
+@pytest.mark.slow
 def test_compiled_steps_of_two_models_keep_to_their_own_model(tmp_path):
     """A compiled step skips the guards on the model's modules, so each compile_step call must keep its own
     compiled graphs: a second model (two layers, not one) called in turn with the first gets its own graph."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import BriskError, Linear, ModelArgs, Transformer, find_preset, load_model, transformer_configs
-from conftest import make_checkpoint
+from conftest import TINY, make_checkpoint
 
 
 @pytest.mark.parametrize("name, preset", [
@@ -55,6 +55,18 @@ def test_cached_decode_equals_full_forward(tmp_path):
         chunk = model(idx[:, 12:15], torch.arange(12, 15))
         steps = [model(idx[:, i:i + 1], torch.tensor([i])) for i in range(15, 20)]
     torch.testing.assert_close(torch.cat([prefix, chunk, *steps], 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_seq_length", [144, 4096, 131072])
+def test_attend_len_covers_the_written_cache_in_few_sizes(max_seq_length):
+    """A compiled step attends to attend_len(pos) positions: all written so far, little more, and so few distinct
+    lengths that a CUDA graph per length stays cheap."""
+    model = Transformer(ModelArgs(**TINY))
+    model.max_seq_length = max_seq_length
+    lengths = [model.attend_len(pos) for pos in range(max_seq_length)]
+    for pos, n in enumerate(lengths):
+        assert pos + 1 <= n <= min(max_seq_length, max(pos + 64, (pos + 1) * 17 // 16))
+    assert len(set(lengths)) <= {144: 3, 4096: 64, 131072: 144}[max_seq_length]
 
 
 def test_logits_to_keep_computes_the_last_rows_only(tmp_path):
