@@ -224,9 +224,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S, D]
         end = T if mask is None else mask.shape[-1]  # the cache positions attended to
-        y = F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], attn_mask=mask, is_causal=mask is None,
+        k, v = k[:, :, :end], v[:, :, :end]
+        if x.device.type == "cpu":  # torch's CPU attention runs bf16/fp16 several times slower than fp32 (BENCHMARKS.md)
+            q, k, v = q.float(), k.float(), v.float()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_head != self.n_local_heads)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
         return self.wo(y)
 
 
