@@ -168,15 +168,27 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     from the first trace on: one graph serves every length instead of a recompile when it first changes."""
     if device.type == "cuda":
         options = {"triton.cudagraphs": True}  # mode="reduce-overhead": CUDA graphs remove the per-kernel launches
+        # a graph is recorded per attended length, as intended (attend_len keeps them few); this limit is read when
+        # a graph is recorded, not at compile time, so it cannot go in `options`: it only silences a warning
+        torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
     else:
         options = {"cpp_wrapper": True, "realize_acc_reads_threshold": 1,
                    "cpp.enable_floating_point_contract_flag": "fast"}
     options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     compiled = torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
 
+    traced = False
+
     def step(*args, **kwargs):
-        with torch.compiler.config.patch(dynamic_sources="L['kv_len']"):  # read when (re)tracing; ~0.5 us a call
+        nonlocal traced
+        if traced:
             return compiled(*args, **kwargs)
+        # read when tracing, on the first call (a patch costs ~15 us: not on every step); a later retrace without it
+        # would take kv_len as static, then as dynamic at its next value: one compile more, never a wrong result
+        with torch.compiler.config.patch(dynamic_sources="L['kv_len']"):
+            out = compiled(*args, **kwargs)
+        traced = True
+        return out
     return step
 
 
