@@ -502,16 +502,15 @@ def main(argv=None) -> None:
     if args.speculate_k:
         fns["speculator"] = speculative.build(args, device, dtype, max_seq_length + room)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if args.interactive:
-        return chat(model, tokenizer, args, device, max_seq_length, fns, sampling)
-
-    prompt = torch.tensor(ids, device=device)
+    prompt = torch.tensor(ids or [0, 0], device=device)  # a chat has no prompt yet: the warm-up makes one up
     compile_s = None
-    if args.compile or args.compile_prefill:  # compile now, so that no sample's figures include it
+    if args.compile or args.compile_prefill:  # compile now, so that no sample's (or chat reply's) figures include it
         n, t0 = min(max_new_tokens, room + 2), time.perf_counter()  # enough tokens for a verify pass too
         generate(model, prompt, n, args.batch_size, **fns, **sampling)
         compile_s = time.perf_counter() - t0
         print(f"compiled in {compile_s:.1f} s (a {n}-token generation, not counted below)", file=sys.stderr)
+    if args.interactive:  # its first turn prefills from position 0, over what the warm-up left in the cache
+        return chat(model, tokenizer, args, device, max_seq_length, fns, sampling)
     samples = []
     for i in range(args.num_samples):
         last = i == args.num_samples - 1
