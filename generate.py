@@ -192,6 +192,17 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     return step
 
 
+def compile_now(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size: int, fns: dict, sampling: dict,
+                room: int) -> float:
+    """Generate a few tokens after prompt so that compilation happens before anything is timed (the caller's caches
+    are then overwritten from position 0); reports and returns the seconds it took."""
+    n, t0 = min(max_new_tokens, room + 2), time.perf_counter()  # enough tokens for a verify pass too
+    generate(model, prompt, n, batch_size, **fns, **sampling)
+    compile_s = time.perf_counter() - t0
+    print(f"compiled in {compile_s:.1f} s (a {n}-token generation, not counted below)", file=sys.stderr)
+    return compile_s
+
+
 def compiled_fns(device: torch.device, compile: bool, compile_prefill: bool) -> dict:
     """The prefill and decode functions for one model with its caches set up (see compile_step)."""
     fns = dict(prefill_fn=prefill, decode_fn=decode_one_token)
@@ -505,10 +516,7 @@ def main(argv=None) -> None:
     prompt = torch.tensor(ids or [0, 0], device=device)  # a chat has no prompt yet: the warm-up makes one up
     compile_s = None
     if args.compile or args.compile_prefill:  # compile now, so that no sample's (or chat reply's) figures include it
-        n, t0 = min(max_new_tokens, room + 2), time.perf_counter()  # enough tokens for a verify pass too
-        generate(model, prompt, n, args.batch_size, **fns, **sampling)
-        compile_s = time.perf_counter() - t0
-        print(f"compiled in {compile_s:.1f} s (a {n}-token generation, not counted below)", file=sys.stderr)
+        compile_s = compile_now(model, prompt, max_new_tokens, args.batch_size, fns, sampling, room)
     if args.interactive:  # its first turn prefills from position 0, over what the warm-up left in the cache
         return chat(model, tokenizer, args, device, max_seq_length, fns, sampling)
     samples = []

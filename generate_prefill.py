@@ -383,6 +383,10 @@ def main(argv=None) -> None:
               file=sys.stderr)
     check_same_entries(cache)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    compile_s = None
+    if args.compile or args.compile_prefill:  # before the first prompt, so that its cold figures do not include it
+        compile_s = gen.compile_now(model, torch.tensor([0, 0], device=device), max_seq_length - 1, 1, fns, sampling,
+                                    room)
     stats = []
 
     def run_turn(ids: list[int], keep: Optional[int], max_new_tokens: int = args.max_new_tokens,
@@ -429,7 +433,7 @@ def main(argv=None) -> None:
         print(f"saved the prefix cache to {cache_file}{others}", file=sys.stderr)
     if args.json is not None and rank == 0:
         cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
-                   compile_prefill=args.compile_prefill, context_tokens=len(conv.context_ids),
+                   compile_prefill=args.compile_prefill, compile_s=compile_s, context_tokens=len(conv.context_ids),
                    max_new_tokens=args.max_new_tokens, max_seq_length=max_seq_length, **sampling,
                    cache_file=str(args.cache_file) if args.cache_file else None, cache_budget_mb=args.cache_budget_mb,
                    **speculative.settings(args), cached_models=len(models))
