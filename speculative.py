@@ -92,6 +92,11 @@ def verify(model: Transformer, x: Tensor, input_pos: Tensor, kv_len: Optional[in
     return processed_probs(model(x, input_pos, kv_len=kv_len)[0], temperature, top_k, top_p)
 
 
+def step_at(decode_fn: Callable, model: Transformer, token: Tensor, pos: int, sampling: dict):
+    # one decode step of token [1, 1] at host position pos, attending to the cache as far as a compiled step should
+    return decode_fn(model, token, torch.tensor([pos], device=token.device), kv_len=model.attend_len(pos), **sampling)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Proposers: propose(history, cur_token, pos, k, greedy, sampling) -> (draft [k], q [k, V]) or None (no proposal:
 # a plain decode step follows); catch_up(token [1, 1], pos, sampling) feeds a token the proposer has not seen.
@@ -111,8 +116,7 @@ class DraftModel:
             return None
         tokens, qs = [], []
         for i in range(k):
-            cur_token, q = self.decode_fn(self.model, cur_token, torch.tensor([pos + i], device=cur_token.device),
-                                          kv_len=self.model.attend_len(pos + i), **sampling)
+            cur_token, q = step_at(self.decode_fn, self.model, cur_token, pos + i, sampling)
             cur_token = cur_token.clone()  # a CUDA graph's outputs are overwritten by its next replay
             tokens.append(cur_token.view(1))
             if not greedy:
@@ -124,8 +128,7 @@ class DraftModel:
     def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
         # through the (compiled) decode step, as its sampled token is merely not used: a plain forward would run
         # the draft eagerly once per fully accepted draft
-        self.decode_fn(self.model, token, torch.tensor([pos], device=token.device),
-                       kv_len=self.model.attend_len(pos), **sampling)
+        step_at(self.decode_fn, self.model, token, pos, sampling)
 
 
 class PromptLookup:
@@ -203,8 +206,7 @@ class Speculator:
                 proposal = self.proposer.propose(self.history, cur_token, pos, k, greedy, sampling)
             if proposal is None:
                 self.proposer.catch_up(cur_token, pos, sampling)
-                new = decode_fn(model, cur_token, torch.tensor([pos], device=device), kv_len=model.attend_len(pos),
-                                **sampling)[0].clone().view(1)
+                new = step_at(decode_fn, model, cur_token, pos, sampling)[0].clone().view(1)
                 self.stats["plain_steps"] += 1
             else:
                 draft, q = proposal
