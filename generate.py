@@ -357,8 +357,9 @@ def chat(model, tokenizer, args, device, max_seq_length: int, fns: dict, samplin
 BANDWIDTH_HELP = (
     "achieved memory bandwidth GB/s = (bytes of weights read per decode step, i.e. the sum of parameter and buffer "
     "bytes of the model with a tied matrix counted once and the KV cache excluded, + average KV cache bytes read "
-    "per step, i.e. 2 * n_layer * batch_size * n_kv_heads * head_dim * average context length * element size, the "
-    "average context length being prompt tokens + (decode steps + 1) / 2) * decode tokens/s")
+    "per step, i.e. 2 * n_layer * batch_size * n_kv_heads * head_dim * average context length * the cache's "
+    "element size (4 on the CPU, where the cache holds fp32), the average context length being prompt tokens + "
+    "(decode steps + 1) / 2) * decode tokens/s")
 FIGURES_HELP = f"""figures (per sample, and the median over the samples after the first, a warm-up):
   time to first token  prefill, including sampling the first new token
   decode tokens/s      per sequence, the tokens after the first / their decode time (with speculative decoding

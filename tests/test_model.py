@@ -93,6 +93,19 @@ def test_loads_in_each_dtype(tmp_path, dtype):
     assert logits.dtype == dtype and logits.shape == (1, 3, 320) and torch.isfinite(logits).all()
 
 
+def test_cpu_cache_holds_the_model_dtypes_values_in_fp32(tmp_path):
+    """On the CPU attention computes in fp32, so a bf16 model's cache is fp32 (a step converts nothing it reads)
+    holding bf16 values: attention sees what a bf16 cache would give it."""
+    model = load_model(make_checkpoint(tmp_path, tokenizer=False), dtype=torch.bfloat16)
+    model.setup_caches(1, 16)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+    for cache in (model.layers[0].attention.kv_cache.k_cache, model.layers[0].attention.kv_cache.v_cache):
+        written = cache[:, :, :3]
+        assert cache.dtype == torch.float32 and written.abs().sum() > 0
+        assert torch.equal(written, written.bfloat16().float())
+
+
 def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(BriskError, match="checkpoint not found"):
         load_model(tmp_path / "nope" / "model.pth")
