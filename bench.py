@@ -30,10 +30,10 @@ from tqdm import tqdm
 import speculative
 from generate import (BANDWIDTH_HELP, DTYPES, compiled_fns, figures, generate, parse_device, peak_memory_gb, sync,
                       weight_bytes)
-from model import BriskError, ModelArgs, check_checkpoint, check_writable, load_config, load_model, run_cli, save_atomic
+from model import (DEFAULT_CHECKPOINT, BriskError, ModelArgs, check_checkpoint, check_writable, load_config, load_model,
+                   run_cli, save_atomic)
 from tokenizer import load_tokenizer
 
-DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
 DEFAULT_GGUF = Path.home() / ".cache" / "brisk" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # left there by prepare.sh
 PEERS = ("transformers", "transformers-compile", "llama.cpp")
 SPREAD_KEY = "decode_tokens_per_s"  # the figure whose spread marks a configuration as noisy

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from generate import DTYPES, TextStream, generate
-from model import BriskError, Transformer, check_checkpoint, check_writable, load_model, run_cli, save_atomic
+from model import (DEFAULT_CHECKPOINT, BriskError, Transformer, check_checkpoint, check_writable, load_model, run_cli,
+                   save_atomic)
 from scripts.perplexity import DEFAULT_CHARS, perplexity
 from quantize import pydoc_text
 from tokenizer import load_tokenizer
@@ -28,7 +29,6 @@ try:  # only --tasks needs lm-evaluation-harness
 except ImportError:
     LM = object
 
-DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
 
 
 class BriskLM(LM):

@@ -19,11 +19,10 @@ import torch
 from torch import Tensor
 
 import tp
-from model import (DTYPES, BriskError, Transformer, check_checkpoint, check_writable, load_config, load_model, run_cli,
-                   save_atomic)
+from model import (DEFAULT_CHECKPOINT, DTYPES, BriskError, Transformer, check_checkpoint, check_writable, load_config,
+                   load_model, run_cli, save_atomic)
 from tokenizer import load_tokenizer
 
-DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
 INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,8 +415,8 @@ def check_generation_args(args: argparse.Namespace) -> None:
     """Checks of add_generation_args's flags that need no model (speculative.check_args does the speculative ones);
     turns args.device into a torch.device."""
     check_at_least_one(args, "max_new_tokens", "top_k", "max_seq_length")
-    if args.temperature < 0:
-        raise BriskError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < float("inf"):  # also refuses nan
+        raise BriskError(f"--temperature must be >= 0 and finite, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise BriskError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.json is not None:

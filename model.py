@@ -318,6 +318,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # Checkpoints: `model.pth` (a state dict) with `model_config.json` (ModelArgs) beside it.
 
 CONFIG_NAME = "model_config.json"
+# the embedded default model, as ./scripts/prepare.sh writes it: every script's default --checkpoint_path
+DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
 
 
 def load_config(checkpoint_path: Path) -> ModelArgs:

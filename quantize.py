@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from model import (BriskError, Transformer, check_writable, load_config, load_model, load_state_dict, one_row_on_cpu,
-                   one_row_product, run_cli, save_checkpoint)
+from model import (DEFAULT_CHECKPOINT, BriskError, Transformer, check_writable, load_config, load_model, load_state_dict,
+                   one_row_on_cpu, one_row_product, run_cli, save_checkpoint)
 
 MODES = ("int8", "int4", "int4-gptq")
 GROUPSIZES = (32, 64, 128, 256)
@@ -412,7 +412,8 @@ def output_path(checkpoint_path: Path, mode: str, groupsize: Optional[int]) -> P
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_path", type=Path, required=True, help="float model.pth of a checkpoint dir")
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                   help=f"float model.pth of a checkpoint dir (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--mode", required=True, help=f"one of {', '.join(MODES)}")
     p.add_argument("--groupsize", type=int, default=None,
                    help=f"int4 inputs per scale/zero point, one of {GROUPSIZES} (default {DEFAULT_GROUPSIZE})")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import DTYPES, BriskError, Transformer, load_model, run_cli  # noqa: E402
+from model import DEFAULT_CHECKPOINT, DTYPES, BriskError, Transformer, load_model, run_cli  # noqa: E402
 from quantize import pydoc_text  # noqa: E402
 
 DEFAULT_CHARS = 20_000
@@ -52,7 +52,8 @@ def perplexity(model: Transformer, ids: list, max_seq_length: int = 512, stride:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_path", type=Path, required=True, help="model.pth (or a quantized model_*.pth)")
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                   help=f"model.pth (or a quantized model_*.pth; default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max_seq_length", type=int, default=512, help="tokens per window")

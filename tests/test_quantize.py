@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import quantize
 from conftest import make_checkpoint
-from model import BriskError, load_model, run_cli
+from model import DEFAULT_CHECKPOINT, BriskError, load_model, run_cli
 from quantize import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, gptq_quantize, int4_dequantize, int4_quantize,
                       int8_quantize, pack_nibbles, to_scales_and_zeros, unpack_nibbles)
 from scripts.perplexity import perplexity
@@ -237,6 +237,18 @@ def test_bad_arguments_are_one_line_errors(tiny_checkpoint, args, message):
     assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
     assert message in e.value.code
     assert sorted(tiny_checkpoint.parent.iterdir()) == before
+
+
+def test_without_checkpoint_path_the_scripts_read_the_embedded_default():
+    """`python quantize.py --mode int4 --groupsize 32` quantizes what ./scripts/prepare.sh prepared, the model
+    generate.py, bench.py and eval.py read too when given no --checkpoint_path."""
+    import bench
+    import eval as evaluate
+    import generate
+    assert quantize.parse_args(["--mode", "int4"]).checkpoint_path == DEFAULT_CHECKPOINT
+    assert generate.parse_args([]).checkpoint_path == DEFAULT_CHECKPOINT
+    assert evaluate.parse_args([]).checkpoint_path == DEFAULT_CHECKPOINT
+    assert bench.parse_args([]).checkpoint_path == [DEFAULT_CHECKPOINT]
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):
