@@ -152,19 +152,19 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
 def compile_step(fn: Callable, device: torch.device) -> Callable:
     """torch.compile(fn) for one model whose weights and caches keep their shapes: a decode step, a verify pass.
 
-    Inductor settings go in `options`, per compiled function, so nothing leaks into other compiled code. Measured
-    on SmolLM2-135M's CPU decode (BENCHMARKS.md), A/B in one process: realize_acc_reads_threshold=1 stores each
-    pointwise result (a norm's output, say) once instead of recomputing it inside the loop of every consumer, as
-    a step's matrix-vector loops otherwise redo the RMSNorm for each row of the weight (int8 +30%, int4 +30%);
-    cpp_wrapper calls the kernels from C++, saving ~3 ms of Python per step (+2-15%); floating-point contraction
-    lets the C++ compiler fuse each multiply-add of the matrix-vector loops into one FMA instruction (Inductor
-    passes -ffp-contract=off by default: bf16 +5%, int8 +5%, fp32 +3%); freezing was slower (it
-    folds every weight.float() into a float32 copy: bf16 -33%), with max-autotune too. Before each call Dynamo
-    would check ~500 guards on the modules the step reads (1-1.5 ms, 5-10% of a small model's step on a CPU);
-    they are dropped, which is safe because every call here compiles fn afresh (isolate_recompiles: its graphs
-    are its own), so a compiled step never meets another model. Callers make a new one after setup_caches.
-    The number of cache positions attended to (fn's `kv_len` argument, Transformer.attend_len) is a dynamic size
-    from the first trace on: one graph serves every length instead of a recompile when it first changes."""
+    Inductor settings go in `options`, per compiled function, so nothing leaks into other compiled code. Measured on
+    SmolLM2-135M's CPU decode (BENCHMARKS.md), A/B in one process: realize_acc_reads_threshold=1 stores each
+    pointwise result (a norm's output, say) once instead of recomputing it inside the loop of every consumer, as a
+    step's matrix-vector loops otherwise redo the RMSNorm for each row of the weight (int8 +30%, int4 +30%, bf16
+    +16%); cpp_wrapper calls the kernels from C++, saving ~3 ms of Python per step (+2-15%); floating-point
+    contraction lets the C++ compiler fuse each multiply-add of the matrix-vector loops into one FMA instruction
+    (Inductor passes -ffp-contract=off by default: bf16 +5%, int8 +5%, fp32 +3%); freezing was slower (it folds
+    every weight.float() into a float32 copy: bf16 -33%), with max-autotune too. Before each call Dynamo would check
+    ~500 guards on the modules the step reads (1-1.5 ms, 5-10% of a small model's step on a CPU); they are dropped,
+    which is safe because every call here compiles fn afresh (isolate_recompiles: its graphs are its own), so a
+    compiled step never meets another model. Callers make a new one after setup_caches. The number of cache
+    positions attended to (fn's `kv_len` argument, Transformer.attend_len) is a dynamic size from the first trace
+    on: one graph serves every length instead of a recompile when it first changes."""
     if device.type == "cuda":
         options = {"triton.cudagraphs": True}  # mode="reduce-overhead": CUDA graphs remove the per-kernel launches
         # a graph is recorded per attended length, as intended (attend_len keeps them few); this limit is read when
