@@ -30,7 +30,6 @@ except ImportError:
     LM = object
 
 
-
 class BriskLM(LM):
     """Our model as an lm-evaluation-harness LM. Requests are scored one at a time, each in one forward pass of
     at most max_length tokens; a longer context keeps its last tokens. Tokenization follows lm_eval's Hugging Face
