@@ -151,10 +151,10 @@ class Transformer(nn.Module):
         # One spare position, never written: a compiled step's attended prefix (attend_len) is then never the
         # whole cache, whose view would be contiguous where every shorter one is not: a second graph.
         S = max_seq_length + 1
-        # On the CPU attention computes in fp32 (Attention.forward), so the cache holds fp32: a step then reads the
-        # attended keys/values as they lie instead of converting all of them to fp32 first (a bf16 decode step near
-        # position 3000: 32.7 -> 43.7 tok/s, BENCHMARKS.md), for twice a bf16 cache's memory. The values stored are
-        # the model dtype's, so the results are the same.
+        # Attention computes in the cache's dtype (Attention.forward): fp32 on the CPU, whose attention kernel runs
+        # bf16/fp16 several times slower than fp32 (BENCHMARKS.md). Holding fp32 rather than converting the attended
+        # keys/values on every step made a bf16 decode step near position 3000 32.7 -> 43.7 tok/s, for twice a bf16
+        # cache's memory; the values stored are the model dtype's, so the results are the same.
         cache_dtype = torch.float32 if device.type == "cpu" else dtype
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch_size, S, c.n_local_heads, c.head_dim, cache_dtype).to(device)
@@ -230,8 +230,7 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S, D]
         end = T if mask is None else mask.shape[-1]  # the cache positions attended to
         k, v = k[:, :, :end], v[:, :, :end]
-        if x.device.type == "cpu":  # torch's CPU attention runs bf16/fp16 several times slower than fp32 (BENCHMARKS.md)
-            q, k, v = q.float(), k.float(), v.float()  # k, v: already fp32 when they come from the cache
+        q = q.to(k.dtype)  # attention computes in the cache's dtype (fp32 on the CPU: setup_caches)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
