@@ -221,9 +221,11 @@ def _load_model(checkpoint_path: Path, device: torch.device, dtype: torch.dtype)
 
 
 def weight_bytes(model: Transformer) -> int:
-    """Bytes of parameters and buffers (quantized weights and scales are buffers); a tied matrix counts once.
-    Call before setup_caches so the KV cache and rotary tables are not counted."""
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    """Bytes of parameters and buffers (quantized weights and scales are buffers) but the token embedding's, of
+    which a decode step reads one row; a tied matrix counts once, as the head. Call before setup_caches so the
+    KV cache and rotary tables are not counted."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    tensors = {t.data_ptr(): t for name, t in named if not name.startswith("tok_embeddings.")}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -355,7 +357,8 @@ def chat(model, tokenizer, args, device, max_seq_length: int, fns: dict, samplin
 
 BANDWIDTH_HELP = (
     "achieved memory bandwidth GB/s = (bytes of weights read per decode step, i.e. the sum of parameter and buffer "
-    "bytes of the model with a tied matrix counted once and the KV cache excluded, + average KV cache bytes read "
+    "bytes of the model but the token embedding's (one row of it is read), a tied matrix counted once as the head, "
+    "the KV cache excluded, + average KV cache bytes read "
     "per step, i.e. 2 * n_layer * batch_size * n_kv_heads * head_dim * average context length * the cache's "
     "element size (4 on the CPU, where the cache holds fp32), the average context length being prompt tokens + "
     "(decode steps + 1) / 2) * decode tokens/s")

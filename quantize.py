@@ -8,10 +8,11 @@ The file is written beside the input and shares its model_config.json and tokeni
 any checkpoint. What is quantized:
   - every linear of the transformer blocks: int8 (symmetric, one scale per output channel) or int4 (asymmetric,
     a scale and a zero point per group of `groupsize` inputs);
-  - the output head always int8. It is the largest matrix of small models (SmolLM2-135M: 49152 x 576, a fifth of
-    the weights). Measured on SmolLM2-135M-Instruct (eager bf16 decode, CPU): an int8 head decodes ~15% faster
-    than a bf16 one at the same perplexity; an int4 head (g32) is only ~6% faster still but raises perplexity
-    ~5% (8.59 -> 8.99). A tied embedding shares the int8 matrix and dequantizes the rows it looks up; an untied
+  - the output head int8 by default (`--head int4` rounds it like the blocks). It is the largest matrix of small
+    models (SmolLM2-135M: 49152 x 576, a fifth of the weights). Measured on SmolLM2-135M-Instruct (CPU): an int8
+    head decodes ~15% faster than a bf16 one at the same perplexity; an int4 head (g32) makes compiled int4
+    decoding ~15% faster still but raises perplexity ~5% (BENCHMARKS.md), so it is a choice, not the default.
+    A tied embedding shares the head's quantized matrix and dequantizes the rows it looks up; an untied
     embedding stays float (a lookup reads one row, so it costs no time).
 The file is device-neutral: int4 values are stored two per byte ([N, K/2] uint8, even column in the high nibble)
 with `scales_and_zeros` [K/g, N, 2] (bf16). `finalize_model` repacks them for the device's int4 kernel when there
@@ -22,6 +23,7 @@ weight once per row of activations: fast for decode, slow for a long prompt, so 
 weight is dequantized from its packed form and multiplied with one GEMM instead.
 """
 import argparse
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,6 +38,7 @@ from model import (DEFAULT_CHECKPOINT, BriskError, Transformer, check_writable, 
                    one_row_on_cpu, one_row_product, run_cli, save_checkpoint)
 
 MODES = ("int8", "int4", "int4-gptq")
+HEADS = ("int8", "int4")  # precisions of the output head
 GROUPSIZES = (32, 64, 128, 256)
 DEFAULT_GROUPSIZE = 32
 INT4_PARAM_DTYPE = torch.bfloat16  # the int4 kernels read bf16 scales and zero points
@@ -107,29 +110,40 @@ def unpack_nibbles(p: Tensor) -> Tensor:
     return torch.stack([p >> 4, p & 15], dim=-1).reshape(p.shape[0], -1)
 
 
-def cpu_packed_blocks(p: Tensor) -> Tensor:
+def cpu_packed_blocks(p: Tensor, block: int) -> Tensor:
     """The values (0..15) that `_convert_weight_to_int4pack_for_cpu` packed into p [N, K/2] uint8, as
-    [N/64, 2, K, 32]: row 64b + 32h + j of the weight is [b, h, :, j]. The layout is torch's own (2.13, AVX-512):
-    blocks of 64 rows; within a block, for each input column, 32 bytes whose low nibbles are rows 0..31 and high
-    nibbles rows 32..63. `WeightOnlyInt4Linear.pack` checks it on the weight before using it."""
-    b = p.view(p.shape[0] // 64, 1, p.shape[1] * 2, 32)  # [N/64, 1, K, 32]
+    [N/block, 2, K, block/2]: row block*b + block/2*h + j of the weight is [b, h, :, j]. The layout is torch's own
+    (2.13): blocks of `block` rows (64 on AVX-512 CPUs, 32 on AVX2 ones); within a block, for each input column,
+    block/2 bytes whose low nibbles are its first half of rows and high nibbles the second. `cpu_pack_block` finds
+    which block size this machine packs with."""
+    b = p.view(p.shape[0] // block, 1, p.shape[1] * 2, block // 2)  # [N/block, 1, K, block/2]
     return torch.cat([b & 15, b >> 4], dim=1)
 
 
-def cpu_packed_values(p: Tensor) -> Tensor:
-    # p [N, K/2] packed for the CPU kernel -> its values [N, K] (0..15)
-    return cpu_packed_blocks(p).transpose(2, 3).reshape(p.shape[0], -1)
+def cpu_packed_values(p: Tensor, block: int) -> Tensor:
+    # p [N, K/2] packed for the CPU kernel in blocks of `block` rows -> its values [N, K] (0..15)
+    return cpu_packed_blocks(p, block).transpose(2, 3).reshape(p.shape[0], -1)
 
 
-def cpu_dequantize_t(p: Tensor, sz: Tensor, groupsize: int, dtype: torch.dtype) -> Tensor:
-    """int4_dequantize(...).t() [K, N] of a CPU-packed weight p [N, K/2] with scales_and_zeros sz [K/g, N, 2],
-    computed in the packed layout (runs of 32 rows), which eager ops stream 2-3x faster than unpacked rows."""
-    n, k = p.shape[0], p.shape[1] * 2
+@functools.cache
+def cpu_pack_block() -> Optional[int]:
+    """Rows per block of torch's CPU int4 packing on this machine, found by packing known values, or None when the
+    layout is none that cpu_packed_blocks knows (the packed weight is then only read by the kernel)."""
+    q = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return next((b for b in (64, 32) if torch.equal(cpu_packed_values(p, b), q.to(torch.uint8))), None)
+
+
+def cpu_dequantize_t(p: Tensor, sz: Tensor, groupsize: int, block: int, dtype: torch.dtype) -> Tensor:
+    """int4_dequantize(...).t() [K, N] of a CPU-packed weight p [N, K/2] (blocks of `block` rows) with
+    scales_and_zeros sz [K/g, N, 2], computed in the packed layout (runs of block/2 rows), which eager ops stream
+    2-3x faster than unpacked rows."""
+    n, k, h = p.shape[0], p.shape[1] * 2, block // 2
     G = k // groupsize
-    q = cpu_packed_blocks(p).to(dtype).sub_(8).view(n // 64, 2, G, groupsize, 32)  # [N/64, 2, K/g, g, 32]
-    sz = sz.to(dtype).view(G, n // 64, 2, 32, 2).permute(1, 2, 0, 3, 4)  # [N/64, 2, K/g, 32, 2]
-    scales, zeros = (sz[..., i].contiguous()[:, :, :, None] for i in (0, 1))  # [N/64, 2, K/g, 1, 32]
-    w = torch.addcmul(zeros, q, scales).view(n // 32, k, 32)  # [N/32, K, 32]: runs of 32 rows, transposed
+    q = cpu_packed_blocks(p, block).to(dtype).sub_(8).view(n // block, 2, G, groupsize, h)  # [N/b, 2, K/g, g, b/2]
+    sz = sz.to(dtype).view(G, n // block, 2, h, 2).permute(1, 2, 0, 3, 4)  # [N/b, 2, K/g, b/2, 2]
+    scales, zeros = (sz[..., i].contiguous()[:, :, :, None] for i in (0, 1))  # [N/b, 2, K/g, 1, b/2]
+    w = torch.addcmul(zeros, q, scales).view(n // h, k, h)  # [N/h, K, h]: runs of h rows, transposed
     return w.transpose(0, 1).reshape(k, n)
 
 
@@ -187,6 +201,24 @@ class Int8Embedding(nn.Module):
         return self.weight[idx].to(self.scales.dtype) * self.scales[idx, None]  # [B, T, D]
 
 
+class Int4Embedding(nn.Module):
+    """Embedding that reads a tied int4 head's values in the file's layout (two per byte) and its group
+    parameters, dequantizing only the rows looked up. The head itself is repacked for its kernel."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, groupsize: int):
+        super().__init__()
+        self.embedding_dim, self.groupsize = embedding_dim, groupsize
+        k = padded(embedding_dim, groupsize)
+        self.register_buffer("weight", torch.empty(num_embeddings, k // 2, dtype=torch.uint8))  # [V, K/2]
+        self.register_buffer("scales_and_zeros", torch.empty(k // groupsize, num_embeddings, 2))  # [K/g, V, 2]
+
+    def forward(self, idx: Tensor) -> Tensor:
+        rows = idx.reshape(-1)  # [B*T]
+        sz = self.scales_and_zeros[:, rows]  # [K/g, B*T, 2]
+        w = int4_dequantize(unpack_nibbles(self.weight[rows]), *from_scales_and_zeros(sz), dtype=sz.dtype)
+        return w[:, :self.embedding_dim].reshape(*idx.shape, self.embedding_dim)  # [B, T, D]
+
+
 class WeightOnlyInt4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, groupsize: int, bias: bool = False):
         super().__init__()
@@ -196,15 +228,16 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(k // groupsize, out_features, 2))  # [K/g, N, 2]
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
         self.kernel: Optional[str] = None  # set by pack(): "cpu", "cuda", or None for the dequantize path
-        self.unpackable = False  # set by pack(): the CPU-packed weight can be read back (cpu_packed_blocks)
+        self.block: Optional[int] = None  # set by pack(): rows per block of a CPU-packed weight it can read back
 
     def pack(self, kernel: Optional[str]) -> None:
         """Repack the file's two-per-byte values for `kernel` ("cpu" or "cuda"), or unpack them (None)."""
         q = unpack_nibbles(self.weight)  # [N, K]
         if kernel == "cpu":
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            # the layout is torch's own: read it back only where it is the one cpu_packed_blocks knows
-            self.unpackable = q.shape[0] % 64 == 0 and torch.equal(cpu_packed_values(self.weight[:64]), q[:64])
+            # the layout is torch's own: read it back only where it is one cpu_packed_blocks knows
+            block = cpu_pack_block()
+            self.block = block if block and q.shape[0] % block == 0 else None
         elif kernel == "cuda":
             tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight, tiles)
@@ -221,7 +254,7 @@ class WeightOnlyInt4Linear(nn.Module):
             x2 = F.pad(x2, (0, k - self.in_features))
         # CPU's kernel takes time linear in the rows (a 1536x576 weight: 10 ms for 512 rows against 2.7 ms for
         # dequantizing it and one bf16 GEMM), so long inputs take the dequantize path
-        if self.kernel == "cpu" and not (self.unpackable and x2.shape[0] >= INT4_KERNEL_ROWS):
+        if self.kernel == "cpu" and not (self.block and x2.shape[0] >= INT4_KERNEL_ROWS):
             # the kernels take bf16 activations: other dtypes round-trip through bf16
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.groupsize,
                                                            self.scales_and_zeros).to(x.dtype)
@@ -229,7 +262,7 @@ class WeightOnlyInt4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize,
                                                    self.scales_and_zeros).to(x.dtype)
         elif self.kernel == "cpu":  # a long input
-            y = x2 @ cpu_dequantize_t(self.weight, self.scales_and_zeros, self.groupsize, x.dtype)
+            y = x2 @ cpu_dequantize_t(self.weight, self.scales_and_zeros, self.groupsize, self.block, x.dtype)
         else:  # `weight` holds the values [N, K]
             w = int4_dequantize(self.weight, *from_scales_and_zeros(self.scales_and_zeros), dtype=x.dtype)
             y = F.linear(x2, w)
@@ -237,12 +270,13 @@ class WeightOnlyInt4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _check_quant(quant: dict) -> tuple[str, Optional[int]]:
-    mode, groupsize = quant.get("mode"), quant.get("groupsize")
-    if mode == "int8" or (mode == "int4" and groupsize in GROUPSIZES):
-        return mode, groupsize
+def _check_quant(quant: dict) -> tuple[str, Optional[int], str]:
+    # files written before the head could be int4 have no "head": theirs is int8
+    mode, groupsize, head = quant.get("mode"), quant.get("groupsize"), quant.get("head", "int8")
+    if (mode == "int8" and head == "int8") or (mode == "int4" and groupsize in GROUPSIZES and head in HEADS):
+        return mode, groupsize, head
     raise BriskError(f"unsupported quantization {quant}: this version reads int8 and int4 with group size in "
-                     f"{GROUPSIZES}")
+                     f"{GROUPSIZES}, with an int8 head or (int4 only) an int4 one")
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -251,16 +285,18 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 def prepare_model(model: Transformer, quant: dict) -> None:
     """Swap the linears (and a tied embedding) for quantized modules, so load_state_dict accepts the file."""
-    mode, groupsize = _check_quant(quant)
+    mode, groupsize, head = _check_quant(quant)
     for name, lin in _linears(model):
         bias = lin.bias is not None
-        if name == "output" or mode == "int8":
+        if (head if name == "output" else mode) == "int8":
             new = WeightOnlyInt8Linear(lin.in_features, lin.out_features, bias)
         else:
             new = WeightOnlyInt4Linear(lin.in_features, lin.out_features, groupsize, bias)
         model.set_submodule(name, new)
     if model.config.tie_embeddings:
-        model.tok_embeddings = Int8Embedding(model.config.vocab_size, model.config.dim)
+        c = model.config
+        model.tok_embeddings = (Int8Embedding(c.vocab_size, c.dim) if head == "int8"
+                                else Int4Embedding(c.vocab_size, c.dim, groupsize))
 
 
 def _int4_kernel(device: torch.device, out_features: int, k: int) -> Optional[str]:
@@ -273,9 +309,13 @@ def _int4_kernel(device: torch.device, out_features: int, k: int) -> Optional[st
 
 
 def finalize_model(model: Transformer, quant: dict, device) -> None:
-    """After loading: pack int4 weights for the device's kernel (or unpack them for the dequantize path), pick
-    the int8 kernel, and let a tied embedding share the head's scales (the loader cast them as two tensors)."""
+    """After loading: let a tied embedding share the head's tensors in the file's layout (the loader cast the
+    scales as two tensors), then pack int4 weights for the device's kernel (or unpack them for the dequantize
+    path) and pick the int8 kernel."""
     device = torch.device(device)
+    if model.config.tie_embeddings:
+        for name, _ in list(model.tok_embeddings.named_buffers()):
+            setattr(model.tok_embeddings, name, getattr(model.output, name))
     for _, m in model.named_modules():
         if isinstance(m, WeightOnlyInt8Linear):
             # the CPU kernel does not check its shapes and reads out of bounds unless K % 16 == 0 (measured)
@@ -283,9 +323,6 @@ def finalize_model(model: Transformer, quant: dict, device) -> None:
                            and m.in_features % 16 == 0)
         elif isinstance(m, WeightOnlyInt4Linear):
             m.pack(_int4_kernel(device, m.out_features, m.weight.shape[1] * 2))
-    if isinstance(model.tok_embeddings, Int8Embedding):
-        model.tok_embeddings.weight = model.output.weight
-        model.tok_embeddings.scales = model.output.scales
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,9 +334,10 @@ Int4Fn = Callable[[str, Tensor], tuple[Tensor, Tensor, Tensor]]  # (name, padded
 
 def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn] = None) -> dict:
     """The quantized state dict of float `sd` (our names), with `__quant__` = quant. int4_fn quantizes the block
-    linears in int4 mode (default: round-to-nearest)."""
-    mode, groupsize = _check_quant(quant)
-    int4_fn = int4_fn or (lambda name, w: int4_quantize(w, groupsize))
+    linears in int4 mode (default: round-to-nearest; an int4 head is always rounded to nearest)."""
+    mode, groupsize, head = _check_quant(quant)
+    rtn = lambda name, w: int4_quantize(w, groupsize)  # noqa: E731
+    int4_fn = int4_fn or rtn
     with torch.device("meta"):
         linears = _linears(Transformer(config))
     out = dict(sd)
@@ -307,15 +345,17 @@ def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn]
         key = "tok_embeddings.weight" if name == "output" and config.tie_embeddings else f"{name}.weight"
         w = sd[key]
         out.pop(f"{name}.weight", None)
-        if name == "output" or mode == "int8":
+        if (head if name == "output" else mode) == "int8":
             out[f"{name}.weight"], out[f"{name}.scales"] = int8_quantize(w)
         else:
             w = F.pad(w.float(), (0, padded(w.shape[1], groupsize) - w.shape[1]))
-            q, scales, zeros = int4_fn(name, w)
+            q, scales, zeros = (rtn if name == "output" else int4_fn)(name, w)
             out[f"{name}.weight"] = pack_nibbles(q)
             out[f"{name}.scales_and_zeros"] = to_scales_and_zeros(scales, zeros).to(INT4_PARAM_DTYPE)
     if config.tie_embeddings:  # the same tensors under both names: torch.save stores them once
-        out["tok_embeddings.weight"], out["tok_embeddings.scales"] = out["output.weight"], out["output.scales"]
+        for leaf in ("weight", "scales", "scales_and_zeros"):
+            if f"output.{leaf}" in out:
+                out[f"tok_embeddings.{leaf}"] = out[f"output.{leaf}"]
     out["__quant__"] = quant
     return out
 
@@ -405,8 +445,8 @@ def calibration_samples(checkpoint_dir: Path, text: str, n: int, seq_length: int
     return torch.tensor(ids[:n * seq_length]).reshape(n, seq_length)
 
 
-def output_path(checkpoint_path: Path, mode: str, groupsize: Optional[int]) -> Path:
-    suffix = "" if mode == "int8" else f".g{groupsize}"
+def output_path(checkpoint_path: Path, mode: str, groupsize: Optional[int], head: str = "int8") -> Path:
+    suffix = ("" if mode == "int8" else f".g{groupsize}") + ("" if head == "int8" else f".{head}-head")
     return Path(checkpoint_path).with_name(f"model_{mode}{suffix}.pth")
 
 
@@ -417,6 +457,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", required=True, help=f"one of {', '.join(MODES)}")
     p.add_argument("--groupsize", type=int, default=None,
                    help=f"int4 inputs per scale/zero point, one of {GROUPSIZES} (default {DEFAULT_GROUPSIZE})")
+    p.add_argument("--head", default="int8", help="the output head (and a tied embedding): int8 (default), or "
+                   "int4 in the blocks' groups (int4 modes only; CPU decode ~15%% faster, perplexity ~5%% higher; "
+                   "written to model_int4.gN.int4-head.pth)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--device", default="cpu", help="where GPTQ runs the model (cuda is much faster)")
     g = p.add_argument_group("GPTQ (--mode int4-gptq)")
@@ -432,9 +475,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.mode not in MODES:
         raise BriskError(f"unknown mode {args.mode!r}; choose one of {', '.join(MODES)}")
+    if args.head not in HEADS:
+        raise BriskError(f"--head must be one of {', '.join(HEADS)}, got {args.head!r}")
     if args.mode == "int8":
         if args.groupsize is not None:
             raise BriskError("--groupsize applies to the int4 modes only")
+        if args.head != "int8":
+            raise BriskError("--head int4 applies to the int4 modes only")
     else:
         args.groupsize = args.groupsize or DEFAULT_GROUPSIZE
         if args.groupsize not in GROUPSIZES:
@@ -451,7 +498,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
-    out_path = output_path(args.checkpoint_path, args.mode, args.groupsize)
+    out_path = output_path(args.checkpoint_path, args.mode, args.groupsize, args.head)
     check_writable(out_path, args.force)  # before the work, not after
     sd = load_state_dict(args.checkpoint_path)
     if "__quant__" in sd:
@@ -461,7 +508,8 @@ def main(argv=None) -> None:
     if args.mode == "int8":
         quant = {"mode": "int8"}
     else:
-        quant = {"mode": "int4", "groupsize": args.groupsize, "method": "rtn" if args.mode == "int4" else "gptq"}
+        quant = {"mode": "int4", "groupsize": args.groupsize, "method": "rtn" if args.mode == "int4" else "gptq",
+                 "head": args.head}
     int4_fn = None
     if args.mode == "int4-gptq":
         text = args.calibration_file.read_text() if args.calibration_file else pydoc_text(0)
