@@ -248,13 +248,25 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def one_row_on_cpu(x: Tensor) -> bool:
-    """True while torch.compile traces a product of a single row (a decode step) on the CPU.
+# weight dtypes whose one-row product Inductor's loop (below) computes faster than aten's kernel, by CPU capability
+# (torch.backends.cpu.get_cpu_capability()); measured on 49152x576 weights at 2 threads (BENCHMARKS.md). Without
+# AVX-512, Inductor's bf16 and int8 conversions are slow (bf16 8 GB/s against aten's 12, int8 2 against its int8
+# kernel's 4.5) while fp32 still wins (13 against 7); capabilities not measured get that choice too.
+ROW_LOOP_DTYPES = {"AVX512": {torch.float32, torch.bfloat16, torch.float16, torch.int8}, "AVX2": {torch.float32}}
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()  # read once: torch.compile cannot trace the call
 
-    There aten's mm moves a weight at 6-8 GB/s (bf16) or ~15 GB/s (fp32) at 2 threads, while Inductor turns
-    `(x * w).sum(-1)` into a vectorized loop over the rows of w that reaches ~17-21 GB/s, the memory's speed
-    (measured on a 1536x576 weight; BENCHMARKS.md). Eagerly the same expression would build x * w in memory."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
+
+def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
+    """True while torch.compile traces a product of a single row (a decode step) on the CPU, with a weight whose
+    dtype Inductor's loop handles faster than aten does on this CPU (ROW_LOOP_DTYPES); any weight if None.
+
+    There aten's mm moves a weight at 6-8 GB/s (bf16) or ~15 GB/s (fp32) at 2 threads on AVX-512 CPUs, while
+    Inductor turns `(x * w).sum(-1)` into a vectorized loop over the rows of w that reaches ~17-21 GB/s, the
+    memory's speed (measured on a 1536x576 weight; BENCHMARKS.md). Eagerly the same expression would build x * w
+    in memory."""
+    loop_dtypes = ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
+    return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
+            and (weight is None or weight.dtype in loop_dtypes))
 
 
 def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
@@ -266,7 +278,7 @@ class Linear(nn.Linear):
     """nn.Linear with the one-row CPU product written for Inductor (see one_row_on_cpu)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not one_row_on_cpu(x):
+        if not one_row_on_cpu(x, self.weight):
             return F.linear(x, self.weight, self.bias)
         y = one_row_product(x, self.weight).to(x.dtype)
         return y if self.bias is None else y + self.bias

@@ -178,10 +178,13 @@ class WeightOnlyInt8Linear(nn.Module):
         # CPU's int8 kernel is fast only with bf16 activations and few rows: its time grows linearly with the rows
         # (no reuse of the weight across rows), so from ~16 rows on, converting the weight and running one bf16
         # GEMM is faster (512 rows: 2.6 ms vs 18 ms for a 1536x576 weight). Inductor fuses the cast and scaling.
-        if one_row_on_cpu(x):  # as model.Linear: Inductor's loop beats the int8 kernel by ~1.4x (BENCHMARKS.md)
+        kernel = (self.packed_mm and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16
+                  and x.numel() <= KERNEL_ROWS * self.in_features)
+        # one row, compiled: as model.Linear, Inductor's loop where it beats the kernel (by ~1.4x on AVX-512 CPUs,
+        # not on AVX2 ones), and always rather than converting the whole weight for a GEMM
+        if one_row_on_cpu(x, self.weight if kernel else None):
             y = (one_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
-        elif (self.packed_mm and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16
-                and x.numel() <= KERNEL_ROWS * self.in_features):
+        elif kernel:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:

@@ -115,20 +115,26 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["float", "int8"])
-def test_compiled_one_row_product_is_a_loop_with_linear_values(dtype, mode):
+def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeypatch, capability, dtype, mode):
     """Compiled on the CPU, a one-row product (a decode step) is Inductor's own multiply-and-sum loop rather than
-    aten's matrix product, and gives F.linear's values; several rows still use the matrix product."""
+    aten's matrix product or int8 kernel where the loop measured faster (every dtype on AVX-512 CPUs, fp32 weights
+    on AVX2 ones: model.ROW_LOOP_DTYPES), and gives F.linear's values either way; several rows always use a
+    matrix product. The int8 layer without a kernel for its activations (fp32) always takes the loop."""
     from torch._inductor.utils import run_and_get_code
+    import model
     import quantize
+    monkeypatch.setattr(model, "CPU_CAPABILITY", capability)
+    loop = capability == "AVX512" or dtype == torch.float32
     matrix_product = re.compile(r"extern_kernels\.(add)?mm\b|aten\.(add)?mm\b|_weight_int8pack_mm")
     torch.manual_seed(0)
     lin = Linear(96, 40, bias=True).to(dtype)
     if mode == "int8":
         q = quantize.WeightOnlyInt8Linear(96, 40, bias=True)
         q.weight, scales = quantize.int8_quantize(lin.weight.float())
-        q.scales, q.bias = scales.to(dtype), lin.bias
+        q.scales, q.bias, q.packed_mm = scales.to(dtype), lin.bias, True
         with torch.no_grad():
             lin.weight.copy_(q.weight * scales[:, None])  # the float layer that the int8 one stands for
         lin, layer = lin, q
@@ -141,6 +147,6 @@ def test_compiled_one_row_product_is_a_loop_with_linear_values(dtype, mode):
         want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
         torch.testing.assert_close(y.float(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                    atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
-        assert y.shape == (1, 1, 40) and not matrix_product.search("".join(codes))
+        assert y.shape == (1, 1, 40) and bool(matrix_product.search("".join(codes))) != loop
         _, codes = run_and_get_code(compiled, torch.randn(1, 5, 96, dtype=dtype))
         assert matrix_product.search("".join(codes))
