@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from model import (DEFAULT_CHECKPOINT, BriskError, Transformer, check_writable, load_config, load_model, load_state_dict,
-                   one_row_on_cpu, one_row_product, run_cli, save_checkpoint)
+from model import (DEFAULT_CHECKPOINT, BriskError, Transformer, check_writable, gemm_dtype, load_config, load_model,
+                   load_state_dict, one_row_on_cpu, one_row_product, run_cli, save_checkpoint)
 
 MODES = ("int8", "int4", "int4-gptq")
 HEADS = ("int8", "int4")  # precisions of the output head
@@ -188,7 +188,8 @@ class WeightOnlyInt8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+            dt = gemm_dtype(x)
+            y = (F.linear(x.to(dt), self.weight.to(dt)) * self.scales).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -257,19 +258,20 @@ class WeightOnlyInt4Linear(nn.Module):
             x2 = F.pad(x2, (0, k - self.in_features))
         # CPU's kernel takes time linear in the rows (a 1536x576 weight: 10 ms for 512 rows against 2.7 ms for
         # dequantizing it and one bf16 GEMM), so long inputs take the dequantize path
+        dt = gemm_dtype(x2)  # of the dequantize paths
         if self.kernel == "cpu" and not (self.block and x2.shape[0] >= INT4_KERNEL_ROWS):
             # the kernels take bf16 activations: other dtypes round-trip through bf16
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.groupsize,
-                                                           self.scales_and_zeros).to(x.dtype)
+                                                           self.scales_and_zeros)
         elif self.kernel == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize,
-                                                   self.scales_and_zeros).to(x.dtype)
+                                                   self.scales_and_zeros)
         elif self.kernel == "cpu":  # a long input
-            y = x2 @ cpu_dequantize_t(self.weight, self.scales_and_zeros, self.groupsize, self.block, x.dtype)
+            y = x2.to(dt) @ cpu_dequantize_t(self.weight, self.scales_and_zeros, self.groupsize, self.block, dt)
         else:  # `weight` holds the values [N, K]
-            w = int4_dequantize(self.weight, *from_scales_and_zeros(self.scales_and_zeros), dtype=x.dtype)
-            y = F.linear(x2, w)
-        y = y.reshape(*lead, self.out_features)
+            w = int4_dequantize(self.weight, *from_scales_and_zeros(self.scales_and_zeros), dtype=dt)
+            y = F.linear(x2.to(dt), w)
+        y = y.to(x.dtype).reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 
 
