@@ -150,3 +150,21 @@ def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeyp
         assert y.shape == (1, 1, 40) and bool(matrix_product.search("".join(codes))) != loop
         _, codes = run_and_get_code(compiled, torch.randn(1, 5, 96, dtype=dtype))
         assert matrix_product.search("".join(codes))
+
+
+@pytest.mark.parametrize("capability, dtype, rows, gemm", [
+    ("AVX2", torch.bfloat16, 32, torch.float32),  # torch's bf16 GEMM is 2-5x slower there than converting
+    ("AVX2", torch.bfloat16, 16, torch.bfloat16),  # a few rows gain nothing
+    ("AVX2", torch.float32, 512, torch.float32),
+    ("AVX512", torch.bfloat16, 512, torch.bfloat16),
+])
+def test_many_bf16_rows_are_multiplied_in_fp32_on_avx2_cpus(monkeypatch, capability, dtype, rows, gemm):
+    import model
+    monkeypatch.setattr(model, "CPU_CAPABILITY", capability)
+    x = torch.randn(1, rows, 64, dtype=dtype)
+    assert model.gemm_dtype(x) == gemm
+    lin = Linear(64, 48, bias=True).to(dtype)
+    y = lin(x)  # the layer's dtype either way, with F.linear's values
+    assert y.dtype == dtype
+    want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
