@@ -264,9 +264,9 @@ def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
     Inductor turns `(x * w).sum(-1)` into a vectorized loop over the rows of w that reaches ~17-21 GB/s, the
     memory's speed (measured on a 1536x576 weight; BENCHMARKS.md). Eagerly the same expression would build x * w
     in memory."""
-    loop_dtypes = ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
-    return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
-            and (weight is None or weight.dtype in loop_dtypes))
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]):
+        return False
+    return weight is None or weight.dtype in ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
 
 
 def gemm_dtype(x: Tensor) -> torch.dtype:

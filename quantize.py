@@ -176,8 +176,8 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # CPU's int8 kernel is fast only with bf16 activations and few rows: its time grows linearly with the rows
-        # (no reuse of the weight across rows), so from ~16 rows on, converting the weight and running one bf16
-        # GEMM is faster (512 rows: 2.6 ms vs 18 ms for a 1536x576 weight). Inductor fuses the cast and scaling.
+        # (no reuse of the weight across rows), so from ~16 rows on, converting the weight and running one GEMM
+        # is faster (512 rows: 2.6 ms vs 18 ms for a 1536x576 weight). Inductor fuses the cast and scaling.
         kernel = (self.packed_mm and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16
                   and x.numel() <= KERNEL_ROWS * self.in_features)
         # one row, compiled: as model.Linear, Inductor's loop where it beats the kernel (by ~1.4x on AVX-512 CPUs,
@@ -211,7 +211,7 @@ class Int4Embedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, groupsize: int):
         super().__init__()
-        self.embedding_dim, self.groupsize = embedding_dim, groupsize
+        self.embedding_dim = embedding_dim
         k = padded(embedding_dim, groupsize)
         self.register_buffer("weight", torch.empty(num_embeddings, k // 2, dtype=torch.uint8))  # [V, K/2]
         self.register_buffer("scales_and_zeros", torch.empty(k // groupsize, num_embeddings, 2))  # [K/g, V, 2]
