@@ -280,8 +280,15 @@ def gemm_dtype(x: Tensor) -> torch.dtype:
 
 
 def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
-    # x: [..., 1, K] (one row), weight: [N, K] of any dtype -> [..., 1, N] in fp32, as the loop one_row_on_cpu means
-    return (x.float()[..., None, :] * weight.float()).sum(-1)
+    # x: [..., 1, K] (one row), weight: [N, K] of any dtype -> [..., 1, N] in fp32, as the loop one_row_on_cpu means.
+    # The rows are summed as four equal blocks (of 2, 4, 8 and 16 blocks, 4 measured fastest), which Inductor fuses
+    # into one loop that walks the blocks side by side: each load and conversion of x serves four rows, and four
+    # memory streams and accumulators are in flight instead of one. Compiled decode on an AMX Xeon: bf16 +31%,
+    # int8 +51%, fp32 +15% (BENCHMARKS.md).
+    N = weight.shape[0]
+    nb = next(b for b in (4, 2, 1) if N % b == 0)  # fewer where N is not a multiple of 4
+    xs, n = x.float()[..., None, :], N // nb
+    return torch.cat([(xs * weight[i * n:(i + 1) * n].float()).sum(-1) for i in range(nb)], dim=-1)
 
 
 class Linear(nn.Linear):

@@ -152,6 +152,21 @@ def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeyp
         assert matrix_product.search("".join(codes))
 
 
+@pytest.mark.parametrize("rows, blocks", [(40, 4), (42, 2), (41, 1)])
+def test_compiled_one_row_product_walks_four_blocks_of_rows_side_by_side(rows, blocks):
+    """The one-row loop sums the weight's rows as four equal blocks in one loop (one accumulator per block), or as
+    two or one where the row count does not divide, with F.linear's values every time."""
+    from torch._inductor.utils import run_and_get_code
+    import model
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 1, 96, dtype=torch.bfloat16), torch.randn(rows, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, codes = run_and_get_code(torch.compile(model.one_row_product, fullgraph=True, dynamic=False), x, w)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.float(), w.float()), rtol=1e-5, atol=1e-5)
+    accumulators = set(re.findall(r"\btmp_acc(\d+)_vec\b", "".join(codes)))
+    assert y.shape == (1, 1, rows) and len(accumulators) == blocks
+
+
 @pytest.mark.parametrize("capability, dtype, rows, gemm", [
     ("AVX2", torch.bfloat16, 32, torch.float32),  # torch's bf16 GEMM is 2-5x slower there than converting
     ("AVX2", torch.bfloat16, 16, torch.bfloat16),  # a few rows gain nothing
