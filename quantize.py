@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model import (DEFAULT_CHECKPOINT, BriskError, Transformer, check_writable, gemm_dtype, load_config, load_model,
-                   load_state_dict, one_row_on_cpu, one_row_product, run_cli, save_checkpoint)
+                   load_state_dict, one_row_on_cpu, one_row_product, per_row, run_cli, save_checkpoint)
 
 MODES = ("int8", "int4", "int4-gptq")
 HEADS = ("int8", "int4")  # precisions of the output head
@@ -184,13 +184,16 @@ class WeightOnlyInt8Linear(nn.Module):
         # not on AVX2 ones), and always rather than converting the whole weight for a GEMM
         if one_row_on_cpu(x, self.weight if kernel else None):
             y = (one_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
-        elif kernel:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-            y = y.reshape(*x.shape[:-1], self.out_features)
         else:
-            dt = gemm_dtype(x)
-            y = (F.linear(x.to(dt), self.weight.to(dt)) * self.scales).to(x.dtype)
+            y = per_row(x, lambda x: self.gemm(x, kernel))
         return y if self.bias is None else y + self.bias
+
+    def gemm(self, x: Tensor, kernel: bool) -> Tensor:
+        if kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        dt = gemm_dtype(x)
+        return (F.linear(x.to(dt), self.weight.to(dt)) * self.scales).to(x.dtype)
 
 
 class Int8Embedding(nn.Module):
@@ -252,6 +255,9 @@ class WeightOnlyInt4Linear(nn.Module):
         self.kernel = kernel
 
     def forward(self, x: Tensor) -> Tensor:
+        return per_row(x, self.gemm)
+
+    def gemm(self, x: Tensor) -> Tensor:
         lead, k = x.shape[:-1], self.scales_and_zeros.shape[0] * self.groupsize
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if k != self.in_features:

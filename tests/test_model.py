@@ -119,10 +119,11 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["float", "int8"])
 def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeypatch, capability, dtype, mode):
-    """Compiled on the CPU, a one-row product (a decode step) is Inductor's own multiply-and-sum loop rather than
-    aten's matrix product or int8 kernel where the loop measured faster (every dtype on AVX-512 CPUs, fp32 weights
-    on AVX2 ones: model.ROW_LOOP_DTYPES), and gives F.linear's values either way; several rows always use a
-    matrix product. The int8 layer without a kernel for its activations (fp32) always takes the loop."""
+    """Compiled on the CPU, a product of one row (a decode step) or a few (model.FEW_ROWS: a batch's step) is
+    Inductor's own multiply-and-sum loop rather than aten's matrix product or int8 kernel where the loop measured
+    faster (every dtype on AVX-512 CPUs, fp32 weights on AVX2 ones: model.ROW_LOOP_DTYPES), and gives F.linear's
+    values either way; more rows always use a matrix product. The int8 layer without a kernel for its
+    activations (fp32) always takes the loop."""
     from torch._inductor.utils import run_and_get_code
     import model
     import quantize
@@ -149,6 +150,8 @@ def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeyp
                                    atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
         assert y.shape == (1, 1, 40) and bool(matrix_product.search("".join(codes))) != loop
         _, codes = run_and_get_code(compiled, torch.randn(1, 5, 96, dtype=dtype))
+        assert bool(matrix_product.search("".join(codes))) != loop
+        _, codes = run_and_get_code(compiled, torch.randn(1, model.FEW_ROWS + 1, 96, dtype=dtype))
         assert matrix_product.search("".join(codes))
 
 
