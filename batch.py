@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from generate import compile_step, sample
-from model import BriskError, Transformer
+from cli import BriskError
+from model import Transformer
 
 
 def rows_step(model: Transformer, x: Tensor, input_pos: Tensor, kv_len: Optional[int] = None) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 import generate as gen
 from batch import Batch, beam_search, generate_rows, rows_step
 from conftest import make_checkpoint
-from model import load_model
+from checkpoint import load_model
 
 LENGTHS = (5, 17, 40, 9, 70)  # prompt lengths: rows sit at positions up to ~110, over two attended lengths
 
