@@ -10,6 +10,7 @@ A row's logits never depend on what else is in the batch (model.FEW_ROWS, model.
 between steps (continuous batching) and greedy rows give exactly the tokens of their prompts run alone.
 Sampling happens outside, with generate's functions, per row.
 """
+import time
 from typing import Callable, Optional
 
 import torch
@@ -106,11 +107,13 @@ class Batch:
 
 
 def generate_rows(batch: Batch, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(),
-                  on_token: Optional[Callable[[int, int], bool]] = None, **sampling_kwargs) -> list[list[int]]:
+                  on_token: Optional[Callable[[int, int], bool]] = None, **sampling_kwargs):
     """Sample up to max_new_tokens after each prompt, as many at once as the batch has rows: a prompt takes a
     row as soon as one is free. A row stops at an eos id (which it keeps) or when on_token(prompt index, token)
-    returns True for a token it has just taken. Returns the new tokens of each prompt, in prompt order."""
+    returns True for a token it has just taken. Returns (the new tokens of each prompt, in prompt order,
+    {"prefill_s", "decode_s", "steps"}): the seconds spent prefilling prompts and in decode steps."""
     out = [[] for _ in prompts]
+    timing = dict(prefill_s=0.0, decode_s=0.0, steps=0)
     waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompt order
     running: dict[int, int] = {}  # row -> prompt index
 
@@ -125,14 +128,19 @@ def generate_rows(batch: Batch, prompts: list[list[int]], max_new_tokens: int, *
 
     while waiting or running:
         while waiting and batch.free_rows():
+            t0 = time.perf_counter()
             i = waiting.pop()
             row = batch.add(prompts[i])
             running[row] = i
             take(row, batch.last_logits(row))
+            timing["prefill_s"] += time.perf_counter() - t0
         if running:
+            t0 = time.perf_counter()
             for row, logits in batch.step({r: out[i][-1] for r, i in running.items()}).items():
                 take(row, logits)
-    return out
+            timing["decode_s"] += time.perf_counter() - t0
+            timing["steps"] += 1
+    return out, timing
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import generate as gen
 from batch import Batch, beam_search, generate_rows, rows_step
 from conftest import make_checkpoint
 from checkpoint import load_model
+from cli import BriskError
 
 LENGTHS = (5, 17, 40, 9, 70)  # prompt lengths: rows sit at positions up to ~110, over two attended lengths
 
@@ -88,7 +89,7 @@ def test_generate_rows_equals_generate_alone_and_stops_each_row(tiny):
         want.append(gen.generate(model, torch.tensor(p), 15, temperature=0.0)[0][0])
     eos = want[1][4]  # the second prompt stops at its fifth token (and any other row at that token)
     expect = [w[:w.index(eos) + 1] if eos in w else w for w in want]
-    got = generate_rows(Batch(model, 2, 128), ps, 15, eos_ids={eos}, temperature=0.0)
+    got, _ = generate_rows(Batch(model, 2, 128), ps, 15, eos_ids={eos}, temperature=0.0)
     assert got == expect and len(got[1]) == 5
 
 
@@ -104,6 +105,26 @@ def test_beams_reorder_the_cache_in_place(tiny):
     before = cache[copy, :, 3].clone()
     batch.reorder({row: copy, copy: row}, start=3)
     assert torch.equal(cache[row, :, 3], before) and cache.data_ptr() == ptr
+
+
+def test_cli_prints_each_prompt_as_run_alone_in_prompt_order(tiny, tmp_path, capsys):
+    flags = ["--checkpoint_path", str(tiny), "--temperature", "0", "--max_new_tokens", "12"]
+    texts = ["Hello", "The quick brown fox jumps", "Once upon a time there was"]
+    (tmp_path / "prompts.txt").write_text("\n".join(texts[1:]) + "\n")
+    gen.main([*flags, "--prompt", texts[0], "--prompts_file", str(tmp_path / "prompts.txt"), "--batch_size", "2"])
+    out = capsys.readouterr()
+    assert "3 prompts, 2 rows at once, 36 tokens" in out.err
+    want = []
+    for text in texts:
+        gen.main([*flags, "--prompt", text])
+        want.append(capsys.readouterr().out)
+    assert out.out == "".join(want)
+
+
+def test_an_empty_line_in_the_prompts_file_is_refused(tiny, tmp_path):
+    (tmp_path / "prompts.txt").write_text("one\n\nthree\n")
+    with pytest.raises(BriskError, match="prompts.txt: line 2 is empty"):
+        gen.main(["--checkpoint_path", str(tiny), "--prompts_file", str(tmp_path / "prompts.txt")])
 
 
 # ---------------------------------------------------------------------------------------------------------------
