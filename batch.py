@@ -8,7 +8,7 @@
 
 A row's logits never depend on what else is in the batch (model.FEW_ROWS, model.attend): rows can join and leave
 between steps (continuous batching) and greedy rows give exactly the tokens of their prompts run alone.
-Sampling happens outside, with generate's functions, per row.
+Sampling happens outside, with engine's functions, per row.
 """
 import time
 from typing import Callable, Optional
@@ -16,20 +16,20 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from generate import compile_step, sample
+from engine import compile_step, sample
 from cli import BriskError
 from model import Transformer
 
 
-def rows_step(model: Transformer, x: Tensor, input_pos: Tensor, kv_len: Optional[int] = None) -> Tensor:
+def rows_step(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None) -> Tensor:
     # x: [B, 1] tokens at input_pos: [B, 1] -> fp32 logits [B, V]
-    return model(x, input_pos, kv_len=kv_len)[:, -1].float()
+    return model(x, input_pos, attend_len=attend_len)[:, -1].float()
 
 
 class Batch:
     def __init__(self, model: Transformer, max_rows: int, max_seq_length: int, compile: bool = False):
         """Set up model's caches for max_rows rows of up to max_seq_length positions each. compile: one compiled
-        decode step (generate.compile_step) serves every mix of rows and positions."""
+        decode step (engine.compile_step) serves every mix of rows and positions."""
         model.setup_caches(max_rows, max_seq_length)
         self.model, self.max_rows, self.max_seq_length = model, max_rows, max_seq_length
         self.device = model.norm.weight.device
@@ -98,8 +98,8 @@ class Batch:
             if self.pos[row] >= self.max_seq_length:
                 raise BriskError(f"row {row} has filled its {self.max_seq_length} positions")
             x[row, 0], pos[row, 0] = token, self.pos[row]
-        kv_len = self.model.attend_len(max(self.pos[r] for r in tokens))
-        logits = self.step_fn(self.model, x, pos, kv_len=kv_len)  # [max_rows, V]
+        attend_len = self.model.attend_len(max(self.pos[r] for r in tokens))
+        logits = self.step_fn(self.model, x, pos, attend_len=attend_len)  # [max_rows, V]
         for row in tokens:
             self.pos[row] += 1
             self.logits[row] = logits[row].clone()  # a CUDA graph's output is overwritten by its next replay

@@ -3,6 +3,7 @@ compiled, fp32 and bf16, whatever joins or leaves the batch; beam search as tran
 import pytest
 import torch
 
+import engine
 import generate as gen
 from batch import Batch, beam_search, generate_rows, rows_step
 from conftest import make_checkpoint
@@ -30,7 +31,7 @@ def alone(model, ids: list[int], tokens: list[int], step) -> list[torch.Tensor]:
     logits = [model(torch.tensor([ids]), torch.arange(T), logits_to_keep=1)[0, -1].float()]
     for i, t in enumerate(tokens):
         pos = T + i
-        logits.append(step(model, torch.tensor([[t]]), torch.tensor([pos]), kv_len=model.attend_len(pos))[0])
+        logits.append(step(model, torch.tensor([[t]]), torch.tensor([pos]), attend_len=model.attend_len(pos))[0])
     return logits
 
 
@@ -53,7 +54,7 @@ def check_rows_equal_alone(model, compile: bool, n_steps: int = 12):
             if len(got[running[row]]) == n_steps - 2 * (running[row] % 2):  # rows of different lengths
                 batch.remove(row)
                 del running[row]
-    step = gen.compile_step(rows_step, torch.device("cpu")) if compile else rows_step
+    step = engine.compile_step(rows_step, torch.device("cpu")) if compile else rows_step
     for i, p in enumerate(ps):
         tokens = [int(l.argmax()) for l in got[i][:-1]]
         want = alone(model, p, tokens, step)
@@ -86,7 +87,7 @@ def test_generate_rows_equals_generate_alone_and_stops_each_row(tiny):
     want = []
     for p in ps:
         model.setup_caches(1, 128)
-        want.append(gen.generate(model, torch.tensor(p), 15, temperature=0.0)[0][0])
+        want.append(engine.generate(model, torch.tensor(p), 15, temperature=0.0)[0][0])
     eos = want[1][4]  # the second prompt stops at its fifth token (and any other row at that token)
     expect = [w[:w.index(eos) + 1] if eos in w else w for w in want]
     got, _ = generate_rows(Batch(model, 2, 128), ps, 15, eos_ids={eos}, temperature=0.0)
@@ -144,7 +145,7 @@ def hf_beams(hf, ids, n_new, nb, lp, es, nret, eos):
 
 def check_beams(ours, hf, ids, n_new, eos_from_greedy: bool):
     ours.setup_caches(1, len(ids) + n_new)
-    greedy = gen.generate(ours, torch.tensor(ids), n_new, temperature=0.0)[0][0]
+    greedy = engine.generate(ours, torch.tensor(ids), n_new, temperature=0.0)[0][0]
     eos = {greedy[2], greedy[5]} if eos_from_greedy else set()  # tokens that do occur: hypotheses finish early
     for nb, lp, es, nret in BEAM_CASES:
         mine = beam_search(Batch(ours, nb, len(ids) + n_new), ids, n_new, nb, lp, es, nret, eos)
