@@ -145,12 +145,14 @@ def generate_rows(batch: Batch, prompts: list[list[int]], max_new_tokens: int, *
 
 @torch.no_grad()
 def beam_search(batch: Batch, ids: list[int], max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
-                early_stopping=False, num_return_sequences: int = 1, eos_ids=()) -> list[tuple[list[int], float]]:
+                early_stopping=False, num_return_sequences: int = 1, eos_ids=(),
+                on_step: Optional[Callable[[], None]] = None) -> list[tuple[list[int], float]]:
     """Beam search as transformers' generate(num_beams=..., do_sample=False) does it, for one prompt, in num_beams
     rows of an empty batch: the best num_return_sequences (new tokens, score) by score. A finished hypothesis
     (ended by an eos id, kept, or by the length) scores its log-probability / its length ** length_penalty.
     early_stopping: True stops once num_beams hypotheses are finished; False stops when no running beam could
-    beat the worst finished one at its current length; "never" at the best length length_penalty allows."""
+    beat the worst finished one at its current length; "never" at the best length length_penalty allows.
+    on_step() is called as each position's tokens are chosen (first-token and next-token latency)."""
     n, eos = num_beams, torch.tensor(sorted(eos_ids), dtype=torch.long)
     K = max(2, 1 + len(eos)) * n  # candidates kept per step: enough to leave n running beyond the eos ones
     rows = [batch.add(ids)]
@@ -185,6 +187,8 @@ def beam_search(batch: Batch, ids: list[int], max_new_tokens: int, num_beams: in
         done_scores = torch.cat([done_scores, final])[merged]
         done_len = torch.cat([done_len, torch.full((K,), cur + 1)])[merged]
         is_done = torch.cat([is_done, hits & first_n])[merged]
+        if on_step is not None:
+            on_step()
         best_len = max_new_tokens if early_stopping == "never" and length_penalty > 0 else cur + 1
         best_running = running_scores[0] / (best_len ** length_penalty)
         worst_done = torch.where(is_done, done_scores.min(), -1e9)
