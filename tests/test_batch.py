@@ -81,6 +81,24 @@ def test_compiled_batch_is_one_graph_for_every_mix_of_rows(tiny):
         check_rows_equal_alone(model, compile=True, n_steps=4)
 
 
+def test_a_verify_pass_gives_the_logits_of_the_decode_steps_it_stands_for(tiny):
+    """Speculative decoding's verify pass (k + 1 positions of one row) in bf16: each position's logits are
+    bitwise those of a decode step, so greedy speculation is exact in any dtype. Eagerly only: compiled, Inductor
+    reduces a verify pass's norms or attention in another order than a one-position step's (not yet exact)."""
+    model = load_model(tiny, dtype=torch.bfloat16)
+    model.setup_caches(1, 128)
+    step = lambda model, x, input_pos, attend_len=None: model(x, input_pos, attend_len=attend_len).float()
+    ids = prompts(model.config.vocab_size)[2]  # 40 tokens
+    tokens = torch.tensor([[5, 77, 123, 9, 200, 31]])
+    T, n = len(ids), tokens.shape[1]
+    with torch.no_grad():
+        model(torch.tensor([ids]), torch.arange(T))
+        verify = step(model, tokens, torch.arange(T, T + n), attend_len=model.attend_len(T + n - 1))[0]
+        for i in range(n):
+            one = step(model, tokens[:, i:i + 1], torch.tensor([T + i]), attend_len=model.attend_len(T + i))[0, 0]
+            assert torch.equal(verify[i], one), f"position {i}: max diff {(verify[i] - one).abs().max()}"
+
+
 def test_generate_rows_equals_generate_alone_and_stops_each_row(tiny):
     model = load_model(tiny, dtype=torch.bfloat16)
     ps = prompts(model.config.vocab_size)

@@ -32,8 +32,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def loaded(path, max_seq_length: int = 96):
-    model = load_model(path, "cpu", torch.float32)
+def loaded(path, max_seq_length: int = 96, dtype=torch.float32):
+    model = load_model(path, "cpu", dtype)
     model.setup_caches(1, max_seq_length)
     return model
 
@@ -166,6 +166,15 @@ def test_a_draft_model_gives_the_plain_greedy_tokens(pair, noisy_draft, kind, k)
         accepted += speculator.stats["accepted"]
     if kind == "noisy":  # both outcomes happened: some draft tokens kept, some rejected
         assert 0 < accepted < k * verifications
+
+
+def test_a_draft_model_gives_the_plain_greedy_tokens_in_bf16_too(pair, noisy_draft):
+    """A verify pass's few-row products and attention reduce each row as a decode step does (cpu.FEW_ROWS), so the
+    tokens are exact in bf16 as well, not only where rounding errors are too small to flip an argmax."""
+    target = loaded(pair[0], dtype=torch.bfloat16)
+    speculator = spec.Speculator(spec.DraftModel(loaded(noisy_draft, dtype=torch.bfloat16)), 4)
+    for prompt in PROMPTS:
+        assert greedy(target, prompt, 40, speculator) == greedy(target, prompt, 40)
 
 
 def test_the_target_as_its_own_draft_accepts_everything_also_in_a_conversation(pair):
