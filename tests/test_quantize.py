@@ -117,12 +117,12 @@ def test_cpu_packed_int4_weights_read_back_to_their_values():
 def test_long_inputs_dequantize_the_cpu_packed_weight_to_the_same_result(monkeypatch):
     w = weights(n=64, k=256) * 10
     packed, plain = int4_linear(w, 32, "cpu"), int4_linear(w, 32, None)
-    x = torch.randn(1, 6, 256, dtype=torch.bfloat16)
+    x = torch.randn(1, 20, 256, dtype=torch.bfloat16)  # more than cpu.FEW_ROWS, which run one at a time
     reads, read_back = [], quant.cpu_dequantize_t
     monkeypatch.setattr(quant, "cpu_dequantize_t", lambda p, *a: reads.append(p) or read_back(p, *a))
-    kernel_y = packed(x)  # 6 rows, fewer than INT4_DEQUANTIZE_MIN_ROWS: the kernel
+    kernel_y = packed(x)  # 20 rows, fewer than INT4_DEQUANTIZE_MIN_ROWS: the kernel
     assert not reads
-    monkeypatch.setattr(quant, "INT4_DEQUANTIZE_MIN_ROWS", 6)
+    monkeypatch.setattr(quant, "INT4_DEQUANTIZE_MIN_ROWS", 20)
     long_y = packed(x)  # as many rows as INT4_DEQUANTIZE_MIN_ROWS: the weight dequantized as the plain module does
     assert len(reads) == 1
     torch.testing.assert_close(long_y, plain(x), rtol=1e-2, atol=1e-2)  # the same weight; GEMMs round alike to bf16
