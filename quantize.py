@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from generate import parse_device
 from model import (DEFAULT_CHECKPOINT, BriskError, Transformer, check_writable, gemm_dtype, load_config, load_model,
                    load_state_dict, one_row_on_cpu, one_row_product, run_cli, save_checkpoint)
 
@@ -337,9 +338,10 @@ def finalize_model(model: Transformer, quant: dict, device) -> None:
 Int4Fn = Callable[[str, Tensor], tuple[Tensor, Tensor, Tensor]]  # (name, padded w [N, K]) -> q, scales, zeros
 
 
-def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn] = None) -> dict:
-    """The quantized state dict of float `sd` (our names), with `__quant__` = quant. int4_fn quantizes the block
-    linears in int4 mode (default: round-to-nearest; an int4 head is always rounded to nearest)."""
+def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn] = None, device="cpu") -> dict:
+    """The quantized state dict of float `sd` (our names), with `__quant__` = quant, in CPU memory. int4_fn quantizes
+    the block linears in int4 mode (default: round-to-nearest; an int4 head is always rounded to nearest); each
+    matrix is rounded on `device` (a GPU quantizes a 7B model in seconds)."""
     mode, groupsize, head = _check_quant(quant)
     rtn = lambda name, w: int4_quantize(w, groupsize)  # noqa: E731
     int4_fn = int4_fn or rtn
@@ -348,15 +350,17 @@ def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn]
     out = dict(sd)
     for name, lin in tqdm(linears, desc=f"quantizing ({quant['mode']})", unit="layer"):
         key = "tok_embeddings.weight" if name == "output" and config.tie_embeddings else f"{name}.weight"
-        w = sd[key]
+        w = sd[key].to(device)
         out.pop(f"{name}.weight", None)
         if (head if name == "output" else mode) == "int8":
-            out[f"{name}.weight"], out[f"{name}.scales"] = int8_quantize(w)
+            q, scales = int8_quantize(w)
+            out[f"{name}.weight"], out[f"{name}.scales"] = q.cpu(), scales.cpu()
         else:
             w = F.pad(w.float(), (0, padded(w.shape[1], groupsize) - w.shape[1]))
             q, scales, zeros = (rtn if name == "output" else int4_fn)(name, w)
-            out[f"{name}.weight"] = pack_nibbles(q)
-            out[f"{name}.scales_and_zeros"] = to_scales_and_zeros(scales, zeros).to(INT4_PARAM_DTYPE)
+            out[f"{name}.weight"] = pack_nibbles(q.to(device)).cpu()
+            sz = to_scales_and_zeros(scales.to(device), zeros.to(device))
+            out[f"{name}.scales_and_zeros"] = sz.to(INT4_PARAM_DTYPE).cpu()
     if config.tie_embeddings:  # the same tensors under both names: torch.save stores them once
         for leaf in ("weight", "scales", "scales_and_zeros"):
             if f"output.{leaf}" in out:
@@ -466,7 +470,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "int4 in the blocks' groups (int4 modes only; CPU decode ~15%% faster, perplexity ~5%% higher; "
                    "written to model_int4.gN.int4-head.pth)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.add_argument("--device", default="cpu", help="where GPTQ runs the model (cuda is much faster)")
+    p.add_argument("--device", default="cpu", help="where the weights are rounded and GPTQ runs the model (cuda is "
+                   "much faster)")
     g = p.add_argument_group("GPTQ (--mode int4-gptq)")
     g.add_argument("--calibration_file", type=Path, default=None,
                    help="UTF-8 text to calibrate on (default: the first half of CPython's pydoc topic help)")
@@ -498,6 +503,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise BriskError(f"--percdamp must be in (0, 1), got {args.percdamp}")
     if args.calibration_file is not None and not args.calibration_file.is_file():
         raise BriskError(f"calibration file not found: {args.calibration_file}")
+    args.device = parse_device(args.device)
 
 
 def main(argv=None) -> None:
@@ -524,7 +530,7 @@ def main(argv=None) -> None:
         results = gptq_model(model, samples.to(args.device), args.groupsize, args.blocksize, args.percdamp)
         del model
         int4_fn = lambda name, w: tuple(t.cpu() for t in results[name])  # noqa: E731
-    save_checkpoint(quantize_state_dict(sd, config, quant, int4_fn), out_path, force=args.force)
+    save_checkpoint(quantize_state_dict(sd, config, quant, int4_fn, args.device), out_path, force=args.force)
     mib = out_path.stat().st_size / 2**20
     print(f"wrote {out_path} ({mib:.1f} MiB)")
 
