@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -37,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from generate import parse_device  # noqa: E402
-from model import (BriskError, ModelArgs, check_writable, load_config, load_state_dict, run_cli,  # noqa: E402
-                   save_atomic)
+from checkpoint import load_config, load_state_dict  # noqa: E402
+from cli import BriskError, check_writable, parse_device, run_cli, save_atomic  # noqa: E402
+from model import ModelArgs  # noqa: E402
 from scripts.convert_hf_checkpoint import LAYER_NAMES, TOP_NAMES  # noqa: E402
 
 TEST_FILES = ["tests/test_convert.py", "tests/test_model.py", "tests/test_generate.py", "tests/test_quantize.py",
@@ -50,6 +51,7 @@ PRECISIONS = [("bf16", "model.pth", None), ("int8", "model_int8.pth", ["--mode",
               ("int4 g32", "model_int4.g32.pth", ["--mode", "int4", "--groupsize", "32"]),
               ("int4 g128", "model_int4.g128.pth", ["--mode", "int4", "--groupsize", "128"])]
 # seconds each stage may take at most (a 7B model on an H100: tests ~3 min beside the weights, each bench ~1 min)
+NOTES = re.compile(r"skipping cudagraphs|recompil|graph break", re.IGNORECASE)
 CAPS = dict(tests=270, random=150, quantize=120, hf=150, bench=150, peer=240)
 
 
@@ -160,6 +162,15 @@ def write_hf_checkpoint(checkpoint: Path, out: Path) -> None:
 # Reading the results
 
 
+def compiler_notes(log: Path, most: int = 8) -> list[str]:
+    """Distinct log lines about recompilations, skipped CUDA graphs and graph breaks (TORCH_LOGS), at most `most`."""
+    if not log.is_file():
+        return []
+    lines = log.read_text(errors="replace").splitlines()
+    hits = [line.strip()[:300] for line in lines if NOTES.search(line)]
+    return list(dict.fromkeys(hits))[:most]
+
+
 def test_counts(junit: Path) -> dict:
     if not junit.is_file():
         return dict(passed=0, failed=0, skipped=0, failures=["no report: see the log"])
@@ -245,8 +256,11 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|---|"]
     for dtype, t in report["tests"].items():
         lines.append(f"| {dtype} | {t['passed']} | {t['failed']} | {t['skipped']} | {', '.join(t['failures'])} |")
-    lines += ["", "| stage | status | seconds |", "|---|---|---|"]
-    lines += [f"| {s['name']} | {s['status']} | {s['seconds']} |" for s in report["stages"]]
+    lines += ["", "| stage | status | seconds | compiler notes (recompilations, skipped CUDA graphs) |",
+              "|---|---|---|---|"]
+    for s in report["stages"]:
+        notes = "<br>".join(s.get("notes", [])).replace("|", "/")
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {notes} |")
     return "\n".join(lines) + "\n"
 
 
@@ -322,33 +336,36 @@ def main(argv=None) -> None:
         stages.finish(stage)
         tests[dtype] = test_counts(out / f"tests-{dtype}.xml")
 
-    # 3. bench
+    # 3. bench: the peer in the bf16 run; if that run fails, brisk alone, and at the end the peer beside an eager
+    # brisk (so a peer that breaks costs no brisk figure)
     peer_name = "transformers-compile" if a.compile else "transformers"
     results, peer, env = [], None, {}
-    for label, name, _ in PRECISIONS:
-        ckpt = weights / name
-        if not ckpt.is_file():
+    bench_env = dict(TORCH_LOGS="recompiles,perf_hints")  # recompilations and skipped CUDA graphs, into the logs
+    runs = [(label, weights / name, label == "bf16", a.compile) for label, name, _ in PRECISIONS]
+    while runs:
+        label, ckpt, with_peer, compiled = runs.pop(0)
+        with_peer = with_peer and (hf_dir / "model.safetensors").is_file()
+        if not ckpt.is_file() or (label == "peer" and not with_peer):
             continue
-        tag = label.replace(" ", "-")
+        tag = label.replace(" ", "-") + ("+peer" if with_peer and label != "peer" else "")
         figures = out / f"bench-{tag}.json"
         figures.unlink(missing_ok=True)  # a stale file of an earlier run must not stand in for this one
         cmd = [py, "bench.py", "--checkpoint_path", ckpt, "--device", device, "--dtype", "bfloat16",
                "--input-tokens", a.input_tokens, "--max-new-tokens", a.max_new_tokens, "--num-iter", a.num_iter,
-               "--warmup", 1, "--copy_gib", a.copy_gib, "--force", *(["--compile"] if a.compile else [])]
-        with_peer = label == "bf16" and (hf_dir / "model.safetensors").is_file()
-        if with_peer:
-            stage = stages.run(f"bench-{tag}+peer", cmd + ["--json", figures, "--peers", peer_name, "--hf_model",
-                                                           hf_dir], CAPS["peer"])
-            with_peer = stage["status"] == "ok"
-        if not with_peer:  # without the peer, or again without it when it failed
-            stages.run(f"bench-{tag}", cmd + ["--json", figures], CAPS["bench"])
+               "--warmup", 1, "--copy_gib", a.copy_gib, "--force", "--json", figures]
+        cmd += (["--compile"] if compiled else []) + (["--peers", peer_name, "--hf_model", hf_dir] if with_peer else [])
+        stage = stages.run(f"bench-{tag}", cmd, CAPS["peer" if with_peer else "bench"], bench_env)
+        stage["notes"] = compiler_notes(Path(stage["log"]))
+        if stage["status"] != "ok" and with_peer and label != "peer":
+            runs[:0] = [(label, ckpt, False, compiled)]
+            runs.append(("peer", ckpt, True, False))
         rows, environment = bench_rows(figures)
         env = environment or env
         for r in rows:
-            if r["engine"] == "brisk":
-                results.append(dict(r, precision=label))
-            else:
+            if r["engine"] != "brisk":
                 peer = r
+            elif label != "peer":
+                results.append(dict(r, precision=label))
 
     # 4. report
     results, targets = summarize(results, peer)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import DTYPES, ModelArgs
+from cli import DTYPES
+from model import ModelArgs
 from scripts.random_checkpoint import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

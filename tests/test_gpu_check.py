@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, make_checkpoint
-from model import load_model
+from checkpoint import load_model
 from scripts.gpu_check import write_hf_checkpoint
 
 
