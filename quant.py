@@ -262,7 +262,9 @@ def int4_kernel(device: torch.device, out_features: int, k: int) -> Optional[str
     aten = torch.ops.aten
     if device.type == "cpu" and hasattr(aten, "_weight_int4pack_mm_for_cpu") and out_features % 16 == 0:
         return "cpu"
-    if device.type == "cuda" and hasattr(aten, "_weight_int4pack_mm") and out_features % 8 == 0 and k % 32 == 0:
+    # CUDA's kernel (tinygemm) runs on Ampere (sm80) and later only; its op exists in every build
+    if (device.type == "cuda" and hasattr(aten, "_weight_int4pack_mm") and out_features % 8 == 0 and k % 32 == 0
+            and torch.cuda.get_device_capability(device) >= (8, 0)):
         return "cuda"
     return None
 

@@ -50,9 +50,10 @@ DRY_RUN_TESTS = "test_converted_model_matches_transformers and llama2 or test_th
 PRECISIONS = [("bf16", "model.pth", None), ("int8", "model_int8.pth", ["--mode", "int8"]),
               ("int4 g32", "model_int4.g32.pth", ["--mode", "int4", "--groupsize", "32"]),
               ("int4 g128", "model_int4.g128.pth", ["--mode", "int4", "--groupsize", "128"])]
-# seconds each stage may take at most (a 7B model on an H100: tests ~3 min beside the weights, each bench ~1 min)
-NOTES = re.compile(r"skipping cudagraphs|recompil|graph break", re.IGNORECASE)
-CAPS = dict(tests=270, random=150, quantize=120, hf=150, bench=150, peer=240)
+NOTES = re.compile(r"(Recompiling function|skipping cudagraphs|graph break).*", re.IGNORECASE)  # in a bench log
+# seconds each stage may take at most (guesses for a 7B model on an H100, where nothing has run yet: the tests beside
+# the weights, then each bench run mostly compiling); stages that no longer fit in --budget_s are skipped
+CAPS = dict(tests=240, random=150, quantize=120, hf=150, bench=200, peer=300)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,6 +96,8 @@ class Stages:
             stage["seconds"] = round(time.monotonic() - t0, 1)
             if stage["status"] != "ok":
                 stage["log_tail"] = Path(stage["log"]).read_text(errors="replace")[-2000:]
+                last = [line for line in stage["log_tail"].splitlines() if line.strip()][-1:]
+                stage["notes"] = [f"last line: {line.strip()[:300]}" for line in last]
         print(f"[{stage['name']}] {stage['status']} ({stage['seconds']} s)", file=sys.stderr)
         self.done.append(stage)
         return stage
@@ -167,7 +170,7 @@ def compiler_notes(log: Path, most: int = 8) -> list[str]:
     if not log.is_file():
         return []
     lines = log.read_text(errors="replace").splitlines()
-    hits = [line.strip()[:300] for line in lines if NOTES.search(line)]
+    hits = [m.group(0)[:300] for m in map(NOTES.search, lines) if m]
     return list(dict.fromkeys(hits))[:most]
 
 
@@ -254,9 +257,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {t['target']} | {fmt(t['measured'], '.2f', t['unit'])} | {met} |")
     lines += ["", f"Device-aware tests on {a['device']}:", "", "| dtype | passed | failed | skipped | failures |",
               "|---|---|---|---|---|"]
+    if not report["tests"]:
+        lines.append("| (not run) | | | | |")
     for dtype, t in report["tests"].items():
         lines.append(f"| {dtype} | {t['passed']} | {t['failed']} | {t['skipped']} | {', '.join(t['failures'])} |")
-    lines += ["", "| stage | status | seconds | compiler notes (recompilations, skipped CUDA graphs) |",
+    lines += ["", "| stage | status | seconds | notes (an error; recompilations, skipped CUDA graphs) |",
               "|---|---|---|---|"]
     for s in report["stages"]:
         notes = "<br>".join(s.get("notes", [])).replace("|", "/")
@@ -284,7 +289,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_iter", type=int, default=None, help="timed iterations (default 3; --device cpu: 1)")
     p.add_argument("--copy_gib", type=float, default=None,
                    help="GiB bench.py copies to measure the copy bandwidth (default 1; --device cpu: 0.25)")
-    p.add_argument("--budget_s", type=float, default=600, help="stop starting stages after this many seconds")
+    p.add_argument("--budget_s", type=float, default=600,
+                   help="start no stage after this many seconds, and cut one that would run past it (default 600)")
     p.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
     a = p.parse_args(argv)
     dry = a.device == "cpu"
@@ -355,7 +361,7 @@ def main(argv=None) -> None:
                "--warmup", 1, "--copy_gib", a.copy_gib, "--force", "--json", figures]
         cmd += (["--compile"] if compiled else []) + (["--peers", peer_name, "--hf_model", hf_dir] if with_peer else [])
         stage = stages.run(f"bench-{tag}", cmd, CAPS["peer" if with_peer else "bench"], bench_env)
-        stage["notes"] = compiler_notes(Path(stage["log"]))
+        stage["notes"] = stage.get("notes", []) + compiler_notes(Path(stage["log"]))
         if stage["status"] != "ok" and with_peer and label != "peer":
             runs[:0] = [(label, ckpt, False, compiled)]
             runs.append(("peer", ckpt, True, False))
