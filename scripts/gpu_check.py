@@ -62,7 +62,7 @@ CAPS = dict(tests=240, random=150, quantize=120, hf=150, bench=200, peer=300)
 
 class Stages:
     def __init__(self, out: Path, budget_s: float):
-        self.logs, self.deadline, self.done = out / "logs", time.monotonic() + budget_s, []
+        self.logs, self.deadline, self.done, self.running = out / "logs", time.monotonic() + budget_s, [], []
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def left(self, cap: float) -> float:
@@ -75,10 +75,11 @@ class Stages:
         if stage["limit_s"] < 5:
             stage["status"] = "skipped: out of time"
             return stage
-        log = open(stage["log"], "w")
-        stage["proc"] = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(env or {})}, start_new_session=True)
+        with open(stage["log"], "w") as log:
+            stage["proc"] = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                             env={**os.environ, **(env or {})}, start_new_session=True)
         stage["t0"] = time.monotonic()
+        self.running.append(stage["proc"])
         print(f"[{name}] {stage['cmd']}", file=sys.stderr)
         return stage
 
@@ -90,9 +91,9 @@ class Stages:
                 rc = proc.wait(timeout=max(0.0, t0 + stage["limit_s"] - time.monotonic()))
                 stage["status"] = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # with the compile workers it started
-                proc.wait()
+                self.kill(proc)
                 stage["status"] = f"timed out after {stage['limit_s']} s"
+            self.running.remove(proc)
             stage["seconds"] = round(time.monotonic() - t0, 1)
             if stage["status"] != "ok":
                 stage["log_tail"] = Path(stage["log"]).read_text(errors="replace")[-2000:]
@@ -101,6 +102,16 @@ class Stages:
         print(f"[{stage['name']}] {stage['status']} ({stage['seconds']} s)", file=sys.stderr)
         self.done.append(stage)
         return stage
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)  # with the compile workers it started
+        proc.wait()
+
+    def stop(self) -> None:
+        """End the stages still running (after Ctrl-C or an error: they run in sessions of their own)."""
+        for proc in self.running:
+            self.kill(proc)
 
     def run(self, name: str, cmd: list, cap: float, env: dict = None) -> dict:
         return self.finish(self.start(name, cmd, cap, env))
@@ -313,8 +324,24 @@ def main(argv=None) -> None:
         check_writable(a.out / name, a.force)
     out, weights = a.out.resolve(), a.weights.resolve()
     weights.mkdir(parents=True, exist_ok=True)
-    stages, py = Stages(out, a.budget_s), sys.executable
-    t_start = time.monotonic()
+    stages = Stages(out, a.budget_s)
+    try:
+        report = check(a, device, out, weights, stages)
+    finally:
+        stages.stop()
+    md = markdown(report)
+    save_atomic(out / "gpu_check.md", lambda tmp: tmp.write_text(md), True)
+    print(md)
+    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {report['environment']['total_s']} s; "
+          f"weights kept in {weights}", file=sys.stderr)
+    bad = [s["name"] for s in stages.done if s["status"] != "ok"]
+    if bad:
+        raise BriskError(f"not everything passed: {', '.join(bad)} (see {out / 'logs'})")
+
+
+def check(a: argparse.Namespace, device: torch.device, out: Path, weights: Path, stages: Stages) -> dict:
+    """Run the stages; returns the report, also written to out/gpu_check.json."""
+    py, t_start = sys.executable, time.monotonic()
 
     # 1. tests, beside 2.
     tests = {}
@@ -386,14 +413,7 @@ def main(argv=None) -> None:
                       weights=str(weights)),
         results=results, peer_name=peer_name, peer=peer, targets=targets, tests=tests, stages=stages.done)
     save_atomic(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str)), True)
-    md = markdown(report)
-    save_atomic(out / "gpu_check.md", lambda tmp: tmp.write_text(md), True)
-    print(md)
-    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {report['environment']['total_s']} s; "
-          f"weights kept in {weights}", file=sys.stderr)
-    bad = [s["name"] for s in stages.done if s["status"] != "ok"]
-    if bad:
-        raise BriskError(f"not everything passed: {', '.join(bad)} (see {out / 'logs'})")
+    return report
 
 
 if __name__ == "__main__":
