@@ -219,6 +219,7 @@ class Transformers:
         m, stamps = self.model, []
         m.__dict__.pop("forward", None)  # the eager forward of the class, unless this peer compiles
         m.generation_config.cache_implementation = "static" if self.compiles else None
+        m.generation_config.disable_compile = True  # on CUDA generate would compile again, around the recipe's
         if self.compiles:
             m.forward = self.forward
 

@@ -268,7 +268,9 @@ def int4_kernel(device: torch.device, out_features: int, k: int) -> Optional[str
     aten = torch.ops.aten
     if device.type == "cpu" and hasattr(aten, "_weight_int4pack_mm_for_cpu") and out_features % 16 == 0:
         return "cpu"
-    if device.type == "cuda" and hasattr(aten, "_weight_int4pack_mm") and out_features % 8 == 0 and k % 32 == 0:
+    # CUDA's kernel (tinygemm) runs on Ampere (sm80) and later only; its op exists in every build
+    if (device.type == "cuda" and hasattr(aten, "_weight_int4pack_mm") and out_features % 8 == 0 and k % 32 == 0
+            and torch.cuda.get_device_capability(device) >= (8, 0)):
         return "cuda"
     return None
 
@@ -295,9 +297,10 @@ def pack_for_device(model: Transformer, device) -> None:
 Int4Fn = Callable[[str, Tensor], tuple[Tensor, Tensor, Tensor]]  # (name, padded w [N, K]) -> q, scales, zeros
 
 
-def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn] = None) -> dict:
-    """The quantized state dict of float `sd` (our names), with `__quant__` = quant. int4_fn quantizes the block
-    linears in int4 mode (default: round-to-nearest; an int4 head is always rounded to nearest)."""
+def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn] = None, device="cpu") -> dict:
+    """The quantized state dict of float `sd` (our names), with `__quant__` = quant, in CPU memory. int4_fn quantizes
+    the block linears in int4 mode (default: round-to-nearest; an int4 head is always rounded to nearest); each
+    matrix is rounded on `device` (a GPU quantizes a 7B model in seconds)."""
     mode, groupsize, head = _check_quant(quant)
     rtn = lambda name, w: int4_quantize(w, groupsize)  # noqa: E731
     int4_fn = int4_fn or rtn
@@ -306,15 +309,17 @@ def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn]
     out = dict(sd)
     for name, lin in tqdm(linears, desc=f"quantizing ({quant['mode']})", unit="layer"):
         key = "tok_embeddings.weight" if name == "output" and config.tie_embeddings else f"{name}.weight"
-        w = sd[key]
+        w = sd[key].to(device)
         out.pop(f"{name}.weight", None)
         if (head if name == "output" else mode) == "int8":
-            out[f"{name}.weight"], out[f"{name}.scales"] = int8_quantize(w)
+            q, scales = int8_quantize(w)
+            out[f"{name}.weight"], out[f"{name}.scales"] = q.cpu(), scales.cpu()
         else:
             w = F.pad(w.float(), (0, padded(w.shape[1], groupsize) - w.shape[1]))
             q, scales, zeros = (rtn if name == "output" else int4_fn)(name, w)
-            out[f"{name}.weight"] = pack_nibbles(q)
-            out[f"{name}.scales_and_zeros"] = to_scales_and_zeros(scales, zeros).to(INT4_PARAM_DTYPE)
+            out[f"{name}.weight"] = pack_nibbles(q.to(device)).cpu()
+            sz = to_scales_and_zeros(scales.to(device), zeros.to(device))
+            out[f"{name}.scales_and_zeros"] = sz.to(INT4_PARAM_DTYPE).cpu()
     if config.tie_embeddings:  # the same tensors under both names: torch.save stores them once
         for leaf in ("weight", "scales", "scales_and_zeros"):
             if f"output.{leaf}" in out:

@@ -9,6 +9,8 @@ import cpu
 import quant
 from cpu import Linear
 
+pytestmark = pytest.mark.cpu_only("Inductor's C++ code and torch's kernels for the CPU")
+
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
