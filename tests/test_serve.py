@@ -17,7 +17,7 @@ import torch
 
 import generate as gen
 import serve
-from conftest import ROOT, make_checkpoint
+from conftest import ROOT, make_checkpoint, run_script
 from generate_prefill import PrefixCache, model_meta
 from model import load_model
 from tokenizer import load_tokenizer
@@ -264,6 +264,17 @@ def test_a_thousand_short_requests_leak_neither_memory_nor_rows_nor_cache(server
     cache = h["prefix_cache"]
     assert 0 < cache["bytes"] <= cache["budget_bytes"] == int(BUDGET_MB * 2**20)
     assert cache["entries"] < 1000 / 2  # the oldest were evicted
+
+
+def test_the_load_script_reports_each_level(server, tmp_path):
+    out = tmp_path / "load.json"
+    proc = run_script("scripts/load_test.py", "--url", server.url, "--api_key", KEY, "--clients", 1, 3,
+                      "--requests_per_client", 2, "--max_tokens", 5, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    levels = json.loads(out.read_text())["levels"]
+    assert [(f["clients"], f["requests"]) for f in levels] == [(1, 2), (3, 6)]
+    assert all(r["tokens"] == 5 and r["ttft_s"] > 0 for f in levels for r in f["results"])  # ignore_eos: all 5
+    assert len(proc.stdout.splitlines()) == 2 and "req/s" in proc.stdout
 
 
 def test_sigterm_lets_running_requests_finish_then_exits_0(server, client, reference):
