@@ -43,7 +43,9 @@ from tokenizer import load_tokenizer
 
 CHAT_PAGE = Path(__file__).resolve().parent / "chat.html"
 MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # prompts times n, per request
 MAX_STOPS = 4
+MAX_BODY = 16 * 2**20  # bytes of a request's body
 
 # ---------------------------------------------------------------------------------------------------------------
 # The engine: rows of a batch that requests join and leave (the contract of engine.Batch)
@@ -353,7 +355,7 @@ class Server:
         app.exception_handler(RequestValidationError)(self.invalid)
         app.exception_handler(HTTPException)(self.http_error)
         app.exception_handler(ServeError)(lambda request, e: e.response())
-        app.middleware("http")(self.authorize)
+        app.middleware("http")(self.guard)
         app.get("/")(self.page)
         app.get("/health")(self.health)
         app.get("/v1/models")(self.models)
@@ -383,7 +385,11 @@ class Server:
     async def http_error(self, request: Request, e: HTTPException):
         return ServeError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None).response()
 
-    async def authorize(self, request: Request, call_next):
+    async def guard(self, request: Request, call_next):
+        """Refuse oversized bodies, and requests without the API key (but /health and the page)."""
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > MAX_BODY:
+            return ServeError(413, f"the body must be at most {MAX_BODY} bytes", "body_too_large").response()
         if self.api_key is not None and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
@@ -445,6 +451,8 @@ class Server:
             if len(ids) > self.max_seq_length:
                 raise ServeError(400, f"the prompt has {len(ids)} tokens, more than this server's context of "
                                       f"{self.max_seq_length} (--max_seq_length)", "context_length_exceeded")
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise ServeError(400, f"prompts times n must be at most {MAX_CHOICES}", "invalid_value", "n")
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(stops) > MAX_STOPS:
             raise ServeError(400, f"stop: at most {MAX_STOPS} strings", "invalid_value", "stop")

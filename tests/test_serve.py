@@ -194,6 +194,8 @@ BAD = [  # (path, body, status, code)
     ("completions", dict(model="tiny", prompt="hi", stop=["a", "b", "c", "d", "e"]), 400, "invalid_value"),
     ("completions", dict(model="tiny", prompt=[10**9]), 400, "invalid_value"),
     ("completions", dict(model="tiny", prompt=[]), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt=["a"] * 9, n=8), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="a" * (16 * 2**20)), 413, "body_too_large"),
     ("completions", dict(model="tiny", prompt=long_prompt()), 400, "context_length_exceeded"),
     ("completions", dict(model="gpt-4", prompt="hi"), 404, "model_not_found"),
     ("chat/completions", dict(model="tiny", messages=[]), 400, "invalid_value"),
