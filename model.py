@@ -4,22 +4,17 @@ Weights use the Hugging Face layout for q/k (rotate-half rotary), so converted H
 permutation. Names follow gpt-fast: `wqkv` is q, k and v fused along the output dimension.
 """
 import difflib
-import json
 import math
-import os
-import sys
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class BriskError(Exception):
-    """A problem with the user's input: scripts print it as one line and exit with status 1."""
+from cli import BriskError
+from cpu import Linear, kv_cache_dtype  # a fork without the CPU tuning: Linear = nn.Linear, the cache in `dtype`
 
 
 @dataclass
@@ -151,11 +146,7 @@ class Transformer(nn.Module):
         # One spare position, never written: a compiled step's attended prefix (attend_len) is then never the
         # whole cache, whose view would be contiguous where every shorter one is not: a second graph.
         S = max_seq_length + 1
-        # Attention computes in the cache's dtype (Attention.forward): fp32 on the CPU, whose attention kernel runs
-        # bf16/fp16 several times slower than fp32 (BENCHMARKS.md). Holding fp32 rather than converting the attended
-        # keys/values on every step made a bf16 decode step near position 3000 32.7 -> 43.7 tok/s, for twice a bf16
-        # cache's memory; the values stored are the model dtype's, so the results are the same.
-        cache_dtype = torch.float32 if device.type == "cpu" else dtype
+        cache_dtype = kv_cache_dtype(device, dtype)  # attention computes in it (Attention.forward)
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch_size, S, c.n_local_heads, c.head_dim, cache_dtype).to(device)
         cos, sin = rope_tables(S, c.head_dim, c.rope_base, c.rope_scaling)
@@ -248,60 +239,6 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-# weight dtypes whose one-row product Inductor's loop (below) computes faster than aten's kernel, by CPU capability
-# (torch.backends.cpu.get_cpu_capability()); measured on 49152x576 weights at 2 threads (BENCHMARKS.md). Without
-# AVX-512, Inductor's bf16 and int8 conversions are slow (bf16 8 GB/s against aten's 12, int8 2 against its int8
-# kernel's 4.5) while fp32 still wins (13 against 7); capabilities not measured get that choice too.
-ROW_LOOP_DTYPES = {"AVX512": {torch.float32, torch.bfloat16, torch.float16, torch.int8}, "AVX2": {torch.float32}}
-CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()  # read once: torch.compile cannot trace the call
-
-
-def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
-    """True while torch.compile traces a product of a single row (a decode step) on the CPU, with a weight whose
-    dtype Inductor's loop handles faster than aten does on this CPU (ROW_LOOP_DTYPES); any weight if None.
-
-    There aten's mm moves a weight at 6-8 GB/s (bf16) or ~15 GB/s (fp32) at 2 threads on AVX-512 CPUs, while
-    Inductor turns `(x * w).sum(-1)` into a vectorized loop over the rows of w that reaches ~17-21 GB/s, the
-    memory's speed (measured on a 1536x576 weight; BENCHMARKS.md). Eagerly the same expression would build x * w
-    in memory."""
-    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]):
-        return False
-    return weight is None or weight.dtype in ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
-
-
-def gemm_dtype(x: Tensor) -> torch.dtype:
-    """The dtype to multiply x's rows in: fp32 for 32 or more bf16 rows on an AVX2 CPU, where torch's bf16 GEMM
-    runs 2-5x slower than converting both operands to fp32 (a 1536x576 weight, 2 threads: 32 rows 4.3 against
-    1.8 ms, 512 rows 60 against 11; 16 rows gain nothing); x's own dtype otherwise."""
-    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and CPU_CAPABILITY == "AVX2"
-            and x.numel() >= 32 * x.shape[-1]):
-        return torch.float32
-    return x.dtype
-
-
-def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
-    # x: [..., 1, K] (one row), weight: [N, K] of any dtype -> [..., 1, N] in fp32, as the loop one_row_on_cpu means.
-    # The rows are summed as four equal blocks (of 2, 4, 8 and 16 blocks, 4 measured fastest), which Inductor fuses
-    # into one loop that walks the blocks side by side: each load and conversion of x serves four rows, and four
-    # memory streams and accumulators are in flight instead of one. Compiled decode on an AMX Xeon: bf16 +31%,
-    # int8 +51%, fp32 +15% (BENCHMARKS.md).
-    nb = next(b for b in (4, 2, 1) if weight.shape[0] % b == 0)  # fewer where N is not a multiple of 4
-    xs = x.float()[..., None, :]
-    return torch.cat([(xs * block.float()).sum(-1) for block in weight.chunk(nb)], dim=-1)
-
-
-class Linear(nn.Linear):
-    """nn.Linear with the one-row CPU product written for Inductor (see one_row_on_cpu)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not one_row_on_cpu(x, self.weight):
-            dt = gemm_dtype(x)
-            bias = None if self.bias is None else self.bias.to(dt)
-            return F.linear(x.to(dt), self.weight.to(dt), bias).to(x.dtype)
-        y = one_row_product(x, self.weight).to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -319,12 +256,12 @@ def rope_tables(seq_len: int, head_dim: int, base: float, scaling: Optional[dict
     """cos and sin tables [seq_len, head_dim/2] for rotate-half rotary embeddings, computed in fp32."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [D/2]
     if scaling is not None:
-        inv_freq = _llama31_scale(inv_freq, **scaling)
+        inv_freq = llama31_scale(inv_freq, **scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [S, D/2]
     return angles.cos(), angles.sin()
 
 
-def _llama31_scale(inv_freq: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+def llama31_scale(inv_freq: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
                    original_max_position_embeddings: int, **_) -> Tensor:
     # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between interpolated
     low_wavelen = original_max_position_embeddings / low_freq_factor
@@ -341,103 +278,3 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # x: [B, H, T, D]; cos/sin: [T, D/2]. Rotate-half layout: pairs are (i, i + D/2).
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: `model.pth` (a state dict) with `model_config.json` (ModelArgs) beside it.
-
-CONFIG_NAME = "model_config.json"
-# the embedded default model, as ./scripts/prepare.sh writes it: every script's default --checkpoint_path
-DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
-
-
-def load_config(checkpoint_path: Path) -> ModelArgs:
-    """The config written by the converter beside the weights, else the preset matching the directory name."""
-    cfg = Path(checkpoint_path).parent / CONFIG_NAME
-    if cfg.is_file():
-        try:
-            return ModelArgs.from_dict(json.loads(cfg.read_text()))
-        except (TypeError, ValueError) as e:
-            raise BriskError(f"{cfg}: not a model config ({e})") from None
-    return ModelArgs.from_name(Path(checkpoint_path).parent.name)
-
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def check_checkpoint(path: Path) -> None:
-    """Scripts call this before any slow work, so a wrong path fails at once."""
-    if not Path(path).is_file():
-        raise BriskError(f"checkpoint not found: {path} (run ./scripts/prepare.sh first?)")
-
-
-def load_state_dict(checkpoint_path: Path) -> dict:
-    path = Path(checkpoint_path)
-    check_checkpoint(path)
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
-        raise BriskError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-
-
-def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, transform=None) -> Transformer:
-    """Build the model on the meta device and assign the checkpoint's tensors, cast once to dtype/device.
-
-    Quantized checkpoints (written by quantize.py) carry a `__quant__` entry; their linears are swapped for
-    quantized modules before loading, and packed for the device afterwards. `transform(model, state_dict)`, if
-    given, may reshape the unloaded model and returns the state dict to load (tp.apply_tp keeps one rank's slices
-    of the memory-mapped checkpoint, before anything is copied).
-    """
-    sd = load_state_dict(checkpoint_path)
-    config = load_config(checkpoint_path)
-    quant = sd.pop("__quant__", None)
-    with torch.device("meta"):
-        model = Transformer(config)
-    if quant is not None:
-        import quantize
-        quantize.prepare_model(model, quant)
-    if transform is not None:
-        sd = transform(model, sd)
-    sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
-    if config.tie_embeddings:  # the file holds the shared matrix once
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    try:
-        model.load_state_dict(sd, assign=True, strict=True)
-    except RuntimeError as e:
-        raise BriskError(f"{checkpoint_path} does not match its config: {' '.join(str(e).split())[:300]}") from None
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    if quant is not None:
-        quantize.finalize_model(model, quant, device)
-    return model.eval()
-
-
-def check_writable(path: Path, force: bool) -> None:
-    if Path(path).exists() and not force:
-        raise BriskError(f"{path} exists; pass --force to overwrite it")
-
-
-def save_atomic(path: Path, write: Callable[[Path], None], force: bool = False) -> None:
-    """Call write(tmp) and rename tmp to path, so an interrupted run never leaves a half-written file."""
-    path = Path(path)
-    check_writable(path, force)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(state_dict: dict, path: Path, force: bool = False) -> None:
-    save_atomic(path, lambda tmp: torch.save(state_dict, tmp), force)
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(); a BriskError or Ctrl-C becomes one line on stderr and exit status 1."""
-    try:
-        main()
-    except BriskError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
