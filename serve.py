@@ -37,8 +37,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import generate as gen
+from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
+from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, parse_device, run_cli
 from generate_prefill import DEFAULT_BUDGET_MB, PrefixCache, model_meta
-from model import DTYPES, BriskError, Transformer, load_config, run_cli
+from model import Transformer
 from tokenizer import load_tokenizer
 
 CHAT_PAGE = Path(__file__).resolve().parent / "chat.html"
@@ -611,9 +613,9 @@ class UvicornServer(uvicorn.Server):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_path", type=Path, default=gen.DEFAULT_CHECKPOINT,
-                   help=f"model.pth in a checkpoint directory (default: {gen.DEFAULT_CHECKPOINT})")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                   help=f"model.pth in a checkpoint directory (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
@@ -634,7 +636,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    gen.check_at_least_one(args, "max_batch_size", "max_seq_length")
+    check_at_least_one(args, "max_batch_size", "max_seq_length")
     if not 0 < args.port < 65536:
         raise BriskError(f"--port must be in 1..65535, got {args.port}")
     if not args.cache_budget_mb >= 0:
@@ -643,8 +645,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise BriskError(f"--queue_timeout must be positive, got {args.queue_timeout}")
     if args.api_key is not None and not args.api_key:
         raise BriskError("--api_key must not be empty")
-    gen.check_checkpoint(args.checkpoint_path)
-    args.device = gen.parse_device(args.device)
+    check_checkpoint(args.checkpoint_path)
+    args.device = parse_device(args.device)
 
 
 def main(argv=None) -> None:

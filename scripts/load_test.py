@@ -15,7 +15,6 @@ warm-up request. Figures per level:
 Tokens are the server's usage counts when it sends them (stream_options.include_usage), else text chunks.
 Needs httpx (requirements-test.txt).
 """
-import argparse
 import asyncio
 import json
 import statistics
@@ -27,7 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import BriskError, run_cli, save_atomic  # noqa: E402
+from cli import ArgumentParser, BriskError, run_cli, save_atomic  # noqa: E402
 
 TOPICS = ["a lighthouse keeper", "the first train to the coast", "a robot learning to paint", "an old map",
           "a city under snow", "a violin maker", "the last bookshop", "a comet over the desert", "a lost cat",
@@ -93,7 +92,7 @@ def describe(f: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     p.add_argument("--model", default=None, help="model id (default: the first of the server's /v1/models)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels (default 1 4 16)")

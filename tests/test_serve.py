@@ -2,7 +2,6 @@
 httpx for what a client library would refuse to send). Greedy answers are checked against generate() alone."""
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,9 +16,9 @@ import torch
 
 import generate as gen
 import serve
-from conftest import ROOT, make_checkpoint, run_script
+from checkpoint import load_model
+from conftest import ROOT, assert_one_line_error, make_checkpoint, run_script
 from generate_prefill import PrefixCache, model_meta
-from model import load_model
 from tokenizer import load_tokenizer
 
 KEY = "test-key"
@@ -218,6 +217,19 @@ def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, p
     assert error["code"] == code and error["type"] == "invalid_request_error"
     assert isinstance(error["message"], str) and error["message"] and "Traceback" not in error["message"]
     assert health(server)["status"] == "ok" and server.poll() is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--port", "0"], "--port must be in 1..65535"),
+    (["--max_batch_size", "0"], "--max_batch_size must be at least 1"),
+    (["--max_seq_length", "5000"], "exceeds the model's block_size 1024"),
+    (["--cache_budget_mb", "-1"], "--cache_budget_mb must be >= 0"),
+    (["--queue_timeout", "0"], "--queue_timeout must be positive"),
+    (["--api_key", ""], "--api_key must not be empty"),
+    (["--device", "tpu9"], "unknown device"),
+])
+def test_bad_flags_are_one_line_errors(ckpt, args, message):
+    assert_one_line_error(run_script("serve.py", "--checkpoint_path", ckpt, *args), message)
 
 
 def test_the_api_key_is_required(server, client):
