@@ -18,6 +18,7 @@ import json
 import math
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -48,6 +49,9 @@ MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts times n, per request
 MAX_STOPS = 4
 MAX_BODY = 16 * 2**20  # bytes of a request's body
+# OpenAI parameters this server does not implement: refused when given a value that asks for them, not ignored
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "presence_penalty",
+               "frequency_penalty", "tools", "functions", "response_format")
 
 # ---------------------------------------------------------------------------------------------------------------
 # The engine: rows of a batch that requests join and leave (the contract of engine.Batch)
@@ -309,6 +313,7 @@ class StreamOptions(Strict):
 
 
 class Sampling(Strict):
+    model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSUPPORTED ones
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -413,7 +418,7 @@ class Server:
         return dict(object="list", data=[card])
 
     async def completions(self, body: CompletionRequest, request: Request):
-        self.check_model(body.model)
+        self.check_model(body)
         p = body.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             p = [p]
@@ -429,7 +434,7 @@ class Server:
         return await self.generate(request, body, prompts, 16 if body.max_tokens is None else body.max_tokens, "text")
 
     async def chat_completions(self, body: ChatRequest, request: Request):
-        self.check_model(body.model)
+        self.check_model(body)
         messages = [dict(role="system" if m.role == "developer" else m.role,
                          content=m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
                     for m in body.messages]
@@ -440,7 +445,12 @@ class Server:
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await self.generate(request, body, [ids], max_tokens, "chat")
 
-    def check_model(self, name: str) -> None:
+    def check_model(self, body: Sampling) -> None:
+        extra = body.model_extra or {}
+        for name in UNSUPPORTED:
+            if extra.get(name) not in (None, False, 0, [], {}) and not (name == "best_of" and extra[name] == 1):
+                raise ServeError(400, f"{name} is not supported by this server", "unsupported_parameter", name)
+        name = body.model
         if name != self.model_id:
             raise ServeError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
                              "model_not_found", "model")
@@ -649,9 +659,22 @@ def check_args(args: argparse.Namespace) -> None:
     args.device = parse_device(args.device)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a port in use is a one-line error at once."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise BriskError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
+    sock = listen(args.host, args.port)
     config = load_config(args.checkpoint_path)
     max_seq_length = args.max_seq_length or min(config.block_size, gen.INTERACTIVE_MAX_SEQ_LENGTH)
     if max_seq_length > config.block_size:
@@ -675,10 +698,9 @@ def main(argv=None) -> None:
                     args.api_key)
     print(f"serving {model_id} on http://{args.host}:{args.port} ({args.max_batch_size} rows of {max_seq_length} "
           f"positions); Ctrl-C stops", file=sys.stderr)
-    uv = uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning",
-                        timeout_graceful_shutdown=30)
+    uv = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=30)
     try:
-        UvicornServer(uv, scheduler).run()
+        UvicornServer(uv, scheduler).run(sockets=[sock])
     finally:
         scheduler.stop()
 

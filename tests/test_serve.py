@@ -197,6 +197,9 @@ BAD = [  # (path, body, status, code)
     ("completions", dict(model="tiny", prompt="a" * (16 * 2**20)), 413, "body_too_large"),
     ("completions", dict(model="tiny", prompt=long_prompt()), 400, "context_length_exceeded"),
     ("completions", dict(model="gpt-4", prompt="hi"), 404, "model_not_found"),
+    ("completions", dict(model="tiny", prompt="hi", logprobs=2), 400, "unsupported_parameter"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tools=[{}]), 400,
+     "unsupported_parameter"),
     ("chat/completions", dict(model="tiny", messages=[]), 400, "invalid_value"),
     ("chat/completions", dict(model="tiny", messages=[dict(role="robot", content="hi")]), 400, "invalid_value"),
     ("chat/completions", dict(model="tiny", messages=[dict(role="user", content=5)]), 400, "invalid_value"),
@@ -227,6 +230,7 @@ def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, p
     (["--queue_timeout", "0"], "--queue_timeout must be positive"),
     (["--api_key", ""], "--api_key must not be empty"),
     (["--device", "tpu9"], "unknown device"),
+    (["--host", "256.1.1.1"], "cannot listen on 256.1.1.1:"),
 ])
 def test_bad_flags_are_one_line_errors(ckpt, args, message):
     assert_one_line_error(run_script("serve.py", "--checkpoint_path", ckpt, *args), message)
@@ -293,11 +297,11 @@ def test_the_load_script_reports_each_level(server, tmp_path):
 
 def test_sigterm_lets_running_requests_finish_then_exits_0(server, client, reference):
     """Last: it stops the module's server."""
-    want = reference(reference.tok.encode(PROMPTS[7]), 200)[0]
+    want = reference(reference.tok.encode(PROMPTS[7]), 100)[0]
     got = {}
 
     def ask():
-        chunks = client.completions.create(model="tiny", prompt=PROMPTS[7], max_tokens=200, temperature=0,
+        chunks = client.completions.create(model="tiny", prompt=PROMPTS[7], max_tokens=100, temperature=0,
                                            stream=True)
         got["text"] = "".join(c.choices[0].text for c in chunks)
     t = threading.Thread(target=ask)
