@@ -37,11 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-import generate as gen
+import engine
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
 from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, parse_device, run_cli
-from generate_prefill import DEFAULT_BUDGET_MB, PrefixCache, model_meta
 from model import Transformer
+from prefix_cache import PrefixCache, model_meta
 from tokenizer import load_tokenizer
 
 CHAT_PAGE = Path(__file__).resolve().parent / "chat.html"
@@ -49,6 +49,7 @@ MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts times n, per request
 MAX_STOPS = 4
 MAX_BODY = 16 * 2**20  # bytes of a request's body
+DEFAULT_BUDGET_MB = 2048  # the prefix cache's
 # OpenAI parameters this server does not implement: refused when given a value that asks for them, not ignored
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "presence_penalty",
                "frequency_penalty", "tools", "functions", "response_format")
@@ -76,11 +77,11 @@ class RowBatch:
         self.logits: dict[int, torch.Tensor] = {}
         self.cached: dict[int, int] = {}  # row -> prompt tokens restored from the prefix cache
         self.device = model.norm.weight.device
-        self.decode = gen.compile_step(self._decode, self.device) if compile else self._decode
+        self.decode = engine.compile_step(self._decode, self.device) if compile else self._decode
 
     @staticmethod
-    def _decode(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        return model(x, input_pos, kv_len=kv_len)[:, -1].float()  # [1, 1] -> [1, V]
+    def _decode(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, attend_len: int) -> torch.Tensor:
+        return model(x, input_pos, attend_len=attend_len)[:, -1].float()  # [1, 1] -> [1, V]
 
     def _use(self, row: int) -> None:
         for layer, kv in zip(self.model.layers, self.caches[row]):
@@ -97,7 +98,7 @@ class RowBatch:
         start = prefix.restore(ids, len(ids) - 1) if prefix is not None else 0  # the last token gives the logits
         x = torch.tensor([ids[start:]], device=self.device)  # [1, T - start]
         pos = torch.arange(start, len(ids), device=self.device)
-        logits = self.model(x, pos, logits_to_keep=1, kv_len=self.model.attend_len(len(ids) - 1))
+        logits = self.model(x, pos, logits_to_keep=1, attend_len=self.model.attend_len(len(ids) - 1))
         if prefix is not None:
             prefix.store(ids)
         self.pos[row], self.logits[row], self.cached[row] = len(ids), logits[0, -1].float(), start
@@ -114,7 +115,7 @@ class RowBatch:
             p = self.pos[row]
             x = torch.tensor([[token]], device=self.device)
             out[row] = self.logits[row] = self.decode(self.model, x, torch.tensor([p], device=self.device),
-                                                      kv_len=self.model.attend_len(p))[0]
+                                                      attend_len=self.model.attend_len(p))[0]
             self.pos[row] = p + 1
         return out
 
@@ -157,7 +158,7 @@ class Seq:
     tokens: list[int] = field(default_factory=list)
     cached: int = 0  # prompt tokens restored from the prefix cache
     cancelled: bool = False
-    stream: Optional[gen.TextStream] = None
+    stream: Optional[engine.TextStream] = None
 
 
 class Scheduler:
@@ -249,7 +250,7 @@ class Scheduler:
                 seq.emit(("error", ServeError(400, str(e), "context_length_exceeded")))
                 continue
             self.active[row], seq.cached = seq, self.batch.cached[row]
-            seq.stream = gen.TextStream(self.tokenizer, seq.stops, Emitter(seq))
+            seq.stream = engine.TextStream(self.tokenizer, seq.stops, Emitter(seq))
             self.take(row, seq, self.batch.last_logits(row))
         with self.wake:  # the rest wait; those that waited too long are told so now, not when a row frees up
             late = [s for s in self.pending if time.monotonic() - s.enqueued > self.queue_timeout]
@@ -296,7 +297,7 @@ def sample(logits: torch.Tensor, seq: Seq) -> int:
     decides its draws); temperature 0 is greedy."""
     if seq.temperature == 0:
         return int(logits.argmax())
-    probs = gen.logits_to_probs(logits[None], seq.temperature, seq.top_k, seq.top_p)  # [1, V]
+    probs = engine.logits_to_probs(logits[None], seq.temperature, seq.top_k, seq.top_p)  # [1, V]
     return int(torch.multinomial(probs, 1, generator=seq.generator))
 
 
@@ -632,7 +633,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_batch_size", type=int, default=8, help="rows generated at once (default 8)")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help=f"positions of each row's KV cache: prompt + reply (default: the model's block_size, at most "
-                        f"{gen.INTERACTIVE_MAX_SEQ_LENGTH})")
+                        f"{engine.INTERACTIVE_MAX_SEQ_LENGTH})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
@@ -676,11 +677,11 @@ def main(argv=None) -> None:
     check_args(args)
     sock = listen(args.host, args.port)
     config = load_config(args.checkpoint_path)
-    max_seq_length = args.max_seq_length or min(config.block_size, gen.INTERACTIVE_MAX_SEQ_LENGTH)
+    max_seq_length = args.max_seq_length or min(config.block_size, engine.INTERACTIVE_MAX_SEQ_LENGTH)
     if max_seq_length > config.block_size:
         raise BriskError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
-    model = gen._load_model(args.checkpoint_path, args.device, DTYPES[args.dtype])
+    model = engine.load(args.checkpoint_path, args.device, DTYPES[args.dtype])
     batch = RowBatch(model, args.max_batch_size, max_seq_length, compile=args.compile)
     prefix = None
     if args.cache_budget_mb > 0:

@@ -8,7 +8,6 @@ stores the q/k projections of `llama` models with rows permuted for its interlea
 here, so the weights are in the Hugging Face rotate-half layout model.py expects. The tokenizer is rebuilt
 as a Hugging Face `tokenizer.json` from the vocabulary in the file's metadata.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CONFIG_NAME, save_checkpoint
-from cli import DTYPES, BriskError, check_writable, run_cli, save_atomic
+from cli import DTYPES, ArgumentParser, BriskError, check_writable, run_cli, save_atomic
 from model import ModelArgs, llama31_scale
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -236,7 +235,7 @@ def convert_tokenizer(meta: dict) -> tuple[str, dict, dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("gguf_file", type=Path, help="a GGUF file of architecture llama or qwen2, any quantization")
     p.add_argument("--checkpoint_dir", type=Path, required=True,
                    help="where to write model.pth, model_config.json and the tokenizer files")

@@ -14,11 +14,11 @@ import openai
 import pytest
 import torch
 
-import generate as gen
 import serve
 from checkpoint import load_model
 from conftest import ROOT, assert_one_line_error, make_checkpoint, run_script
-from generate_prefill import PrefixCache, model_meta
+from engine import TextStream, generate
+from prefix_cache import PrefixCache, model_meta
 from tokenizer import load_tokenizer
 
 KEY = "test-key"
@@ -81,8 +81,8 @@ def reference(ckpt):
     model.setup_caches(1, CONTEXT)
 
     def text(ids, max_tokens, stops=()):
-        stream = gen.TextStream(tok, stops)
-        rows, _ = gen.generate(model, torch.tensor(ids), max_tokens, eos_ids=tok.eos_ids,
+        stream = TextStream(tok, stops)
+        rows, _ = generate(model, torch.tensor(ids), max_tokens, eos_ids=tok.eos_ids,
                                on_token=lambda r, t: stream.push(t), temperature=0)
         reason = "stop" if rows[0][-1] in tok.eos_ids or stream.stopped else "length"
         return stream.finish(), reason, rows[0]
@@ -324,7 +324,7 @@ def test_rows_that_join_and_leave_the_batch_are_each_generate_alone(tiny_checkpo
     model, tok = load_model(tiny_checkpoint, "cpu", torch.float32), load_tokenizer(tiny_checkpoint.parent)
     prompts = [tok.encode(p) for p in PROMPTS[:2]]
     model.setup_caches(1, 64)
-    alone = [gen.generate(model, torch.tensor(ids), 12, temperature=0)[0][0] for ids in prompts]
+    alone = [generate(model, torch.tensor(ids), 12, temperature=0)[0][0] for ids in prompts]
     batch = serve.RowBatch(model, 2, 64)
     cache = PrefixCache([model], [model_meta(model, tiny_checkpoint)], 2**20)
     out = {}
