@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cli import BriskError
 from cpu import (INT4_DEQUANTIZE_MIN_ROWS, INT8_KERNEL_MAX_ROWS, cpu_dequantize_t, cpu_pack_block, gemm_dtype,
-                 int8_kernel_fits, one_row_on_cpu, one_row_product)
+                 int8_kernel_fits, one_row_on_cpu, one_row_product, per_row)
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -135,17 +135,20 @@ class WeightOnlyInt8Linear(nn.Module):
         # CPU's int8 kernel reads the weight once per row: with more rows one GEMM on the converted weight wins
         kernel = (self.packed_mm and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16
                   and x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features)
-        # one row, compiled: as cpu.Linear, Inductor's loop where it beats the kernel, and always rather than
-        # converting the whole weight for a GEMM
+        # one row or a few, compiled: as cpu.Linear, Inductor's loop where it beats the kernel, and always rather
+        # than converting the whole weight for a GEMM; otherwise a few rows one at a time (cpu.per_row)
         if one_row_on_cpu(x, self.weight if kernel else None):
             y = (one_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
-        elif kernel:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-            y = y.reshape(*x.shape[:-1], self.out_features)
         else:
-            dt = gemm_dtype(x)
-            y = (F.linear(x.to(dt), self.weight.to(dt)) * self.scales).to(x.dtype)
+            y = per_row(x, lambda x: self.gemm(x, kernel))
         return y if self.bias is None else y + self.bias
+
+    def gemm(self, x: Tensor, kernel: bool) -> Tensor:
+        if kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        dt = gemm_dtype(x)
+        return (F.linear(x.to(dt), self.weight.to(dt)) * self.scales).to(x.dtype)
 
 
 class Int8Embedding(nn.Module):
@@ -207,6 +210,9 @@ class WeightOnlyInt4Linear(nn.Module):
         self.kernel = kernel
 
     def forward(self, x: Tensor) -> Tensor:
+        return per_row(x, self.gemm)  # a few rows one at a time, each as if alone (cpu.per_row)
+
+    def gemm(self, x: Tensor) -> Tensor:
         lead, k = x.shape[:-1], self.scales_and_zeros.shape[0] * self.groupsize
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if k != self.in_features:

@@ -368,6 +368,13 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
     (["--prompt", "a b c d e f g h i j", "--max_seq_length", "4"], "more than --max_seq_length 4"),
     (["--prompt", "300"], "more than the model's block_size 256"),
     (["--max_seq_length", "1000"], "exceeds the model's block_size 256"),
+    (["--num_beams", "0"], "--num_beams must be at least 1"),
+    (["--num_beams", "2", "--num_return_sequences", "3"], "--num_return_sequences 3 exceeds --num_beams 2"),
+    (["--num_beams", "2", "--prompt_lookup", "2"], "speculative decoding runs one sequence"),
+    (["--prompt", "a", "--prompt", "b", "--interactive"], "--interactive takes one first message"),
+    (["--prompt", "a", "--prompt", "a b c d e f g h i j", "--max_seq_length", "4"], "prompt 2 has"),
+    (["--prompt", "a", "--prompt", ""], "prompt 2 is empty"),
+    (["--prompts_file", "missing.txt"], "no such file"),
 ])
 def test_bad_input_is_rejected_before_loading_the_model(tiny_checkpoint, capsys, monkeypatch, args, message):
     monkeypatch.setattr(engine, "load_model", lambda *a: pytest.fail("loaded the model despite bad input"))
