@@ -13,7 +13,6 @@ the tokens it would get alone, whatever runs beside it.
 import argparse
 import asyncio
 import contextlib
-import copy
 import json
 import math
 import secrets
@@ -39,6 +38,7 @@ from starlette.exceptions import HTTPException
 
 import engine
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
+from batch import Batch
 from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, parse_device, run_cli
 from model import Transformer
 from prefix_cache import PrefixCache, model_meta
@@ -55,73 +55,42 @@ UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_b
                "frequency_penalty", "tools", "functions", "response_format")
 
 # ---------------------------------------------------------------------------------------------------------------
-# The engine: rows of a batch that requests join and leave (the contract of engine.Batch)
+# The engine: rows of a batch that requests join and leave
 
 
-class RowBatch:
-    """Batch's interface, one row at a time: each row has its own batch-of-one KV cache, swapped into the model for
-    its passes, so a row's tokens are exactly those of generate() for it alone.
+class PrefixBatch(Batch):
+    """batch.Batch whose rows start from the prefix cache: the longest cached beginning of a prompt is copied into
+    its row and only the rest is prefilled; each prompt is then cached in turn.
 
-        row = batch.add(ids, prefix=cache)   # a free row prefilled with ids (after the cached beginning of ids)
-        batch.last_logits(row)               # fp32 [V] after add
-        batch.step({row: token, ...})        # one decode step -> {row: fp32 logits [V]}
-        batch.remove(row)                    # frees the row
+        row = batch.add(ids, prefix=cache)   # batch.cached[row]: the prompt tokens restored
     """
 
     def __init__(self, model: Transformer, max_rows: int, max_seq_length: int, compile: bool = False):
-        self.model, self.max_seq_length = model, max_seq_length
-        model.setup_caches(1, max_seq_length)
-        self.caches = [[copy.deepcopy(layer.attention.kv_cache) for layer in model.layers] for _ in range(max_rows)]
-        self.free = list(range(max_rows - 1, -1, -1))
-        self.pos: dict[int, int] = {}  # row -> position of its next token
-        self.logits: dict[int, torch.Tensor] = {}
+        super().__init__(model, max_rows, max_seq_length, compile)
         self.cached: dict[int, int] = {}  # row -> prompt tokens restored from the prefix cache
-        self.device = model.norm.weight.device
-        self.decode = engine.compile_step(self._decode, self.device) if compile else self._decode
-
-    @staticmethod
-    def _decode(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, attend_len: int) -> torch.Tensor:
-        return model(x, input_pos, attend_len=attend_len)[:, -1].float()  # [1, 1] -> [1, V]
-
-    def _use(self, row: int) -> None:
-        for layer, kv in zip(self.model.layers, self.caches[row]):
-            layer.attention.kv_cache = kv
 
     @torch.no_grad()
     def add(self, ids: list[int], prefix: Optional[PrefixCache] = None) -> int:
-        if not self.free:
-            raise BriskError("no free row")
+        if prefix is None:
+            row = super().add(ids)
+            self.cached[row] = 0
+            return row
         if not 0 < len(ids) <= self.max_seq_length:
             raise BriskError(f"{len(ids)} tokens do not fit the {self.max_seq_length} positions of a row")
-        row = self.free.pop()
-        self._use(row)
-        start = prefix.restore(ids, len(ids) - 1) if prefix is not None else 0  # the last token gives the logits
+        if not self.free_rows():
+            raise BriskError(f"the batch is full ({self.max_rows} rows)")
+        row = min(set(range(self.max_rows)) - set(self.pos))
+        start = prefix.restore(ids, len(ids) - 1, row)  # the last token is prefilled: it gives the logits
         x = torch.tensor([ids[start:]], device=self.device)  # [1, T - start]
         pos = torch.arange(start, len(ids), device=self.device)
-        logits = self.model(x, pos, logits_to_keep=1, attend_len=self.model.attend_len(len(ids) - 1))
-        if prefix is not None:
-            prefix.store(ids)
+        logits = self.model(x, pos, logits_to_keep=1, row=row)
+        prefix.store(ids, row)
         self.pos[row], self.logits[row], self.cached[row] = len(ids), logits[0, -1].float(), start
         return row
 
-    def last_logits(self, row: int) -> torch.Tensor:
-        return self.logits[row]
-
-    @torch.no_grad()
-    def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
-        out = {}
-        for row, token in tokens.items():
-            self._use(row)
-            p = self.pos[row]
-            x = torch.tensor([[token]], device=self.device)
-            out[row] = self.logits[row] = self.decode(self.model, x, torch.tensor([p], device=self.device),
-                                                      attend_len=self.model.attend_len(p))[0]
-            self.pos[row] = p + 1
-        return out
-
     def remove(self, row: int) -> None:
-        del self.pos[row], self.logits[row], self.cached[row]
-        self.free.append(row)
+        super().remove(row)
+        del self.cached[row]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -682,7 +651,7 @@ def main(argv=None) -> None:
         raise BriskError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     model = engine.load(args.checkpoint_path, args.device, DTYPES[args.dtype])
-    batch = RowBatch(model, args.max_batch_size, max_seq_length, compile=args.compile)
+    batch = PrefixBatch(model, args.max_batch_size, max_seq_length, compile=args.compile)
     prefix = None
     if args.cache_budget_mb > 0:
         prefix = PrefixCache([model], [model_meta(model, args.checkpoint_path)], int(args.cache_budget_mb * 2**20))

@@ -325,7 +325,7 @@ def test_rows_that_join_and_leave_the_batch_are_each_generate_alone(tiny_checkpo
     prompts = [tok.encode(p) for p in PROMPTS[:2]]
     model.setup_caches(1, 64)
     alone = [generate(model, torch.tensor(ids), 12, temperature=0)[0][0] for ids in prompts]
-    batch = serve.RowBatch(model, 2, 64)
+    batch = serve.PrefixBatch(model, 2, 64)
     cache = PrefixCache([model], [model_meta(model, tiny_checkpoint)], 2**20)
     out = {}
 
@@ -354,7 +354,7 @@ def test_rows_that_join_and_leave_the_batch_are_each_generate_alone(tiny_checkpo
 
 def test_a_request_that_waits_too_long_for_a_row_gets_an_error(tiny_checkpoint):
     model, tok = load_model(tiny_checkpoint, "cpu", torch.float32), load_tokenizer(tiny_checkpoint.parent)
-    scheduler = serve.Scheduler(serve.RowBatch(model, 1, 256), tok, 1, None, queue_timeout=0.05)
+    scheduler = serve.Scheduler(serve.PrefixBatch(model, 1, 256), tok, 1, None, queue_timeout=0.05)
     events = []
 
     def seq(index, max_tokens):  # ignore_eos: the first holds the only row for all its 250 tokens
