@@ -2,16 +2,11 @@
 model: a message sent on the page streams back the reply the API gives."""
 import os
 import shutil
-import subprocess
-import sys
-import time
 
-import httpx
 import openai
 import pytest
 
-from conftest import ROOT
-from test_serve import free_port
+from test_serve import start_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -22,23 +17,10 @@ MESSAGE = "What is the capital of France?"
 @pytest.fixture(scope="module")
 def server(real_checkpoint, tmp_path_factory):
     """serve.py with no model flags: it serves the default model."""
-    port, log = free_port(), tmp_path_factory.mktemp("log") / "serve.log"
-    cmd = [sys.executable, str(ROOT / "serve.py"), "--port", str(port), "--max_batch_size", "2",
-           "--max_seq_length", "512"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-    yield url
+    proc = start_server(["--max_batch_size", 2, "--max_seq_length", 512], tmp_path_factory.mktemp("log") / "serve.log")
+    yield proc.url
     proc.terminate()
-    assert proc.wait(60) == 0, log.read_text()
+    assert proc.wait(60) == 0, proc.log.read_text()
 
 
 @pytest.fixture(scope="module")

@@ -44,25 +44,29 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", block_size=CONTEXT)
 
 
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
-    """The running serve.py process, its base URL and its log."""
-    port, log = free_port(), tmp_path_factory.mktemp("log") / "serve.log"
-    cmd = [sys.executable, str(ROOT / "serve.py"), "--checkpoint_path", ckpt, "--port", port, "--dtype", "float32",
-           "--max_batch_size", 4, "--max_seq_length", CONTEXT, "--cache_budget_mb", BUDGET_MB, "--api_key", KEY]
+def start_server(args: list, log) -> subprocess.Popen:
+    """serve.py with args on a free port, once its /health answers; .url is its address, .log its output file."""
+    port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port), *map(str, args)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc.url, proc.log, deadline = f"http://127.0.0.1:{port}", log, time.monotonic() + 180
     while True:
         assert proc.poll() is None, log.read_text()
         try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
+            if httpx.get(f"{proc.url}/health").status_code == 200:
+                return proc
         except httpx.TransportError:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-    proc.url, proc.log = url, log
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    """The running serve.py process."""
+    proc = start_server(["--checkpoint_path", ckpt, "--dtype", "float32", "--max_batch_size", 4, "--max_seq_length",
+                         CONTEXT, "--cache_budget_mb", BUDGET_MB, "--api_key", KEY],
+                        tmp_path_factory.mktemp("log") / "serve.log")
     yield proc
     if proc.poll() is None:
         proc.kill()
