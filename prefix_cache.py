@@ -82,9 +82,10 @@ class PrefixCache:
                 best, m = key, n
         return best, m
 
-    def restore(self, ids: Sequence[int], limit: int) -> int:
-        """Copy the keys/values of the longest cached prefix of ids, at most `limit` tokens, into the models' KV
-        caches in place (compiled code and CUDA graphs keep their buffers); returns the number of positions."""
+    def restore(self, ids: Sequence[int], limit: int, row: int = 0) -> int:
+        """Copy the keys/values of the longest cached prefix of ids, at most `limit` tokens, into batch row `row` of
+        the models' KV caches in place (compiled code and CUDA graphs keep their buffers); returns the number of
+        positions."""
         key, m = self.longest_prefix(ids)
         m = min(m, limit)
         if m == 0:
@@ -93,13 +94,13 @@ class PrefixCache:
         for model, kv in zip(self.models, self.entries[key]):
             for layer, t in zip(model.layers, kv):  # t: [2, Hkv, n, D]
                 cache = layer.attention.kv_cache
-                cache.k_cache[0, :, :m].copy_(t[0, :, :m], non_blocking=True)
-                cache.v_cache[0, :, :m].copy_(t[1, :, :m], non_blocking=True)
+                cache.k_cache[row, :, :m].copy_(t[0, :, :m], non_blocking=True)
+                cache.v_cache[row, :, :m].copy_(t[1, :, :m], non_blocking=True)
         return m
 
-    def store(self, ids: Sequence[int]) -> bool:
-        """Keep the keys/values of ids, which the models' KV caches hold at positions 0..len(ids)-1. An entry that
-        ids extends is replaced; False if they alone exceed the budget."""
+    def store(self, ids: Sequence[int], row: int = 0) -> bool:
+        """Keep the keys/values of ids, which batch row `row` of the models' KV caches holds at positions
+        0..len(ids)-1. An entry that ids extends is replaced; False if they alone exceed the budget."""
         key, n = tuple(ids), len(ids)
         for k in self.entries:
             if len(k) >= n and k[:n] == key:  # already cached
@@ -113,8 +114,8 @@ class PrefixCache:
         for model in self.models:
             t = torch.empty(self.shape(model, n), dtype=self.dtype, device=self.device, pin_memory=self.pin)
             for i, layer in enumerate(model.layers):
-                t[i, 0].copy_(layer.attention.kv_cache.k_cache[0, :, :n])
-                t[i, 1].copy_(layer.attention.kv_cache.v_cache[0, :, :n])
+                t[i, 0].copy_(layer.attention.kv_cache.k_cache[row, :, :n])
+                t[i, 1].copy_(layer.attention.kv_cache.v_cache[row, :, :n])
             kv.append(t)
         self._add(key, kv)
         return True

@@ -1,0 +1,378 @@
+"""serve.py: one server on a tiny random model, started as a user would, driven by the official `openai` client (and
+httpx for what a client library would refuse to send). Greedy answers are checked against generate() alone."""
+import concurrent.futures
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+import serve
+from checkpoint import load_model
+from conftest import ROOT, assert_one_line_error, make_checkpoint, run_script
+from engine import TextStream, generate
+from prefix_cache import PrefixCache, model_meta
+from tokenizer import load_tokenizer
+
+KEY = "test-key"
+CONTEXT = 1024  # --max_seq_length
+BUDGET_MB = 0.5  # a small prefix cache, full after a few hundred short prompts
+PROMPTS = ["The quick brown fox", "Once upon a time", "def forward(self, x):", "Grüße aus München",
+           "numbers 0123", "a little model", "jumps over the lazy dog", "emoji 🙂 and"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", block_size=CONTEXT)
+
+
+def start_server(args: list, log) -> subprocess.Popen:
+    """serve.py with args on a free port, once its /health answers; .url is its address, .log its output file."""
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port), *map(str, args)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc.url, proc.log, deadline = f"http://127.0.0.1:{port}", log, time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{proc.url}/health").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    """The running serve.py process."""
+    proc = start_server(["--checkpoint_path", ckpt, "--dtype", "float32", "--max_batch_size", 4, "--max_seq_length",
+                         CONTEXT, "--cache_budget_mb", BUDGET_MB, "--api_key", KEY],
+                        tmp_path_factory.mktemp("log") / "serve.log")
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """text(ids, max_tokens, stops) -> (text, finish_reason, tokens) of greedy generate() alone."""
+    model, tok = load_model(ckpt, "cpu", torch.float32), load_tokenizer(ckpt.parent)
+    model.setup_caches(1, CONTEXT)
+
+    def text(ids, max_tokens, stops=()):
+        stream = TextStream(tok, stops)
+        rows, _ = generate(model, torch.tensor(ids), max_tokens, eos_ids=tok.eos_ids,
+                               on_token=lambda r, t: stream.push(t), temperature=0)
+        reason = "stop" if rows[0][-1] in tok.eos_ids or stream.stopped else "length"
+        return stream.finish(), reason, rows[0]
+    text.tok = tok
+    return text
+
+
+def health(server) -> dict:
+    return httpx.get(f"{server.url}/health").json()
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completion_streamed_or_not_is_greedy_generate_alone(client, reference):
+    want, reason, tokens = reference(reference.tok.encode(PROMPTS[0]), 12)
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert got.choices[0].text == want and got.choices[0].finish_reason == reason
+    assert got.usage.prompt_tokens == len(reference.tok.encode(PROMPTS[0]))
+    assert got.usage.completion_tokens == len(tokens)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert [c.choices[0].finish_reason for c in chunks][-1] == reason
+
+
+def test_chat_uses_the_models_template_streamed_or_not(client, reference):
+    messages = [dict(role="system", content="Be brief."), dict(role="user", content=PROMPTS[1])]
+    want, reason, _ = reference(reference.tok.encode_chat(messages), 10)
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert got.choices[0].message.content == want and got.choices[0].finish_reason == reason
+    assert got.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options=dict(include_usage=True)))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens and not chunks[-1].choices
+
+
+def test_a_conversations_next_turn_restores_its_prompt_from_the_prefix_cache(client, reference):
+    messages = [dict(role="user", content="A long first message that the second turn repeats. " * 4)]
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0)
+    messages += [dict(role="assistant", content=first.choices[0].message.content), dict(role="user", content="And?")]
+    second = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == reference(reference.tok.encode_chat(messages), 5)[0]
+
+
+def test_eight_concurrent_requests_each_get_their_sequential_answer(client, server, reference):
+    def ask(i: int) -> str:
+        kw = dict(model="tiny", prompt=PROMPTS[i], max_tokens=20 + 5 * i, temperature=0)
+        if i % 2:  # half of them streamed
+            return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+        return client.completions.create(**kw).choices[0].text
+
+    sequential = [ask(i) for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # 4 rows: half of them queue at first
+        concurrent_ = list(pool.map(ask, range(8)))
+    assert concurrent_ == sequential
+    assert sequential == [reference(reference.tok.encode(p), 20 + 5 * i)[0] for i, p in enumerate(PROMPTS)]
+    assert health(server)["rows_busy"] == 0
+
+
+def test_n_choices_and_seeded_sampling(client, reference):
+    greedy = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in greedy.choices] == [0, 1]
+    assert greedy.choices[0].text == greedy.choices[1].text == reference(reference.tok.encode(PROMPTS[2]), 8)[0]
+    kw = dict(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=1.0, top_p=0.95, n=2, seed=7,
+              extra_body=dict(top_k=50))
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # the seed decides
+    assert a.choices[0].text != a.choices[1].text  # each choice draws its own tokens
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in (0, 1)] == \
+           [c.text for c in a.choices]
+
+
+def test_stop_strings_end_the_text_before_them(client, reference):
+    full, _, _ = reference(reference.tok.encode(PROMPTS[3]), 30)
+    stop = full[10:12]
+    want = full[:full.find(stop)]
+    got = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=30, temperature=0, stop=[stop, "@@"])
+    assert got.choices[0].text == want and got.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=30, temperature=0, stop=stop,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == want
+
+
+def long_prompt() -> list:
+    return [5] * (CONTEXT + 1)
+
+
+BAD = [  # (path, body, status, code)
+    ("completions", b"{not json", 400, "invalid_json"),
+    ("completions", b"[1, 2]", 400, "invalid_value"),
+    ("completions", dict(prompt="hi"), 400, "missing_field"),
+    ("completions", dict(model="tiny"), 400, "missing_field"),
+    ("completions", dict(model="tiny", prompt=5), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", max_tokens="5"), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", max_tokens=0), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", temperature=-1), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", temperature=float("nan")), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", top_p=0), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", top_k=0), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", n=0), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", n=1000), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", stream="yes"), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", stop=["a", "b", "c", "d", "e"]), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt=[10**9]), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt=[]), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt=["a"] * 9, n=8), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="a" * (16 * 2**20)), 413, "body_too_large"),
+    ("completions", dict(model="tiny", prompt=long_prompt()), 400, "context_length_exceeded"),
+    ("completions", dict(model="gpt-4", prompt="hi"), 404, "model_not_found"),
+    ("completions", dict(model="tiny", prompt="hi", logprobs=2), 400, "unsupported_parameter"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tools=[{}]), 400,
+     "unsupported_parameter"),
+    ("chat/completions", dict(model="tiny", messages=[]), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="robot", content="hi")]), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content=5)]), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages="hi"), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="x " * 2000)]), 400,
+     "context_length_exceeded"),
+    ("nowhere", dict(model="tiny"), 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,code", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, path, body, status, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.url}/v1/{path}", content=content,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error"
+    assert isinstance(error["message"], str) and error["message"] and "Traceback" not in error["message"]
+    assert health(server)["status"] == "ok" and server.poll() is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--port", "0"], "--port must be in 1..65535"),
+    (["--max_batch_size", "0"], "--max_batch_size must be at least 1"),
+    (["--max_seq_length", "5000"], "exceeds the model's block_size 1024"),
+    (["--cache_budget_mb", "-1"], "--cache_budget_mb must be >= 0"),
+    (["--queue_timeout", "0"], "--queue_timeout must be positive"),
+    (["--api_key", ""], "--api_key must not be empty"),
+    (["--device", "tpu9"], "unknown device"),
+    (["--host", "256.1.1.1"], "cannot listen on 256.1.1.1:"),
+])
+def test_bad_flags_are_one_line_errors(ckpt, args, message):
+    assert_one_line_error(run_script("serve.py", "--checkpoint_path", ckpt, *args), message)
+
+
+def test_the_api_key_is_required(server, client):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(f"{server.url}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="hi")
+    assert httpx.get(f"{server.url}/health").status_code == 200  # health and the page need no key
+    assert "<script>" in httpx.get(server.url).text
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server, client, reference):
+    before = health(server)["cancelled"]
+    # without the disconnect the row would run to the end of its cache
+    body = dict(model="tiny", prompt=PROMPTS[5], max_tokens=CONTEXT, ignore_eos=True, stream=True)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 30
+    while (h := health(server))["rows_busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert h["rows_busy"] == 0 and h["cancelled"] == before + 1
+    want = reference(reference.tok.encode(PROMPTS[6]), 10)[0]  # and it still answers correctly
+    assert client.completions.create(model="tiny", prompt=PROMPTS[6], max_tokens=10, temperature=0).choices[0].text \
+        == want
+
+
+def test_a_thousand_short_requests_leak_neither_memory_nor_rows_nor_cache(server, client):
+    def ask(i):
+        out = client.completions.create(model="tiny", prompt=f"request {i}: hello", max_tokens=2, temperature=0)
+        assert out.choices[0].finish_reason in ("length", "stop")
+
+    for i in range(200):  # fills the prefix cache to its budget; allocator pools warm up
+        ask(i)
+    start = rss_bytes(server.pid)
+    for i in range(200, 1000):
+        ask(i)
+    grown = rss_bytes(server.pid) - start
+    assert grown < 16 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 800 requests"
+    h = health(server)
+    assert h["rows_busy"] == 0 and h["queued"] == 0
+    cache = h["prefix_cache"]
+    assert 0 < cache["bytes"] <= cache["budget_bytes"] == int(BUDGET_MB * 2**20)
+    assert cache["entries"] < 1000 / 2  # the oldest were evicted
+
+
+def test_the_load_script_reports_each_level(server, tmp_path):
+    out = tmp_path / "load.json"
+    proc = run_script("scripts/load_test.py", "--url", server.url, "--api_key", KEY, "--clients", 1, 3,
+                      "--requests_per_client", 2, "--max_tokens", 5, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    levels = json.loads(out.read_text())["levels"]
+    assert [(f["clients"], f["requests"]) for f in levels] == [(1, 2), (3, 6)]
+    assert all(r["tokens"] == 5 and r["ttft_s"] > 0 for f in levels for r in f["results"])  # ignore_eos: all 5
+    assert len(proc.stdout.splitlines()) == 2 and "req/s" in proc.stdout
+
+
+def test_sigterm_lets_running_requests_finish_then_exits_0(server, client, reference):
+    """Last: it stops the module's server."""
+    want = reference(reference.tok.encode(PROMPTS[7]), 100)[0]
+    got = {}
+
+    def ask():
+        chunks = client.completions.create(model="tiny", prompt=PROMPTS[7], max_tokens=100, temperature=0,
+                                           stream=True)
+        got["text"] = "".join(c.choices[0].text for c in chunks)
+    t = threading.Thread(target=ask)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not health(server)["rows_busy"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert server.wait(60) == 0, server.log.read_text()
+    assert got["text"] == want
+    assert "Traceback" not in server.log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine in-process: the batch's rows, the queue
+
+
+def test_rows_that_join_and_leave_the_batch_are_each_generate_alone(tiny_checkpoint):
+    model, tok = load_model(tiny_checkpoint, "cpu", torch.float32), load_tokenizer(tiny_checkpoint.parent)
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    model.setup_caches(1, 64)
+    alone = [generate(model, torch.tensor(ids), 12, temperature=0)[0][0] for ids in prompts]
+    batch = serve.PrefixBatch(model, 2, 64)
+    cache = PrefixCache([model], [model_meta(model, tiny_checkpoint)], 2**20)
+    out = {}
+
+    def add(ids):
+        row = batch.add(ids, prefix=cache)
+        out[row] = [int(batch.last_logits(row).argmax())]
+        return row
+
+    def step():
+        for row, logits in batch.step({r: t[-1] for r, t in out.items() if len(t) < 12}).items():
+            out[row].append(int(logits.argmax()))
+
+    a = add(prompts[0])
+    step(), step()
+    b = add(prompts[1])  # joins two steps later
+    while len(out[a]) < 12:
+        step()
+    first = out.pop(a)
+    batch.remove(a)
+    c = add(prompts[0])  # the same prompt again, into the freed row, restored from the prefix cache
+    assert batch.cached[c] == len(prompts[0]) - 1
+    while any(len(t) < 12 for t in out.values()):
+        step()
+    assert [first, out[b], out[c]] == [alone[0], alone[1], alone[0]]
+
+
+def test_a_request_that_waits_too_long_for_a_row_gets_an_error(tiny_checkpoint):
+    model, tok = load_model(tiny_checkpoint, "cpu", torch.float32), load_tokenizer(tiny_checkpoint.parent)
+    scheduler = serve.Scheduler(serve.PrefixBatch(model, 1, 256), tok, 1, None, queue_timeout=0.05)
+    events = []
+
+    def seq(index, max_tokens):  # ignore_eos: the first holds the only row for all its 250 tokens
+        return serve.Seq(tok.encode("hi"), index, max_tokens, 0.0, None, None, [], True, torch.Generator(),
+                         events.append)
+    scheduler.thread.start()
+    try:
+        scheduler.submit([seq(0, 250)])
+        scheduler.submit([seq(1, 5)])
+        deadline = time.monotonic() + 60
+        while not any(e[0] == "done" for e in events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    errors = [e[1] for e in events if e[0] == "error"]
+    assert len(errors) == 1 and errors[0].status == 503 and errors[0].code == "queue_timeout"
+    assert [e[1:3] for e in events if e[0] == "done"] == [(0, "length")]
