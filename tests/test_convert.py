@@ -132,7 +132,7 @@ def test_config_variants(hf_config, expected):
 
 
 @pytest.mark.parametrize("hf_config, match", [
-    (dict(architectures=["GPT2LMHeadModel"]), "unsupported architecture GPT2LMHeadModel"),
+    (dict(architectures=["FalconForCausalLM"]), "unsupported architecture FalconForCausalLM; brisk converts Llama"),
     (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)), "rope_type 'yarn'"),
     (dict(attention_bias=True), "attention_bias"),
 ])
