@@ -133,3 +133,40 @@ def test_greedy_text_through_generate_py_matches_transformers(converted, family,
     gen.main(["--checkpoint_path", str(path), "--prompt", prompt, "--max_new_tokens", str(n), "--temperature", "0",
               "--dtype", "float32", "--device", "cpu"])
     assert capsys.readouterr().out == prompt + tok.decode(new) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers: GPT-2-style vocab.json + merges.txt without a tokenizer.json (OPT, older GPT-2 repos)
+
+STRINGS = ["Hello, my name is", " leading space and  two", "line one\nline two\n\n", "Grüße aus München — 東京 🙂",
+           "</s>special inside</s> text", "def f(x):\n    return x  # comment", ""]
+BPE_CONFIGS = {  # OPT prepends </s> (its BOS); GPT-2 prepends nothing
+    "opt": dict(tokenizer_class="GPT2Tokenizer", bos_token="</s>", eos_token="</s>", unk_token="</s>",
+                pad_token="<pad>", add_bos_token=True),
+    "gpt2": dict(tokenizer_class="GPT2Tokenizer", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                 unk_token="<|endoftext|>"),
+}
+
+
+@pytest.mark.parametrize("name", list(BPE_CONFIGS))
+def test_vocab_and_merges_tokenizer_matches_transformers(tmp_path, name):
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from conftest import _CORPUS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 8, trainer)
+    tok.model.save(str(tmp_path))  # vocab.json and merges.txt
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(BPE_CONFIGS[name]))
+    ref, ours_tok = tf.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()
+    for text in STRINGS:
+        ids = ref(text)["input_ids"]
+        assert ours_tok.encode(text) == ids, text
+        assert ours_tok.decode(ids) == ref.decode(ids), text
+    assert (ours_tok.encode("a")[0] == 2) == (name == "opt")
+    assert ours_tok.eos_ids == [ref.eos_token_id]
