@@ -7,8 +7,9 @@ import torch
 import transformers as tf
 
 import generate as gen
+import quantize
 from conftest import write_tiny_tokenizer
-from model import load_model
+from model import load_config, load_model, load_state_dict, save_checkpoint
 from scripts import convert_hf_checkpoint as convert_hf
 from tokenizer import load_tokenizer
 
@@ -133,6 +134,99 @@ def test_greedy_text_through_generate_py_matches_transformers(converted, family,
     gen.main(["--checkpoint_path", str(path), "--prompt", prompt, "--max_new_tokens", str(n), "--temperature", "0",
               "--dtype", "float32", "--device", "cpu"])
     assert capsys.readouterr().out == prompt + tok.decode(new) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every feature, every family
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("mode, groupsize, bound", [("int8", None, 0.08), ("int4", 32, 0.55)])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_quantized_logits_stay_within_the_bound(converted, family, mode, groupsize, bound, tmp_path):
+    # the bounds of test_quantize.py, where an off-by-one zero point or a wrong scale gives about 1 or more
+    _, path = converted(family)
+    quant = {"mode": mode, "groupsize": groupsize} if groupsize else {"mode": mode}
+    out = tmp_path / "model_q.pth"
+    save_checkpoint(quantize.quantize_state_dict(load_state_dict(path), load_config(path), quant), out)
+    (tmp_path / "model_config.json").write_text((path.parent / "model_config.json").read_text())
+    idx = torch.randint(0, V, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ours(path, 24)(idx, torch.arange(24))
+        got = ours(out, 24)(idx, torch.arange(24))
+    err = rel_err(got, ref)
+    print(f"{family} {mode}: relative logits error {err:.3f}")
+    assert err < bound
+
+
+@pytest.mark.parametrize("family", ["pythia", "bloom", "gpt2"])  # partial rotary + parallel, ALiBi, learned
+def test_gptq_beats_round_to_nearest_on_its_calibration_text(converted, family, tmp_path):
+    """GPTQ feeds its blocks what the model's forward feeds them, whatever the family's positions."""
+    import shutil
+    _, src = converted(family)
+    shutil.copytree(src.parent, tmp_path / family)
+    path = tmp_path / family / "model.pth"
+    calib = tmp_path / "calib.txt"
+    calib.write_text(quantize.pydoc_text(0)[:6000])
+    quantize.main(["--checkpoint_path", str(path), "--mode", "int4", "--groupsize", "32"])
+    quantize.main(["--checkpoint_path", str(path), "--mode", "int4-gptq", "--groupsize", "32", "--calibration_file",
+                   str(calib), "--calibration_samples", "8", "--calibration_seq_length", "32"])
+    samples = quantize.calibration_samples(path.parent, calib.read_text(), 8, 32)
+    with torch.no_grad():
+        def logits(p):
+            model = ours(p, 32)
+            return torch.cat([model(s[None], torch.arange(32)) for s in samples])
+        reference = logits(path)
+        errors = [rel_err(logits(path.with_name(name)), reference)
+                  for name in ("model_int4-gptq.g32.pth", "model_int4.g32.pth")]
+    print(f"{family}: GPTQ {errors[0]:.3f}, round to nearest {errors[1]:.3f}")
+    assert errors[0] < 0.9 * errors[1]
+
+
+def generate_text(path, *flags) -> str:
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        gen.main(["--checkpoint_path", str(path), "--prompt", "Once upon a time", "--max_new_tokens", "16",
+                  "--temperature", "0", "--dtype", "float32", "--device", "cpu", *map(str, flags)])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_speculative_decoding_with_a_draft_of_the_family_equals_plain_greedy(converted, family, tmp_path):
+    from test_speculative import noisy_copy
+    _, path = converted(family)
+    draft = noisy_copy(path, tmp_path / "draft", noise=0.02)
+    assert generate_text(path, "--draft_checkpoint_path", draft, "--speculate_k", 3) == generate_text(path)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_reused_prefix_in_the_cache_gives_the_fresh_result(converted, family):
+    _, path = converted(family)
+    prompt = [5, 17, 42, 99, 7, 250, 3]
+    first, _ = gen.generate(ours(path, 48), torch.tensor(prompt), 6, temperature=0.0)
+    model = ours(path, 48)
+    gen.generate(model, torch.tensor(prompt), 6, temperature=0.0)
+    second = prompt + first[0][:-1] + [11, 12, 13]  # the cache holds prompt + first[:-1]
+    reused, _ = gen.generate(model, torch.tensor(second), 8, temperature=0.0, start_pos=len(prompt) + 5)
+    fresh, _ = gen.generate(ours(path, 48), torch.tensor(second), 8, temperature=0.0)
+    assert reused == fresh
+
+
+def test_two_processes_match_one_for_every_family(converted, tmp_path):
+    """One torchrun of 2 gloo ranks: each family split (ALiBi slopes with their heads, a multi-query key/value
+    head kept whole by both ranks, row-wise biases added once), int8 and int4 too for two of them."""
+    from test_tp import quantized, run_and_compare
+    paths = [converted(f)[1] for f in FAMILIES]
+    paths += [quantized(converted(f)[1], q) for f in ("bloom", "starcoder")
+              for q in ({"mode": "int8"}, {"mode": "int4", "groupsize": 32})]
+    int4_bloom = converted("bloom")[1].parent / "model_int4.g32.pth"
+    assert run_and_compare(2, tmp_path, paths) == {  # its width 96 splits into 48 inputs per rank, not whole groups
+        int4_bloom: "cannot split int4 group size 32 across 2 processes: attention.wo would have 48 inputs per process"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
