@@ -28,10 +28,10 @@ import torch
 from tqdm import tqdm
 
 import speculative
-from generate import (BANDWIDTH_HELP, DTYPES, compiled_fns, figures, generate, parse_device, peak_memory_gb, sync,
-                      weight_bytes)
-from model import (DEFAULT_CHECKPOINT, BriskError, ModelArgs, check_checkpoint, check_writable, load_config, load_model,
-                   run_cli, save_atomic)
+from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config, load_model
+from cli import DTYPES, BriskError, check_writable, parse_device, run_cli, save_atomic
+from generate import BANDWIDTH_HELP, compiled_fns, figures, generate, peak_memory_gb, sync, weight_bytes
+from model import ModelArgs
 from tokenizer import load_tokenizer
 
 DEFAULT_GGUF = Path.home() / ".cache" / "brisk" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # left there by prepare.sh

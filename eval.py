@@ -17,11 +17,12 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from generate import DTYPES, TextStream, generate
-from model import (DEFAULT_CHECKPOINT, BriskError, Transformer, check_checkpoint, check_writable, load_model, run_cli,
-                   save_atomic)
+from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_model
+from cli import DTYPES, BriskError, check_writable, run_cli, save_atomic
+from generate import TextStream, generate
+from model import Transformer
+from quant import pydoc_text
 from scripts.perplexity import DEFAULT_CHARS, perplexity
-from quantize import pydoc_text
 from tokenizer import load_tokenizer
 
 try:  # only --tasks needs lm-evaluation-harness

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 import tp
-from model import (DEFAULT_CHECKPOINT, DTYPES, BriskError, Transformer, check_checkpoint, check_writable, load_config,
-                   load_model, run_cli, save_atomic)
+from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config, load_model
+from cli import DTYPES, BriskError, check_at_least_one, check_writable, parse_device, run_cli, save_atomic
+from cpu import INDUCTOR_OPTIONS
+from model import Transformer
 from tokenizer import load_tokenizer
 
 INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
@@ -171,8 +173,7 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
         # a graph is recorded, not at compile time, so it cannot go in `options`: it only silences a warning
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
     else:
-        options = {"cpp_wrapper": True, "realize_acc_reads_threshold": 1,
-                   "cpp.enable_floating_point_contract_flag": "fast"}
+        options = dict(INDUCTOR_OPTIONS)
     options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     compiled = torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
 
@@ -406,14 +407,6 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     speculative.add_args(p)
 
 
-def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
-    """Refuse counts below 1 among the flags `names` (None: not given)."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise BriskError(f"--{name} must be at least 1, got {value}")
-
-
 def check_generation_args(args: argparse.Namespace) -> None:
     """Checks of add_generation_args's flags that need no model (speculative.check_args does the speculative ones);
     turns args.device into a torch.device."""
@@ -447,16 +440,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.profile is not None:
         check_writable(args.profile, args.force)
     check_generation_args(args)
-
-
-def parse_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BriskError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BriskError("--device cuda, but CUDA is not available")
-    return device
 
 
 def encode_prompt(args, tokenizer, vocab_size: int) -> tuple[list[int], Optional[str]]:

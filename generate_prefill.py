@@ -27,7 +27,8 @@ from torch import Tensor
 
 import generate as gen
 import speculative
-from model import BriskError, Transformer, run_cli, save_atomic
+from cli import BriskError, run_cli, save_atomic
+from model import Transformer
 
 CACHE_FORMAT = "brisk-prefix-cache/2"
 DEFAULT_BUDGET_MB = 2048

@@ -38,10 +38,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-import quantize
+import quant
 import tp
 from generate import compile_step, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync, sync
-from model import BriskError, Transformer, load_config, load_model, load_state_dict, save_checkpoint
+from checkpoint import load_config, load_model, load_state_dict, save_checkpoint
+from cli import BriskError
+from model import Transformer
 
 DEFAULT_K = 5
 SELF_DRAFTS = ("int4", "int8")
@@ -324,8 +326,8 @@ def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
 
 
 def self_draft_path(args) -> Path:
-    groupsize = quantize.DEFAULT_GROUPSIZE if args.draft == "int4" else None
-    return quantize.output_path(args.checkpoint_path, args.draft, groupsize)
+    groupsize = quant.DEFAULT_GROUPSIZE if args.draft == "int4" else None
+    return quant.output_path(args.checkpoint_path, args.draft, groupsize)
 
 
 def check_self_draft(args, config, world: int) -> None:
@@ -334,7 +336,7 @@ def check_self_draft(args, config, world: int) -> None:
         raise BriskError(f"--draft {args.draft}: {path} is that model already; pass the float model.pth")
     if world > 1:  # split like the target (the target's heads and width divide already): int4 groups must fit
         try:
-            tp.check_divisible(config, world, quantize.DEFAULT_GROUPSIZE if args.draft == "int4" else None)
+            tp.check_divisible(config, world, quant.DEFAULT_GROUPSIZE if args.draft == "int4" else None)
         except BriskError as e:
             raise BriskError(f"--draft {args.draft} across {world} processes: {e}; use --draft int8 or fewer "
                              "processes") from None
@@ -358,16 +360,16 @@ def make_self_draft(checkpoint_path: Path, mode: str, path: Path) -> None:
         return
     sd = load_state_dict(checkpoint_path)
     print(f"{path} not found: writing it for --draft {mode} (as quantize.py --mode {mode} does)", file=sys.stderr)
-    quant = {"mode": "int8"} if mode == "int8" else {"mode": "int4", "groupsize": quantize.DEFAULT_GROUPSIZE,
-                                                     "method": "rtn"}
-    save_checkpoint(quantize.quantize_state_dict(sd, load_config(checkpoint_path), quant), path)
+    settings = {"mode": "int8"} if mode == "int8" else {"mode": "int4", "groupsize": quant.DEFAULT_GROUPSIZE,
+                                                        "method": "rtn"}
+    save_checkpoint(quant.quantize_state_dict(sd, load_config(checkpoint_path), settings), path)
 
 
 def split_refusal(path: Path, world: int) -> Optional[str]:
     """Why tp.apply_tp cannot split the model at `path` across `world` processes; None when it can."""
-    quant = load_state_dict(path).get("__quant__") or {}  # memory-mapped: reads no weights
+    settings = load_state_dict(path).get("__quant__") or {}  # memory-mapped: reads no weights
     try:
-        tp.check_divisible(load_config(path), world, quant.get("groupsize"))
+        tp.check_divisible(load_config(path), world, settings.get("groupsize"))
     except BriskError as e:
         return str(e)
     return None

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from model import BriskError
+from cli import BriskError
 
 # Meta's Llama 3 split pattern and special tokens (ids follow the 128000 byte-pair ranks)
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"

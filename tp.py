@@ -40,7 +40,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch import Tensor
 
-from model import BriskError, ModelArgs, Transformer
+from cli import BriskError
+from model import ModelArgs, Transformer
 
 DEFAULT_TIMEOUT_S = 60.0
 WRITE_TIMEOUT_S = 3600.0  # rank0_first: how long the other ranks wait for rank 0's file

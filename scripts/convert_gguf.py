@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import CONFIG_NAME, DTYPES, BriskError, ModelArgs, _llama31_scale, check_writable, run_cli, save_atomic, save_checkpoint
+from checkpoint import CONFIG_NAME, save_checkpoint
+from cli import DTYPES, BriskError, check_writable, run_cli, save_atomic
+from model import ModelArgs, llama31_scale
 
 ARCHITECTURES = ("llama", "qwen2")
 
@@ -89,7 +91,7 @@ def llama3_scaling(freq_factors: torch.Tensor, args: ModelArgs) -> dict:
     scaling = dict(factor=float(freq_factors.max()), low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=8192)
     inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
-    if not torch.allclose(_llama31_scale(inv_freq, **scaling), inv_freq / freq_factors.float(), rtol=1e-4):
+    if not torch.allclose(llama31_scale(inv_freq, **scaling), inv_freq / freq_factors.float(), rtol=1e-4):
         raise BriskError("rope_freqs tensor does not match Llama 3.1 rotary scaling; not supported")
     return scaling
 

@@ -19,8 +19,9 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model import (CONFIG_NAME, BriskError, ModelArgs, Transformer, check_writable, load_state_dict,  # noqa: E402
-                   run_cli, save_atomic, save_checkpoint)
+from checkpoint import CONFIG_NAME, load_state_dict, save_checkpoint  # noqa: E402
+from cli import BriskError, check_writable, run_cli, save_atomic  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM",
                  "GPTNeoXForCausalLM", "GPTJForCausalLM", "OPTForCausalLM", "BloomForCausalLM",

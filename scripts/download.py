@@ -13,7 +13,7 @@ from huggingface_hub import list_repo_files, snapshot_download  # noqa: E402
 from huggingface_hub.errors import (GatedRepoError, HFValidationError, HTTPError,  # noqa: E402
                                     RepositoryNotFoundError)
 
-from model import BriskError, run_cli  # noqa: E402
+from cli import BriskError, run_cli  # noqa: E402
 
 # config, tokenizer and generation settings; Llama-3 repos keep tiktoken's file under original/ beside
 # Meta's consolidated .pth weights, which we never want

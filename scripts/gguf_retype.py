@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import BriskError, run_cli, save_atomic  # noqa: E402
+from cli import BriskError, run_cli, save_atomic  # noqa: E402
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 FILE_TYPES = {name: LlamaFileType["ALL_F32" if name == "F32" else "MOSTLY_" + name] for name in TYPES}

@@ -19,8 +19,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import DEFAULT_CHECKPOINT, DTYPES, BriskError, Transformer, load_model, run_cli  # noqa: E402
-from quantize import pydoc_text  # noqa: E402
+from checkpoint import DEFAULT_CHECKPOINT, load_model  # noqa: E402
+from cli import DTYPES, BriskError, run_cli  # noqa: E402
+from model import Transformer  # noqa: E402
+from quant import pydoc_text  # noqa: E402
 
 DEFAULT_CHARS = 20_000
 

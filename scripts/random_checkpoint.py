@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import (CONFIG_NAME, DTYPES, BriskError, ModelArgs, Transformer, check_writable, run_cli,  # noqa: E402
-                   save_atomic, save_checkpoint)
+from checkpoint import CONFIG_NAME, save_checkpoint  # noqa: E402
+from cli import DTYPES, BriskError, check_writable, run_cli, save_atomic  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, std: float = 0.02, dtype=torch.bfloat16,

@@ -11,7 +11,8 @@ import torch
 import bench
 import eval as brisk_eval
 from conftest import make_checkpoint, write_tiny_tokenizer
-from model import BriskError, load_model
+from checkpoint import load_model
+from cli import BriskError
 from scripts import convert_hf_checkpoint as convert_hf
 from test_speculative import noisy_copy
 from tokenizer import load_tokenizer

@@ -11,7 +11,8 @@ from huggingface_hub.utils import filter_repo_objects
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import ROOT, assert_one_line_error, run_script
-from model import CONFIG_NAME, BriskError, load_model, load_state_dict
+from checkpoint import CONFIG_NAME, load_model, load_state_dict
+from cli import BriskError
 from scripts import convert_hf_checkpoint as convert_hf
 from scripts import download
 

@@ -7,9 +7,11 @@ import torch
 import transformers as tf
 
 import generate as gen
+import quant
 import quantize
+from checkpoint import load_config, load_model, load_state_dict, save_checkpoint
 from conftest import write_tiny_tokenizer
-from model import load_config, load_model, load_state_dict, save_checkpoint
+from model import Transformer
 from scripts import convert_hf_checkpoint as convert_hf
 from tokenizer import load_tokenizer
 
@@ -41,6 +43,16 @@ FAMILIES = {
 }
 COMMON = dict(vocab_size=V, num_hidden_layers=2, n_layer=2, max_position_embeddings=64, n_positions=64,
               bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize("name, n_params", [  # the published sizes, head and tied embedding counted once
+    ("pythia-70m", 70_426_624), ("pythia-410m", 405_334_016), ("opt-125m", 125_239_296),
+    ("bloom-560m", 559_214_592), ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
+    ("Phi-3-mini-4k", 3_821_079_552)])
+def test_presets_have_the_published_sizes(name, n_params):
+    with torch.device("meta"):
+        model = Transformer.from_name(name)
+    assert sum(p.numel() for p in model.parameters()) == n_params
 
 
 def build(directory, family: str, seed: int = 0):
@@ -149,9 +161,9 @@ def rel_err(a, b):
 def test_quantized_logits_stay_within_the_bound(converted, family, mode, groupsize, bound, tmp_path):
     # the bounds of test_quantize.py, where an off-by-one zero point or a wrong scale gives about 1 or more
     _, path = converted(family)
-    quant = {"mode": mode, "groupsize": groupsize} if groupsize else {"mode": mode}
+    how = {"mode": mode, "groupsize": groupsize} if groupsize else {"mode": mode}
     out = tmp_path / "model_q.pth"
-    save_checkpoint(quantize.quantize_state_dict(load_state_dict(path), load_config(path), quant), out)
+    save_checkpoint(quant.quantize_state_dict(load_state_dict(path), load_config(path), how), out)
     (tmp_path / "model_config.json").write_text((path.parent / "model_config.json").read_text())
     idx = torch.randint(0, V, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -170,11 +182,11 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_text(converted, family, 
     shutil.copytree(src.parent, tmp_path / family)
     path = tmp_path / family / "model.pth"
     calib = tmp_path / "calib.txt"
-    calib.write_text(quantize.pydoc_text(0)[:6000])
+    calib.write_text(quant.pydoc_text(0)[:6000])
     quantize.main(["--checkpoint_path", str(path), "--mode", "int4", "--groupsize", "32"])
     quantize.main(["--checkpoint_path", str(path), "--mode", "int4-gptq", "--groupsize", "32", "--calibration_file",
                    str(calib), "--calibration_samples", "8", "--calibration_seq_length", "32"])
-    samples = quantize.calibration_samples(path.parent, calib.read_text(), 8, 32)
+    samples = quant.calibration_samples(path.parent, calib.read_text(), 8, 32)
     with torch.no_grad():
         def logits(p):
             model = ours(p, 32)

@@ -11,7 +11,8 @@ import torch
 
 import generate as gen
 from conftest import ROOT, make_checkpoint
-from model import BriskError, load_model, run_cli
+from checkpoint import load_model
+from cli import BriskError, run_cli
 from tokenizer import load_tokenizer
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]

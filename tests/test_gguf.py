@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import _CORPUS, CHATML, run_script, write_tiny_tokenizer
-from model import BriskError, load_model
+from checkpoint import load_model
+from cli import BriskError
 from scripts import convert_gguf, gguf_retype
 from tokenizer import load_tokenizer
 

@@ -1,10 +1,10 @@
 """model.py on its own: presets, config round trip, cache behaviour. Parity with transformers is in test_convert.py."""
-import re
-
 import pytest
 import torch
 
-from model import BriskError, Linear, ModelArgs, Transformer, find_preset, load_model, transformer_configs
+from checkpoint import load_model
+from cli import BriskError
+from model import ModelArgs, Transformer, find_preset, transformer_configs
 from conftest import TINY, make_checkpoint
 
 
@@ -113,73 +113,3 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(BriskError, match="cannot read checkpoint"):
         load_model(path)
-
-
-@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["float", "int8"])
-def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeypatch, capability, dtype, mode):
-    """Compiled on the CPU, a one-row product (a decode step) is Inductor's own multiply-and-sum loop rather than
-    aten's matrix product or int8 kernel where the loop measured faster (every dtype on AVX-512 CPUs, fp32 weights
-    on AVX2 ones: model.ROW_LOOP_DTYPES), and gives F.linear's values either way; several rows always use a
-    matrix product. The int8 layer without a kernel for its activations (fp32) always takes the loop."""
-    from torch._inductor.utils import run_and_get_code
-    import model
-    import quantize
-    monkeypatch.setattr(model, "CPU_CAPABILITY", capability)
-    loop = capability == "AVX512" or dtype == torch.float32
-    matrix_product = re.compile(r"extern_kernels\.(add)?mm\b|aten\.(add)?mm\b|_weight_int8pack_mm")
-    torch.manual_seed(0)
-    lin = Linear(96, 40, bias=True).to(dtype)
-    if mode == "int8":
-        q = quantize.WeightOnlyInt8Linear(96, 40, bias=True)
-        q.weight, scales = quantize.int8_quantize(lin.weight.float())
-        q.scales, q.bias, q.packed_mm = scales.to(dtype), lin.bias, True
-        with torch.no_grad():
-            lin.weight.copy_(q.weight * scales[:, None])  # the float layer that the int8 one stands for
-        lin, layer = lin, q
-    else:
-        layer = lin
-    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
-    x = torch.randn(1, 1, 96, dtype=dtype)
-    with torch.no_grad():
-        y, codes = run_and_get_code(compiled, x)
-        want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
-        torch.testing.assert_close(y.float(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
-                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
-        assert y.shape == (1, 1, 40) and bool(matrix_product.search("".join(codes))) != loop
-        _, codes = run_and_get_code(compiled, torch.randn(1, 5, 96, dtype=dtype))
-        assert matrix_product.search("".join(codes))
-
-
-@pytest.mark.parametrize("rows, blocks", [(40, 4), (42, 2), (41, 1)])
-def test_compiled_one_row_product_walks_four_blocks_of_rows_side_by_side(rows, blocks):
-    """The one-row loop sums the weight's rows as four equal blocks in one loop (one accumulator per block), or as
-    two or one where the row count does not divide, with F.linear's values every time."""
-    from torch._inductor.utils import run_and_get_code
-    import model
-    torch.manual_seed(0)
-    x, w = torch.randn(1, 1, 96, dtype=torch.bfloat16), torch.randn(rows, 96, dtype=torch.bfloat16)
-    with torch.no_grad():
-        y, codes = run_and_get_code(torch.compile(model.one_row_product, fullgraph=True, dynamic=False), x, w)
-    torch.testing.assert_close(y, torch.nn.functional.linear(x.float(), w.float()), rtol=1e-5, atol=1e-5)
-    accumulators = set(re.findall(r"\btmp_acc(\d+)_vec\b", "".join(codes)))
-    assert y.shape == (1, 1, rows) and len(accumulators) == blocks
-
-
-@pytest.mark.parametrize("capability, dtype, rows, gemm", [
-    ("AVX2", torch.bfloat16, 32, torch.float32),  # torch's bf16 GEMM is 2-5x slower there than converting
-    ("AVX2", torch.bfloat16, 16, torch.bfloat16),  # a few rows gain nothing
-    ("AVX2", torch.float32, 512, torch.float32),
-    ("AVX512", torch.bfloat16, 512, torch.bfloat16),
-])
-def test_many_bf16_rows_are_multiplied_in_fp32_on_avx2_cpus(monkeypatch, capability, dtype, rows, gemm):
-    import model
-    monkeypatch.setattr(model, "CPU_CAPABILITY", capability)
-    x = torch.randn(1, rows, 64, dtype=dtype)
-    assert model.gemm_dtype(x) == gemm
-    lin = Linear(64, 48, bias=True).to(dtype)
-    y = lin(x)  # the layer's dtype either way, with F.linear's values
-    assert y.dtype == dtype
-    want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
-    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)

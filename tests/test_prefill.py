@@ -13,7 +13,8 @@ import generate as gen
 import generate_prefill as gp
 import speculative as spec
 from conftest import ROOT, make_checkpoint
-from model import BriskError, load_model, run_cli
+from checkpoint import load_model
+from cli import BriskError, run_cli
 
 SHARED = [5, 17, 42, 99, 7, 250, 3, 61, 8, 140, 33, 2]
 TAIL_A, TAIL_B = [77, 12, 90, 6], [201, 45, 9]

@@ -1,4 +1,4 @@
-"""quantize.py: the int8/int4 math, the packed kernels against the plain dequantize path, checkpoints that load
+"""quant.py and quantize.py: the int8/int4 math, the packed kernels against the plain dequantize path, checkpoints that load
 back to exactly the model they describe, GPTQ against round-to-nearest, CLI errors; scripts/perplexity.py."""
 import math
 
@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cpu
+import quant
 import quantize
+from checkpoint import DEFAULT_CHECKPOINT, load_model
+from cli import BriskError, run_cli
 from conftest import make_checkpoint
-from model import DEFAULT_CHECKPOINT, BriskError, load_model, run_cli
-from quantize import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, gptq_quantize, int4_dequantize, int4_quantize,
+from quant import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, gptq_quantize, int4_dequantize, int4_quantize,
                       int8_quantize, pack_nibbles, to_scales_and_zeros, unpack_nibbles)
 from scripts.perplexity import perplexity
 
@@ -97,15 +100,15 @@ def test_cpu_int4_kernel_equals_dequantize_path(groupsize, k):
 
 
 def test_cpu_packed_int4_weights_read_back_to_their_values():
-    block = quantize.cpu_pack_block()
+    block = cpu.cpu_pack_block()
     assert block in (64, 32)  # torch's layout on AVX-512 and AVX2 CPUs: anything else is a new layout to learn
     q = torch.randint(0, 16, (128, 64), dtype=torch.uint8)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    assert torch.equal(quantize.cpu_packed_values(packed, block), q)
+    assert torch.equal(cpu.cpu_packed_values(packed, block), q)
     scales, zeros = torch.rand(128, 2, dtype=torch.bfloat16) / 8, torch.randn(128, 2, dtype=torch.bfloat16)
-    sz = quantize.to_scales_and_zeros(scales, zeros)
+    sz = quant.to_scales_and_zeros(scales, zeros)
     for dtype in (torch.bfloat16, torch.float32):  # dequantized in the packed layout: the same weight, transposed
-        wt = quantize.cpu_dequantize_t(packed, sz, 32, block, dtype)
+        wt = cpu.cpu_dequantize_t(packed, sz, 32, block, dtype)
         assert torch.equal(wt, int4_dequantize(q, scales, zeros, dtype).t())
     assert int4_linear(weights(n=64, k=64), 32, "cpu").block == block
     assert int4_linear(weights(n=80, k=64), 32, "cpu").block is None  # not whole blocks of rows: kernel only
@@ -115,12 +118,12 @@ def test_long_inputs_dequantize_the_cpu_packed_weight_to_the_same_result(monkeyp
     w = weights(n=64, k=256) * 10
     packed, plain = int4_linear(w, 32, "cpu"), int4_linear(w, 32, None)
     x = torch.randn(1, 6, 256, dtype=torch.bfloat16)
-    reads, read_back = [], quantize.cpu_dequantize_t
-    monkeypatch.setattr(quantize, "cpu_dequantize_t", lambda p, *a: reads.append(p) or read_back(p, *a))
-    kernel_y = packed(x)  # 6 rows, fewer than INT4_KERNEL_ROWS: the kernel
+    reads, read_back = [], quant.cpu_dequantize_t
+    monkeypatch.setattr(quant, "cpu_dequantize_t", lambda p, *a: reads.append(p) or read_back(p, *a))
+    kernel_y = packed(x)  # 6 rows, fewer than INT4_DEQUANTIZE_MIN_ROWS: the kernel
     assert not reads
-    monkeypatch.setattr(quantize, "INT4_KERNEL_ROWS", 6)
-    long_y = packed(x)  # as many rows as INT4_KERNEL_ROWS: the weight dequantized as the plain module does
+    monkeypatch.setattr(quant, "INT4_DEQUANTIZE_MIN_ROWS", 6)
+    long_y = packed(x)  # as many rows as INT4_DEQUANTIZE_MIN_ROWS: the weight dequantized as the plain module does
     assert len(reads) == 1
     torch.testing.assert_close(long_y, plain(x), rtol=1e-2, atol=1e-2)  # the same weight; GEMMs round alike to bf16
     compiled_y = torch.compile(packed, fullgraph=True)(x)  # as generate.py --compile_prefill runs it
@@ -147,7 +150,7 @@ def fake_quantized(path, mode, groupsize, head="int8"):
     """The float model with each quantized matrix replaced by its dequantized value, computed independently."""
     model = load_model(path, dtype=torch.float32)
     with torch.no_grad():
-        for name, lin in quantize._linears(model):
+        for name, lin in quant.linear_layers(model):
             if (head if name == "output" else mode) == "int8":
                 q, s = int8_quantize(lin.weight)
                 lin.weight.copy_(q.float() * s[:, None])  # a tied head shares this with the embedding
@@ -169,11 +172,11 @@ def fake_quantized(path, mode, groupsize, head="int8"):
 def test_checkpoint_loads_back_to_the_model_it_describes(tmp_path, monkeypatch, mode, groupsize, head, name, tied):
     path = make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=tied, qkv_bias=True, **SMALL)
     quantize_cli(path, "--mode", mode, "--head", head, *(["--groupsize", str(groupsize)] if groupsize else []))
-    out = quantize.output_path(path, mode, groupsize, head)
+    out = quant.output_path(path, mode, groupsize, head)
     assert out.name == name and out.is_file()
     idx = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(0))
     expected = logits(fake_quantized(path, mode, groupsize, head), idx)  # a tied embedding reads the same rows
-    monkeypatch.setattr(quantize, "_int4_kernel", lambda *_: None)  # the exact fp32 path
+    monkeypatch.setattr(quant, "int4_kernel", lambda *_: None)  # the exact fp32 path
     model = load_model(out, dtype=torch.float32)
     torch.testing.assert_close(logits(model, idx), expected, rtol=1e-4, atol=1e-4)
     assert isinstance(model.output, {"int8": WeightOnlyInt8Linear, "int4": WeightOnlyInt4Linear}[head])
@@ -185,11 +188,11 @@ def test_an_int4_head_runs_through_the_cpu_kernel_like_the_dequantize_path(tmp_p
     # the head is repacked for the kernel while the tied embedding keeps reading the file's layout
     path = make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=True, **SMALL)
     quantize_cli(path, "--mode", "int4", "--head", "int4")
-    out = quantize.output_path(path, "int4", 32, "int4")
+    out = quant.output_path(path, "int4", 32, "int4")
     idx = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(0))
     packed = load_model(out)
     assert packed.output.kernel == "cpu" and packed.tok_embeddings.weight.shape == (320, 64)
-    monkeypatch.setattr(quantize, "_int4_kernel", lambda *_: None)
+    monkeypatch.setattr(quant, "int4_kernel", lambda *_: None)
     plain = logits(load_model(out), idx)
     torch.testing.assert_close(logits(packed, idx), plain, rtol=2e-2, atol=2e-2 * plain.abs().max().item())
 
@@ -203,7 +206,7 @@ def test_quantized_logits_stay_close_to_float(tmp_path, mode, groupsize, head, b
     quantize_cli(path, "--mode", mode, "--head", head, *(["--groupsize", str(groupsize)] if groupsize else []))
     idx = torch.randint(0, 320, (1, 32), generator=torch.Generator().manual_seed(0))
     reference = logits(load_model(path, dtype=torch.bfloat16), idx)
-    assert rel_err(logits(load_model(quantize.output_path(path, mode, groupsize, head)), idx), reference) < bound
+    assert rel_err(logits(load_model(quant.output_path(path, mode, groupsize, head)), idx), reference) < bound
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,11 +230,11 @@ def test_gptq_output_error_is_lower_than_round_to_nearest(groupsize):
 def test_gptq_checkpoint_beats_round_to_nearest_on_its_calibration_text(tmp_path):
     path = make_checkpoint(tmp_path, **SMALL)
     calib = tmp_path / "calib.txt"
-    calib.write_text(quantize.pydoc_text(0)[:6000])
+    calib.write_text(quant.pydoc_text(0)[:6000])
     quantize_cli(path, "--mode", "int4", "--groupsize", "64")
     quantize_cli(path, "--mode", "int4-gptq", "--groupsize", "64", "--calibration_file", str(calib),
                  "--calibration_samples", "8", "--calibration_seq_length", "64")
-    samples = quantize.calibration_samples(path.parent, calib.read_text(), 8, 64)
+    samples = quant.calibration_samples(path.parent, calib.read_text(), 8, 64)
     reference = torch.cat([logits(load_model(path, dtype=torch.float32), s[None]) for s in samples])
 
     def error(name):
@@ -318,7 +321,7 @@ def test_real_model_int8_keeps_its_predictions(real_checkpoint, tmp_path):
             (tmp_path / f.name).symlink_to(f)
     quantize_cli(tmp_path / "model.pth", "--mode", "int8")
     from tokenizer import load_tokenizer
-    idx = torch.tensor([load_tokenizer(tmp_path).encode(quantize.pydoc_text(1)[:400])])
+    idx = torch.tensor([load_tokenizer(tmp_path).encode(quant.pydoc_text(1)[:400])])
     expected = logits(load_model(real_checkpoint), idx).argmax(-1)
     agree = (logits(load_model(tmp_path / "model_int8.pth"), idx).argmax(-1) == expected).float().mean()
     assert agree > 0.9

@@ -7,7 +7,8 @@ import torch
 
 import bench
 from conftest import assert_one_line_error, run_script
-from model import CONFIG_NAME, ModelArgs, load_model
+from checkpoint import CONFIG_NAME, load_model
+from model import ModelArgs
 
 
 def run(*args) -> subprocess.CompletedProcess:

@@ -14,7 +14,8 @@ import generate as gen
 import quantize
 import speculative as spec
 from conftest import ROOT, make_checkpoint
-from model import CONFIG_NAME, BriskError, load_config, load_model, run_cli
+from checkpoint import CONFIG_NAME, load_config, load_model
+from cli import BriskError, run_cli
 from test_generate import chi_square
 from tokenizer import load_tokenizer
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import _CORPUS, CHATML, write_tiny_tokenizer
-from model import BriskError
+from cli import BriskError
 from tokenizer import LLAMA2_TEMPLATE, LLAMA3_PATTERN, LLAMA3_SPECIALS, load_tokenizer
 
 TEXTS = [

@@ -9,9 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import quant as brisk_quant
 import tp
 from conftest import ROOT, make_checkpoint
-from model import BriskError, ModelArgs, load_config, load_state_dict, save_checkpoint
+from checkpoint import load_config, load_state_dict, save_checkpoint
+from cli import BriskError
+from model import ModelArgs
 from test_speculative import noisy_copy
 
 DRIVER = Path(__file__).resolve().parent / "tp_driver.py"
@@ -23,9 +26,8 @@ TINY3 = dict(n_head=6, n_local_heads=3, dim=96, intermediate_size=192, qkv_bias=
 
 
 def quantized(float_path: Path, quant: dict) -> Path:
-    import quantize
-    out = quantize.output_path(float_path, quant["mode"], quant.get("groupsize"))
-    sd = quantize.quantize_state_dict(load_state_dict(float_path), load_config(float_path), quant)
+    out = brisk_quant.output_path(float_path, quant["mode"], quant.get("groupsize"))
+    sd = brisk_quant.quantize_state_dict(load_state_dict(float_path), load_config(float_path), quant)
     save_checkpoint(sd, out)
     return out
 

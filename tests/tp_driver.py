@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tp  # noqa: E402
-from model import BriskError, load_config, load_model, run_cli  # noqa: E402
+from checkpoint import load_config, load_model  # noqa: E402
+from cli import BriskError, run_cli  # noqa: E402
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]
 

@@ -1,0 +1,85 @@
+"""What every command line shares: the user-error exception, one-line errors, and checks of common flags.
+
+The bottom of the import graph: it imports no other module of brisk.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+class BriskError(Exception):
+    """A problem with the user's input: scripts print it as one line and exit with status 1."""
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # --dtype's choices
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main(); a BriskError or Ctrl-C becomes one line on stderr and exit status 1."""
+    try:
+        main()
+    except BriskError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: ... (usage: prog -h)`, with exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (usage: {self.prog} -h)\n")
+
+
+def input_file(value: str) -> Path:
+    """argparse type of an option that names a file to read: a path that does not exist is an error."""
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file not found: {value}")
+    return path
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether text given where a file or text is accepted was meant as a file: one line, no spaces, with a
+    path separator or a file extension."""
+    head, ext = os.path.splitext(value)
+    return "\n" not in value and " " not in value and (os.sep in value or (bool(head) and 1 < len(ext) <= 5))
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BriskError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BriskError("--device cuda, but CUDA is not available")
+    return device
+
+
+def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Refuse counts below 1 among the flags `names` (None: not given)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BriskError(f"--{name} must be at least 1, got {value}")
+
+
+def check_writable(path: Path, force: bool) -> None:
+    if Path(path).exists() and not force:
+        raise BriskError(f"{path} exists; pass --force to overwrite it")
+
+
+def save_atomic(path: Path, write: Callable[[Path], None], force: bool = False) -> None:
+    """Call write(tmp) and rename tmp to path, so an interrupted run never leaves a half-written file."""
+    path = Path(path)
+    check_writable(path, force)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

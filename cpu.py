@@ -1,0 +1,123 @@
+"""Everything brisk does differently on a CPU, each with why in a line; the figures are in BENCHMARKS.md.
+
+- Linear: nn.Linear whose one-row product (a decode step), compiled, is a loop Inductor writes, faster than aten's.
+- gemm_dtype: on AVX2 CPUs many bf16 rows are multiplied in fp32.
+- kv_cache_dtype: the KV cache holds fp32 on the CPU.
+- INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
+- The int8/int4 kernels' row bounds and torch's CPU int4 packed layout, which quant.py reads.
+A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py and ignore the rest.
+"""
+import functools
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# Weight dtypes whose compiled one-row product Inductor's loop computes faster than aten's kernel, by CPU capability:
+# without AVX-512 Inductor's bf16 and int8 conversions are slow, fp32 still wins (BENCHMARKS.md, "One-row products").
+ROW_LOOP_DTYPES = {"AVX512": {torch.float32, torch.bfloat16, torch.float16, torch.int8}, "AVX2": {torch.float32}}
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()  # read once: torch.compile cannot trace the call
+
+# Inductor settings of a compiled CPU step (engine.compile_step), each measured A/B (BENCHMARKS.md, "Compiled step"):
+INDUCTOR_OPTIONS = {
+    "cpp_wrapper": True,  # kernels called from C++: no Python between them
+    "realize_acc_reads_threshold": 1,  # a norm's output is stored once, not recomputed inside every row loop
+    "cpp.enable_floating_point_contract_flag": "fast",  # multiply-adds of the row loops become FMAs
+}
+
+INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantizing + one GEMM (BENCHMARKS.md)
+INT4_DEQUANTIZE_MIN_ROWS = 128  # from this many rows on dequantizing + one GEMM beats the int4 kernel (BENCHMARKS.md)
+
+
+def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
+    """True while torch.compile traces a product of a single row (a decode step) on the CPU, with a weight whose
+    dtype Inductor's loop handles faster than aten does on this CPU (ROW_LOOP_DTYPES); any weight if None.
+    aten's one-row mm moves a weight well below memory speed; Inductor turns `(x * w).sum(-1)` into a vectorized
+    loop over w's rows that reaches it. Eagerly the same expression would build x * w in memory."""
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]):
+        return False
+    return weight is None or weight.dtype in ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
+
+
+def gemm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype to multiply x's rows in: fp32 for 32 or more bf16 rows on an AVX2 CPU, where torch's bf16 GEMM
+    runs slower than converting both operands to fp32 (BENCHMARKS.md, "AVX2"); x's own dtype otherwise."""
+    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and CPU_CAPABILITY == "AVX2"
+            and x.numel() >= 32 * x.shape[-1]):
+        return torch.float32
+    return x.dtype
+
+
+def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
+    # x: [..., 1, K] (one row), weight: [N, K] of any dtype -> [..., 1, N] in fp32, the loop one_row_on_cpu means.
+    # The rows are summed as four blocks that Inductor walks side by side: four memory streams in flight instead
+    # of one, and each load of x serves four rows (BENCHMARKS.md, "Four-block row loops").
+    nb = next(b for b in (4, 2, 1) if weight.shape[0] % b == 0)  # fewer where N is not a multiple of 4
+    xs = x.float()[..., None, :]
+    return torch.cat([(xs * block.float()).sum(-1) for block in weight.chunk(nb)], dim=-1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the one-row CPU product written for Inductor (see one_row_on_cpu)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not one_row_on_cpu(x, self.weight):
+            dt = gemm_dtype(x)
+            bias = None if self.bias is None else self.bias.to(dt)
+            return F.linear(x.to(dt), self.weight.to(dt), bias).to(x.dtype)
+        y = one_row_product(x, self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """fp32 on the CPU, whose attention kernel runs bf16/fp16 several times slower than fp32; holding fp32 costs
+    memory, not accuracy: the values stored are the model dtype's (BENCHMARKS.md, "KV cache dtype")."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
+def int8_kernel_fits(device: torch.device, in_features: int) -> bool:
+    # the CPU int8 kernel does not check its shapes and reads out of bounds unless K % 16 == 0 (measured)
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm") and in_features % 16 == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch's CPU int4 packed layout (_convert_weight_to_int4pack_for_cpu), read back to dequantize long inputs
+
+
+def cpu_packed_blocks(p: Tensor, block: int) -> Tensor:
+    """The values (0..15) that `_convert_weight_to_int4pack_for_cpu` packed into p [N, K/2] uint8, as
+    [N/block, 2, K, block/2]: row block*b + block/2*h + j of the weight is [b, h, :, j]. The layout is torch's own
+    (2.13): blocks of `block` rows (64 on AVX-512 CPUs, 32 on AVX2 ones); within a block, for each input column,
+    block/2 bytes whose low nibbles are its first half of rows and high nibbles the second. `cpu_pack_block` finds
+    which block size this machine packs with."""
+    b = p.view(p.shape[0] // block, 1, p.shape[1] * 2, block // 2)  # [N/block, 1, K, block/2]
+    return torch.cat([b & 15, b >> 4], dim=1)
+
+
+def cpu_packed_values(p: Tensor, block: int) -> Tensor:
+    # p [N, K/2] packed for the CPU kernel in blocks of `block` rows -> its values [N, K] (0..15)
+    return cpu_packed_blocks(p, block).transpose(2, 3).reshape(p.shape[0], -1)
+
+
+@functools.cache
+def cpu_pack_block() -> Optional[int]:
+    """Rows per block of torch's CPU int4 packing on this machine, found by packing known values, or None when the
+    layout is none that cpu_packed_blocks knows (the packed weight is then only read by the kernel)."""
+    q = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return next((b for b in (64, 32) if torch.equal(cpu_packed_values(p, b), q.to(torch.uint8))), None)
+
+
+def cpu_dequantize_t(p: Tensor, sz: Tensor, groupsize: int, block: int, dtype: torch.dtype) -> Tensor:
+    """The dequantized weight, transposed [K, N], of a CPU-packed weight p [N, K/2] (blocks of `block` rows) with
+    scales_and_zeros sz [K/g, N, 2], computed in the packed layout (runs of block/2 rows), which eager ops stream
+    2-3x faster than unpacked rows."""
+    n, k, h = p.shape[0], p.shape[1] * 2, block // 2
+    G = k // groupsize
+    q = cpu_packed_blocks(p, block).to(dtype).sub_(8).view(n // block, 2, G, groupsize, h)  # [N/b, 2, K/g, g, b/2]
+    sz = sz.to(dtype).view(G, n // block, 2, h, 2).permute(1, 2, 0, 3, 4)  # [N/b, 2, K/g, b/2, 2]
+    scales, zeros = (sz[..., i].contiguous()[:, :, :, None] for i in (0, 1))  # [N/b, 2, K/g, 1, b/2]
+    w = torch.addcmul(zeros, q, scales).view(n // h, k, h)  # [N/h, K, h]: runs of h rows, transposed
+    return w.transpose(0, 1).reshape(k, n)
