@@ -216,6 +216,8 @@ LLAMA3_REPO = ["config.json", "generation_config.json", "model-00001-of-00002.sa
                "original/params.json", "LICENSE", "README.md", ".gitattributes"]
 BIN_REPO = ["config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json", "training_args.bin",
             "README.md"]
+OPT_REPO = ["config.json", "generation_config.json", "merges.txt", "vocab.json", "pytorch_model.bin",
+            "special_tokens_map.json", "tokenizer_config.json", "flax_model.msgpack", "tf_model.h5", "README.md"]
 BOTH_REPO = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "flax_model.msgpack"]
 
 
@@ -234,6 +236,7 @@ def hub(monkeypatch):
                                       ".gitattributes"}),
     (BIN_REPO, {"config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json"}),
     (BOTH_REPO, {"config.json", "model.safetensors", "tokenizer.json"}),  # safetensors preferred
+    (OPT_REPO, set(OPT_REPO) - {"flax_model.msgpack", "tf_model.h5", "README.md"}),  # GPT-2-style tokenizer files
 ])
 def test_download_fetches_only_needed_files(hub, tmp_path, files, wanted):
     hub["files"] = files

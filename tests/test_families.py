@@ -148,6 +148,22 @@ def test_greedy_text_through_generate_py_matches_transformers(converted, family,
     assert capsys.readouterr().out == prompt + tok.decode(new) + "\n"
 
 
+@pytest.mark.parametrize("family, overrides, match", [
+    ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=32), "do_layer_norm_before=False is not supported "
+     "(post-norm OPT such as opt-350m)"),
+    ("bloom", dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm=True"),
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "attention scaled by layer"),
+    ("pythia", dict(hidden_act="gelu_10"), "unsupported activation hidden_act='gelu_10'"),
+])
+def test_what_the_switches_cannot_express_is_refused_in_one_line(tmp_path, family, overrides, match):
+    from conftest import assert_one_line_error, run_script
+    config_cls, model_cls, base, _ = FAMILIES[family]
+    config = config_cls(**{**COMMON, **base, **overrides})
+    config.architectures = [model_cls.__name__]
+    config.save_pretrained(tmp_path)
+    assert_one_line_error(run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path), match)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Every feature, every family
 
