@@ -55,16 +55,23 @@ def test_presets_have_the_published_sizes(name, n_params):
     assert sum(p.numel() for p in model.parameters()) == n_params
 
 
-def build(directory, family: str, seed: int = 0):
-    """A tiny random transformers model of `family`, saved to `directory` with a tiny tokenizer and converted."""
-    from test_convert import save_bin
-    config_cls, model_cls, overrides, layout = FAMILIES[family]
+def hf_model(family: str, seed: int = 0, **overrides):
+    """A tiny random transformers model of `family` (its config updated with `overrides`), in fp32."""
+    config_cls, model_cls, config, _ = FAMILIES[family]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**COMMON, **overrides})).eval()
+    model = model_cls(config_cls(**{**COMMON, **config, **overrides})).eval()
     with torch.no_grad():  # wider than the default init so logits are far from flat; norms random so a swap shows
         for name, p in model.named_parameters():
             p.normal_(0, 0.15) if p.dim() == 2 else (p.uniform_(0.5, 1.5) if "norm" in name or "ln" in name
                                                       else p.normal_(0, 0.1))
+    return model
+
+
+def build(directory, family: str, seed: int = 0):
+    """A tiny random transformers model of `family`, saved to `directory` with a tiny tokenizer and converted."""
+    from test_convert import save_bin
+    _, model_cls, _, layout = FAMILIES[family]
+    model = hf_model(family, seed)
     if layout.startswith("safetensors"):
         model.save_pretrained(directory, max_shard_size="100KB" if layout.endswith("sharded") else "5GB")
     else:  # transformers 5 writes only safetensors; write pytorch_model*.bin as older releases did
@@ -255,6 +262,79 @@ def test_two_processes_match_one_for_every_family(converted, tmp_path):
     int4_bloom = converted("bloom")[1].parent / "model_int4.g32.pth"
     assert run_and_compare(2, tmp_path, paths) == {  # its width 96 splits into 48 inputs per rank, not whole groups
         int4_bloom: "cannot split int4 group size 32 across 2 processes: attention.wo would have 48 inputs per process"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF files of the families transformers can load as the oracle (llama.cpp's bloom, gpt2 and phi3)
+
+
+def write_family_gguf(path, family: str, hf, qtype=None) -> None:
+    """hf's weights and config as llama.cpp's convert_hf_to_gguf.py writes them: names mapped by the gguf package;
+    bloom's per-head q/k/v reordered to q, k, v; gpt2's Conv1D weights transposed to [out, in]."""
+    import gguf
+
+    from test_gguf import add_vocab, byte_level_vocab
+    c, n_layer = hf.config, hf.config.num_hidden_layers
+    w = gguf.GGUFWriter(str(path), family)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.upper()), n_layer)
+    w.add_block_count(n_layer)
+    w.add_context_length(c.n_positions if family == "gpt2" else c.max_position_embeddings if family == "phi3" else 64)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size if family == "phi3" else 4 * c.hidden_size)
+    w.add_head_count(c.num_attention_heads)
+    if family == "phi3":
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_freq_base(10000.0)
+        w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    else:
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+    add_vocab(w, byte_level_vocab(path.parent / "bpe"))
+    w.add_pad_token_id(0)  # else transformers gives phi3 its default, 32000, beyond this vocabulary
+    D = c.hidden_size // c.num_attention_heads
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        data = t.float()
+        if family == "bloom" and "query_key_value" in name:
+            data = data.reshape(c.num_attention_heads, 3, D, *data.shape[1:]).transpose(0, 1).reshape(data.shape)
+        if family == "gpt2" and data.dim() == 2 and ".h." in name:
+            data = data.t()
+        data = data.contiguous().numpy()
+        key = names.get_name(name, try_suffixes=(".weight", ".bias")) or names.get_name(
+            name.removeprefix("transformer."), try_suffixes=(".weight", ".bias"))
+        if qtype is not None and data.ndim == 2:
+            w.add_tensor(key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(key, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", ["bloom", "gpt2", "phi3"])
+def test_gguf_of_the_family_gives_transformers_logits(family, tmp_path):
+    """An F32 GGUF gives the source model's logits; a Q8_0 one gives what transformers makes of the same file."""
+    import gguf
+
+    from scripts import convert_gguf
+    # transformers reads no position count from a gpt2 GGUF (its 1024 then), nor phi3's longrope factors
+    overrides = dict(gpt2=dict(n_positions=1024, max_position_embeddings=1024), phi3=dict(rope_parameters=dict(rope_type="default")))
+    hf = hf_model(family, **overrides.get(family, {}))
+    ids = torch.randint(0, V, (1, 24), generator=torch.Generator().manual_seed(4))
+    for qtype, name in ((None, "f32.gguf"), (gguf.GGMLQuantizationType.Q8_0, "q8.gguf")):
+        write_family_gguf(tmp_path / name, family, hf, qtype)
+        out = tmp_path / name.replace(".gguf", "")
+        convert_gguf.main([str(tmp_path / name), "--checkpoint_dir", str(out)])
+        ref = hf if qtype is None else tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=name,
+                                                                             dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = ours(out / "model.pth", 24)(ids, torch.arange(24))
+            err, quant_err = [(got - m(ids).logits).abs().max().item() for m in (ref, hf)]
+        print(f"{family} {name}: max |logits - reference| {err:.2e}, - source {quant_err:.2e}")
+        assert err <= 1e-4
+        assert (quant_err > 1e-4) == (qtype is not None)  # really quantized: not the source's logits
 
 
 # ---------------------------------------------------------------------------------------------------------------
