@@ -166,7 +166,9 @@ class HFTokenizer(Tokenizer):
         # Without add_bos_token in the config, BOS is whatever the file's post-processor puts first (Llama 3)
         plain, full = self.tok.encode("a", add_special_tokens=False).ids, self.tok.encode("a").ids
         added_bos = self.tok.id_to_token(full[0]) if len(full) > len(plain) and full[-len(plain):] == plain else None
-        self._configure(directory, added_bos, None, added_bos is not None)
+        # GPT2Tokenizer's default BOS and EOS, for vocab.json + merges.txt
+        default = "<|endoftext|>" if not path.is_file() and self.tok.token_to_id("<|endoftext|>") is not None else None
+        self._configure(directory, added_bos or default, default, added_bos is not None)
 
     def _encode(self, text: str) -> list:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -258,8 +260,11 @@ def _byte_level_bpe(directory: Path):
     tok = Backend(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
     tok.decoder = decoders.ByteLevel()
-    specials = [_token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    keys = ("bos_token", "eos_token", "unk_token", "pad_token")
+    specials = [_token_text(config.get(k)) for k in keys]
     specials += [_token_text(t) for t in config.get("added_tokens_decoder", {}).values()]
+    if not any(specials) and "<|endoftext|>" in tok.get_vocab():  # GPT2Tokenizer's default BOS, EOS and unknown
+        specials.append("<|endoftext|>")
     tok.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys(specials) if t])
     return tok
 

@@ -50,7 +50,8 @@ PREFIX = re.compile(r"(?:model\.decoder\.|model\.|transformer\.|gpt_neox\.)?(.+)
 LAYER = re.compile(r"(?:layers|h)\.(\d+)\.(.+)\.(weight|bias)")
 QKV = re.compile(r"(?:self_attn|attn)\.([qkv])_proj")
 # buffers that old checkpoints saved and the model recomputes
-IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|attention\.bias|attention\.masked_bias)")
+IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|attention\.bias|"
+                     r"attention\.masked_bias)")
 
 
 def config_from_hf(cfg: dict) -> ModelArgs:

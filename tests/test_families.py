@@ -320,7 +320,8 @@ def test_gguf_of_the_family_gives_transformers_logits(family, tmp_path):
 
     from scripts import convert_gguf
     # transformers reads no position count from a gpt2 GGUF (its 1024 then), nor phi3's longrope factors
-    overrides = dict(gpt2=dict(n_positions=1024, max_position_embeddings=1024), phi3=dict(rope_parameters=dict(rope_type="default")))
+    overrides = dict(gpt2=dict(n_positions=1024, max_position_embeddings=1024),
+                     phi3=dict(rope_parameters=dict(rope_type="default")))
     hf = hf_model(family, **overrides.get(family, {}))
     ids = torch.randint(0, V, (1, 24), generator=torch.Generator().manual_seed(4))
     for qtype, name in ((None, "f32.gguf"), (gguf.GGMLQuantizationType.Q8_0, "q8.gguf")):
@@ -340,13 +341,15 @@ def test_gguf_of_the_family_gives_transformers_logits(family, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizers: GPT-2-style vocab.json + merges.txt without a tokenizer.json (OPT, older GPT-2 repos)
 
-STRINGS = ["Hello, my name is", " leading space and  two", "line one\nline two\n\n", "Grüße aus München — 東京 🙂",
+STRINGS = ["Hello, my name is", "one<|endoftext|>two", " leading space and  two", "line one\nline two\n\n",
+           "Grüße aus München — 東京 🙂",
            "</s>special inside</s> text", "def f(x):\n    return x  # comment", ""]
 BPE_CONFIGS = {  # OPT prepends </s> (its BOS); GPT-2 prepends nothing
     "opt": dict(tokenizer_class="GPT2Tokenizer", bos_token="</s>", eos_token="</s>", unk_token="</s>",
                 pad_token="<pad>", add_bos_token=True),
     "gpt2": dict(tokenizer_class="GPT2Tokenizer", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                  unk_token="<|endoftext|>"),
+    "gpt2-defaults": {},  # no tokenizer_config.json entries: GPT2Tokenizer's <|endoftext|> for all three
 }
 
 
@@ -363,7 +366,8 @@ def test_vocab_and_merges_tokenizer_matches_transformers(tmp_path, name):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS * 8, trainer)
     tok.model.save(str(tmp_path))  # vocab.json and merges.txt
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(BPE_CONFIGS[name]))
+    config = BPE_CONFIGS[name] or {"tokenizer_class": "GPT2Tokenizer"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     ref, ours_tok = tf.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
     assert not (tmp_path / "tokenizer.json").exists()
     for text in STRINGS:
@@ -371,4 +375,4 @@ def test_vocab_and_merges_tokenizer_matches_transformers(tmp_path, name):
         assert ours_tok.encode(text) == ids, text
         assert ours_tok.decode(ids) == ref.decode(ids), text
     assert (ours_tok.encode("a")[0] == 2) == (name == "opt")
-    assert ours_tok.eos_ids == [ref.eos_token_id]
+    assert ours_tok.token_id("<|endoftext|>") == 3 and (name != "opt") == (ours_tok.eos_ids == [3])
