@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cli import BriskError
-from presets import find_preset, transformer_configs
 from cpu import Linear, kv_cache_dtype  # a fork without the CPU tuning: Linear = nn.Linear, the cache in `dtype`
+from presets import find_preset, transformer_configs
 
 
 @dataclass
