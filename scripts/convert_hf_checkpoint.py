@@ -46,7 +46,8 @@ LAYER_NAMES = {
     "fc2": "feed_forward.w2", "mlp.c_proj": "feed_forward.w2",
 }
 FUSED_QKV = ("self_attn.qkv_proj", "attention.query_key_value", "self_attention.query_key_value", "attn.c_attn")
-PREFIX = re.compile(r"(?:model\.decoder\.|model\.|transformer\.|gpt_neox\.)?(.+)")
+# (older files of GPT-2, OPT and BLOOM lack the first of these prefixes: h.0..., decoder.layers.0...)
+PREFIX = re.compile(r"(?:model\.decoder\.|model\.|decoder\.|transformer\.|gpt_neox\.)?(.+)")
 LAYER = re.compile(r"(?:layers|h)\.(\d+)\.(.+)\.(weight|bias)")
 QKV = re.compile(r"(?:self_attn|attn)\.([qkv])_proj")
 # buffers that old checkpoints saved and the model recomputes

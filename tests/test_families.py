@@ -30,7 +30,7 @@ FAMILIES = {
                        hidden_act="gelu"), "bin"),
     "gptj": (tf.GPTJConfig, tf.GPTJForCausalLM, dict(n_embd=64, n_head=4, rotary_dim=8), "safetensors-sharded"),
     "opt": (tf.OPTConfig, tf.OPTForCausalLM,
-            dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64), "bin-sharded"),
+            dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64), "bin-sharded-bare"),
     "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict(hidden_size=96, n_head=6), "safetensors"),
     "starcoder": (tf.GPTBigCodeConfig, tf.GPTBigCodeForCausalLM, dict(n_embd=64, n_head=4, multi_query=True),
                   "safetensors"),
@@ -39,7 +39,7 @@ FAMILIES = {
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM,
              dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                   rope_parameters=LONGROPE, pad_token_id=0), "safetensors"),
-    "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, dict(n_embd=64, n_head=4), "safetensors"),
+    "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, dict(n_embd=64, n_head=4), "bin-bare"),
 }
 COMMON = dict(vocab_size=V, num_hidden_layers=2, n_layer=2, max_position_embeddings=64, n_positions=64,
               bos_token_id=1, eos_token_id=2)
@@ -77,7 +77,10 @@ def build(directory, family: str, seed: int = 0):
     else:  # transformers 5 writes only safetensors; write pytorch_model*.bin as older releases did
         model.config.architectures = [model_cls.__name__]
         model.config.save_pretrained(directory)
-        save_bin(model.state_dict(), directory, n_shards=3 if layout == "bin-sharded" else 1, old=False)
+        sd = model.state_dict()
+        if layout.endswith("bare"):  # as older files of GPT-2 and OPT: without the base model's prefix
+            sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in sd.items()}
+        save_bin(sd, directory, n_shards=3 if "sharded" in layout else 1, old=False)
     write_tiny_tokenizer(directory, V)
     convert_hf.convert(directory)
     return model
