@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 import speculative
-from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config, load_model
-from cli import DTYPES, BriskError, check_writable, parse_device, run_cli, save_atomic
-from generate import BANDWIDTH_HELP, compiled_fns, figures, generate, peak_memory_gb, sync, weight_bytes
+from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
+from cli import DTYPES, ArgumentParser, BriskError, check_writable, parse_device, run_cli, save_atomic
+from engine import BANDWIDTH_HELP, figures, kv_bytes_per_token, prepare, speed_figures, sync, weight_bytes
 from model import ModelArgs
 from tokenizer import load_tokenizer
 
@@ -108,20 +108,10 @@ def latency_figures(stamps: list[float], step_sizes: Optional[list[int]] = None)
 
 def stamp_figures(t0: float, stamps: list[float], tokens: int, new: int, prompt_len: int, weights: int,
                   kv_per_token: int, device) -> dict:
-    """The figures generate.figures gives, for a peer that reports the time each new token of a sequence appeared:
-    stamps[0] ends prefill, each later stamp is one decode step."""
-    steps, ttft, decode_s = len(stamps) - 1, stamps[0] - t0, stamps[-1] - stamps[0]
-    batch, total = tokens // new, stamps[-1] - t0
-    tps = steps / decode_s if steps else None
-    kv = kv_per_token * batch * (prompt_len + (steps + 1) / 2)  # the formula of generate.figures
-    return dict(new_tokens=new, tokens_generated=tokens, ttft_s=ttft, decode_s=decode_s, total_s=total,
-                decode_tokens_per_s=tps, e2e_tokens_per_s=new / total, throughput_tokens_per_s=tokens / total,
-                bandwidth_gb_s=None if tps is None else (weights + kv) * tps / 1e9,
-                peak_memory_gb=peak_memory_gb(device), decode_steps=steps)
-
-
-def kv_bytes_per_token(config: ModelArgs, element_size: int) -> int:
-    return 2 * config.n_layer * config.n_local_heads * config.head_dim * element_size
+    """engine.speed_figures for a peer that reports the time each new token of a sequence appeared: stamps[0]
+    ends prefill, each later stamp is one decode step."""
+    return dict(speed_figures(new, tokens, tokens // new, stamps[0] - t0, stamps[-1] - stamps[0], prompt_len, weights,
+                              kv_per_token, device), decode_steps=len(stamps) - 1)
 
 
 def spread(samples: list[dict]) -> dict:
@@ -140,24 +130,19 @@ def spread(samples: list[dict]) -> dict:
 
 
 class Brisk:
-    """brisk's generate(); with `spec` (checked speculation arguments, see speculation()) it speculates."""
+    """brisk's engine; with `spec` (checked speculation arguments, see speculation()) it speculates."""
 
     def __init__(self, checkpoint: Path, args, spec: Optional[argparse.Namespace] = None):
         self.name, self.checkpoint, self.dtype, self.device = "brisk", str(checkpoint), args.dtype, args.device
-        self.compiles, self.compile_prefill, self.spec = args.compile, args.compile_prefill, spec
+        self.compiles, self.spec = args.compile, spec
         self.speculation = None if spec is None else dict(proposer=proposer(spec), speculate_k=spec.speculate_k)
-        self.model = load_model(checkpoint, args.device, DTYPES[args.dtype])
-        self.weights = weight_bytes(self.model)  # before the caches exist, so they are not counted
+        self.engine = prepare(checkpoint, args.device, DTYPES[args.dtype], compile=args.compile,
+                              compile_prefill=args.compile_prefill, speculation=spec and speculative.Speculation(spec))
+        self.weights = self.engine.weight_bytes
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
-        # a cache sized to this configuration, as generate.py would allocate (setup_caches never shrinks one)
-        room = self.spec.speculate_k if self.spec else 0  # a verify pass writes k positions past the last token
-        self.model.max_batch_size = self.model.max_seq_length = -1
-        self.model.setup_caches(batch_size, max_seq_length + room)
-        self.fns = compiled_fns(self.device, self.compiles, self.compile_prefill)
-        if self.spec:  # as generate.py builds it: the draft loaded with a cache of this configuration's length
-            self.fns["speculator"] = speculative.build(self.spec, self.device, DTYPES[self.dtype],
-                                                       max_seq_length + room)
+        # caches sized to this configuration, steps compiled for them and the draft, as generate.py sets them up
+        self.engine.setup(batch_size, max_seq_length)
         return None
 
     def once(self, prompt, batch_size: int, max_new_tokens: int) -> dict:
@@ -170,12 +155,12 @@ class Brisk:
 
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        rows, timing = generate(self.model, prompt, max_new_tokens, batch_size, on_token=on_token,
-                                temperature=0.0, top_k=None, **self.fns)
+        rows, timing = self.engine.generate(prompt, max_new_tokens, batch_size, on_token=on_token, temperature=0.0,
+                                            top_k=None)
         sync(self.device)
-        out = dict(figures(self.model, rows, timing, prompt.numel(), self.weights, self.device),
+        out = dict(figures(self.engine.model, rows, timing, prompt.numel(), self.weights, self.device),
                    decode_steps=timing["steps"])
-        speculator = self.fns.get("speculator")
+        speculator = self.engine.speculator
         if speculator is None:
             return dict(out, **latency_figures(stamps))
         return dict(out, **latency_figures(stamps, speculator.step_sizes),
@@ -358,7 +343,7 @@ def ratio_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=FIGURES_HELP,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=FIGURES_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", "--checkpoint-path", type=Path, nargs="+", default=[DEFAULT_CHECKPOINT],
                    help=f"one or more model.pth files, float or quantized (default: {DEFAULT_CHECKPOINT})")

@@ -4,6 +4,7 @@ The bottom of the import graph: it imports no other module of brisk.
 """
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -35,19 +36,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (usage: {self.prog} -h)\n")
 
 
-def input_file(value: str) -> Path:
-    """argparse type of an option that names a file to read: a path that does not exist is an error."""
-    path = Path(value)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"file not found: {value}")
-    return path
-
-
 def looks_like_path(value: str) -> bool:
-    """Whether text given where a file or text is accepted was meant as a file: one line, no spaces, with a
-    path separator or a file extension."""
-    head, ext = os.path.splitext(value)
-    return "\n" not in value and " " not in value and (os.sep in value or (bool(head) and 1 < len(ext) <= 5))
+    """Whether text given to an option that takes a file or text (--context) was meant as a file: one word with a
+    path separator or a file extension (`doc.txt`, `notes/q3`), so that a mistyped path is not taken as text."""
+    return (re.fullmatch(r"\S+", value) is not None
+            and ("/" in value or os.sep in value or re.search(r"\.[A-Za-z][A-Za-z0-9]{0,4}$", value) is not None))
 
 
 def parse_device(name: str) -> torch.device:

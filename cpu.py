@@ -16,19 +16,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Weight dtypes whose compiled one-row product Inductor's loop computes faster than aten's kernel, by CPU capability:
-# without AVX-512 Inductor's bf16 and int8 conversions are slow, fp32 still wins (BENCHMARKS.md, "One-row products").
+# without AVX-512 Inductor's bf16 and int8 conversions are slow, fp32 still wins (BENCHMARKS.md, "AMD EPYC Zen 3").
 ROW_LOOP_DTYPES = {"AVX512": {torch.float32, torch.bfloat16, torch.float16, torch.int8}, "AVX2": {torch.float32}}
 CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()  # read once: torch.compile cannot trace the call
 
-# Inductor settings of a compiled CPU step (engine.compile_step), each measured A/B (BENCHMARKS.md, "Compiled step"):
+# Inductor settings of a compiled CPU step (engine.compile_step), each measured (BENCHMARKS.md, "Compiled decode step"):
 INDUCTOR_OPTIONS = {
     "cpp_wrapper": True,  # kernels called from C++: no Python between them
     "realize_acc_reads_threshold": 1,  # a norm's output is stored once, not recomputed inside every row loop
     "cpp.enable_floating_point_contract_flag": "fast",  # multiply-adds of the row loops become FMAs
 }
 
-INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantizing + one GEMM (BENCHMARKS.md)
-INT4_DEQUANTIZE_MIN_ROWS = 128  # from this many rows on dequantizing + one GEMM beats the int4 kernel (BENCHMARKS.md)
+INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantizing + one GEMM
+INT4_DEQUANTIZE_MIN_ROWS = 128  # from this many rows on dequantizing + one GEMM beats the int4 kernel
 
 
 def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
@@ -43,7 +43,7 @@ def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
 
 def gemm_dtype(x: Tensor) -> torch.dtype:
     """The dtype to multiply x's rows in: fp32 for 32 or more bf16 rows on an AVX2 CPU, where torch's bf16 GEMM
-    runs slower than converting both operands to fp32 (BENCHMARKS.md, "AVX2"); x's own dtype otherwise."""
+    runs slower than converting both operands to fp32 (BENCHMARKS.md, "AMD EPYC Zen 3"); x's own dtype otherwise."""
     if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and CPU_CAPABILITY == "AVX2"
             and x.numel() >= 32 * x.shape[-1]):
         return torch.float32
@@ -53,7 +53,7 @@ def gemm_dtype(x: Tensor) -> torch.dtype:
 def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
     # x: [..., 1, K] (one row), weight: [N, K] of any dtype -> [..., 1, N] in fp32, the loop one_row_on_cpu means.
     # The rows are summed as four blocks that Inductor walks side by side: four memory streams in flight instead
-    # of one, and each load of x serves four rows (BENCHMARKS.md, "Four-block row loops").
+    # of one, and each load of x serves four rows (BENCHMARKS.md, "Second Intel Xeon").
     nb = next(b for b in (4, 2, 1) if weight.shape[0] % b == 0)  # fewer where N is not a multiple of 4
     xs = x.float()[..., None, :]
     return torch.cat([(xs * block.float()).sum(-1) for block in weight.chunk(nb)], dim=-1)
@@ -73,7 +73,7 @@ class Linear(nn.Linear):
 
 def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """fp32 on the CPU, whose attention kernel runs bf16/fp16 several times slower than fp32; holding fp32 costs
-    memory, not accuracy: the values stored are the model dtype's (BENCHMARKS.md, "KV cache dtype")."""
+    memory, not accuracy: the values stored are the model dtype's (BENCHMARKS.md, "KV cache in fp32 on the CPU")."""
     return torch.float32 if device.type == "cpu" else dtype
 
 

@@ -4,12 +4,17 @@
     python eval.py --checkpoint_path ... --text_file notes.txt --max_seq_length 1024 --stride 512
     python eval.py --checkpoint_path ... --tasks hellaswag,arc_easy --limit 200          needs: pip install lm_eval
 
-The default text needs no network: the held-out half of CPython's pydoc topic help (scripts/perplexity.py tells
-exactly which characters), so figures compare across checkpoints and quantization modes on one Python version.
-Any checkpoint load_model reads can be evaluated: float, int8 or int4.
+The default text needs no network: DEFAULT_CHARS characters of CPython's pydoc topic help, from the half that GPTQ
+does not calibrate on (quant.pydoc_text(1)), so figures compare across checkpoints and quantization modes on one
+Python version. Windows of --max_seq_length tokens start every --stride tokens; each token is scored once, by the
+first window that contains it after its context, so every token but the early ones sees max_seq_length - stride
+tokens of context or more (as in the Hugging Face perplexity guide; with stride == max_seq_length the windows are
+disjoint and the first token of each is not scored). Any checkpoint load_model reads can be evaluated: float,
+int8 or int4.
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,18 +22,45 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_model
-from cli import DTYPES, BriskError, check_writable, run_cli, save_atomic
-from generate import TextStream, generate
+from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint
+from cli import DTYPES, ArgumentParser, BriskError, check_writable, parse_device, run_cli, save_atomic
+from engine import TextStream, generate, prepare
 from model import Transformer
 from quant import pydoc_text
-from scripts.perplexity import DEFAULT_CHARS, perplexity
 from tokenizer import load_tokenizer
 
 try:  # only --tasks needs lm-evaluation-harness
     from lm_eval.api.model import LM
 except ImportError:
     LM = object
+
+
+DEFAULT_CHARS = 20_000
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, ids: list, max_seq_length: int = 512, stride: int = 256,
+               progress: bool = True) -> tuple[float, int]:
+    """exp(mean negative log-likelihood) of ids[1:] under the model, and the number of tokens scored."""
+    if len(ids) < 2:
+        raise BriskError("the text must have at least 2 tokens")
+    if not 0 < stride <= max_seq_length:
+        raise BriskError(f"--stride must be in 1..--max_seq_length ({max_seq_length}), got {stride}")
+    device = model.norm.weight.device
+    ids = torch.tensor(ids, device=device)
+    model.setup_caches(1, max_seq_length)
+    nll, count, done = 0.0, 0, 0  # done: tokens before it are scored (or, at a window's start, unscorable)
+    starts = range(0, max(len(ids) - max_seq_length, 0) + stride, stride)
+    for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+        end = min(begin + max_seq_length, len(ids))
+        x = ids[begin:end]
+        logits = model(x[None], torch.arange(end - begin, device=device))[0].float()  # [T, V]
+        first = max(done - begin, 1)  # window offset of the first token to score; it needs context
+        logp = torch.log_softmax(logits[first - 1:-1], dim=-1)  # predictions of x[first:]
+        nll -= logp.gather(-1, x[first:, None]).sum().item()
+        count += end - begin - first
+        done = end
+    return math.exp(nll / count), count
 
 
 class BriskLM(LM):
@@ -114,7 +146,7 @@ def run_tasks(model: Transformer, tokenizer, args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model.pth, or a quantized model_*.pth (default: {DEFAULT_CHECKPOINT})")
@@ -149,7 +181,8 @@ def main(argv=None) -> Optional[dict]:
         check_writable(args.json, args.force)
     if args.tasks is not None and not args.tasks:
         raise BriskError("--tasks needs at least one task name")
-    model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype])
+    args.device = parse_device(args.device)
+    model = prepare(args.checkpoint_path, args.device, DTYPES[args.dtype]).model
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     block = model.config.block_size
     report = dict(checkpoint=str(args.checkpoint_path), dtype=args.dtype, device=str(args.device))

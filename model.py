@@ -117,8 +117,9 @@ class Transformer(nn.Module):
         return cls(ModelArgs.from_name(name))
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
-        """Allocate the KV cache and the rotary/mask tables for up to `max_seq_length` positions."""
-        if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
+        """Allocate the KV cache and the rotary/mask tables for exactly max_batch_size x max_seq_length positions
+        (kept as they are when they already have that size). Steps compiled for the old cache refuse the new one."""
+        if (self.max_seq_length, self.max_batch_size) == (max_seq_length, max_batch_size):
             return
         c = self.config
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
@@ -147,18 +148,19 @@ class Transformer(nn.Module):
         block = max(64, 1 << max(0, n.bit_length() - 5))
         return min(-(-n // block) * block, self.max_seq_length)
 
-    def forward(self, idx: Tensor, input_pos: Tensor, logits_to_keep: int = 0, kv_len: Optional[int] = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, logits_to_keep: int = 0,
+                attend_len: Optional[int] = None) -> Tensor:
         # idx: [B, T] token ids at positions input_pos: [T]; returns logits [B, T, V], or [B, logits_to_keep, V]
         # for the last positions only: a prefill needs one row of the head's product, not T
         assert self.max_seq_length > 0, "call setup_caches() first"
         # The positions (ascending) attend to the cache up to the last of them only, as the keys past it are masked
         # out. Eagerly that is exactly input_pos[-1] + 1 positions, and a prompt from position 0 is plain causal
         # attention, which SDPA does without a mask in half the work. Compiled code cannot read input_pos on the
-        # host: it attends to kv_len positions (attend_len(input_pos[-1]), a dynamic size of its graph), or to the
+        # host: it attends to attend_len positions (self.attend_len(input_pos[-1]), a dynamic size of its graph), or to the
         # whole cache when none is given.
         T = idx.shape[1]
         if torch.compiler.is_compiling():
-            end = self.max_seq_length if kv_len is None else kv_len
+            end = self.max_seq_length if attend_len is None else attend_len
             mask = self.causal_mask[None, None, input_pos, :end]  # [1, 1, T, end]
         else:
             end = int(input_pos[-1]) + 1

@@ -5,8 +5,8 @@ swap_in_quantized and pack_for_device. What is quantized:
   - every linear of the transformer blocks: int8 (symmetric, one scale per output channel) or int4 (asymmetric,
     a scale and a zero point per group of `groupsize` inputs);
   - the output head int8 by default (`--head int4` rounds it like the blocks). It is the largest matrix of small
-    models; an int4 head decodes faster but raises perplexity (BENCHMARKS.md, "Quantization"), so it is a
-    choice, not the default.
+    models; an int4 head decodes faster on some CPUs but raises perplexity (BENCHMARKS.md, "Quality: perplexity"
+    and "AMD EPYC Zen 3"), so it is a choice, not the default.
     A tied embedding shares the head's quantized matrix and dequantizes the rows it looks up; an untied
     embedding stays float (a lookup reads one row, so it costs no time).
 The file is device-neutral: int4 values are stored two per byte ([N, K/2] uint8, even column in the high nibble)

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from checkpoint import DEFAULT_CHECKPOINT, load_config, load_model, load_state_dict, save_checkpoint
-from cli import BriskError, check_writable, run_cli
+from cli import ArgumentParser, BriskError, check_writable, run_cli
 from quant import (DEFAULT_GROUPSIZE, GROUPSIZES, HEADS, MODES, calibration_samples, gptq_model, output_path,
                    pydoc_text, quantize_state_dict)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"float model.pth of a checkpoint dir (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--mode", required=True, help=f"one of {', '.join(MODES)}")

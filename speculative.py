@@ -40,9 +40,9 @@ from torch import Tensor
 
 import quant
 import tp
-from generate import compile_step, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync, sync
 from checkpoint import load_config, load_model, load_state_dict, save_checkpoint
 from cli import BriskError
+from engine import compile_step, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync, sync
 from model import Transformer
 
 DEFAULT_K = 5
@@ -88,15 +88,16 @@ def accept(draft: Tensor, q: Tensor, p: Tensor, greedy: bool = False) -> Tensor:
     return torch.cat([draft[:a], draw(residual[None], greedy)])
 
 
-def verify(model: Transformer, x: Tensor, input_pos: Tensor, kv_len: Optional[int] = None, temperature: float = 1.0,
-           top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
+def verify(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None,
+           temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
     # x: [1, k + 1] (the last token taken, then the k draft tokens) at input_pos: [k + 1] -> p: [k + 1, V]
-    return processed_probs(model(x, input_pos, kv_len=kv_len)[0], temperature, top_k, top_p)
+    return processed_probs(model(x, input_pos, attend_len=attend_len)[0], temperature, top_k, top_p)
 
 
 def step_at(decode_fn: Callable, model: Transformer, token: Tensor, pos: int, sampling: dict):
     # one decode step of token [1, 1] at host position pos, attending to the cache as far as a compiled step should
-    return decode_fn(model, token, torch.tensor([pos], device=token.device), kv_len=model.attend_len(pos), **sampling)
+    return decode_fn(model, token, torch.tensor([pos], device=token.device), attend_len=model.attend_len(pos),
+                     **sampling)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ class Speculator:
                 draft, q = proposal
                 x = torch.cat([cur_token.view(1), draft]).view(1, -1)  # [1, k + 1]
                 p = self.verify_fn(model, x, torch.arange(pos, pos + k + 1, device=device),
-                                   kv_len=model.attend_len(pos + k), **sampling)
+                                   attend_len=model.attend_len(pos + k), **sampling)
                 if q is None:
                     q = F.one_hot(draft.long(), p.size(-1)).float()
                 new = accept(draft, q, p, greedy)
@@ -376,6 +377,22 @@ def split_refusal(path: Path, world: int) -> Optional[str]:
     except BriskError as e:
         return str(e)
     return None
+
+
+class Speculation:
+    """The checked speculation flags of a run, for engine.prepare: it reserves `k` cache positions past the last
+    token taken (a verify pass writes them) and calls build() once the target's caches are set up."""
+
+    def __init__(self, args):
+        self.args, self.k = args, args.speculate_k
+
+    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int) -> "Speculator":
+        return build(self.args, device, dtype, max_seq_length)
+
+
+def speculation(args) -> Optional[Speculation]:
+    """The Speculation of args checked by check_args; None when no proposer is given."""
+    return Speculation(args) if args.speculate_k else None
 
 
 def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int) -> Speculator:

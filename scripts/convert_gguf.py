@@ -10,7 +10,6 @@ llama.cpp already stores bloom's fused q/k/v as q, k, v and gpt2's weights as [o
 ffn_up holds the gate and up projections, split here). The tokenizer is rebuilt
 as a Hugging Face `tokenizer.json` from the vocabulary in the file's metadata.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CONFIG_NAME, save_checkpoint
-from cli import DTYPES, BriskError, check_writable, run_cli, save_atomic
+from cli import DTYPES, ArgumentParser, BriskError, check_writable, run_cli, save_atomic
 from model import ModelArgs, llama31_scale
 
 ARCHITECTURES = ("llama", "qwen2", "phi3", "bloom", "gpt2")
@@ -252,7 +251,7 @@ def convert_tokenizer(meta: dict) -> tuple[str, dict, dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("gguf_file", type=Path, help=f"a GGUF file of architecture {', '.join(ARCHITECTURES)}, any "
                    "quantization")
     p.add_argument("--checkpoint_dir", type=Path, required=True,

@@ -5,7 +5,6 @@
 Weights are read shard by shard and kept in their stored dtype; q, k and v are fused into wqkv as soon as all
 three pieces of a layer have been seen, so peak memory stays near the size of the model.
 """
-import argparse
 import json
 import math
 import re
@@ -20,7 +19,7 @@ from safetensors import safe_open  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import CONFIG_NAME, load_state_dict, save_checkpoint  # noqa: E402
-from cli import BriskError, check_writable, run_cli, save_atomic  # noqa: E402
+from cli import ArgumentParser, BriskError, check_writable, run_cli, save_atomic  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM",
@@ -335,7 +334,7 @@ def convert(checkpoint_dir: Path, model_name: str | None = None, force: bool = F
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint_dir", type=Path, required=True, help="directory holding the Hugging Face files")
     p.add_argument("--model_name", default=None,
                    help="preset to use when there is no config.json (default: the directory name)")

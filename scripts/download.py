@@ -2,7 +2,6 @@
 
     python scripts/download.py --repo_id meta-llama/Llama-3.2-1B-Instruct [--hf_token hf_...]
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from huggingface_hub import list_repo_files, snapshot_download  # noqa: E402
 from huggingface_hub.errors import (GatedRepoError, HFValidationError, HTTPError,  # noqa: E402
                                     RepositoryNotFoundError)
 
-from cli import BriskError, run_cli  # noqa: E402
+from cli import ArgumentParser, BriskError, run_cli  # noqa: E402
 
 # config, tokenizer and generation settings (GPT-2-style repos such as OPT's have vocab.json + merges.txt and no
 # tokenizer.json); Llama-3 repos keep tiktoken's file under original/ beside Meta's consolidated .pth weights,
@@ -51,7 +50,7 @@ def download(repo_id: str, checkpoint_dir: Path, token: str | None) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repo_id", required=True, help="Hugging Face model repo, e.g. meta-llama/Llama-3.2-1B")
     p.add_argument("--hf_token", default=None, help="access token for gated or private repos (default: $HF_TOKEN)")
     p.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"), help="files go to DIR/ORG/NAME")

@@ -8,7 +8,6 @@ side-by-side benchmarks (bench.py --peers). Norms and other 1-D tensors stay F32
 `--head_type` gives the output head (`token_embd.weight` when the head is tied to it) its own type, as
 llama.cpp's `llama-quantize --output-tensor-type` does: brisk's int4 checkpoints keep an int8 head.
 """
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli import BriskError, run_cli, save_atomic  # noqa: E402
+from cli import ArgumentParser, BriskError, run_cli, save_atomic  # noqa: E402
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 FILE_TYPES = {name: LlamaFileType["ALL_F32" if name == "F32" else "MOSTLY_" + name] for name in TYPES}
@@ -63,7 +62,7 @@ def retype(src: Path, dst: Path, qtype: GGMLQuantizationType, force: bool = Fals
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", type=Path, help="input .gguf")
     p.add_argument("dst", type=Path, help="output .gguf")
     p.add_argument("--type", choices=TYPES, required=True, help="type of the weight matrices")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import CONFIG_NAME, save_checkpoint  # noqa: E402
-from cli import DTYPES, BriskError, check_writable, run_cli, save_atomic  # noqa: E402
+from cli import DTYPES, ArgumentParser, BriskError, check_writable, run_cli, save_atomic  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def write_random_checkpoint(directory: Path, args: ModelArgs, force: bool = Fals
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a preset name of presets.py (e.g. Llama-2-7b, pythia-410m)")
     p.add_argument("--out", type=Path, required=True, help="directory for model.pth and model_config.json")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")

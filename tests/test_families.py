@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers as tf
 
-import generate as gen
+import engine
+import generate
 import quant
 import quantize
 from checkpoint import load_config, load_model, load_state_dict, save_checkpoint
@@ -131,8 +132,8 @@ def test_compiled_decode_matches_transformers(converted, family):
     T, P = 16, 6
     model = ours(path, T)
     idx = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(2))
-    step = gen.compile_step(lambda model, x, input_pos, kv_len: model(x, input_pos, kv_len=kv_len),
-                            torch.device("cpu"))
+    step = engine.compile_step(lambda model, x, input_pos, attend_len: model(x, input_pos, attend_len=attend_len),
+                               torch.device("cpu"))
     with torch.no_grad():
         ref = hf(idx).logits
         logits = [model(idx[:, :P], torch.arange(P))]
@@ -153,7 +154,7 @@ def test_greedy_text_through_generate_py_matches_transformers(converted, family,
     new = out[ids.shape[1]:].tolist()
     new = new[:new.index(tok.eos_ids[0])] if tok.eos_ids[0] in new else new
     assert len(new) >= 4  # text to compare, not an immediate end
-    gen.main(["--checkpoint_path", str(path), "--prompt", prompt, "--max_new_tokens", str(n), "--temperature", "0",
+    generate.main(["--checkpoint_path", str(path), "--prompt", prompt, "--max_new_tokens", str(n), "--temperature", "0",
               "--dtype", "float32", "--device", "cpu"])
     assert capsys.readouterr().out == prompt + tok.decode(new) + "\n"
 
@@ -229,7 +230,7 @@ def generate_text(path, *flags) -> str:
     import io
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        gen.main(["--checkpoint_path", str(path), "--prompt", "Once upon a time", "--max_new_tokens", "16",
+        generate.main(["--checkpoint_path", str(path), "--prompt", "Once upon a time", "--max_new_tokens", "16",
                   "--temperature", "0", "--dtype", "float32", "--device", "cpu", *map(str, flags)])
     return out.getvalue()
 
@@ -246,12 +247,12 @@ def test_speculative_decoding_with_a_draft_of_the_family_equals_plain_greedy(con
 def test_a_reused_prefix_in_the_cache_gives_the_fresh_result(converted, family):
     _, path = converted(family)
     prompt = [5, 17, 42, 99, 7, 250, 3]
-    first, _ = gen.generate(ours(path, 48), torch.tensor(prompt), 6, temperature=0.0)
+    first, _ = engine.generate(ours(path, 48), torch.tensor(prompt), 6, temperature=0.0)
     model = ours(path, 48)
-    gen.generate(model, torch.tensor(prompt), 6, temperature=0.0)
+    engine.generate(model, torch.tensor(prompt), 6, temperature=0.0)
     second = prompt + first[0][:-1] + [11, 12, 13]  # the cache holds prompt + first[:-1]
-    reused, _ = gen.generate(model, torch.tensor(second), 8, temperature=0.0, start_pos=len(prompt) + 5)
-    fresh, _ = gen.generate(ours(path, 48), torch.tensor(second), 8, temperature=0.0)
+    reused, _ = engine.generate(model, torch.tensor(second), 8, temperature=0.0, start_pos=len(prompt) + 5)
+    fresh, _ = engine.generate(ours(path, 48), torch.tensor(second), 8, temperature=0.0)
     assert reused == fresh
 
 

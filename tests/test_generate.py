@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import generate as gen
-from conftest import ROOT, make_checkpoint
+from conftest import ROOT, make_checkpoint, run_script
 from checkpoint import load_model
 from cli import BriskError, run_cli
 from tokenizer import load_tokenizer
@@ -24,8 +25,15 @@ def tiny_model(path: Path, batch_size: int = 1, max_seq_length: int = 64):
     return model
 
 
+def compiled_steps(model, compile_prefill: bool = False) -> dict:
+    """The steps engine.Engine compiles for model, whose caches are set up already."""
+    e = engine.Engine(model, compile=True, compile_prefill=compile_prefill)
+    e.setup(model.max_batch_size, model.max_seq_length)
+    return dict(prefill_fn=e.prefill_fn, decode_fn=e.decode_fn)
+
+
 def greedy(model, n: int, batch_size: int = 1, **kwargs) -> list:
-    rows, _ = gen.generate(model, torch.tensor(PROMPT), n, batch_size, temperature=0.0, **kwargs)
+    rows, _ = engine.generate(model, torch.tensor(PROMPT), n, batch_size, temperature=0.0, **kwargs)
     return rows
 
 
@@ -43,13 +51,13 @@ def run_generate(*args, check=True) -> subprocess.CompletedProcess:
 
 def test_temperature_zero_is_argmax():
     logits = torch.randn(4, 50)
-    token, _ = gen.sample(logits, temperature=0.0, top_k=3, top_p=0.5)
+    token, _ = engine.sample(logits, temperature=0.0, top_k=3, top_p=0.5)
     assert token.view(-1).tolist() == logits.argmax(-1).tolist()
 
 
 def test_top_k_keeps_the_k_most_likely_tokens_renormalized():
     logits = torch.tensor([[1.0, 3.0, 0.5, 2.0, -1.0, 2.5]])
-    probs = gen.logits_to_probs(logits, temperature=0.5, top_k=3)
+    probs = engine.logits_to_probs(logits, temperature=0.5, top_k=3)
     expected = torch.zeros_like(probs)
     expected[0, [1, 3, 5]] = torch.softmax(logits[0, [1, 3, 5]] / 0.5, -1)
     torch.testing.assert_close(probs, expected)
@@ -58,14 +66,14 @@ def test_top_k_keeps_the_k_most_likely_tokens_renormalized():
 @pytest.mark.parametrize("top_p, kept", [(0.3, [0]), (0.75, [0, 1]), (0.85, [0, 1, 2]), (1.0, [0, 1, 2, 3])])
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    probs = gen.logits_to_probs(p.log(), temperature=1.0, top_p=top_p)
+    probs = engine.logits_to_probs(p.log(), temperature=1.0, top_p=top_p)
     expected = torch.zeros_like(p)
     expected[0, kept] = p[0, kept] / p[0, kept].sum()
     torch.testing.assert_close(probs, expected)
 
 
 def test_top_p_keeps_the_most_likely_token_even_when_it_alone_exceeds_p():
-    probs = gen.logits_to_probs(torch.tensor([[5.0, 0.0, 0.0]]), temperature=1.0, top_p=0.01)
+    probs = engine.logits_to_probs(torch.tensor([[5.0, 0.0, 0.0]]), temperature=1.0, top_p=0.01)
     assert probs.tolist() == [[1.0, 0.0, 0.0]]
 
 
@@ -81,11 +89,11 @@ def test_samples_follow_the_truncated_distribution():
     # 8 tokens; top-k 5 drops three, then top-p 0.9 drops the least likely survivor: 4 remain, 3 degrees of freedom
     logits = torch.tensor([2.0, 1.5, -3.0, 1.0, 0.2, -2.0, 0.5, -4.0])
     kw = dict(temperature=0.8, top_k=5, top_p=0.9)
-    probs = gen.logits_to_probs(logits[None], **kw)[0]
+    probs = engine.logits_to_probs(logits[None], **kw)[0]
     assert (probs > 0).sum() == 4
     torch.manual_seed(0)
     n = 40_000
-    tokens, _ = gen.sample(logits.expand(n, -1), **kw)
+    tokens, _ = engine.sample(logits.expand(n, -1), **kw)
     # P(chi2 with 3 dof > 25) ~ 1.6e-5: fails if sampling ignores temperature, top-k or top-p
     assert chi_square(tokens.view(-1).long(), probs) < 25
 
@@ -93,9 +101,9 @@ def test_samples_follow_the_truncated_distribution():
 def test_sampling_compiles_fullgraph_and_matches_eager():
     logits = torch.tensor([[2.0, 1.5, -3.0, 1.0, 0.2, -2.0, 0.5, -4.0]]).expand(1000, -1)
     kw = dict(temperature=0.8, top_k=5, top_p=0.9)
-    compiled = torch.compile(gen.sample, fullgraph=True)
+    compiled = torch.compile(engine.sample, fullgraph=True)
     tokens, probs = compiled(logits, **kw)
-    torch.testing.assert_close(probs, gen.logits_to_probs(logits, **kw))
+    torch.testing.assert_close(probs, engine.logits_to_probs(logits, **kw))
     assert chi_square(tokens.view(-1).long(), probs[0]) < 25
 
 
@@ -141,7 +149,7 @@ def test_batch_rows_equal_a_single_sequence(tiny_checkpoint):
 
 
 def test_generation_stops_at_the_requested_length(tiny_checkpoint):
-    rows, timing = gen.generate(tiny_model(tiny_checkpoint), torch.tensor(PROMPT), 9, temperature=0.0)
+    rows, timing = engine.generate(tiny_model(tiny_checkpoint), torch.tensor(PROMPT), 9, temperature=0.0)
     assert len(rows[0]) == 9 and timing["steps"] == 8
 
 
@@ -150,8 +158,8 @@ def test_reusing_the_cached_prefix_matches_a_full_prefill(tiny_checkpoint):
     model = tiny_model(tiny_checkpoint)
     first = PROMPT + greedy(model, 6)[0][:-1]  # what the cache holds after the first turn
     second = first + [11, 12, 13]
-    reused, _ = gen.generate(model, torch.tensor(second), 8, temperature=0.0, start_pos=len(first))
-    fresh, _ = gen.generate(tiny_model(tiny_checkpoint), torch.tensor(second), 8, temperature=0.0)
+    reused, _ = engine.generate(model, torch.tensor(second), 8, temperature=0.0, start_pos=len(first))
+    fresh, _ = engine.generate(tiny_model(tiny_checkpoint), torch.tensor(second), 8, temperature=0.0)
     assert reused == fresh
 
 
@@ -160,9 +168,23 @@ def test_compiled_greedy_matches_eager(tmp_path):
     path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
     eager = greedy(tiny_model(path), 6)
     model = tiny_model(path)
-    fns = gen.compiled_fns(torch.device("cpu"), compile=True, compile_prefill=True)
+    fns = compiled_steps(model, compile_prefill=True)
     assert greedy(model, 6, **fns) == eager
     assert greedy(model, 6, **fns) == eager  # the second run replays the compiled code
+
+
+@pytest.mark.slow
+def test_a_compiled_step_refuses_a_cache_it_was_not_traced_with(tmp_path):
+    """setup_caches reallocates caches of another size (shrinking too); a step compiled for the old cache then
+    refuses to run with one clear error instead of reading buffers the model no longer uses."""
+    path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
+    model = tiny_model(path)
+    fns = compiled_steps(model)
+    assert greedy(model, 3, **fns) == greedy(tiny_model(path), 3)
+    model.setup_caches(1, 32)
+    assert model.max_seq_length == 32 and model.layers[0].attention.kv_cache.k_cache.shape[2] == 33
+    with pytest.raises(BriskError, match="a compiled step ran against a KV cache other than the one it was traced"):
+        greedy(model, 3, **fns)
 
 
 @pytest.mark.slow
@@ -172,8 +194,8 @@ def test_compiled_step_attends_to_the_written_cache_in_one_graph(tmp_path):
     from torch._dynamo.utils import counters
     path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
     eager, model = tiny_model(path, max_seq_length=256), tiny_model(path, max_seq_length=256)
-    step = gen.compile_step(lambda model, x, input_pos, kv_len: model(x, input_pos, kv_len=kv_len),
-                            torch.device("cpu"))
+    step = engine.compile_step(lambda model, x, input_pos, attend_len: model(x, input_pos, attend_len=attend_len),
+                               torch.device("cpu"))
     graphs = counters["stats"]["unique_graphs"]
     tokens = torch.randint(0, 320, (1, 200))
     with torch.no_grad():
@@ -190,7 +212,7 @@ def test_compiled_steps_of_two_models_keep_to_their_own_model(tmp_path):
     compiled graphs: a second model (two layers, not one) called in turn with the first gets its own graph."""
     models = [tiny_model(make_checkpoint(tmp_path / f"m{n}", seed=n, tokenizer=False, n_layer=n)) for n in (1, 2)]
     eager = [greedy(m, 6) for m in models]
-    steps = [gen.compiled_fns(torch.device("cpu"), compile=True, compile_prefill=False) for _ in models]
+    steps = [compiled_steps(m) for m in models]
     for _ in range(2):
         assert [greedy(m, 6, **fns) for m, fns in zip(models, steps)] == eager
 
@@ -220,7 +242,7 @@ class LetterTokenizer:
 def test_text_stream_cuts_before_a_stop_string_and_never_prints_it():
     tok = LetterTokenizer("abcdefgh")
     out = io.StringIO()
-    stream = gen.TextStream(tok, ["def", "zz"], out)
+    stream = engine.TextStream(tok, ["def", "zz"], out)
     stopped = [stream.push(i) for i in [0, 1, 2, 3, 4, 5, 6]]  # a b c d e f g
     assert stopped == [False, False, False, False, False, True, True]
     assert stream.finish() == "abc" and out.getvalue() == "abc"
@@ -229,7 +251,7 @@ def test_text_stream_cuts_before_a_stop_string_and_never_prints_it():
 def test_text_stream_prints_everything_without_a_stop():
     tok = LetterTokenizer("abcdefgh")
     out = io.StringIO()
-    stream = gen.TextStream(tok, ["hx"], out)
+    stream = engine.TextStream(tok, ["hx"], out)
     for i in [7, 0, 7]:
         assert not stream.push(i)
     assert out.getvalue() == "ha"  # the last "h" might start "hx"
@@ -242,7 +264,7 @@ def test_streaming_multibyte_text_is_exact(tiny_checkpoint):
     ids = tok.encode(text)
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # some characters span several tokens
     out = io.StringIO()
-    stream = gen.TextStream(tok, [], out)
+    stream = engine.TextStream(tok, [], out)
     pieces = []
     for i in ids:
         stream.push(i)
@@ -304,7 +326,7 @@ def test_cli_json_figures_count_the_generated_tokens(tiny_checkpoint, tmp_path):
     report = json.loads(out.read_text())
     tok = load_tokenizer(tiny_checkpoint.parent)
     model = tiny_model(tiny_checkpoint)
-    rows, _ = gen.generate(model, torch.tensor(tok.encode("The quick brown fox")), 10, temperature=0.0,
+    rows, _ = engine.generate(model, torch.tensor(tok.encode("The quick brown fox")), 10, temperature=0.0,
                            eos_ids=tok.eos_ids)
     cfg = report["config"]
     assert (cfg["device"], cfg["dtype"], cfg["batch_size"], cfg["compile"]) == ("cpu", "float32", 2, False)
@@ -348,11 +370,21 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
     (["--max_seq_length", "1000"], "exceeds the model's block_size 256"),
 ])
 def test_bad_input_is_rejected_before_loading_the_model(tiny_checkpoint, capsys, monkeypatch, args, message):
-    monkeypatch.setattr(gen, "load_model", lambda *a: pytest.fail("loaded the model despite bad input"))
+    monkeypatch.setattr(engine, "load_model", lambda *a: pytest.fail("loaded the model despite bad input"))
     with pytest.raises(SystemExit) as exit:
         run_cli(lambda: gen.main(["--checkpoint_path", str(tiny_checkpoint), *args]))
     assert exit.value.code.startswith("error: ") and message in exit.value.code
     assert "\n" not in exit.value.code and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("generate.py", ["--max_new_tokens", "many"], "argument --max_new_tokens: invalid int value: 'many'"),
+    ("bench.py", ["--input-tokens", "0"], "argument --input-tokens/--input_tokens: expected positive integers, got '0'"),
+    ("quantize.py", [], "the following arguments are required: --mode"),
+])
+def test_a_malformed_flag_is_one_line_that_points_to_help(script, args, message):
+    proc = run_script(script, *args)
+    assert proc.returncode == 2 and proc.stderr == f"error: {message} (usage: {script} -h)\n"
 
 
 def test_existing_json_is_not_overwritten(tiny_checkpoint, tmp_path):
@@ -386,7 +418,7 @@ def test_interactive_reuses_the_conversation_cache(tiny_checkpoint, capsys, monk
 
     def reply(messages):
         model = tiny_model(tiny_checkpoint, max_seq_length=256)
-        rows, _ = gen.generate(model, torch.tensor(tok.encode_chat(messages)), 8, temperature=0.0,
+        rows, _ = engine.generate(model, torch.tensor(tok.encode_chat(messages)), 8, temperature=0.0,
                                eos_ids=tok.eos_ids)
         return tok.decode([t for t in rows[0] if t not in tok.eos_ids])
     conversation = [dict(role="user", content="The quick brown fox")]

@@ -9,12 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import generate as gen
 import generate_prefill as gp
+import prefix_cache
 import speculative as spec
+import tp
 from conftest import ROOT, make_checkpoint
+from test_generate import compiled_steps
 from checkpoint import load_model
-from cli import BriskError, run_cli
+from cli import BriskError, looks_like_path, run_cli
 
 SHARED = [5, 17, 42, 99, 7, 250, 3, 61, 8, 140, 33, 2]
 TAIL_A, TAIL_B = [77, 12, 90, 6], [201, 45, 9]
@@ -26,8 +30,8 @@ def tiny(path: Path, dtype=torch.float32, max_seq_length: int = 64):
     return model
 
 
-def new_cache(model, path: Path, budget_bytes: int = 1 << 30) -> gp.PrefixCache:
-    return gp.PrefixCache([model], [gp.model_meta(model, path)], budget_bytes)
+def new_cache(model, path: Path, budget_bytes: int = 1 << 30) -> prefix_cache.PrefixCache:
+    return prefix_cache.PrefixCache([model], [prefix_cache.model_meta(model, path)], budget_bytes)
 
 
 def prefill_logits(model, ids: list, start: int = 0) -> torch.Tensor:
@@ -44,7 +48,7 @@ def scribble(model) -> None:
 
 
 def greedy(model, cache, ids: list, n: int = 8, **kwargs) -> tuple[list, int]:
-    new, _, cached = gp.generate_cached(model, cache, ids, n, temperature=0.0, **kwargs)
+    new, _, cached = prefix_cache.generate_cached(model, cache, ids, n, temperature=0.0, **kwargs)
     return new, cached
 
 
@@ -110,8 +114,8 @@ def test_restore_writes_into_the_existing_kv_buffers(ckpt):
 def test_compiled_decode_reads_the_restored_prefix(tmp_path):
     path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
     eager, _ = greedy(tiny(path), new_cache(tiny(path), path), SHARED + TAIL_B)
-    fns = gen.compiled_fns(torch.device("cpu"), compile=True, compile_prefill=False)
     model = tiny(path)
+    fns = compiled_steps(model)
     cache = new_cache(model, path)
     greedy(model, cache, SHARED + TAIL_A, **fns)
     cache.store(SHARED + TAIL_A)
@@ -134,7 +138,7 @@ def draft_ckpt(ckpt) -> Path:
 def with_draft(target_path: Path, draft_path: Path, k: int = 3):
     """A target, a draft proposing k tokens, and a prefix cache holding both."""
     target, draft = tiny(target_path, max_seq_length=64 + k), tiny(draft_path, max_seq_length=64 + k)
-    cache = gp.PrefixCache([target, draft], [gp.model_meta(target, target_path), gp.model_meta(draft, draft_path)],
+    cache = prefix_cache.PrefixCache([target, draft], [prefix_cache.model_meta(target, target_path), prefix_cache.model_meta(draft, draft_path)],
                            1 << 30)
     return target, cache, spec.Speculator(spec.DraftModel(draft), k)
 
@@ -166,7 +170,7 @@ def test_with_a_draft_greedy_output_is_that_of_no_draft_and_of_plain_generation(
         new, cached = greedy(target, cache, prompt, 20, speculator=speculator)
         assert cached == hit and speculator.stats["verifications"] > 0
         assert new == greedy(alone, no_draft, prompt, 20)[0]
-        rows, _ = gen.generate(tiny(ckpt), torch.tensor(prompt), 20, temperature=0.0)
+        rows, _ = engine.generate(tiny(ckpt), torch.tensor(prompt), 20, temperature=0.0)
         assert new == rows[0]
         cache.store(prompt)
         no_draft.store(prompt)
@@ -302,10 +306,23 @@ def test_generate_py_flags_mean_the_same_here():
     (["--max_seq_length", "1000"], "exceeds the model's block_size 256"),
 ])
 def test_bad_input_is_rejected_before_loading_the_model(ckpt, monkeypatch, args, message):
-    monkeypatch.setattr(gen, "load_model", lambda *a, **kw: pytest.fail("loaded the model despite bad input"))
+    monkeypatch.setattr(engine, "load_model", lambda *a, **kw: pytest.fail("loaded the model despite bad input"))
     with pytest.raises(SystemExit) as exit:
         run_cli(lambda: gp.main(["--checkpoint_path", str(ckpt), "--prompt", "Once", *args]))
     assert exit.value.code.startswith("error: ") and message in exit.value.code
+
+
+def test_a_context_that_looks_like_a_missing_file_is_an_error(ckpt, tmp_path):
+    with pytest.raises(BriskError, match="--context file not found: no/such/doc.txt"):
+        gp.main(["--checkpoint_path", str(ckpt), "--context", "no/such/doc.txt", "--prompt", "Hi"])
+    with pytest.raises(BriskError, match="--prompts_file"):
+        gp.main(["--checkpoint_path", str(ckpt), "--prompts_file", str(tmp_path / "none.txt")])
+
+
+@pytest.mark.parametrize("value, path", [("doc.txt", True), ("notes/q3", True), ("model.pth", True),
+                                         ("Once upon a time.", False), ("Hello", False), ("v1.5", False)])
+def test_context_text_is_told_from_a_path_by_its_shape(value, path):
+    assert looks_like_path(value) == path
 
 
 def run_prefill(ckpt: Path, *args) -> subprocess.CompletedProcess:
@@ -435,6 +452,6 @@ def test_two_processes_print_the_single_process_text_and_reuse_their_own_cache_f
 
 
 def test_interactive_is_refused_under_torchrun(ckpt, monkeypatch):
-    monkeypatch.setattr(gp.gen.tp, "maybe_init_dist", lambda timeout_s=None: (0, 2))  # as rank 0 of 2
+    monkeypatch.setattr(tp, "maybe_init_dist", lambda timeout_s=None: (0, 2))  # as rank 0 of 2
     with pytest.raises(BriskError, match="--interactive reads stdin in a single process; run it without torchrun"):
         gp.main(["--checkpoint_path", str(ckpt), "--interactive"])

@@ -1,5 +1,5 @@
 """quant.py and quantize.py: the int8/int4 math, the packed kernels against the plain dequantize path, checkpoints that load
-back to exactly the model they describe, GPTQ against round-to-nearest, CLI errors; scripts/perplexity.py."""
+back to exactly the model they describe, GPTQ against round-to-nearest, CLI errors; eval.py's perplexity."""
 import math
 
 import pytest
@@ -14,7 +14,7 @@ from cli import BriskError, run_cli
 from conftest import make_checkpoint
 from quant import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, gptq_quantize, int4_dequantize, int4_quantize,
                       int8_quantize, pack_nibbles, to_scales_and_zeros, unpack_nibbles)
-from scripts.perplexity import perplexity
+from eval import perplexity
 
 SMALL = dict(dim=128, intermediate_size=256)  # every group size divides the inputs
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import generate as gen
 import quantize
 import speculative as spec
@@ -38,7 +39,7 @@ def loaded(path, max_seq_length: int = 96):
 
 
 def greedy(model, prompt, n: int, speculator=None, **kwargs) -> list:
-    rows, _ = gen.generate(model, torch.tensor(prompt), n, temperature=0.0, speculator=speculator, **kwargs)
+    rows, _ = engine.generate(model, torch.tensor(prompt), n, temperature=0.0, speculator=speculator, **kwargs)
     return rows[0]
 
 
@@ -137,8 +138,8 @@ def test_sampled_speculation_with_real_models_follows_the_target(tmp_path):
     with torch.no_grad():
         target(prompt[None, :3], pos[:3])
         speculator.prefill(prompt[:3])  # the draft reads the same; prompt[3] is the token just taken
-        want = gen.logits_to_probs(target(prompt[None, 3:], pos[3:])[:, -1], **sampling)[0]
-        p_draft = gen.logits_to_probs(draft(prompt[None, 3:], pos[3:])[:, -1], **sampling)[0]
+        want = engine.logits_to_probs(target(prompt[None, 3:], pos[3:])[:, -1], **sampling)[0]
+        p_draft = engine.logits_to_probs(draft(prompt[None, 3:], pos[3:])[:, -1], **sampling)[0]
         torch.manual_seed(0)
         tokens = [int(next(speculator.decode(target, prompt[None, 3:], pos[3:], 1, **sampling))[0, 0])
                   for _ in range(1000)]  # every trial rewrites the same cache positions
@@ -278,7 +279,7 @@ def test_a_draft_with_another_vocabulary_is_one_error_line_before_loading(pair, 
     (["--speculate_k", "3"], "--speculate_k needs --draft_checkpoint_path, --draft or --prompt_lookup"),
 ])
 def test_bad_speculation_input_is_rejected_before_loading(pair, capsys, monkeypatch, args, message):
-    monkeypatch.setattr(gen, "load_model", lambda *a, **kw: pytest.fail("loaded a model despite bad input"))
+    monkeypatch.setattr(engine, "load_model", lambda *a, **kw: pytest.fail("loaded a model despite bad input"))
     with pytest.raises(SystemExit) as exit:
         run_cli(lambda: gen.main(["--checkpoint_path", str(pair[0]), *args]))
     assert exit.value.code.startswith("error: ") and message in exit.value.code
@@ -296,7 +297,7 @@ def test_a_self_draft_is_made_from_the_float_model_only(tmp_path, monkeypatch):
     path = make_checkpoint(tmp_path / "q")
     quantize.main(["--checkpoint_path", str(path), "--mode", "int4"])
     int4 = path.with_name("model_int4.g32.pth")
-    monkeypatch.setattr(gen, "load_model", lambda *a, **kw: pytest.fail("loaded a model despite bad input"))
+    monkeypatch.setattr(engine, "load_model", lambda *a, **kw: pytest.fail("loaded a model despite bad input"))
     for draft, message in [("int4", f"{int4} is that model already"), ("int8", f"{int4} is quantized")]:
         with pytest.raises(SystemExit) as exit:
             run_cli(lambda: gen.main(["--checkpoint_path", str(int4), "--draft", draft]))

@@ -8,7 +8,7 @@ instead of waiting forever.
 
     torchrun ... tests/tp_driver.py --out result.pt --speculate "--draft int8 --temperature 0.8" ... CHECKPOINT
 
-decodes with generate.generate and the speculator that generate.py's speculation flags (and --temperature, --seed)
+decodes with engine.generate and the speculator that generate.py's speculation flags (and --temperature, --seed)
 build; rank 0 saves {(checkpoint, flags): {"tokens": [each rank's tokens], "stats": speculator.stats}}.
 """
 import argparse
@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import engine  # noqa: E402
+import speculative  # noqa: E402
 import tp  # noqa: E402
 from checkpoint import load_config, load_model  # noqa: E402
 from cli import BriskError, run_cli  # noqa: E402
@@ -64,9 +66,7 @@ def speculation_flags(text: str) -> argparse.Namespace:
 
 @torch.no_grad()
 def speculate(checkpoint_path: Path, text: str, steps: int, world: int) -> dict:
-    """`steps` tokens after PROMPT from generate.generate with the speculator built as generate.py builds it."""
-    import generate
-    import speculative
+    """`steps` tokens after PROMPT from engine.generate with the speculator built as generate.py builds it."""
     args = speculation_flags(text)
     args.checkpoint_path, args.batch_size, args.compile = checkpoint_path, 1, False
     config = load_config(checkpoint_path)
@@ -76,8 +76,8 @@ def speculate(checkpoint_path: Path, text: str, steps: int, world: int) -> dict:
     model.setup_caches(1, max_seq_length)
     speculator = speculative.build(args, torch.device("cpu"), torch.float32, max_seq_length)
     torch.manual_seed(args.seed)
-    rows, _ = generate.generate(model, torch.tensor(PROMPT), steps, speculator=speculator,
-                                temperature=args.temperature, top_k=None)
+    rows, _ = engine.generate(model, torch.tensor(PROMPT), steps, speculator=speculator,
+                              temperature=args.temperature, top_k=None)
     return dict(tokens=rows[0], stats=speculator.stats)
 
 

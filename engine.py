@@ -1,0 +1,396 @@
+"""The generation engine: sampling, the prefill and decode steps, generate(), compiled steps, the figures of a run,
+and `prepare`, which every script calls to get a model ready to generate.
+
+    engine = prepare(checkpoint_path, device, dtype, batch_size=1, max_seq_length=512, compile=True)
+    rows, timing = engine.generate(prompt, max_new_tokens, temperature=0.8, top_k=200)
+"""
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+import tp
+from checkpoint import load_model
+from cli import BriskError
+from cpu import INDUCTOR_OPTIONS
+from model import ModelArgs, Transformer
+
+INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None) -> Tensor:
+    """Next-token distribution [B, V] from logits [B, V]: temperature, then top-k, then top-p (nucleus)."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None:
+        pivot = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # [B, 1] k-th largest
+        logits = torch.where(logits < pivot, -float("inf"), logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+        sorted_probs = sorted_logits.softmax(-1)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens more likely than this one
+        # keep the smallest prefix whose mass reaches top_p; the most likely token has before == 0 < top_p
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, -float("inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits.softmax(-1)
+
+
+def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
+    # argmax(p / E) with E ~ Exponential(1) draws index i with probability p_i, without the host sync of
+    # torch.multinomial: [B, V] -> [B, 1]
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(torch.int)
+
+
+def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """(token [B, 1], probs [B, V]) from the last position's logits [B, V]; temperature 0 is greedy and returns
+    no probs (a top-k and softmax over the vocabulary are a noticeable share of a small model's decode step)."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True).to(torch.int), None
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return multinomial_sample_one_no_sync(probs), probs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None,
+            **sampling_kwargs) -> Tensor:
+    # x: [B, T] at positions input_pos: [T] -> first new token [B, 1]; attend_len: see Transformer.forward
+    logits = model(x, input_pos, logits_to_keep=1, attend_len=attend_len)
+    return sample(logits[:, -1], **sampling_kwargs)[0]
+
+
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None,
+                     **sampling_kwargs) -> tuple[Tensor, Optional[Tensor]]:
+    # x: [B, 1] at input_pos: [1] -> (next token [B, 1], probs [B, V] or None when greedy)
+    logits = model(x, input_pos, attend_len=attend_len)
+    return sample(logits[:, -1], **sampling_kwargs)
+
+
+def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
+                    decode_fn: Callable = decode_one_token, **sampling_kwargs) -> Iterator[Tensor]:
+    """Feed each sampled token back in, yielding the next one [B, 1]; the caller stops early by not asking."""
+    pos = int(input_pos[-1])  # read once; the host counts the positions after it
+    for _ in range(num_new_tokens):
+        next_token, _ = decode_fn(model, cur_token, input_pos, attend_len=model.attend_len(pos), **sampling_kwargs)
+        input_pos += 1
+        pos += 1
+        cur_token = next_token.clone()  # a CUDA graph's output is overwritten by its next replay
+        yield cur_token
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size: int = 1, *,
+             eos_ids=(), start_pos: int = 0, on_token: Optional[Callable[[int, int], bool]] = None,
+             prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token, speculator=None,
+             **sampling_kwargs):
+    """Sample up to max_new_tokens after prompt [T] for batch_size copies of it.
+
+    The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below start_pos
+    are taken as already in the cache (the earlier turns of a conversation) and are not computed again.
+    A row stops at an eos id (which it keeps) or when on_token(row, token) returns True for a token it has just
+    taken (eos ids are not passed to it); generation ends when every row has stopped.
+    A speculator (speculative.Speculator, batch_size 1) proposes tokens that the target verifies several at a time.
+    Returns (the new tokens of each row, {"ttft_s", "decode_s", "steps"}).
+    """
+    device = prompt.device
+    T = prompt.size(0)
+    x = prompt[start_pos:].view(1, -1).repeat(batch_size, 1)  # [B, T - start_pos]
+    input_pos = torch.arange(start_pos, T, device=device)
+    rows = [[] for _ in range(batch_size)]
+    done = [False] * batch_size
+
+    def take(tokens: Tensor) -> bool:  # tokens: [B, n]; True when every row has stopped
+        for i, new in enumerate(tokens.tolist()):  # the host sync that streaming and stopping need
+            for t in new:
+                if done[i]:
+                    break
+                rows[i].append(t)
+                done[i] = t in eos_ids or (on_token is not None and on_token(i, t))
+        return all(done)
+
+    t0 = time.perf_counter()
+    token = prefill_fn(model, x, input_pos, attend_len=model.attend_len(T - 1), **sampling_kwargs)
+    finished = take(token)
+    if speculator is not None:  # even when finished: in a chat the proposer's cache must keep up with the target's
+        speculator.prefill(prompt, start_pos)
+    t1 = time.perf_counter()
+    steps = 0
+    if not finished:
+        pos = torch.tensor([T], device=device)
+        decode = decode_n_tokens if speculator is None else speculator.decode
+        for token in decode(model, token, pos, max_new_tokens - 1, decode_fn, **sampling_kwargs):
+            steps += 1
+            if take(token):
+                break
+    return rows, {"ttft_s": t1 - t0, "decode_s": time.perf_counter() - t1, "steps": steps}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled steps
+
+
+def compile_step(fn: Callable, device: torch.device) -> Callable:
+    """torch.compile(fn) for one model whose weights and caches keep their shapes: a decode step, a verify pass.
+    fn(model, ...) takes the model first.
+
+    Inductor settings go in `options`, per compiled function, so nothing leaks into other compiled code (the CPU's
+    are cpu.INDUCTOR_OPTIONS). Dynamo's guards on the modules the step reads are dropped (they cost a noticeable
+    share of a small model's step: BENCHMARKS.md, "Compiled decode step"), which is safe because every call here
+    compiles fn afresh (isolate_recompiles) and the step refuses a model whose KV cache is not the one it was traced
+    with: make a new step after setup_caches reallocates (Engine.setup does). The number of cache positions attended to
+    (fn's `attend_len` argument) is a dynamic size from the first trace on: one graph serves every length."""
+    if device.type == "cuda":
+        options = {"triton.cudagraphs": True}  # mode="reduce-overhead": CUDA graphs remove the per-kernel launches
+        # a graph is recorded per attended length, as intended (attend_len keeps them few); this limit is read when
+        # a graph is recorded, not at compile time, so it cannot go in `options`: it only silences a warning
+        torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
+    else:
+        options = dict(INDUCTOR_OPTIONS)
+    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    compiled = torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
+    traced_with = None  # the KV cache of the model the step was traced with
+
+    def step(model: Transformer, *args, **kwargs):
+        nonlocal traced_with
+        cache = model.layers[0].attention.kv_cache
+        if cache is traced_with:
+            return compiled(model, *args, **kwargs)
+        if traced_with is not None:
+            raise BriskError("a compiled step ran against a KV cache other than the one it was traced with "
+                             "(setup_caches reallocated it, or another model): compile a new step")
+        # read when tracing, on the first call (a patch costs ~15 us: not on every step); a later retrace without it
+        # would take attend_len as static, then as dynamic at its next value: one compile more, never a wrong result
+        with torch.compiler.config.patch(dynamic_sources="L['attend_len']"):
+            out = compiled(model, *args, **kwargs)
+        traced_with = cache
+        return out
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A model ready to generate
+
+
+def load(checkpoint_path, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """load_model under torchrun (this rank's part, tp.py) or alone, reporting the time it took."""
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_path, device, dtype, transform=tp.apply_tp)
+    sync(device)
+    print(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (quantized weights and scales are buffers) but the token embedding's, of
+    which a decode step reads one row; a tied matrix counts once, as the head. Call before setup_caches so the
+    KV cache and rotary tables are not counted."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    tensors = {t.data_ptr(): t for name, t in named if not name.startswith("tok_embeddings.")}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def kv_bytes_per_token(config: ModelArgs, element_size: int) -> int:
+    """Bytes of keys and values one position holds across the layers, for one sequence."""
+    return 2 * config.n_layer * config.n_local_heads * config.head_dim * element_size
+
+
+class Engine:
+    """A loaded model with its KV caches, its prefill and decode steps (compiled or not) and, when speculating,
+    its speculator. setup() sizes it for a batch size and sequence length; generate() runs generate() with it."""
+
+    def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False, speculation=None):
+        self.model, self.compile, self.compile_prefill, self.speculation = model, compile, compile_prefill, speculation
+        self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
+        self.weight_bytes = weight_bytes(model)  # before the caches exist, so they are not counted
+        self.prefill_fn, self.decode_fn, self.speculator = prefill, decode_one_token, None
+        self.max_seq_length = 0
+
+    def setup(self, batch_size: int, max_seq_length: int) -> None:
+        """Caches for batch_size sequences of max_seq_length positions (plus the k positions a verify pass writes
+        past the last token taken), new steps compiled for them, and the speculator with a cache as long."""
+        room = self.speculation.k if self.speculation else 0
+        self.model.setup_caches(batch_size, max_seq_length + room)
+        self.max_seq_length = max_seq_length
+        self.prefill_fn, self.decode_fn = prefill, decode_one_token
+        if self.compile:
+            self.decode_fn = compile_step(decode_one_token, self.device)
+        if self.compile_prefill:  # the prompt length varies between calls
+            self.prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
+        if self.speculation:
+            self.speculator = self.speculation.build(self.device, self.dtype, max_seq_length + room)
+
+    def generate(self, prompt: Tensor, max_new_tokens: int, batch_size: int = 1, **kwargs):
+        """generate() with this engine's steps and speculator."""
+        return generate(self.model, prompt, max_new_tokens, batch_size, prefill_fn=self.prefill_fn,
+                        decode_fn=self.decode_fn, speculator=self.speculator, **kwargs)
+
+    def warm_up(self, prompt: Tensor, max_new_tokens: int, batch_size: int, **sampling) -> float:
+        """Generate a few tokens after prompt so that compilation happens before anything is timed (the caches are
+        then overwritten from position 0); reports and returns the seconds it took."""
+        room = self.speculation.k if self.speculation else 0
+        n, t0 = min(max_new_tokens, room + 2), time.perf_counter()  # enough tokens for a verify pass too
+        self.generate(prompt, n, batch_size, **sampling)
+        compile_s = time.perf_counter() - t0
+        print(f"compiled in {compile_s:.1f} s (a {n}-token generation, not counted below)", file=sys.stderr)
+        return compile_s
+
+
+def prepare(checkpoint_path, device: torch.device, dtype: torch.dtype, batch_size: Optional[int] = None,
+            max_seq_length: Optional[int] = None, compile: bool = False, compile_prefill: bool = False,
+            speculation=None) -> Engine:
+    """Load the checkpoint (this rank's part under torchrun), count its weight bytes, and, given the sizes, set it
+    up for batch_size sequences of max_seq_length positions (else call Engine.setup before generating).
+    `speculation` (speculative.Speculation) has `k`, the positions a verify pass writes past the last token taken,
+    and build(device, dtype, max_seq_length) -> its Speculator."""
+    engine = Engine(load(checkpoint_path, device, dtype), compile, compile_prefill, speculation)
+    if batch_size is not None:
+        engine.setup(batch_size, max_seq_length)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output: streamed text, figures
+
+
+class TextStream:
+    """The text of one sequence as its tokens arrive, cut before the first stop string. Text is written to `out`
+    (if given) once it can no longer turn into a stop string, so a stop string is never printed."""
+
+    def __init__(self, tokenizer, stops=(), out=None):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = [s for s in stops if s]
+        self.hold = max(map(len, self.stops), default=1) - 1
+        self.out, self.text, self.shown, self.stopped = out, "", 0, False
+
+    def push(self, token: int) -> bool:
+        """Add a token; True once a stop string has appeared."""
+        if not self.stopped:
+            self._add(self.decoder.push(token))
+        return self.stopped
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self._add(self.decoder.flush())
+        self._show(len(self.text))
+        return self.text
+
+    def _add(self, new: str) -> None:
+        start = max(0, len(self.text) - self.hold)  # an earlier stop string would have been found already
+        self.text += new
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+        self._show(len(self.text) - (0 if self.stopped else self.hold))
+
+    def _show(self, end: int) -> None:
+        if self.out is not None and end > self.shown:
+            self.out.write(self.text[self.shown:end])
+            self.out.flush()
+            self.shown = end
+
+
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def user_messages(first: Sequence[str] = ()) -> Iterator[str]:
+    """The user's messages of an interactive chat: `first` (echoed), then lines read from stdin until Ctrl-D;
+    blank ones are skipped."""
+    print("chat: type a message and press Enter; Ctrl-D ends", file=sys.stderr)
+    for user in first:
+        print(f"> {user}")
+        if user.strip():
+            yield user
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print()
+            return
+        if user.strip():
+            yield user
+
+
+def chat(reply: Callable[[list[dict]], str], first: Sequence[str] = ()) -> None:
+    """An interactive chat: each user message (`first`, then stdin) joins the conversation, and reply(messages)
+    returns the assistant's answer, which joins it too."""
+    messages = []
+    for user in user_messages(first):
+        messages.append(dict(role="user", content=user))
+        messages.append(dict(role="assistant", content=reply(messages)))
+
+
+BANDWIDTH_HELP = (
+    "achieved memory bandwidth GB/s = (bytes of weights read per decode step, i.e. the sum of parameter and buffer "
+    "bytes of the model but the token embedding's (one row of it is read), a tied matrix counted once as the head, "
+    "the KV cache excluded, + average KV cache bytes read "
+    "per step, i.e. 2 * n_layer * batch_size * n_kv_heads * head_dim * average context length * the cache's "
+    "element size (4 on the CPU, where the cache holds fp32), the average context length being prompt tokens + "
+    "(decode steps + 1) / 2) * decode tokens/s")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def speed_figures(new: int, tokens: int, batch: int, ttft: float, decode_s: float, prompt_len: int, weights: int,
+                  kv_per_token: int, device) -> dict:
+    """The figures of one generation of `new` tokens per sequence (`tokens` in all, `batch` sequences): decode
+    steps yield the tokens after the first, each attending to the prompt and the tokens before it (BANDWIDTH_HELP)."""
+    steps, total = new - 1, ttft + decode_s
+    decode_tps = steps / decode_s if steps else None
+    bandwidth = None
+    if decode_tps is not None:
+        kv = kv_per_token * batch * (prompt_len + (steps + 1) / 2)  # decode step j attends to prompt_len + j
+        bandwidth = (weights + kv) * decode_tps / 1e9
+    return dict(new_tokens=new, tokens_generated=tokens, ttft_s=ttft, decode_s=decode_s, total_s=total,
+                decode_tokens_per_s=decode_tps, e2e_tokens_per_s=new / total,
+                throughput_tokens_per_s=tokens / total, bandwidth_gb_s=bandwidth, peak_memory_gb=peak_memory_gb(device))
+
+
+def figures(model: Transformer, rows: list, timing: dict, prompt_len: int, weights: int, device) -> dict:
+    """speed_figures of a generate() call: its rows of new tokens and its timing."""
+    cache = model.layers[0].attention.kv_cache.k_cache
+    return speed_figures(max(map(len, rows)), sum(map(len, rows)), len(rows), timing["ttft_s"], timing["decode_s"],
+                         prompt_len, weights, kv_bytes_per_token(model.config, cache.element_size()), device)
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Medians over the samples after the first (a warm-up), or over the only one."""
+    counted = samples[1:] or samples
+    keys = [k for k, v in counted[0].items() if isinstance(v, (int, float))]
+    out = {}
+    for k in keys:
+        values = [s[k] for s in counted if s[k] is not None]
+        out[k] = statistics.median(values) if values else None
+    return out
+
+
+def describe(f: dict) -> str:
+    def num(v, unit, fmt=".1f"):
+        return "n/a" if v is None else f"{v:{fmt}} {unit}"
+    return (f"{f['new_tokens']} tokens, time to first token {num(f['ttft_s'], 's', '.3f')}, "
+            f"decode {num(f['decode_tokens_per_s'], 'tok/s')}, end-to-end {num(f['e2e_tokens_per_s'], 'tok/s')}, "
+            f"throughput {num(f['throughput_tokens_per_s'], 'tok/s')}, "
+            f"bandwidth {num(f['bandwidth_gb_s'], 'GB/s', '.2f')}, peak memory {num(f['peak_memory_gb'], 'GB', '.2f')}")
