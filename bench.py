@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import speculative
+from batch import Batch, beam_search
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
 from cli import DTYPES, ArgumentParser, BriskError, check_writable, parse_device, run_cli, save_atomic
 from engine import BANDWIDTH_HELP, figures, kv_bytes_per_token, prepare, speed_figures, sync, weight_bytes
@@ -134,7 +135,9 @@ class Brisk:
 
     def __init__(self, checkpoint: Path, args, spec: Optional[argparse.Namespace] = None):
         self.name, self.checkpoint, self.dtype, self.device = "brisk", str(checkpoint), args.dtype, args.device
-        self.compiles, self.spec = args.compile, spec
+        self.compiles, self.spec, self.num_beams = args.compile, spec, args.num_beams
+        if self.num_beams > 1:
+            self.name = f"brisk ({self.num_beams} beams)"
         self.speculation = None if spec is None else dict(proposer=proposer(spec), speculate_k=spec.speculate_k)
         self.engine = prepare(checkpoint, args.device, DTYPES[args.dtype], compile=args.compile,
                               compile_prefill=args.compile_prefill, speculation=spec and speculative.Speculation(spec))
@@ -142,10 +145,17 @@ class Brisk:
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
         # caches sized to this configuration, steps compiled for them and the draft, as generate.py sets them up
+        if self.num_beams > 1:
+            if batch_size > 1:
+                return "beam search runs batch size 1"
+            self.beams = Batch(self.engine.model, self.num_beams, max_seq_length, compile=self.compiles)
+            return None
         self.engine.setup(batch_size, max_seq_length)
         return None
 
     def once(self, prompt, batch_size: int, max_new_tokens: int) -> dict:
+        if self.num_beams > 1:
+            return self.once_beams(prompt, max_new_tokens)
         stamps = []
 
         def on_token(row: int, token: int) -> bool:
@@ -165,6 +175,17 @@ class Brisk:
             return dict(out, **latency_figures(stamps))
         return dict(out, **latency_figures(stamps, speculator.step_sizes),
                     **speculative.figures(speculator.stats, self.spec.speculate_k))
+
+
+    def once_beams(self, prompt, max_new_tokens: int) -> dict:
+        # as the IPEX scripts time beam search: the first token (prefill and its choice), then one step per token
+        stamps, t0 = [], time.perf_counter()
+        beams = beam_search(self.beams, prompt.tolist(), max_new_tokens, self.num_beams, on_step=lambda: stamps.append(
+            time.perf_counter()))
+        sync(self.device)
+        kv = kv_bytes_per_token(self.engine.model.config, 4 if self.device.type == "cpu" else 2)
+        return dict(stamp_figures(t0, stamps, len(stamps) * self.num_beams, len(stamps), prompt.numel(),
+                                  self.weights, kv, self.device), **latency_figures(stamps))
 
 
 def load_hf_model(args):
@@ -198,6 +219,7 @@ class Transformers:
         m, stamps = self.model, []
         m.__dict__.pop("forward", None)  # the eager forward of the class, unless this peer compiles
         m.generation_config.cache_implementation = "static" if self.compiles else None
+        m.generation_config.disable_compile = True  # on CUDA generate would compile again, around the recipe's
         if self.compiles:
             m.forward = self.forward
 
@@ -353,6 +375,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="new tokens per sequence (default 128)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int_list, default=[1],
                    help="comma-separated batch sizes (default 1)")
+    p.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1,
+                   help="brisk runs beam search with this many beams (batch size 1; end-of-sequence ignored), "
+                        "timed as the IPEX scripts do: first-token and next-token latency (default 1: greedy)")
     p.add_argument("--num-iter", "--num_iter", dest="num_iter", type=int, default=5, help="timed iterations (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations before them (default 1)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (generate.py's settings)")
@@ -377,8 +402,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.max_new_tokens < 1 or args.num_iter < 1 or args.warmup < 0:
-        raise BriskError("--max-new-tokens and --num-iter must be at least 1, --warmup at least 0")
+    if args.max_new_tokens < 1 or args.num_iter < 1 or args.warmup < 0 or args.num_beams < 1:
+        raise BriskError("--max-new-tokens, --num-iter and --num-beams must be at least 1, --warmup at least 0")
+    if args.num_beams > 1 and (args.draft_checkpoint_path or args.draft or args.prompt_lookup):
+        raise BriskError("--num-beams cannot combine with speculative decoding")
     if args.copy_gib <= 0:
         raise BriskError(f"--copy_gib must be positive, got {args.copy_gib}")
     for path in args.checkpoint_path:

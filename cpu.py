@@ -1,6 +1,7 @@
 """Everything brisk does differently on a CPU, each with why in a line; the figures are in BENCHMARKS.md.
 
-- Linear: nn.Linear whose one-row product (a decode step), compiled, is a loop Inductor writes, faster than aten's.
+- Linear: nn.Linear whose one-row product (a decode step), compiled, is a loop Inductor writes, faster than aten's,
+  and whose few-row products (a batch's step, a verify pass) reduce each row as if alone (batch invariance).
 - gemm_dtype: on AVX2 CPUs many bf16 rows are multiplied in fp32.
 - kv_cache_dtype: the KV cache holds fp32 on the CPU.
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
@@ -31,12 +32,19 @@ INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequanti
 INT4_DEQUANTIZE_MIN_ROWS = 128  # from this many rows on dequantizing + one GEMM beats the int4 kernel
 
 
+# Products of at most this many rows (the decode step of a batch, a speculative verify pass) reduce each row alone
+# and as a single row's product does, so that a row's result never depends on the other rows: greedy rows of a
+# batch equal their prompts run alone, and a verify pass equals the decode steps it stands for, in any dtype.
+FEW_ROWS = 16
+
+
 def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
-    """True while torch.compile traces a product of a single row (a decode step) on the CPU, with a weight whose
-    dtype Inductor's loop handles faster than aten does on this CPU (ROW_LOOP_DTYPES); any weight if None.
+    """True while torch.compile traces a product of a single row (a decode step), or of a few (FEW_ROWS), on the
+    CPU, with a weight whose dtype Inductor's loop handles faster than aten does on this CPU (ROW_LOOP_DTYPES);
+    any weight if None.
     aten's one-row mm moves a weight well below memory speed; Inductor turns `(x * w).sum(-1)` into a vectorized
     loop over w's rows that reaches it. Eagerly the same expression would build x * w in memory."""
-    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]):
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1]):
         return False
     return weight is None or weight.dtype in ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
 
@@ -51,24 +59,40 @@ def gemm_dtype(x: Tensor) -> torch.dtype:
 
 
 def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
-    # x: [..., 1, K] (one row), weight: [N, K] of any dtype -> [..., 1, N] in fp32, the loop one_row_on_cpu means.
-    # The rows are summed as four blocks that Inductor walks side by side: four memory streams in flight instead
-    # of one, and each load of x serves four rows (BENCHMARKS.md, "Second Intel Xeon").
+    # x: [..., K] (up to FEW_ROWS rows), weight: [N, K] of any dtype -> [..., N] in fp32, the loop one_row_on_cpu
+    # means. The weight's rows are summed as four blocks that Inductor walks side by side: four memory streams in
+    # flight instead of one, and each load of x serves four rows (BENCHMARKS.md, "Second Intel Xeon"). The
+    # loop's outer index is the weight's row: read once for all of x's rows, each of which is reduced as if alone.
     nb = next(b for b in (4, 2, 1) if weight.shape[0] % b == 0)  # fewer where N is not a multiple of 4
-    xs = x.float()[..., None, :]
-    return torch.cat([(xs * block.float()).sum(-1) for block in weight.chunk(nb)], dim=-1)
+    xs = x.reshape(-1, x.shape[-1]).float()  # [M, K]
+    y = torch.cat([(block.float()[:, None, :] * xs).sum(-1) for block in weight.chunk(nb)])  # [N, M]
+    return y.t().reshape(*x.shape[:-1], weight.shape[0])
+
+
+def per_row(x: Tensor, product) -> Tensor:
+    """product(x) for x [..., K], computed one row at a time for 2 to FEW_ROWS rows, as a batch of one would be:
+    aten's kernels reduce a row differently with other rows beside it (bf16 most of all)."""
+    M = x.numel() // x.shape[-1]
+    if not 1 < M <= FEW_ROWS:
+        return product(x)
+    ys = [product(row) for row in x.reshape(M, 1, 1, x.shape[-1])]  # M x [1, 1, N]
+    return torch.cat(ys).reshape(*x.shape[:-1], -1)
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the one-row CPU product written for Inductor (see one_row_on_cpu)."""
+    """nn.Linear with the one-row CPU product written for Inductor (see one_row_on_cpu) and few-row products
+    that reduce each row as if alone (FEW_ROWS)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not one_row_on_cpu(x, self.weight):
-            dt = gemm_dtype(x)
-            bias = None if self.bias is None else self.bias.to(dt)
-            return F.linear(x.to(dt), self.weight.to(dt), bias).to(x.dtype)
+            return per_row(x, self.gemm)
         y = one_row_product(x, self.weight).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def gemm(self, x: Tensor) -> Tensor:
+        dt = gemm_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dt)
+        return F.linear(x.to(dt), self.weight.to(dt), bias).to(x.dtype)
 
 
 def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -156,7 +156,11 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     with: make a new step after setup_caches reallocates (Engine.setup does). The number of cache positions attended to
     (fn's `attend_len` argument) is a dynamic size from the first trace on: one graph serves every length."""
     if device.type == "cuda":
-        options = {"triton.cudagraphs": True}  # mode="reduce-overhead": CUDA graphs remove the per-kernel launches
+        # mode="reduce-overhead": CUDA graphs remove the per-kernel launches. Coordinate descent tuning, as gpt-fast
+        # sets it: only with it does Inductor write a one-row product as its own reduction (its decomposition of
+        # aten.mm), which reaches peak bandwidth and fuses int8's conversion into the product instead of writing a
+        # bf16 copy of each weight on every step for cuBLAS
+        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
         # a graph is recorded per attended length, as intended (attend_len keeps them few); this limit is read when
         # a graph is recorded, not at compile time, so it cannot go in `options`: it only silences a warning
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None

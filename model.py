@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cli import BriskError
-from cpu import Linear, kv_cache_dtype  # a fork without the CPU tuning: Linear = nn.Linear, the cache in `dtype`
+from cpu import FEW_ROWS, Linear, kv_cache_dtype  # a fork without the CPU tuning: Linear = nn.Linear, the cache in `dtype`
 from presets import find_preset, transformer_configs
 
 
@@ -86,12 +86,14 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # input_pos: [T], k/v: [B, Hkv, T, D]; writes in place so compiled graphs keep their buffers
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int = 0) -> tuple[Tensor, Tensor]:
+        # input_pos: [T] or [B, T] (each row at its own positions), k/v: [B, Hkv, T, D] for the cache's rows
+        # row..row+B-1; writes in place so compiled graphs keep their buffers
         B = k.shape[0]
-        self.k_cache[:B, :, input_pos] = k.to(self.k_cache.dtype)
-        self.v_cache[:B, :, input_pos] = v.to(self.v_cache.dtype)
-        return self.k_cache[:B], self.v_cache[:B]
+        rows = torch.arange(row, row + B, device=k.device)[:, None]  # [B, 1]
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)  # [B, T, Hkv, D]
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+        return self.k_cache[row:row + B], self.v_cache[row:row + B]
 
 
 class Transformer(nn.Module):
@@ -148,35 +150,40 @@ class Transformer(nn.Module):
         block = max(64, 1 << max(0, n.bit_length() - 5))
         return min(-(-n // block) * block, self.max_seq_length)
 
-    def forward(self, idx: Tensor, input_pos: Tensor, logits_to_keep: int = 0,
-                attend_len: Optional[int] = None) -> Tensor:
-        # idx: [B, T] token ids at positions input_pos: [T]; returns logits [B, T, V], or [B, logits_to_keep, V]
-        # for the last positions only: a prefill needs one row of the head's product, not T
+    def forward(self, idx: Tensor, input_pos: Tensor, logits_to_keep: int = 0, attend_len: Optional[int] = None,
+                row: int = 0) -> Tensor:
+        # idx: [B, T] token ids at positions input_pos: [T], or [B, T] where each row sits at its own positions,
+        # using the cache's rows row..row+B-1; returns logits [B, T, V], or [B, logits_to_keep, V] for the last
+        # positions only: a prefill needs one row of the head's product, not T
         assert self.max_seq_length > 0, "call setup_caches() first"
         # The positions (ascending) attend to the cache up to the last of them only, as the keys past it are masked
-        # out. Eagerly that is exactly input_pos[-1] + 1 positions, and a prompt from position 0 is plain causal
-        # attention, which SDPA does without a mask in half the work. Compiled code cannot read input_pos on the
-        # host: it attends to attend_len positions (self.attend_len(input_pos[-1]), a dynamic size of its graph), or to the
-        # whole cache when none is given.
+        # out. Compiled code cannot read input_pos on the host: it attends to attend_len positions
+        # (self.attend_len of the last position, a dynamic size of its graph), or to the whole cache when none is
+        # given. Eagerly a few rows (FEW_ROWS: decode and verify steps) attend to self.attend_len positions too, for
+        # results that do not depend on the other rows (attend); longer inputs to exactly input_pos[-1] + 1, and a prompt from position 0 is
+        # plain causal attention, which SDPA does without a mask in half the work.
         T = idx.shape[1]
         if torch.compiler.is_compiling():
             end = self.max_seq_length if attend_len is None else attend_len
-            mask = self.causal_mask[None, None, input_pos, :end]  # [1, 1, T, end]
         else:
-            end = int(input_pos[-1]) + 1
-            mask = None if end == T else self.causal_mask[None, None, input_pos, :end]  # [1, 1, T, end]; None: causal
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, R/2]
+            last = int(input_pos.max())
+            end = last + 1
+            if T <= FEW_ROWS:  # and with one masked key at least (the spare one at worst): eager attend's results
+                end = self.attend_len(last) + (self.attend_len(last) == end)  # differ when none is masked
+        mask = causal = self.causal_mask[input_pos, :end].unsqueeze(-3)  # [1 or B, 1, T, end]
+        if input_pos.dim() == 1 and end == T and not torch.compiler.is_compiling():
+            mask = None  # causal
+        cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)  # [1|B, 1, T, R/2]
         x = self.tok_embeddings(idx)  # [B, T, dim]
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(input_pos + self.config.pos_offset)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         if self.config.positions == "alibi":  # a per-head bias slope * (key pos - query pos) on causal scores
-            causal = self.causal_mask[None, None, input_pos, :end]  # [1, 1, T, end]
-            rel = torch.arange(end, device=idx.device) - input_pos[:, None]  # [T, end]
-            mask = (self.alibi_slopes[:, None, None] * rel).masked_fill(~causal, float("-inf"))  # [1, H, T, end]
+            rel = (torch.arange(end, device=idx.device) - input_pos[..., None]).unsqueeze(-3)  # [1|B, 1, T, end]
+            mask = (self.alibi_slopes[:, None, None] * rel).masked_fill(~causal, float("-inf"))  # [1|B, H, T, end]
         for layer in self.layers:
-            x = layer(x, input_pos, cos, sin, mask)
+            x = layer(x, input_pos, cos, sin, mask, row)
         return self.output(self.norm(x[:, -logits_to_keep:]))
 
 
@@ -189,9 +196,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = None if config.shared_norm else make_norm(config)
         self.parallel_residual = config.parallel_residual
 
-    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+                row: int = 0) -> Tensor:
         h = self.attention_norm(x)
-        a = self.attention(h, input_pos, cos, sin, mask)
+        a = self.attention(h, input_pos, cos, sin, mask, row)
         if self.parallel_residual:
             return x + a + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x))
         h = x + a
@@ -208,7 +216,8 @@ class Attention(nn.Module):
         self.rotary = config.positions == "rope"
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+                row: int = 0) -> Tensor:
         B, T, _ = x.shape
         # n_head etc. come from the weights' shapes so that a tensor-parallel shard runs unchanged
         kv_size = self.n_local_heads * self.head_dim
@@ -218,12 +227,15 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         if self.rotary:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S, D]
+        k, v = self.kv_cache.update(input_pos, k, v, row)  # [B, Hkv, S, D]
         end = T if mask is None else mask.shape[-1]  # the cache positions attended to
         k, v = k[:, :, :end], v[:, :, :end]
         q = q.to(k.dtype)  # attention computes in the cache's dtype (fp32 on the CPU: setup_caches)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_head != self.n_local_heads)
+        if T <= FEW_ROWS:
+            y = attend(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
         return self.wo(y)
 
@@ -252,6 +264,23 @@ def make_norm(config: ModelArgs) -> nn.Module:
     if config.norm == "layernorm":
         return nn.LayerNorm(config.dim, config.norm_eps)
     return RMSNorm(config.dim, config.norm_eps)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of a few queries q [B, H, T, D] to k, v [B, Hkv, S, D] under mask [1|B, 1, T, S], written so that
+    each (row, head, query) is reduced alone and the same way whatever B, T and S: a row's result does not depend
+    on the other rows, nor a masked tail on the attended length (eagerly: if one key at least is masked). SDPA's
+    CPU kernel gives neither (its blocking follows the shapes)."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv * T, D)  # the queries of each key/value head: [B, Hkv, G*T, D]
+    s = (qg[:, :, :, None] * k[:, :, None]).sum(-1) * D ** -0.5  # [B, Hkv, G*T, S]
+    s = s.view(B, H, T, -1)
+    s = s.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else s + mask  # float: ALiBi's, -inf masked
+    s = s.view(B, Hkv, H // Hkv * T, -1)
+    p = (s - s.amax(-1, keepdim=True)).exp()
+    y = (p[..., None] * v[:, :, None]).sum(-2) / p.sum(-1, keepdim=True)  # [B, Hkv, G*T, D]
+    return y.view(B, H, T, D)
 
 
 class RMSNorm(nn.Module):
@@ -308,8 +337,8 @@ def llama31_scale(inv_freq: Tensor, factor: float, low_freq_factor: float, high_
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, H, T, D]; cos/sin: [T, R/2]. Rotate-half layout over the first R dims: pairs are (i, i + R/2).
+    # x: [B, H, T, D]; cos/sin: [T, R/2] or [1|B, 1, T, R/2]. Rotate-half layout over the first R dims: pairs are
+    # (i, i + R/2).
     R = 2 * cos.shape[-1]
     x1, x2 = x[..., :R // 2], x[..., R // 2:R]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], dim=-1)
-

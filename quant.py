@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cli import BriskError
 from cpu import (INT4_DEQUANTIZE_MIN_ROWS, INT8_KERNEL_MAX_ROWS, cpu_dequantize_t, cpu_pack_block, gemm_dtype,
-                 int8_kernel_fits, one_row_on_cpu, one_row_product)
+                 int8_kernel_fits, one_row_on_cpu, one_row_product, per_row)
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -135,17 +135,20 @@ class WeightOnlyInt8Linear(nn.Module):
         # CPU's int8 kernel reads the weight once per row: with more rows one GEMM on the converted weight wins
         kernel = (self.packed_mm and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16
                   and x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features)
-        # one row, compiled: as cpu.Linear, Inductor's loop where it beats the kernel, and always rather than
-        # converting the whole weight for a GEMM
+        # one row or a few, compiled: as cpu.Linear, Inductor's loop where it beats the kernel, and always rather
+        # than converting the whole weight for a GEMM; otherwise a few rows one at a time (cpu.per_row)
         if one_row_on_cpu(x, self.weight if kernel else None):
             y = (one_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
-        elif kernel:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-            y = y.reshape(*x.shape[:-1], self.out_features)
         else:
-            dt = gemm_dtype(x)
-            y = (F.linear(x.to(dt), self.weight.to(dt)) * self.scales).to(x.dtype)
+            y = per_row(x, lambda x: self.gemm(x, kernel))
         return y if self.bias is None else y + self.bias
+
+    def gemm(self, x: Tensor, kernel: bool) -> Tensor:
+        if kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        dt = gemm_dtype(x)
+        return (F.linear(x.to(dt), self.weight.to(dt)) * self.scales).to(x.dtype)
 
 
 class Int8Embedding(nn.Module):
@@ -207,6 +210,9 @@ class WeightOnlyInt4Linear(nn.Module):
         self.kernel = kernel
 
     def forward(self, x: Tensor) -> Tensor:
+        return per_row(x, self.gemm)  # a few rows one at a time, each as if alone (cpu.per_row)
+
+    def gemm(self, x: Tensor) -> Tensor:
         lead, k = x.shape[:-1], self.scales_and_zeros.shape[0] * self.groupsize
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if k != self.in_features:
@@ -262,7 +268,9 @@ def int4_kernel(device: torch.device, out_features: int, k: int) -> Optional[str
     aten = torch.ops.aten
     if device.type == "cpu" and hasattr(aten, "_weight_int4pack_mm_for_cpu") and out_features % 16 == 0:
         return "cpu"
-    if device.type == "cuda" and hasattr(aten, "_weight_int4pack_mm") and out_features % 8 == 0 and k % 32 == 0:
+    # CUDA's kernel (tinygemm) runs on Ampere (sm80) and later only; its op exists in every build
+    if (device.type == "cuda" and hasattr(aten, "_weight_int4pack_mm") and out_features % 8 == 0 and k % 32 == 0
+            and torch.cuda.get_device_capability(device) >= (8, 0)):
         return "cuda"
     return None
 
@@ -289,9 +297,10 @@ def pack_for_device(model: Transformer, device) -> None:
 Int4Fn = Callable[[str, Tensor], tuple[Tensor, Tensor, Tensor]]  # (name, padded w [N, K]) -> q, scales, zeros
 
 
-def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn] = None) -> dict:
-    """The quantized state dict of float `sd` (our names), with `__quant__` = quant. int4_fn quantizes the block
-    linears in int4 mode (default: round-to-nearest; an int4 head is always rounded to nearest)."""
+def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn] = None, device="cpu") -> dict:
+    """The quantized state dict of float `sd` (our names), with `__quant__` = quant, in CPU memory. int4_fn quantizes
+    the block linears in int4 mode (default: round-to-nearest; an int4 head is always rounded to nearest); each
+    matrix is rounded on `device` (a GPU quantizes a 7B model in seconds)."""
     mode, groupsize, head = _check_quant(quant)
     rtn = lambda name, w: int4_quantize(w, groupsize)  # noqa: E731
     int4_fn = int4_fn or rtn
@@ -300,15 +309,17 @@ def quantize_state_dict(sd: dict, config, quant: dict, int4_fn: Optional[Int4Fn]
     out = dict(sd)
     for name, lin in tqdm(linears, desc=f"quantizing ({quant['mode']})", unit="layer"):
         key = "tok_embeddings.weight" if name == "output" and config.tie_embeddings else f"{name}.weight"
-        w = sd[key]
+        w = sd[key].to(device)
         out.pop(f"{name}.weight", None)
         if (head if name == "output" else mode) == "int8":
-            out[f"{name}.weight"], out[f"{name}.scales"] = int8_quantize(w)
+            q, scales = int8_quantize(w)
+            out[f"{name}.weight"], out[f"{name}.scales"] = q.cpu(), scales.cpu()
         else:
             w = F.pad(w.float(), (0, padded(w.shape[1], groupsize) - w.shape[1]))
             q, scales, zeros = (rtn if name == "output" else int4_fn)(name, w)
-            out[f"{name}.weight"] = pack_nibbles(q)
-            out[f"{name}.scales_and_zeros"] = to_scales_and_zeros(scales, zeros).to(INT4_PARAM_DTYPE)
+            out[f"{name}.weight"] = pack_nibbles(q.to(device)).cpu()
+            sz = to_scales_and_zeros(scales.to(device), zeros.to(device))
+            out[f"{name}.scales_and_zeros"] = sz.to(INT4_PARAM_DTYPE).cpu()
     if config.tie_embeddings:  # the same tensors under both names: torch.save stores them once
         for leaf in ("weight", "scales", "scales_and_zeros"):
             if f"output.{leaf}" in out:
@@ -370,7 +381,7 @@ def gptq_model(model: Transformer, samples: Tensor, groupsize: int, blocksize: i
         model(samples[i:i + 1], pos, logits_to_keep=1)
     hook.remove()
     xs = [args[0] for args in inputs]  # S x [1, T, D]
-    _, _, cos, sin, mask = inputs[0]
+    cos, sin, mask = inputs[0][2:5]
     results = {}
     for li, block in enumerate(tqdm(model.layers, desc="GPTQ", unit="layer")):
         linears = dict(linear_layers(block))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import DEFAULT_CHECKPOINT, load_config, load_model, load_state_dict, save_checkpoint
-from cli import ArgumentParser, BriskError, check_writable, run_cli
+from cli import ArgumentParser, BriskError, check_writable, parse_device, run_cli
 from quant import (DEFAULT_GROUPSIZE, GROUPSIZES, HEADS, MODES, calibration_samples, gptq_model, output_path,
                    pydoc_text, quantize_state_dict)
 
@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "int4 in the blocks' groups (int4 modes only; CPU decode ~15%% faster, perplexity ~5%% higher; "
                    "written to model_int4.gN.int4-head.pth)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.add_argument("--device", default="cpu", help="where GPTQ runs the model (cuda is much faster)")
+    p.add_argument("--device", default="cpu", help="where the weights are rounded and GPTQ runs the model (cuda is "
+                   "much faster)")
     g = p.add_argument_group("GPTQ (--mode int4-gptq)")
     g.add_argument("--calibration_file", type=Path, default=None,
                    help="UTF-8 text to calibrate on (default: the first half of CPython's pydoc topic help)")
@@ -61,6 +62,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise BriskError(f"--percdamp must be in (0, 1), got {args.percdamp}")
     if args.calibration_file is not None and not args.calibration_file.is_file():
         raise BriskError(f"calibration file not found: {args.calibration_file}")
+    args.device = parse_device(args.device)
 
 
 def main(argv=None) -> None:
@@ -87,7 +89,7 @@ def main(argv=None) -> None:
         results = gptq_model(model, samples.to(args.device), args.groupsize, args.blocksize, args.percdamp)
         del model
         int4_fn = lambda name, w: tuple(t.cpu() for t in results[name])  # noqa: E731
-    save_checkpoint(quantize_state_dict(sd, config, quant, int4_fn), out_path, force=args.force)
+    save_checkpoint(quantize_state_dict(sd, config, quant, int4_fn, args.device), out_path, force=args.force)
     mib = out_path.stat().st_size / 2**20
     print(f"wrote {out_path} ({mib:.1f} MiB)")
 

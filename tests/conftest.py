@@ -1,5 +1,9 @@
-"""Shared fixtures: tiny random checkpoints in our own format, with a small trained BPE tokenizer, and the real
-default model when it has been prepared."""
+"""Shared fixtures: tiny random checkpoints in our own format, with a small trained BPE tokenizer, the real default
+model when it has been prepared, and the device and dtype of the device-aware tests.
+
+Tests that take the `device` fixture run on BRISK_TEST_DEVICE (default cpu) in BRISK_TEST_DTYPE (default float32):
+`BRISK_TEST_DEVICE=cuda BRISK_TEST_DTYPE=bfloat16 python -m pytest` runs them on a GPU (scripts/gpu_check.sh does).
+There every other test is skipped: it runs on the CPU only, and `@pytest.mark.cpu_only(reason)` says why."""
 import json
 import os
 import subprocess
@@ -9,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli import DTYPES
 from model import ModelArgs
 from scripts.random_checkpoint import write_random_checkpoint
 
@@ -20,6 +25,11 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+DEVICE = torch.device(os.environ.get("BRISK_TEST_DEVICE", "cpu"))
+DTYPE = DTYPES[os.environ.get("BRISK_TEST_DTYPE", "float32")]
+# max |difference| of logits that agree up to rounding in the test dtype (logits of the tiny models are ~1-5)
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25, torch.float16: 0.05}
+
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 4,
     "Once upon a time there was a little model that generated tokens very fast.",
@@ -82,3 +92,36 @@ def real_checkpoint() -> Path:
             pytest.fail(f"{REAL_CHECKPOINT} missing: .ci/run must run ./scripts/prepare.sh first")
         pytest.skip("run ./scripts/prepare.sh to enable tests on the real model")
     return REAL_CHECKPOINT
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device of the device-aware tests: BRISK_TEST_DEVICE, default cpu."""
+    return DEVICE
+
+
+@pytest.fixture
+def dtype() -> torch.dtype:
+    """The float dtype of the device-aware tests: BRISK_TEST_DTYPE, default float32."""
+    return DTYPE
+
+
+@pytest.fixture
+def tol(dtype) -> dict:
+    """assert_close's tolerances for logits computed two ways in the test dtype."""
+    return dict(atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_only(reason): runs on the CPU only, skipped when BRISK_TEST_DEVICE is "
+                                       "another device")
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE.type == "cpu":
+        return
+    for item in items:
+        if "device" not in item.fixturenames:
+            mark = item.get_closest_marker("cpu_only")
+            reason = mark.args[0] if mark and mark.args else "not device-aware: runs on the CPU only"
+            item.add_marker(pytest.mark.skip(reason=f"BRISK_TEST_DEVICE={DEVICE}: {reason}"))

@@ -9,15 +9,18 @@ import cpu
 import quant
 from cpu import Linear
 
+pytestmark = pytest.mark.cpu_only("Inductor's C++ code and torch's kernels for the CPU")
+
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["float", "int8"])
 def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeypatch, capability, dtype, mode):
-    """Compiled on the CPU, a one-row product (a decode step) is Inductor's own multiply-and-sum loop rather than
-    aten's matrix product or int8 kernel where the loop measured faster (every dtype on AVX-512 CPUs, fp32 weights
-    on AVX2 ones: cpu.ROW_LOOP_DTYPES), and gives F.linear's values either way; several rows always use a
-    matrix product. The int8 layer without a kernel for its activations (fp32) always takes the loop."""
+    """Compiled on the CPU, a product of one row (a decode step) or a few (cpu.FEW_ROWS: a batch's step) is
+    Inductor's own multiply-and-sum loop rather than aten's matrix product or int8 kernel where the loop measured
+    faster (every dtype on AVX-512 CPUs, fp32 weights on AVX2 ones: cpu.ROW_LOOP_DTYPES), and gives F.linear's
+    values either way; more rows always use a matrix product. The int8 layer without a kernel for its
+    activations (fp32) always takes the loop."""
     monkeypatch.setattr(cpu, "CPU_CAPABILITY", capability)
     loop = capability == "AVX512" or dtype == torch.float32
     matrix_product = re.compile(r"extern_kernels\.(add)?mm\b|aten\.(add)?mm\b|_weight_int8pack_mm")
@@ -41,6 +44,8 @@ def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeyp
                                    atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
         assert y.shape == (1, 1, 40) and bool(matrix_product.search("".join(codes))) != loop
         _, codes = run_and_get_code(compiled, torch.randn(1, 5, 96, dtype=dtype))
+        assert bool(matrix_product.search("".join(codes))) != loop
+        _, codes = run_and_get_code(compiled, torch.randn(1, cpu.FEW_ROWS + 1, 96, dtype=dtype))
         assert matrix_product.search("".join(codes))
 
 

@@ -19,8 +19,8 @@ from tokenizer import load_tokenizer
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
 
 
-def tiny_model(path: Path, batch_size: int = 1, max_seq_length: int = 64):
-    model = load_model(path, "cpu", torch.float32)
+def tiny_model(path: Path, batch_size: int = 1, max_seq_length: int = 64, device="cpu", dtype=torch.float32):
+    model = load_model(path, device, dtype)
     model.setup_caches(batch_size, max_seq_length)
     return model
 
@@ -32,8 +32,9 @@ def compiled_steps(model, compile_prefill: bool = False) -> dict:
     return dict(prefill_fn=e.prefill_fn, decode_fn=e.decode_fn)
 
 
-def greedy(model, n: int, batch_size: int = 1, **kwargs) -> list:
-    rows, _ = engine.generate(model, torch.tensor(PROMPT), n, batch_size, temperature=0.0, **kwargs)
+def greedy(model, n: int, batch_size: int = 1, prompt=PROMPT, **kwargs) -> list:
+    prompt = torch.tensor(prompt, device=model.norm.weight.device)
+    rows, _ = engine.generate(model, prompt, n, batch_size, temperature=0.0, **kwargs)
     return rows
 
 
@@ -111,20 +112,21 @@ def test_sampling_compiles_fullgraph_and_matches_eager():
 # Generation on token ids
 
 
-def test_cached_decoding_matches_recomputing_the_whole_sequence(tiny_checkpoint):
-    model = tiny_model(tiny_checkpoint)
+def test_cached_decoding_matches_recomputing_the_whole_sequence(tiny_checkpoint, device, dtype, tol):
+    model = tiny_model(tiny_checkpoint, device=device, dtype=dtype)
     tokens = greedy(model, 12)[0]
-    seq = torch.tensor([PROMPT + tokens])  # [1, T + 12]
+    seq = torch.tensor([PROMPT + tokens], device=device)  # [1, T + 12]
+    pos = torch.arange(seq.size(1), device=device)
     # step by step through the cache, as generate does
-    model.setup_caches(1, 64)
-    cached = [model(seq[:, :len(PROMPT)], torch.arange(len(PROMPT)))[:, -1]]
-    for pos in range(len(PROMPT), seq.size(1) - 1):
-        cached.append(model(seq[:, pos:pos + 1], torch.tensor([pos]))[:, -1])
-    # every position at once in a fresh model, where nothing comes from an earlier call
-    fresh = tiny_model(tiny_checkpoint)
-    full = fresh(seq[:, :-1], torch.arange(seq.size(1) - 1))[0, len(PROMPT) - 1:]  # [12, V]
-    torch.testing.assert_close(torch.cat(cached), full, rtol=1e-4, atol=1e-4)
-    assert full.argmax(-1).tolist() == tokens
+    with torch.no_grad():
+        cached = [model(seq[:, :len(PROMPT)], pos[:len(PROMPT)])[:, -1]]
+        for i in range(len(PROMPT), seq.size(1) - 1):
+            cached.append(model(seq[:, i:i + 1], pos[i:i + 1])[:, -1])
+        # every position at once in a fresh model, where nothing comes from an earlier call
+        fresh = tiny_model(tiny_checkpoint, device=device, dtype=dtype)
+        full = fresh(seq[:, :-1], pos[:-1])[0, len(PROMPT) - 1:]  # [12, V]
+    torch.testing.assert_close(torch.cat(cached).float(), full.float(), **tol)
+    assert torch.cat(cached).argmax(-1).tolist() == tokens
 
 
 def test_eos_stops_generation_and_is_kept(tiny_checkpoint):
@@ -142,9 +144,9 @@ def test_on_token_can_stop_a_row(tiny_checkpoint):
     assert len(rows[0]) == 4 and rows[0] == seen
 
 
-def test_batch_rows_equal_a_single_sequence(tiny_checkpoint):
-    single = greedy(tiny_model(tiny_checkpoint), 12)
-    batch = greedy(tiny_model(tiny_checkpoint, batch_size=2), 12, batch_size=2)
+def test_batch_rows_equal_a_single_sequence(tiny_checkpoint, device, dtype):
+    single = greedy(tiny_model(tiny_checkpoint, device=device, dtype=dtype), 12)
+    batch = greedy(tiny_model(tiny_checkpoint, batch_size=2, device=device, dtype=dtype), 12, batch_size=2)
     assert batch == single * 2
 
 
@@ -153,21 +155,21 @@ def test_generation_stops_at_the_requested_length(tiny_checkpoint):
     assert len(rows[0]) == 9 and timing["steps"] == 8
 
 
-def test_reusing_the_cached_prefix_matches_a_full_prefill(tiny_checkpoint):
+def test_reusing_the_cached_prefix_matches_a_full_prefill(tiny_checkpoint, device, dtype):
     # a conversation's second turn: the first turn's tokens are already in the cache
-    model = tiny_model(tiny_checkpoint)
+    model = tiny_model(tiny_checkpoint, device=device, dtype=dtype)
     first = PROMPT + greedy(model, 6)[0][:-1]  # what the cache holds after the first turn
     second = first + [11, 12, 13]
-    reused, _ = engine.generate(model, torch.tensor(second), 8, temperature=0.0, start_pos=len(first))
-    fresh, _ = engine.generate(tiny_model(tiny_checkpoint), torch.tensor(second), 8, temperature=0.0)
+    reused = greedy(model, 8, prompt=second, start_pos=len(first))
+    fresh = greedy(tiny_model(tiny_checkpoint, device=device, dtype=dtype), 8, prompt=second)
     assert reused == fresh
 
 
 @pytest.mark.slow
-def test_compiled_greedy_matches_eager(tmp_path):
+def test_compiled_greedy_matches_eager(tmp_path, device, dtype):
     path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
-    eager = greedy(tiny_model(path), 6)
-    model = tiny_model(path)
+    eager = greedy(tiny_model(path, device=device, dtype=dtype), 6)
+    model = tiny_model(path, device=device, dtype=dtype)
     fns = compiled_steps(model, compile_prefill=True)
     assert greedy(model, 6, **fns) == eager
     assert greedy(model, 6, **fns) == eager  # the second run replays the compiled code
@@ -188,29 +190,32 @@ def test_a_compiled_step_refuses_a_cache_it_was_not_traced_with(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_step_attends_to_the_written_cache_in_one_graph(tmp_path):
+def test_compiled_step_attends_to_the_written_cache_in_one_graph(tmp_path, device, dtype, tol):
     """The compiled step's attended length (attend_len: 64, 128, ... of a 256-position cache) is a dynamic size:
-    decoding across those blocks gives the eager logits at every position and compiles one graph."""
+    decoding across those blocks gives the eager logits at every position and compiles one graph (on CUDA, one
+    CUDA graph is recorded per length)."""
     from torch._dynamo.utils import counters
     path = make_checkpoint(tmp_path / "one_layer", tokenizer=False, n_layer=1)
-    eager, model = tiny_model(path, max_seq_length=256), tiny_model(path, max_seq_length=256)
+    eager = tiny_model(path, max_seq_length=256, device=device, dtype=dtype)
+    model = tiny_model(path, max_seq_length=256, device=device, dtype=dtype)
     step = engine.compile_step(lambda model, x, input_pos, attend_len: model(x, input_pos, attend_len=attend_len),
-                               torch.device("cpu"))
+                               device)
     graphs = counters["stats"]["unique_graphs"]
-    tokens = torch.randint(0, 320, (1, 200))
+    tokens = torch.randint(0, 320, (1, 200), device=device)
     with torch.no_grad():
         for pos in range(200):
-            x, input_pos = tokens[:, pos:pos + 1], torch.tensor([pos])
-            torch.testing.assert_close(step(model, x, input_pos, model.attend_len(pos)), eager(x, input_pos),
-                                       atol=1e-4, rtol=1e-4)
+            x, input_pos = tokens[:, pos:pos + 1], torch.tensor([pos], device=device)
+            torch.testing.assert_close(step(model, x, input_pos, model.attend_len(pos)).float(),
+                                       eager(x, input_pos).float(), **tol)
     assert counters["stats"]["unique_graphs"] - graphs == 1
 
 
 @pytest.mark.slow
-def test_compiled_steps_of_two_models_keep_to_their_own_model(tmp_path):
+def test_compiled_steps_of_two_models_keep_to_their_own_model(tmp_path, device, dtype):
     """A compiled step skips the guards on the model's modules, so each compile_step call must keep its own
     compiled graphs: a second model (two layers, not one) called in turn with the first gets its own graph."""
-    models = [tiny_model(make_checkpoint(tmp_path / f"m{n}", seed=n, tokenizer=False, n_layer=n)) for n in (1, 2)]
+    models = [tiny_model(make_checkpoint(tmp_path / f"m{n}", seed=n, tokenizer=False, n_layer=n), device=device,
+                         dtype=dtype) for n in (1, 2)]
     eager = [greedy(m, 6) for m in models]
     steps = [compiled_steps(m) for m in models]
     for _ in range(2):
@@ -368,6 +373,13 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
     (["--prompt", "a b c d e f g h i j", "--max_seq_length", "4"], "more than --max_seq_length 4"),
     (["--prompt", "300"], "more than the model's block_size 256"),
     (["--max_seq_length", "1000"], "exceeds the model's block_size 256"),
+    (["--num_beams", "0"], "--num_beams must be at least 1"),
+    (["--num_beams", "2", "--num_return_sequences", "3"], "--num_return_sequences 3 exceeds --num_beams 2"),
+    (["--num_beams", "2", "--prompt_lookup", "2"], "speculative decoding runs one sequence"),
+    (["--prompt", "a", "--prompt", "b", "--interactive"], "--interactive takes one first message"),
+    (["--prompt", "a", "--prompt", "a b c d e f g h i j", "--max_seq_length", "4"], "prompt 2 has"),
+    (["--prompt", "a", "--prompt", ""], "prompt 2 is empty"),
+    (["--prompts_file", "missing.txt"], "no such file"),
 ])
 def test_bad_input_is_rejected_before_loading_the_model(tiny_checkpoint, capsys, monkeypatch, args, message):
     monkeypatch.setattr(engine, "load_model", lambda *a: pytest.fail("loaded the model despite bad input"))

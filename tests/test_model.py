@@ -39,22 +39,24 @@ def test_llama2_7b_shape_matches_published_size():
     assert sum(p.numel() for p in m.parameters()) == 6_738_415_616
 
 
-def model_and_full_forward(tmp_path):
-    """A float model with caches for 2 x 32 positions, a batch of 20-token prompts and its logits [2, 20, V]."""
-    model = load_model(make_checkpoint(tmp_path, tokenizer=False), dtype=torch.float32)
+def model_and_full_forward(tmp_path, device="cpu", dtype=torch.float32):
+    """A model with caches for 2 x 32 positions, a batch of 20-token prompts and its logits [2, 20, V]."""
+    model = load_model(make_checkpoint(tmp_path, tokenizer=False), device, dtype)
     model.setup_caches(2, 32)
-    idx = torch.randint(0, 320, (2, 20))
+    idx = torch.randint(0, 320, (2, 20), device=device)
     with torch.no_grad():
-        return model, idx, model(idx, torch.arange(20))
+        return model, idx, model(idx, torch.arange(20, device=device))
 
 
-def test_cached_decode_equals_full_forward(tmp_path):
-    model, idx, full = model_and_full_forward(tmp_path)
+def test_cached_decode_equals_full_forward(tmp_path, device, dtype, tol):
+    model, idx, full = model_and_full_forward(tmp_path, device, dtype)
+    pos = torch.arange(20, device=device)
     with torch.no_grad():
-        prefix = model(idx[:, :12], torch.arange(12))  # prefill 12, then verify 3, then decode one at a time
-        chunk = model(idx[:, 12:15], torch.arange(12, 15))
-        steps = [model(idx[:, i:i + 1], torch.tensor([i])) for i in range(15, 20)]
-    torch.testing.assert_close(torch.cat([prefix, chunk, *steps], 1), full, atol=1e-5, rtol=1e-5)
+        prefix = model(idx[:, :12], pos[:12])  # prefill 12, then verify 3, then decode one at a time
+        chunk = model(idx[:, 12:15], pos[12:15])
+        steps = [model(idx[:, i:i + 1], pos[i:i + 1]) for i in range(15, 20)]
+    atol = 1e-5 if dtype == torch.float32 else tol["atol"]
+    torch.testing.assert_close(torch.cat([prefix, chunk, *steps], 1).float(), full.float(), atol=atol, rtol=atol)
 
 
 @pytest.mark.parametrize("max_seq_length", [144, 4096, 131072])
@@ -93,17 +95,17 @@ def test_loads_in_each_dtype(tmp_path, dtype):
     assert logits.dtype == dtype and logits.shape == (1, 3, 320) and torch.isfinite(logits).all()
 
 
-def test_cpu_cache_holds_the_model_dtypes_values_in_fp32(tmp_path):
+def test_a_bf16_cache_is_fp32_on_the_cpu_and_bf16_elsewhere(tmp_path, device):
     """On the CPU attention computes in fp32, so a bf16 model's cache is fp32 (a step converts nothing it reads)
-    holding bf16 values: attention sees what a bf16 cache would give it."""
-    model = load_model(make_checkpoint(tmp_path, tokenizer=False), dtype=torch.bfloat16)
+    holding bf16 values: attention sees what a bf16 cache would give it. Other devices keep the model's dtype."""
+    model = load_model(make_checkpoint(tmp_path, tokenizer=False), device, torch.bfloat16)
     model.setup_caches(1, 16)
     with torch.no_grad():
-        model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+        model(torch.tensor([[1, 2, 3]], device=device), torch.arange(3, device=device))
     for cache in (model.layers[0].attention.kv_cache.k_cache, model.layers[0].attention.kv_cache.v_cache):
         written = cache[:, :, :3]
-        assert cache.dtype == torch.float32 and written.abs().sum() > 0
-        assert torch.equal(written, written.bfloat16().float())
+        assert cache.dtype == (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        assert written.abs().sum() > 0 and torch.equal(written, written.bfloat16().to(cache.dtype))
 
 
 def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):

@@ -27,8 +27,9 @@ def weights(n=48, k=256, seed=0):
 
 def logits(model, idx):
     model.setup_caches(1, idx.shape[1])
+    idx = idx.to(model.norm.weight.device)
     with torch.no_grad():
-        return model(idx, torch.arange(idx.shape[1])).float()
+        return model(idx, torch.arange(idx.shape[1], device=idx.device)).float().cpu()
 
 
 def rel_err(a, b):
@@ -78,27 +79,33 @@ def test_nibble_packing_round_trips_with_even_columns_high():
 # Kernels: the packed CPU paths compute what the plain dequantize path computes
 
 
-def int4_linear(w, groupsize, kernel):
+def int4_linear(w, groupsize, kernel, device="cpu"):
     n, k = w.shape
     m = WeightOnlyInt4Linear(k, n, groupsize)
     q, s, z = int4_quantize(F.pad(w, (0, m.scales_and_zeros.shape[0] * groupsize - k)), groupsize)
-    m.weight, m.scales_and_zeros = pack_nibbles(q), to_scales_and_zeros(s, z).to(torch.bfloat16)
+    m.weight, m.scales_and_zeros = pack_nibbles(q).to(device), to_scales_and_zeros(s, z).to(device, torch.bfloat16)
     m.pack(kernel)
     return m
 
 
 @pytest.mark.parametrize("groupsize, k", [(32, 256), (128, 256), (64, 96)])  # 96: inputs padded to 128
-def test_cpu_int4_kernel_equals_dequantize_path(groupsize, k):
+def test_the_devices_int4_kernel_equals_dequantize_path(groupsize, k, device):
+    """The packed weight of the device's kernel (CPU: _weight_int4pack_mm_for_cpu, CUDA: _weight_int4pack_mm with
+    its inner k tiles) computes what the plain dequantize path computes."""
     w = weights(n=64, k=k) * 10
-    packed, plain = int4_linear(w, groupsize, "cpu"), int4_linear(w, groupsize, None)
-    assert packed.kernel == "cpu" and plain.kernel is None
-    x = torch.randn(2, 5, k, dtype=torch.bfloat16)
-    torch.testing.assert_close(packed(x).float(), plain(x).float(), rtol=2e-2, atol=2e-2 * plain(x).abs().max())
+    kernel = quant.int4_kernel(device, 64, quant.padded(k, groupsize))
+    if kernel is None:
+        pytest.skip(f"no int4 kernel on this {device.type} device")
+    packed, plain = int4_linear(w, groupsize, kernel, device), int4_linear(w, groupsize, None, device)
+    assert packed.kernel == device.type and plain.kernel is None
+    x = torch.randn(2, 5, k, dtype=torch.bfloat16, device=device)
+    torch.testing.assert_close(packed(x).float(), plain(x).float(), rtol=2e-2, atol=2e-2 * plain(x).abs().max().item())
     y = packed(x.float())  # other dtypes round-trip through bf16
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, plain(x).float(), rtol=2e-2, atol=2e-2 * plain(x).abs().max().item())
 
 
+@pytest.mark.cpu_only("torch's int4 layout for the CPU")
 def test_cpu_packed_int4_weights_read_back_to_their_values():
     block = cpu.cpu_pack_block()
     assert block in (64, 32)  # torch's layout on AVX-512 and AVX2 CPUs: anything else is a new layout to learn
@@ -114,15 +121,16 @@ def test_cpu_packed_int4_weights_read_back_to_their_values():
     assert int4_linear(weights(n=80, k=64), 32, "cpu").block is None  # not whole blocks of rows: kernel only
 
 
+@pytest.mark.cpu_only("torch's int4 layout for the CPU")
 def test_long_inputs_dequantize_the_cpu_packed_weight_to_the_same_result(monkeypatch):
     w = weights(n=64, k=256) * 10
     packed, plain = int4_linear(w, 32, "cpu"), int4_linear(w, 32, None)
-    x = torch.randn(1, 6, 256, dtype=torch.bfloat16)
+    x = torch.randn(1, 20, 256, dtype=torch.bfloat16)  # more than cpu.FEW_ROWS, which run one at a time
     reads, read_back = [], quant.cpu_dequantize_t
     monkeypatch.setattr(quant, "cpu_dequantize_t", lambda p, *a: reads.append(p) or read_back(p, *a))
-    kernel_y = packed(x)  # 6 rows, fewer than INT4_DEQUANTIZE_MIN_ROWS: the kernel
+    kernel_y = packed(x)  # 20 rows, fewer than INT4_DEQUANTIZE_MIN_ROWS: the kernel
     assert not reads
-    monkeypatch.setattr(quant, "INT4_DEQUANTIZE_MIN_ROWS", 6)
+    monkeypatch.setattr(quant, "INT4_DEQUANTIZE_MIN_ROWS", 20)
     long_y = packed(x)  # as many rows as INT4_DEQUANTIZE_MIN_ROWS: the weight dequantized as the plain module does
     assert len(reads) == 1
     torch.testing.assert_close(long_y, plain(x), rtol=1e-2, atol=1e-2)  # the same weight; GEMMs round alike to bf16
@@ -131,6 +139,7 @@ def test_long_inputs_dequantize_the_cpu_packed_weight_to_the_same_result(monkeyp
     torch.testing.assert_close(kernel_y.float(), long_y.float(), rtol=2e-2, atol=2e-2 * long_y.abs().max())
 
 
+@pytest.mark.cpu_only("torch's int8 kernel for the CPU")
 def test_cpu_int8_kernel_equals_plain_path():
     w = weights(n=40, k=96)
     m = WeightOnlyInt8Linear(96, 40)
@@ -169,7 +178,8 @@ def fake_quantized(path, mode, groupsize, head="int8"):
     ("int4", 32, "int4", "model_int4.g32.int4-head.pth"),
     ("int4", 256, "int4", "model_int4.g256.int4-head.pth"),
 ])
-def test_checkpoint_loads_back_to_the_model_it_describes(tmp_path, monkeypatch, mode, groupsize, head, name, tied):
+def test_checkpoint_loads_back_to_the_model_it_describes(tmp_path, monkeypatch, mode, groupsize, head, name, tied,
+                                                        device):
     path = make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=tied, qkv_bias=True, **SMALL)
     quantize_cli(path, "--mode", mode, "--head", head, *(["--groupsize", str(groupsize)] if groupsize else []))
     out = quant.output_path(path, mode, groupsize, head)
@@ -177,36 +187,37 @@ def test_checkpoint_loads_back_to_the_model_it_describes(tmp_path, monkeypatch, 
     idx = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(0))
     expected = logits(fake_quantized(path, mode, groupsize, head), idx)  # a tied embedding reads the same rows
     monkeypatch.setattr(quant, "int4_kernel", lambda *_: None)  # the exact fp32 path
-    model = load_model(out, dtype=torch.float32)
+    model = load_model(out, device, torch.float32)
     torch.testing.assert_close(logits(model, idx), expected, rtol=1e-4, atol=1e-4)
     assert isinstance(model.output, {"int8": WeightOnlyInt8Linear, "int4": WeightOnlyInt4Linear}[head])
     if tied and head == "int8":  # one int8 matrix serves the embedding and the head
         assert model.tok_embeddings.weight is model.output.weight
 
 
-def test_an_int4_head_runs_through_the_cpu_kernel_like_the_dequantize_path(tmp_path, monkeypatch):
+def test_an_int4_head_runs_through_the_devices_kernel_like_the_dequantize_path(tmp_path, monkeypatch, device):
     # the head is repacked for the kernel while the tied embedding keeps reading the file's layout
     path = make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=True, **SMALL)
     quantize_cli(path, "--mode", "int4", "--head", "int4")
     out = quant.output_path(path, "int4", 32, "int4")
     idx = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(0))
-    packed = load_model(out)
-    assert packed.output.kernel == "cpu" and packed.tok_embeddings.weight.shape == (320, 64)
+    packed = load_model(out, device)
+    assert packed.output.kernel == device.type and packed.tok_embeddings.weight.shape == (320, 64)
     monkeypatch.setattr(quant, "int4_kernel", lambda *_: None)
-    plain = logits(load_model(out), idx)
+    plain = logits(load_model(out, device), idx)
     torch.testing.assert_close(logits(packed, idx), plain, rtol=2e-2, atol=2e-2 * plain.abs().max().item())
 
 
 @pytest.mark.parametrize("mode, groupsize, head, bound", [
     ("int8", None, "int8", 0.08), ("int4", 32, "int8", 0.55), ("int4", 128, "int8", 0.7), ("int4", 32, "int4", 0.6)])
-def test_quantized_logits_stay_close_to_float(tmp_path, mode, groupsize, head, bound):
+def test_quantized_logits_stay_close_to_float(tmp_path, mode, groupsize, head, bound, device):
     # these random models give relative errors of ~0.04 (int8), ~0.41 (int4 g32), 0.47-0.57 (int4 g128) and
     # ~0.45 (int4 g32 with an int4 head) over seeds; an off-by-one zero point or a wrong scale gives about 1 or more
     path = make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=True, **SMALL)
     quantize_cli(path, "--mode", mode, "--head", head, *(["--groupsize", str(groupsize)] if groupsize else []))
     idx = torch.randint(0, 320, (1, 32), generator=torch.Generator().manual_seed(0))
-    reference = logits(load_model(path, dtype=torch.bfloat16), idx)
-    assert rel_err(logits(load_model(quant.output_path(path, mode, groupsize, head)), idx), reference) < bound
+    reference = logits(load_model(path, device, torch.bfloat16), idx)
+    quantized = load_model(quant.output_path(path, mode, groupsize, head), device)
+    assert rel_err(logits(quantized, idx), reference) < bound
 
 
 # ---------------------------------------------------------------------------------------------------------------

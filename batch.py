@@ -1,0 +1,203 @@
+"""Rows of different sequences decoded together in one static KV cache, each at its own position.
+
+    batch = Batch(model, max_rows=4, max_seq_length=512, compile=True)
+    row = batch.add(prompt_ids)            # prefilled alone, as a batch of one
+    logits = batch.last_logits(row)        # fp32 [V]
+    out = batch.step({row: token, ...})    # one decode step of these rows -> {row: fp32 logits [V]}
+    batch.remove(row)                      # frees the row; the others are unaffected
+
+A row's logits never depend on what else is in the batch (model.FEW_ROWS, model.attend): rows can join and leave
+between steps (continuous batching) and greedy rows give exactly the tokens of their prompts run alone.
+Sampling happens outside, with engine's functions, per row.
+"""
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from engine import compile_step, sample
+from cli import BriskError
+from model import Transformer
+
+
+def rows_step(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None) -> Tensor:
+    # x: [B, 1] tokens at input_pos: [B, 1] -> fp32 logits [B, V]
+    return model(x, input_pos, attend_len=attend_len)[:, -1].float()
+
+
+class Batch:
+    def __init__(self, model: Transformer, max_rows: int, max_seq_length: int, compile: bool = False):
+        """Set up model's caches for max_rows rows of up to max_seq_length positions each. compile: one compiled
+        decode step (engine.compile_step) serves every mix of rows and positions."""
+        model.setup_caches(max_rows, max_seq_length)
+        self.model, self.max_rows, self.max_seq_length = model, max_rows, max_seq_length
+        self.device = model.norm.weight.device
+        self.step_fn = compile_step(rows_step, self.device) if compile else rows_step
+        self.pos: dict[int, int] = {}  # row -> tokens in its cache, the position of its next token
+        self.logits: dict[int, Tensor] = {}  # row -> fp32 logits [V] after its last token
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def free_rows(self) -> int:
+        return self.max_rows - len(self.pos)
+
+    @torch.no_grad()
+    def add(self, ids: list[int]) -> int:
+        """Prefill a free row with ids alone (as a batch of one would be); returns the row."""
+        if not ids:
+            raise BriskError("empty prompt")
+        if len(ids) > self.max_seq_length:
+            raise BriskError(f"the prompt has {len(ids)} tokens, more than the cache's {self.max_seq_length}")
+        row = next((r for r in range(self.max_rows) if r not in self.pos), None)
+        if row is None:
+            raise BriskError(f"the batch is full ({self.max_rows} rows)")
+        x = torch.tensor([ids], device=self.device)
+        logits = self.model(x, torch.arange(len(ids), device=self.device), logits_to_keep=1, row=row)
+        self.pos[row], self.logits[row] = len(ids), logits[0, -1].float()
+        return row
+
+    def fork(self, row: int) -> int:
+        """A free row holding what row holds (its cache and logits); returns the new row."""
+        new = next((r for r in range(self.max_rows) if r not in self.pos), None)
+        if new is None:
+            raise BriskError(f"the batch is full ({self.max_rows} rows)")
+        self.pos[new], self.logits[new] = self.pos[row], self.logits[row]
+        self.reorder({new: row})
+        return new
+
+    @torch.no_grad()
+    def reorder(self, parents: dict[int, int], start: int = 0) -> None:
+        """Each row r in parents takes the cache positions from start on and the state of row parents[r], all at
+        once (beam search; positions before start must already be alike, as a shared prompt is). In place: a
+        compiled step keeps its buffers."""
+        dst, src = list(parents), list(parents.values())
+        end = max(self.pos[r] for r in src)
+        for layer in self.model.layers:
+            for cache in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
+                cache[dst, :, start:end] = cache[src, :, start:end]  # the right side is gathered first
+        state = {r: (self.pos[p], self.logits[p]) for r, p in parents.items()}
+        for r, (pos, logits) in state.items():
+            self.pos[r], self.logits[r] = pos, logits
+
+    def last_logits(self, row: int) -> Tensor:
+        return self.logits[row]
+
+    def remove(self, row: int) -> None:
+        del self.pos[row], self.logits[row]
+
+    @torch.no_grad()
+    def step(self, tokens: dict[int, int]) -> dict[int, Tensor]:
+        """Feed each row its next token; returns each row's fp32 logits [V] after it. Rows not in tokens (free
+        ones too) run at the cache's spare position, which nothing attends to, and keep their state."""
+        spare = self.model.max_seq_length  # setup_caches's never-attended position
+        x = torch.zeros(self.max_rows, 1, dtype=torch.int, device=self.device)
+        pos = torch.full((self.max_rows, 1), spare, device=self.device)
+        for row, token in tokens.items():
+            if self.pos[row] >= self.max_seq_length:
+                raise BriskError(f"row {row} has filled its {self.max_seq_length} positions")
+            x[row, 0], pos[row, 0] = token, self.pos[row]
+        attend_len = self.model.attend_len(max(self.pos[r] for r in tokens))
+        logits = self.step_fn(self.model, x, pos, attend_len=attend_len)  # [max_rows, V]
+        for row in tokens:
+            self.pos[row] += 1
+            self.logits[row] = logits[row].clone()  # a CUDA graph's output is overwritten by its next replay
+        return {row: self.logits[row] for row in tokens}
+
+
+def generate_rows(batch: Batch, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(),
+                  on_token: Optional[Callable[[int, int], bool]] = None, **sampling_kwargs):
+    """Sample up to max_new_tokens after each prompt, as many at once as the batch has rows: a prompt takes a
+    row as soon as one is free. A row stops at an eos id (which it keeps) or when on_token(prompt index, token)
+    returns True for a token it has just taken. Returns (the new tokens of each prompt, in prompt order,
+    {"prefill_s", "decode_s", "steps"}): the seconds spent prefilling prompts and in decode steps."""
+    out = [[] for _ in prompts]
+    timing = dict(prefill_s=0.0, decode_s=0.0, steps=0)
+    waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompt order
+    running: dict[int, int] = {}  # row -> prompt index
+
+    def take(row: int, logits: Tensor) -> None:
+        i = running[row]
+        token = int(sample(logits[None], **sampling_kwargs)[0])
+        out[i].append(token)
+        stop = token in eos_ids or (on_token is not None and on_token(i, token)) or len(out[i]) >= max_new_tokens
+        if stop:
+            batch.remove(row)
+            del running[row]
+
+    while waiting or running:
+        while waiting and batch.free_rows():
+            t0 = time.perf_counter()
+            i = waiting.pop()
+            row = batch.add(prompts[i])
+            running[row] = i
+            take(row, batch.last_logits(row))
+            timing["prefill_s"] += time.perf_counter() - t0
+        if running:
+            t0 = time.perf_counter()
+            for row, logits in batch.step({r: out[i][-1] for r, i in running.items()}).items():
+                take(row, logits)
+            timing["decode_s"] += time.perf_counter() - t0
+            timing["steps"] += 1
+    return out, timing
+
+
+@torch.no_grad()
+def beam_search(batch: Batch, ids: list[int], max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
+                early_stopping=False, num_return_sequences: int = 1, eos_ids=(),
+                on_step: Optional[Callable[[], None]] = None) -> list[tuple[list[int], float]]:
+    """Beam search as transformers' generate(num_beams=..., do_sample=False) does it, for one prompt, in num_beams
+    rows of an empty batch: the best num_return_sequences (new tokens, score) by score. A finished hypothesis
+    (ended by an eos id, kept, or by the length) scores its log-probability / its length ** length_penalty.
+    early_stopping: True stops once num_beams hypotheses are finished; False stops when no running beam could
+    beat the worst finished one at its current length; "never" at the best length length_penalty allows.
+    on_step() is called as each position's tokens are chosen (first-token and next-token latency)."""
+    n, eos = num_beams, torch.tensor(sorted(eos_ids), dtype=torch.long)
+    K = max(2, 1 + len(eos)) * n  # candidates kept per step: enough to leave n running beyond the eos ones
+    rows = [batch.add(ids)]
+    rows += [batch.fork(rows[0]) for _ in range(n - 1)]
+    running = torch.zeros(n, max_new_tokens, dtype=torch.long)  # the beams' new tokens
+    running_scores = torch.full((n,), -1e9)
+    running_scores[0] = 0  # the beams start alike: only the first one's continuations count
+    done = torch.zeros(n, max_new_tokens, dtype=torch.long)  # the finished hypotheses, best first
+    done_scores, done_len = torch.full((n,), -1e9), torch.zeros(n, dtype=torch.long)
+    is_done, improvable = torch.zeros(n, dtype=torch.bool), True
+    first_n = torch.arange(K) < n  # only the n best candidates may finish
+    logits = torch.stack([batch.last_logits(r) for r in rows])  # [n, V]
+    for cur in range(max_new_tokens):
+        V = logits.shape[-1]
+        scores = (logits.log_softmax(-1) + running_scores[:, None]).view(-1)  # [n * V]
+        top_scores, top = torch.topk(scores, K)
+        parent, token = top // V, top % V  # [K]
+        seqs = running[parent]
+        seqs[:, cur] = token
+        hits = torch.isin(token, eos) | (cur + 1 >= max_new_tokens)  # [K]: candidates that finish here
+        # the n best candidates that do not finish run on
+        run_scores = top_scores + hits.float() * -1e9
+        keep = torch.topk(run_scores, n).indices
+        running, running_scores, parents = seqs[keep], run_scores[keep], parent[keep]
+        # finished candidates among the n best join the finished hypotheses if they beat them
+        final = top_scores / ((cur + 1) ** length_penalty)
+        final += float(bool(is_done.all()) and early_stopping is True) * -1e9
+        final += float(not improvable) * -1e9
+        final += (~(hits & first_n)).float() * -1e9
+        merged = torch.topk(torch.cat([done_scores, final]), n).indices
+        done = torch.cat([done, seqs])[merged]
+        done_scores = torch.cat([done_scores, final])[merged]
+        done_len = torch.cat([done_len, torch.full((K,), cur + 1)])[merged]
+        is_done = torch.cat([is_done, hits & first_n])[merged]
+        if on_step is not None:
+            on_step()
+        best_len = max_new_tokens if early_stopping == "never" and length_penalty > 0 else cur + 1
+        best_running = running_scores[0] / (best_len ** length_penalty)
+        worst_done = torch.where(is_done, done_scores.min(), -1e9)
+        improvable = improvable and bool((best_running > worst_done).any())
+        if not improvable or (bool(is_done.all()) and early_stopping is True) or bool(hits.all()):
+            break
+        batch.reorder({rows[j]: rows[int(p)] for j, p in enumerate(parents)}, start=len(ids))
+        out = batch.step({rows[j]: int(running[j, cur]) for j in range(n)})
+        logits = torch.stack([out[r] for r in rows])
+    for r in rows:
+        batch.remove(r)
+    return [(done[i, :done_len[i]].tolist(), float(done_scores[i])) for i in range(num_return_sequences)]

@@ -1,0 +1,218 @@
+"""Rows of different prompts in one batch: each row's logits are bitwise those of its prompt run alone, eager and
+compiled, fp32 and bf16, whatever joins or leaves the batch; beam search as transformers does it."""
+import pytest
+import torch
+
+import engine
+import generate as gen
+from batch import Batch, beam_search, generate_rows, rows_step
+from conftest import make_checkpoint
+from checkpoint import load_model
+from cli import BriskError
+
+LENGTHS = (5, 17, 40, 9, 70)  # prompt lengths: rows sit at positions up to ~110, over two attended lengths
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("batch") / "tiny")
+
+
+def prompts(vocab_size: int, lengths=LENGTHS) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def alone(model, ids: list[int], tokens: list[int], step) -> list[torch.Tensor]:
+    """The logits after ids and after each of tokens, fed one at a time as generate() does with a batch of one."""
+    model.setup_caches(1, 128)
+    T = len(ids)
+    logits = [model(torch.tensor([ids]), torch.arange(T), logits_to_keep=1)[0, -1].float()]
+    for i, t in enumerate(tokens):
+        pos = T + i
+        logits.append(step(model, torch.tensor([[t]]), torch.tensor([pos]), attend_len=model.attend_len(pos))[0])
+    return logits
+
+
+def check_rows_equal_alone(model, compile: bool, n_steps: int = 12):
+    """Three rows decode five prompts; rows join as others finish (at different steps), so every row meets
+    different neighbours at different positions. Every row's logits must equal its prompt's alone."""
+    batch = Batch(model, 3, 128, compile=compile)
+    ps = prompts(model.config.vocab_size)
+    got = {i: [] for i in range(len(ps))}  # prompt -> logits after its prompt and each token fed
+    waiting, running = list(range(len(ps))), {}
+    while waiting or running:
+        if waiting and batch.free_rows():
+            i = waiting.pop(0)
+            row = batch.add(ps[i])
+            running[row] = i
+            got[i].append(batch.last_logits(row))
+        feed = {r: int(got[i][-1].argmax()) for r, i in running.items()}
+        for row, logits in batch.step(feed).items():
+            got[running[row]].append(logits)
+            if len(got[running[row]]) == n_steps - 2 * (running[row] % 2):  # rows of different lengths
+                batch.remove(row)
+                del running[row]
+    step = engine.compile_step(rows_step, torch.device("cpu")) if compile else rows_step
+    for i, p in enumerate(ps):
+        tokens = [int(l.argmax()) for l in got[i][:-1]]
+        want = alone(model, p, tokens, step)
+        assert len(want) == len(got[i])
+        for j, (a, b) in enumerate(zip(want, got[i])):
+            assert torch.equal(a, b), f"prompt {i}, step {j}: max diff {(a - b).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_joining_and_leaving_give_the_logits_of_each_prompt_alone(tiny, dtype):
+    check_rows_equal_alone(load_model(tiny, dtype=dtype), compile=False)
+
+
+@pytest.mark.slow
+def test_compiled_rows_give_the_logits_of_each_prompt_alone_in_bf16(tiny):
+    check_rows_equal_alone(load_model(tiny, dtype=torch.bfloat16), compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_batch_is_one_graph_for_every_mix_of_rows(tiny):
+    model = load_model(tiny, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        check_rows_equal_alone(model, compile=True, n_steps=4)
+
+
+def test_a_verify_pass_gives_the_logits_of_the_decode_steps_it_stands_for(tiny):
+    """Speculative decoding's verify pass (k + 1 positions of one row) in bf16: each position's logits are
+    bitwise those of a decode step, so greedy speculation is exact in any dtype. Eagerly only: compiled, Inductor
+    reduces a verify pass's norms or attention in another order than a one-position step's (not yet exact)."""
+    model = load_model(tiny, dtype=torch.bfloat16)
+    model.setup_caches(1, 128)
+    step = lambda model, x, input_pos, attend_len=None: model(x, input_pos, attend_len=attend_len).float()
+    ids = prompts(model.config.vocab_size)[2]  # 40 tokens
+    tokens = torch.tensor([[5, 77, 123, 9, 200, 31]])
+    T, n = len(ids), tokens.shape[1]
+    with torch.no_grad():
+        model(torch.tensor([ids]), torch.arange(T))
+        verify = step(model, tokens, torch.arange(T, T + n), attend_len=model.attend_len(T + n - 1))[0]
+        for i in range(n):
+            one = step(model, tokens[:, i:i + 1], torch.tensor([T + i]), attend_len=model.attend_len(T + i))[0, 0]
+            assert torch.equal(verify[i], one), f"position {i}: max diff {(verify[i] - one).abs().max()}"
+
+
+def test_generate_rows_equals_generate_alone_and_stops_each_row(tiny):
+    model = load_model(tiny, dtype=torch.bfloat16)
+    ps = prompts(model.config.vocab_size)
+    want = []
+    for p in ps:
+        model.setup_caches(1, 128)
+        want.append(engine.generate(model, torch.tensor(p), 15, temperature=0.0)[0][0])
+    eos = want[1][4]  # the second prompt stops at its fifth token (and any other row at that token)
+    expect = [w[:w.index(eos) + 1] if eos in w else w for w in want]
+    got, _ = generate_rows(Batch(model, 2, 128), ps, 15, eos_ids={eos}, temperature=0.0)
+    assert got == expect and len(got[1]) == 5
+
+
+def test_beams_reorder_the_cache_in_place(tiny):
+    model = load_model(tiny, dtype=torch.float32)
+    batch = Batch(model, 3, 64)
+    row = batch.add([1, 2, 3])
+    copy = batch.fork(row)
+    cache = model.layers[0].attention.kv_cache.k_cache
+    ptr = cache.data_ptr()
+    assert torch.equal(cache[row, :, :3], cache[copy, :, :3])
+    batch.step({row: 4, copy: 5})
+    before = cache[copy, :, 3].clone()
+    batch.reorder({row: copy, copy: row}, start=3)
+    assert torch.equal(cache[row, :, 3], before) and cache.data_ptr() == ptr
+
+
+def test_cli_prints_each_prompt_as_run_alone_in_prompt_order(tiny, tmp_path, capsys):
+    flags = ["--checkpoint_path", str(tiny), "--temperature", "0", "--max_new_tokens", "12"]
+    texts = ["Hello", "The quick brown fox jumps", "Once upon a time there was"]
+    (tmp_path / "prompts.txt").write_text("\n".join(texts[1:]) + "\n")
+    gen.main([*flags, "--prompt", texts[0], "--prompts_file", str(tmp_path / "prompts.txt"), "--batch_size", "2"])
+    out = capsys.readouterr()
+    assert "3 prompts, 2 rows at once, 36 tokens" in out.err
+    want = []
+    for text in texts:
+        gen.main([*flags, "--prompt", text])
+        want.append(capsys.readouterr().out)
+    assert out.out == "".join(want)
+
+
+def test_an_empty_line_in_the_prompts_file_is_refused(tiny, tmp_path):
+    (tmp_path / "prompts.txt").write_text("one\n\nthree\n")
+    with pytest.raises(BriskError, match="prompts.txt: line 2 is empty"):
+        gen.main(["--checkpoint_path", str(tiny), "--prompts_file", str(tmp_path / "prompts.txt")])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beam search against transformers
+
+BEAM_CASES = [  # num_beams, length_penalty, early_stopping, num_return_sequences
+    (4, 1.0, False, 4), (3, 0.5, True, 2), (4, -1.0, "never", 1), (2, 2.0, "never", 2)]
+
+
+def hf_beams(hf, ids, n_new, nb, lp, es, nret, eos):
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), num_beams=nb,
+                      do_sample=False, max_new_tokens=n_new, length_penalty=lp, early_stopping=es,
+                      num_return_sequences=nret, eos_token_id=sorted(eos) or None, pad_token_id=0,
+                      output_scores=True, return_dict_in_generate=True)
+    return out.sequences[:, len(ids):].tolist(), out.sequences_scores.tolist()
+
+
+def check_beams(ours, hf, ids, n_new, eos_from_greedy: bool):
+    ours.setup_caches(1, len(ids) + n_new)
+    greedy = engine.generate(ours, torch.tensor(ids), n_new, temperature=0.0)[0][0]
+    eos = {greedy[2], greedy[5]} if eos_from_greedy else set()  # tokens that do occur: hypotheses finish early
+    for nb, lp, es, nret in BEAM_CASES:
+        mine = beam_search(Batch(ours, nb, len(ids) + n_new), ids, n_new, nb, lp, es, nret, eos)
+        seqs, scores = hf_beams(hf, ids, n_new, nb, lp, es, nret, eos)
+        for (tokens, score), seq, hf_score in zip(mine, seqs, scores):
+            assert tokens == seq[:len(tokens)] and set(seq[len(tokens):]) <= {0, *eos}, (nb, lp, es)  # padding
+            assert score == pytest.approx(hf_score, rel=1e-5, abs=1e-4)
+        assert len(mine) == nret
+
+
+@pytest.mark.parametrize("family", ["llama2-mha", "llama3-gqa", "qwen2-bias-tied"])
+@pytest.mark.parametrize("eos", [False, True])
+def test_beam_search_gives_transformers_sequences(tmp_path, family, eos):
+    from scripts import convert_hf_checkpoint as convert_hf
+    from test_convert import make_hf_model
+    hf = make_hf_model(tmp_path, family)
+    convert_hf.convert(tmp_path)
+    ours = load_model(tmp_path / "model.pth", dtype=torch.float32)
+    check_beams(ours, hf, prompts(256, [7])[0], 12, eos)
+
+
+def llama_from_ours(ours):
+    """transformers' Llama with our model's weights (a Llama-family config without rope scaling or biases)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = ours.config
+    hf = LlamaForCausalLM(LlamaConfig(
+        hidden_size=c.dim, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head, num_key_value_heads=c.n_local_heads, head_dim=c.head_dim,
+        vocab_size=c.vocab_size, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_base, tie_word_embeddings=c.tie_embeddings)).eval()
+    sd = {"model.embed_tokens.weight": ours.tok_embeddings.weight, "model.norm.weight": ours.norm.weight,
+          "lm_head.weight": ours.output.weight}
+    for i, layer in enumerate(ours.layers):
+        p = f"model.layers.{i}."
+        q, k, v = layer.attention.wqkv.weight.split([c.n_head * c.head_dim, *[c.n_local_heads * c.head_dim] * 2])
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.attention.wo.weight,
+                   p + "mlp.gate_proj.weight": layer.feed_forward.w1.weight,
+                   p + "mlp.up_proj.weight": layer.feed_forward.w3.weight,
+                   p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
+                   p + "input_layernorm.weight": layer.attention_norm.weight,
+                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
+    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    return hf
+
+
+@pytest.mark.slow
+def test_beam_search_on_smollm2_gives_transformers_sequences(real_checkpoint):
+    from tokenizer import load_tokenizer
+    ours = load_model(real_checkpoint, dtype=torch.float32)
+    ids = load_tokenizer(real_checkpoint.parent).encode("The capital of France is")
+    check_beams(ours, llama_from_ours(ours), ids, 16, eos_from_greedy=True)
