@@ -243,6 +243,12 @@ def test_speculative_decoding_with_a_draft_of_the_family_equals_plain_greedy(con
     assert generate_text(path, "--draft_checkpoint_path", draft, "--speculate_k", 3) == generate_text(path)
 
 
+@pytest.mark.parametrize("family", ["bloom", "pythia"])  # ALiBi's per-row bias; partial rotary, parallel residual
+def test_rows_of_a_batch_give_the_logits_of_each_prompt_alone(converted, family):
+    from test_batch import check_rows_equal_alone
+    check_rows_equal_alone(load_model(converted(family)[1], dtype=torch.float32), compile=False)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_reused_prefix_in_the_cache_gives_the_fresh_result(converted, family):
     _, path = converted(family)
