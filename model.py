@@ -1,9 +1,9 @@
-"""The model: one config table for the Llama family and a static-KV-cache transformer.
+"""The model: one config (ModelArgs: Llama and, through a few switches, GPT-NeoX, GPT-J, OPT, BLOOM, GPTBigCode, Phi-3
+and GPT-2) and a static-KV-cache transformer; the presets are in presets.py.
 
 Weights use the Hugging Face layout for q/k (rotate-half rotary), so converted Hugging Face checkpoints need no
 permutation. Names follow gpt-fast: `wqkv` is q, k and v fused along the output dimension.
 """
-import difflib
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from cli import BriskError
 from cpu import FEW_ROWS, Linear, kv_cache_dtype  # a fork without the CPU tuning: Linear = nn.Linear, the cache in `dtype`
+from presets import find_preset, transformer_configs
 
 
 @dataclass
@@ -29,9 +30,23 @@ class ModelArgs:
     head_dim: Optional[int] = None  # None: dim // n_head
     rope_base: float = 10000.0  # rotary theta
     norm_eps: float = 1e-5
-    rope_scaling: Optional[dict] = None  # Llama-3.1 style: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    # Llama-3.1 style (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings), or Phi-3's
+    # rope_type "longrope" (short_factor, long_factor, original_max_position_embeddings, attention_factor)
+    rope_scaling: Optional[dict] = None
     tie_embeddings: bool = False  # output head shares the token embedding
-    qkv_bias: bool = False  # Qwen2 puts a bias on q, k and v
+    qkv_bias: bool = False  # a bias on q, k and v (Qwen2, GPT-NeoX, OPT, BLOOM, GPT-2, ...)
+    # switches for the families beyond Llama (defaults: Llama)
+    norm: str = "rmsnorm"  # or "layernorm" (with a bias)
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J)
+    shared_norm: bool = False  # one norm feeds both attention and MLP (GPT-J)
+    mlp: str = "swiglu"  # w2(silu(w1 x) * w3 x); or "gelu", "gelu_tanh", "relu": w2(act(w1 x)), no w3
+    mlp_bias: bool = False  # biases on w1 (w3) and w2
+    wo_bias: bool = False  # a bias on the attention output projection
+    head_bias: bool = False  # a bias on the output head (GPT-J)
+    positions: str = "rope"  # "rope", "learned" (an absolute table added to the embedding) or "alibi" (BLOOM)
+    rope_dim: Optional[int] = None  # rotary dims, the first of each head (GPT-NeoX rotary_pct); None: head_dim
+    pos_offset: int = 0  # the learned table's row for position 0 (OPT: 2)
+    embed_norm: bool = False  # a norm right after the embedding (BLOOM)
 
     def __post_init__(self):
         if self.n_local_heads == -1:
@@ -42,6 +57,12 @@ class ModelArgs:
             self.intermediate_size = n_hidden + (256 - n_hidden % 256) % 256
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_head
+        if self.rope_dim is None:
+            self.rope_dim = self.head_dim
+        for name, value, known in (("norm", self.norm, NORMS), ("mlp", self.mlp, ACTIVATIONS),
+                                   ("positions", self.positions, ("rope", "learned", "alibi"))):
+            if value not in known:
+                raise BriskError(f"unknown {name} {value!r}; known: {', '.join(known)}")
         if self.n_head % self.n_local_heads:
             raise BriskError(f"n_head {self.n_head} is not a multiple of n_local_heads {self.n_local_heads}")
 
@@ -56,52 +77,6 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def find_preset(name: str) -> str:
-    """Exact name first, then the longest preset name found (case-insensitively) inside `name`."""
-    if name in transformer_configs:
-        return name
-    low = name.lower()
-    hits = [k for k in transformer_configs if k.lower() in low]
-    if hits:
-        return max(hits, key=len)
-    close = difflib.get_close_matches(name, list(transformer_configs), n=5, cutoff=0.3)
-    raise BriskError(f"unknown model {name!r}; close names: {', '.join(close) or 'none'}")
-
-
-_L31 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-_L32 = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-
-transformer_configs = {
-    "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, dim=4096),
-    "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, dim=5120),
-    "Llama-2-70b": dict(block_size=4096, n_layer=80, n_head=64, dim=8192, n_local_heads=8, intermediate_size=28672),
-    "CodeLlama-7b": dict(block_size=16384, vocab_size=32016, n_layer=32, dim=4096, rope_base=1000000),
-    "CodeLlama-13b": dict(block_size=16384, vocab_size=32016, n_layer=40, n_head=40, dim=5120, rope_base=1000000),
-    "CodeLlama-34b": dict(block_size=16384, n_layer=48, n_head=64, dim=8192, vocab_size=32000, n_local_heads=8, intermediate_size=22016, rope_base=1000000),
-    "Meta-Llama-3-8B": dict(block_size=8192, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256, rope_base=500000),
-    "Meta-Llama-3-70B": dict(block_size=8192, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672, vocab_size=128256, rope_base=500000),
-    "Llama-3.1-8B": dict(block_size=131072, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256, rope_base=500000, rope_scaling=_L31),
-    "Llama-3.1-70B": dict(block_size=131072, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672, vocab_size=128256, rope_base=500000, rope_scaling=_L31),
-    "Llama-3.1-405B": dict(block_size=131072, n_layer=126, n_head=128, n_local_heads=8, dim=16384, intermediate_size=53248, vocab_size=128256, rope_base=500000, rope_scaling=_L31),
-    "Llama-3.2-1B": dict(block_size=131072, n_layer=16, n_head=32, n_local_heads=8, dim=2048, intermediate_size=8192, vocab_size=128256, rope_base=500000, rope_scaling=_L32, tie_embeddings=True),
-    "Llama-3.2-3B": dict(block_size=131072, n_layer=28, n_head=24, n_local_heads=8, dim=3072, intermediate_size=8192, vocab_size=128256, rope_base=500000, rope_scaling=_L32, tie_embeddings=True),
-    "Mistral-7B": dict(block_size=32768, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=32000),
-    "TinyLlama-1.1B": dict(block_size=2048, n_layer=22, n_head=32, n_local_heads=4, dim=2048, intermediate_size=5632),
-    "llama-68m": dict(block_size=2048, n_layer=2, n_head=12, dim=768, intermediate_size=3072),
-    "llama-160m": dict(block_size=2048, n_layer=12, n_head=12, dim=768, intermediate_size=3072),
-    "SmolLM2-135M": dict(block_size=8192, n_layer=30, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536, vocab_size=49152, rope_base=100000, tie_embeddings=True),
-    "SmolLM2-360M": dict(block_size=8192, n_layer=32, n_head=15, n_local_heads=5, dim=960, intermediate_size=2560, vocab_size=49152, rope_base=100000, tie_embeddings=True),
-    "SmolLM2-1.7B": dict(block_size=8192, n_layer=24, n_head=32, n_local_heads=32, dim=2048, intermediate_size=8192, vocab_size=49152, rope_base=130000, tie_embeddings=True),
-    "Qwen2-0.5B": dict(block_size=32768, n_layer=24, n_head=14, n_local_heads=2, dim=896, intermediate_size=4864, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
-    "Qwen2-1.5B": dict(block_size=32768, n_layer=28, n_head=12, n_local_heads=2, dim=1536, intermediate_size=8960, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
-    "Qwen2-7B": dict(block_size=32768, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944, vocab_size=152064, rope_base=1000000, norm_eps=1e-6, qkv_bias=True),
-    "Qwen2.5-0.5B": dict(block_size=32768, n_layer=24, n_head=14, n_local_heads=2, dim=896, intermediate_size=4864, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
-    "Qwen2.5-1.5B": dict(block_size=32768, n_layer=28, n_head=12, n_local_heads=2, dim=1536, intermediate_size=8960, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
-    "Qwen2.5-3B": dict(block_size=32768, n_layer=36, n_head=16, n_local_heads=2, dim=2048, intermediate_size=11008, vocab_size=151936, rope_base=1000000, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
-    "Qwen2.5-7B": dict(block_size=32768, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944, vocab_size=152064, rope_base=1000000, norm_eps=1e-6, qkv_bias=True),
-}
 
 
 class KVCache(nn.Module):
@@ -126,13 +101,18 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        learned = config.positions == "learned"
+        self.pos_embeddings = nn.Embedding(config.block_size + config.pos_offset, config.dim) if learned else None
+        self.embed_norm = make_norm(config) if config.embed_norm else None
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = Linear(config.dim, config.vocab_size, bias=False)
+        self.norm = make_norm(config)
+        self.output = Linear(config.dim, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = -1
         self.max_seq_length = -1
+        # ALiBi: this model's heads among all heads (tp.apply_tp gives each rank its own)
+        self.alibi_heads = (0, config.n_head, config.n_head)  # (first, count, of all)
 
     @classmethod
     def from_name(cls, name: str) -> "Transformer":
@@ -152,9 +132,12 @@ class Transformer(nn.Module):
         cache_dtype = kv_cache_dtype(device, dtype)  # attention computes in it (Attention.forward)
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch_size, S, c.n_local_heads, c.head_dim, cache_dtype).to(device)
-        cos, sin = rope_tables(S, c.head_dim, c.rope_base, c.rope_scaling)
-        self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype), persistent=False)  # [S, D/2]
-        self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)  # [S, D/2]
+        cos, sin = rope_tables(S, c.rope_dim, c.rope_base, c.rope_scaling, max_seq_length)
+        self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype), persistent=False)  # [S, R/2]
+        self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)  # [S, R/2]
+        first, count, total = self.alibi_heads
+        slopes = alibi_slopes(total)[first:first + count]
+        self.register_buffer("alibi_slopes", slopes.to(device=device, dtype=cache_dtype), persistent=False)  # [H]
         causal = torch.tril(torch.ones(S, S, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)  # [S, S]
 
@@ -187,11 +170,18 @@ class Transformer(nn.Module):
             end = last + 1
             if T <= FEW_ROWS:  # and with one masked key at least (the spare one at worst): eager attend's results
                 end = self.attend_len(last) + (self.attend_len(last) == end)  # differ when none is masked
-        mask = self.causal_mask[input_pos, :end].unsqueeze(-3)  # [1 or B, 1, T, end]
+        mask = causal = self.causal_mask[input_pos, :end].unsqueeze(-3)  # [1 or B, 1, T, end]
         if input_pos.dim() == 1 and end == T and not torch.compiler.is_compiling():
             mask = None  # causal
-        cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)  # [1|B, 1, T, D/2]
+        cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)  # [1|B, 1, T, R/2]
         x = self.tok_embeddings(idx)  # [B, T, dim]
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(input_pos + self.config.pos_offset)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        if self.config.positions == "alibi":  # a per-head bias slope * (key pos - query pos) on causal scores
+            rel = (torch.arange(end, device=idx.device) - input_pos[..., None]).unsqueeze(-3)  # [1|B, 1, T, end]
+            mask = (self.alibi_slopes[:, None, None] * rel).masked_fill(~causal, float("-inf"))  # [1|B, H, T, end]
         for layer in self.layers:
             x = layer(x, input_pos, cos, sin, mask, row)
         return self.output(self.norm(x[:, -logits_to_keep:]))
@@ -202,12 +192,17 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention = Attention(config)
         self.feed_forward = FeedForward(config)
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention_norm = make_norm(config)
+        self.ffn_norm = None if config.shared_norm else make_norm(config)
+        self.parallel_residual = config.parallel_residual
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
                 row: int = 0) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), input_pos, cos, sin, mask, row)
+        h = self.attention_norm(x)
+        a = self.attention(h, input_pos, cos, sin, mask, row)
+        if self.parallel_residual:
+            return x + a + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x))
+        h = x + a
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -217,7 +212,8 @@ class Attention(nn.Module):
         self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
         qkv_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
         self.wqkv = Linear(config.dim, qkv_dim, bias=config.qkv_bias)
-        self.wo = Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.wo = Linear(config.n_head * config.head_dim, config.dim, bias=config.wo_bias)
+        self.rotary = config.positions == "rope"
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
@@ -229,7 +225,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rotary:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v, row)  # [B, Hkv, S, D]
         end = T if mask is None else mask.shape[-1]  # the cache positions attended to
         k, v = k[:, :, :end], v[:, :, :end]
@@ -246,12 +243,27 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
-        self.w1 = Linear(config.dim, config.intermediate_size, bias=False)  # gate
-        self.w3 = Linear(config.dim, config.intermediate_size, bias=False)  # up
-        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)  # down
+        bias = config.mlp_bias
+        self.act = ACTIVATIONS[config.mlp]
+        self.w1 = Linear(config.dim, config.intermediate_size, bias=bias)  # gate (SwiGLU), else the up projection
+        self.w3 = Linear(config.dim, config.intermediate_size, bias=bias) if config.mlp == "swiglu" else None  # up
+        self.w2 = Linear(config.intermediate_size, config.dim, bias=bias)  # down
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h = self.act(self.w1(x))
+        return self.w2(h if self.w3 is None else h * self.w3(x))
+
+
+ACTIVATIONS = {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+NORMS = ("rmsnorm", "layernorm")
+
+
+def make_norm(config: ModelArgs) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.dim, config.norm_eps)
+    return RMSNorm(config.dim, config.norm_eps)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -263,7 +275,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv * T, D)  # the queries of each key/value head: [B, Hkv, G*T, D]
     s = (qg[:, :, :, None] * k[:, :, None]).sum(-1) * D ** -0.5  # [B, Hkv, G*T, S]
-    s = s.view(B, H, T, -1).masked_fill(~mask, -float("inf")).view(B, Hkv, H // Hkv * T, -1)
+    s = s.view(B, H, T, -1)
+    s = s.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else s + mask  # float: ALiBi's, -inf masked
+    s = s.view(B, Hkv, H // Hkv * T, -1)
     p = (s - s.amax(-1, keepdim=True)).exp()
     y = (p[..., None] * v[:, :, None]).sum(-2) / p.sum(-1, keepdim=True)  # [B, Hkv, G*T, D]
     return y.view(B, H, T, D)
@@ -282,13 +296,31 @@ class RMSNorm(nn.Module):
         return self.weight * y.type_as(x)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float, scaling: Optional[dict] = None) -> tuple[Tensor, Tensor]:
-    """cos and sin tables [seq_len, head_dim/2] for rotate-half rotary embeddings, computed in fp32."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [D/2]
-    if scaling is not None:
+def rope_tables(seq_len: int, rope_dim: int, base: float, scaling: Optional[dict] = None,
+                context: int = 0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [seq_len, rope_dim/2] for rotate-half rotary embeddings, computed in fp32. Phi-3's
+    longrope scaling takes its long factors when the context (the cache's length) exceeds the original one."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))  # [R/2]
+    scale = 1.0
+    if scaling is not None and scaling.get("rope_type") == "longrope":
+        long = context > scaling["original_max_position_embeddings"]
+        inv_freq = inv_freq / torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        scale = scaling["attention_factor"]
+    elif scaling is not None:
         inv_freq = llama31_scale(inv_freq, **scaling)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [S, D/2]
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [S, R/2]
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def alibi_slopes(n_head: int) -> Tensor:
+    """ALiBi's head slopes [n_head]: a geometric series over the largest power of two of heads, the rest
+    interleaved from the series of twice as many (BLOOM)."""
+    p = 2 ** math.floor(math.log2(n_head))
+    slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
+    slopes += [2 ** (-4 * (2 * i + 1) / p) for i in range(n_head - p)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
 
 
 def llama31_scale(inv_freq: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -305,6 +337,8 @@ def llama31_scale(inv_freq: Tensor, factor: float, low_freq_factor: float, high_
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, H, T, D]; cos/sin: [T, D/2] or [1|B, 1, T, D/2]. Rotate-half layout: pairs are (i, i + D/2).
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    # x: [B, H, T, D]; cos/sin: [T, R/2] or [1|B, 1, T, R/2]. Rotate-half layout over the first R dims: pairs are
+    # (i, i + R/2).
+    R = 2 * cos.shape[-1]
+    x1, x2 = x[..., :R // 2], x[..., R // 2:R]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], dim=-1)

@@ -374,8 +374,14 @@ def gptq_model(model: Transformer, samples: Tensor, groupsize: int, blocksize: i
     S, T = samples.shape
     model.setup_caches(1, T)
     pos = torch.arange(T, device=samples.device)
-    mask, cos, sin = model.causal_mask[None, None, pos], model.rope_cos[pos], model.rope_sin[pos]
-    xs = [model.tok_embeddings(samples[i:i + 1]) for i in range(S)]  # S x [1, T, D]
+    # the first block's inputs as the model's forward makes them, whatever its positions (rotary, learned, ALiBi)
+    inputs = []
+    hook = model.layers[0].register_forward_pre_hook(lambda _, args: inputs.append(args))
+    for i in range(S):
+        model(samples[i:i + 1], pos, logits_to_keep=1)
+    hook.remove()
+    xs = [args[0] for args in inputs]  # S x [1, T, D]
+    cos, sin, mask = inputs[0][2:5]
     results = {}
     for li, block in enumerate(tqdm(model.layers, desc="GPTQ", unit="layer")):
         linears = dict(linear_layers(block))

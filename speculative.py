@@ -275,7 +275,8 @@ def requested(args) -> bool:
 
 
 def vocabulary(directory: Path):
-    """What fixes the meaning of token ids: tokenizer.json's vocabulary and added tokens, or tokenizer.model."""
+    """What fixes the meaning of token ids: tokenizer.json's vocabulary and added tokens, tokenizer.model or
+    vocab.json."""
     path = directory / "tokenizer.json"
     if path.is_file():
         try:
@@ -286,8 +287,10 @@ def vocabulary(directory: Path):
         if isinstance(vocab, list):  # Unigram: [piece, score] pairs
             vocab = [v[0] for v in vocab]
         return "tokenizer.json", vocab, sorted((t["id"], t["content"]) for t in d.get("added_tokens", []))
-    path = directory / "tokenizer.model"
-    return ("tokenizer.model", path.read_bytes()) if path.is_file() else None
+    for name in ("tokenizer.model", "vocab.json"):  # vocab.json: GPT-2-style, with merges.txt (OPT)
+        if (directory / name).is_file():
+            return name, (directory / name).read_bytes()
+    return None
 
 
 def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
@@ -316,8 +319,8 @@ def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
         raise BriskError(f"draft checkpoint not found: {path}")
     target_vocab, draft_vocab = vocabulary(args.checkpoint_path.parent), vocabulary(path.parent)
     if draft_vocab is None:
-        raise BriskError(f"no tokenizer.json or tokenizer.model beside {path}: cannot check that the draft shares "
-                         "the target's vocabulary")
+        raise BriskError(f"no tokenizer.json, tokenizer.model or vocab.json beside {path}: cannot check that the "
+                         "draft shares the target's vocabulary")
     if target_vocab != draft_vocab:
         raise BriskError(f"the draft {path} and the target {args.checkpoint_path} have different vocabularies "
                          f"(compared their {draft_vocab[0]})")

@@ -2,6 +2,7 @@
 
 `load_tokenizer(checkpoint_dir)` reads, in this order of preference:
   tokenizer.json   a Hugging Face `tokenizers` file (SmolLM2, Qwen2, Llama 3 from the Hub, GGUF conversions)
+  vocab.json + merges.txt   GPT-2-style byte-level BPE without a tokenizer.json (OPT, older GPT-2 repos)
   tokenizer.model  a SentencePiece model (Llama 2, Mistral, TinyLlama) or a tiktoken rank file (Meta's Llama 3)
 and tokenizer_config.json / generation_config.json beside it for BOS/EOS, whether to prepend BOS, and the chat
 template. Results match `transformers.AutoTokenizer` on the same files.
@@ -151,20 +152,23 @@ class StreamDecoder:
 
 
 class HFTokenizer(Tokenizer):
-    """tokenizer.json, run by the Hugging Face `tokenizers` library."""
+    """tokenizer.json, or vocab.json + merges.txt, run by the Hugging Face `tokenizers` library."""
 
     def __init__(self, directory: Path):
         from tokenizers import Tokenizer as Backend
 
+        path = directory / "tokenizer.json"
         try:
-            self.tok = Backend.from_file(str(directory / "tokenizer.json"))
+            self.tok = Backend.from_file(str(path)) if path.is_file() else _byte_level_bpe(directory)
         except Exception as e:
-            raise BriskError(f"cannot read {directory / 'tokenizer.json'}: {str(e).splitlines()[0]}") from None
+            raise BriskError(f"cannot read the tokenizer in {directory}: {str(e).splitlines()[0]}") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         # Without add_bos_token in the config, BOS is whatever the file's post-processor puts first (Llama 3)
         plain, full = self.tok.encode("a", add_special_tokens=False).ids, self.tok.encode("a").ids
         added_bos = self.tok.id_to_token(full[0]) if len(full) > len(plain) and full[-len(plain):] == plain else None
-        self._configure(directory, added_bos, None, added_bos is not None)
+        # GPT2Tokenizer's default BOS and EOS, for vocab.json + merges.txt
+        default = "<|endoftext|>" if not path.is_file() and self.tok.token_to_id("<|endoftext|>") is not None else None
+        self._configure(directory, added_bos or default, default, added_bos is not None)
 
     def _encode(self, text: str) -> list:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -247,15 +251,33 @@ class TiktokenTokenizer(Tokenizer):
         return self.ranks.get(token.encode("utf-8"))
 
 
+def _byte_level_bpe(directory: Path):
+    """vocab.json + merges.txt as transformers' GPT2Tokenizer runs them; the config's special tokens (and
+    added_tokens_decoder) written in the text become those tokens."""
+    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
+
+    config = _read_json(directory / "tokenizer_config.json")
+    tok = Backend(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
+    tok.decoder = decoders.ByteLevel()
+    keys = ("bos_token", "eos_token", "unk_token", "pad_token")
+    specials = [_token_text(config.get(k)) for k in keys]
+    specials += [_token_text(t) for t in config.get("added_tokens_decoder", {}).values()]
+    if not any(specials) and "<|endoftext|>" in tok.get_vocab():  # GPT2Tokenizer's default BOS, EOS and unknown
+        specials.append("<|endoftext|>")
+    tok.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys(specials) if t])
+    return tok
+
+
 def load_tokenizer(checkpoint_dir) -> Tokenizer:
     directory = Path(checkpoint_dir)
     if directory.is_file():  # model.pth given: its directory
         directory = directory.parent
-    if (directory / "tokenizer.json").is_file():
+    if (directory / "tokenizer.json").is_file() or (directory / "merges.txt").is_file():
         return HFTokenizer(directory)
     path = directory / "tokenizer.model"
     if not path.is_file():
-        raise BriskError(f"no tokenizer.json or tokenizer.model in {directory}")
+        raise BriskError(f"no tokenizer.json, vocab.json + merges.txt or tokenizer.model in {directory}")
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor()

@@ -7,8 +7,10 @@ r"""Tensor parallelism: one model split across N processes started by torchrun, 
 
 Each transformer block is split Megatron-style, so that it needs two all-reduces and nothing else:
   - attention: wqkv column-wise by heads (q, k and v are each split by heads, so every rank keeps whole heads and
-    their GQA grouping, and its own part of the KV cache), wo row-wise; the outputs are summed after wo;
+    their GQA grouping, and its own part of the KV cache; a single key/value head (multi-query) is kept whole by
+    every rank), wo row-wise; the outputs are summed after wo; ALiBi slopes follow their heads;
   - feed-forward: w1 and w3 column-wise, w2 row-wise; the outputs are summed after w2.
+A row-wise linear's bias is added once, by rank 0.
 The embedding, the norms and the output head are replicated. An embedding lookup reads a few rows, so splitting
 it saves memory but no time. Splitting the head's vocabulary would cut what each rank reads per decode step (on a
 GPU node the head is a large part of a rank's share: Llama-3-8B at 8 ranks reads 1 GB of head against 1.75 GB of
@@ -82,6 +84,8 @@ def check_divisible(config: ModelArgs, world_size: int, int4_groupsize: Optional
     weights, that would cut a group of the linears split along their inputs (wo, w2)."""
     sizes = dict(n_head=config.n_head, n_local_heads=config.n_local_heads,
                  intermediate_size=config.intermediate_size)
+    if config.n_local_heads == 1:  # a single key/value head is replicated
+        del sizes["n_local_heads"]
     bad = [f"{k} {v}" for k, v in sizes.items() if v % world_size]
     if bad:
         g = math.gcd(*sizes.values())
@@ -114,17 +118,21 @@ def _all_reduce(module: nn.Module, inputs, output: Tensor) -> Tensor:
     return funcol.all_reduce(output, "sum", dist.group.WORLD)
 
 
-def _split(t: Tensor, leaf: str, parts: Optional[list[int]], rank: int, world: int) -> Tensor:
+def _split(t: Tensor, leaf: str, parts: Optional[list[int]], rank: int, world: int, whole: int = 0) -> Tensor:
     """This rank's slice of tensor `leaf` of a linear: of each of `parts` (sizes along N) when split column-wise,
-    along K when split row-wise (parts None); a per-output tensor of a row-wise split is kept whole."""
+    except the last `whole` parts, kept whole; along K when split row-wise (parts None), where a per-output tensor
+    is kept whole and a bias kept by rank 0 only (zeros elsewhere), as the ranks' outputs are summed."""
     if parts is None:
+        if leaf == "bias":
+            return t if rank == 0 else torch.zeros_like(t)
         if leaf not in K_DIM:
             return t
         dim = K_DIM[leaf]
         n = t.shape[dim] // world
         return t.narrow(dim, rank * n, n)
     dim = N_DIM[leaf]
-    pieces = [p.narrow(dim, rank * (p.shape[dim] // world), p.shape[dim] // world) for p in t.split(parts, dim)]
+    pieces = [p if i >= len(parts) - whole else p.narrow(dim, rank * (p.shape[dim] // world), p.shape[dim] // world)
+              for i, p in enumerate(t.split(parts, dim))]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
@@ -141,30 +149,35 @@ def apply_tp(model: Transformer, state_dict: Optional[dict] = None) -> Optional[
     check_divisible(c, world, max(groupsizes, default=None))
     out = None if state_dict is None else dict(state_dict)
     H, Hkv, D = c.n_head, c.n_local_heads, c.head_dim
+    Hkv_rank = 1 if Hkv == 1 else Hkv // world
     for i, block in enumerate(model.layers):
         attn, ffn = block.attention, block.feed_forward
         plan = [("attention.wqkv", attn.wqkv, [H * D, Hkv * D, Hkv * D]), ("attention.wo", attn.wo, None),
                 ("feed_forward.w1", ffn.w1, [c.intermediate_size]), ("feed_forward.w3", ffn.w3, [c.intermediate_size]),
                 ("feed_forward.w2", ffn.w2, None)]
         for name, lin, parts in plan:
+            if lin is None:  # no w3 outside SwiGLU
+                continue
+            whole = 2 if name == "attention.wqkv" and Hkv == 1 else 0
             if getattr(lin, "kernel", None) is not None:
                 raise BriskError("int4 weights packed for a kernel cannot be split: split while loading, with "
                                  "load_model(..., transform=tp.apply_tp)")
             if parts is None:
                 lin.in_features //= world
             else:
-                lin.out_features //= world
+                lin.out_features = sum(parts[:len(parts) - whole]) // world + sum(parts[len(parts) - whole:])
             for leaf, t in [*lin.named_parameters(recurse=False), *lin.named_buffers(recurse=False)]:
-                new = _split(t, leaf, parts, rank, world)
+                new = _split(t, leaf, parts, rank, world, whole)
                 if out is not None:
                     key = f"layers.{i}.{name}.{leaf}"
-                    out[key] = _split(out[key], leaf, parts, rank, world).contiguous()  # a copy only if strided
+                    out[key] = _split(out[key], leaf, parts, rank, world, whole).contiguous()  # a copy if strided
                 else:
                     new = new.clone()  # do not keep the whole tensor alive through a view
                 setattr(lin, leaf, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
-        attn.n_head, attn.n_local_heads = H // world, Hkv // world
+        attn.n_head, attn.n_local_heads = H // world, Hkv_rank
         attn.register_forward_hook(_all_reduce)
         ffn.register_forward_hook(_all_reduce)
+    model.alibi_heads = (rank * (H // world), H // world, H)
     # the config now describes this rank's share: setup_caches sizes the KV cache by n_local_heads
-    c.n_head, c.n_local_heads, c.intermediate_size = H // world, Hkv // world, c.intermediate_size // world
+    c.n_head, c.n_local_heads, c.intermediate_size = H // world, Hkv_rank, c.intermediate_size // world
     return out

@@ -1,11 +1,13 @@
-"""Convert a llama.cpp GGUF file (architecture `llama` or `qwen2`) into a checkpoint directory.
+"""Convert a llama.cpp GGUF file (architecture `llama`, `qwen2`, `phi3`, `bloom` or `gpt2`) into a checkpoint directory.
 
     python scripts/convert_gguf.py FILE.gguf --checkpoint_dir checkpoints/ORG/NAME [--dtype float32] [--force]
 
 Quantized tensors (Q4_1, Q8_0, ...) are dequantized with the `gguf` package and stored as plain floats
 (float32 by default: a dequantized value d*q+m is generally not representable in bf16 or fp16). llama.cpp
 stores the q/k projections of `llama` models with rows permuted for its interleaved rotary; that is undone
-here, so the weights are in the Hugging Face rotate-half layout model.py expects. The tokenizer is rebuilt
+here, so the weights are in the Hugging Face rotate-half layout model.py expects (phi3 is stored unpermuted;
+llama.cpp already stores bloom's fused q/k/v as q, k, v and gpt2's weights as [out, in], as ours are; phi3's
+ffn_up holds the gate and up projections, split here). The tokenizer is rebuilt
 as a Hugging Face `tokenizer.json` from the vocabulary in the file's metadata.
 """
 import json
@@ -22,19 +24,23 @@ from checkpoint import CONFIG_NAME, save_checkpoint
 from cli import DTYPES, ArgumentParser, BriskError, check_writable, run_cli, save_atomic
 from model import ModelArgs, llama31_scale
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "phi3", "bloom", "gpt2")
+# the switches (ModelArgs) of the LayerNorm architectures
+LAYERNORM_ARCHS = {
+    "bloom": dict(norm="layernorm", mlp="gelu_tanh", mlp_bias=True, qkv_bias=True, wo_bias=True, positions="alibi",
+                  embed_norm=True),
+    "gpt2": dict(norm="layernorm", mlp="gelu_tanh", mlp_bias=True, qkv_bias=True, wo_bias=True, positions="learned"),
+}
 
 # GGUF tensor name inside a block -> ours
 BLOCK_NAMES = {
-    "attn_output.weight": "attention.wo.weight",
-    "ffn_gate.weight": "feed_forward.w1.weight",
-    "ffn_down.weight": "feed_forward.w2.weight",
-    "ffn_up.weight": "feed_forward.w3.weight",
-    "attn_norm.weight": "attention_norm.weight",
-    "ffn_norm.weight": "ffn_norm.weight",
+    "attn_output": "attention.wo", "attn_qkv": "attention.wqkv", "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
 }
 TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-             "output.weight": "output.weight"}
+             "output_norm.bias": "norm.bias", "output.weight": "output.weight",
+             "position_embd.weight": "pos_embeddings.weight", "token_embd_norm.weight": "embed_norm.weight",
+             "token_embd_norm.bias": "embed_norm.bias"}
 
 # Split patterns of llama.cpp's pre-tokenizer types (`tokenizer.ggml.pre`), as in the models' own tokenizer.json
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -74,12 +80,15 @@ def model_args(meta: dict, tensors: dict) -> ModelArgs:
     scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling_type not in ("none", "llama3"):  # Llama 3.1's scaling is given by the rope_freqs tensor instead
         raise BriskError(f"rope scaling {scaling_type!r} is not supported")
+    switches = LAYERNORM_ARCHS.get(arch, {})
     args = ModelArgs(
-        block_size=get("context_length"), vocab_size=tensors["tok_embeddings.weight"].shape[0],
+        block_size=get("context_length", 2048), vocab_size=tensors["tok_embeddings.weight"].shape[0],
         n_layer=get("block_count"), n_head=n_head, n_local_heads=get("attention.head_count_kv", n_head), dim=dim,
         intermediate_size=get("feed_forward_length"), head_dim=head_dim, rope_base=get("rope.freq_base", 10000.0),
-        norm_eps=get("attention.layer_norm_rms_epsilon"), tie_embeddings="output.weight" not in tensors,
-        qkv_bias="layers.0.attention.wqkv.bias" in tensors)
+        rope_dim=get("rope.dimension_count", head_dim),
+        norm_eps=get("attention.layer_norm_epsilon" if switches else "attention.layer_norm_rms_epsilon"),
+        tie_embeddings="output.weight" not in tensors, **{"qkv_bias": "layers.0.attention.wqkv.bias" in tensors,
+                                                          **switches})
     if "rope_freqs.weight" in tensors:
         args.rope_scaling = llama3_scaling(tensors.pop("rope_freqs.weight"), args)
     return args
@@ -118,11 +127,18 @@ def convert_weights(reader, meta: dict, dtype: torch.dtype) -> tuple[dict, Model
             sd[TOP_NAMES[name]] = w
         elif name == "rope_freqs.weight":
             sd[name] = w  # consumed by model_args
+        elif name.startswith("rope_factors_"):
+            raise BriskError("Phi-3 longrope factors in a GGUF are not supported; convert the Hugging Face checkpoint")
         elif name.startswith("blk."):
             _, layer, rest = name.split(".", 2)
-            if rest in BLOCK_NAMES:
-                sd[f"layers.{layer}.{BLOCK_NAMES[rest]}"] = w
-            elif rest.split(".")[0] in ("attn_q", "attn_k", "attn_v"):
+            module, _, leaf = rest.rpartition(".")
+            if arch == "phi3" and module == "ffn_up":  # gate and up stacked
+                sd[f"layers.{layer}.feed_forward.w1.{leaf}"], sd[f"layers.{layer}.feed_forward.w3.{leaf}"] = w.chunk(2)
+            elif module == "ffn_up" and arch in LAYERNORM_ARCHS:  # no gate: the up projection is w1
+                sd[f"layers.{layer}.feed_forward.w1.{leaf}"] = w
+            elif module in BLOCK_NAMES:
+                sd[f"layers.{layer}.{BLOCK_NAMES[module]}.{leaf}"] = w
+            elif module in ("attn_q", "attn_k", "attn_v"):
                 qkv[(int(layer), rest)] = w
             else:
                 raise BriskError(f"unexpected tensor {name} in a {arch} GGUF")
@@ -236,7 +252,8 @@ def convert_tokenizer(meta: dict) -> tuple[str, dict, dict]:
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("gguf_file", type=Path, help="a GGUF file of architecture llama or qwen2, any quantization")
+    p.add_argument("gguf_file", type=Path, help=f"a GGUF file of architecture {', '.join(ARCHITECTURES)}, any "
+                   "quantization")
     p.add_argument("--checkpoint_dir", type=Path, required=True,
                    help="where to write model.pth, model_config.json and the tokenizer files")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the stored weights")

@@ -14,10 +14,11 @@ from huggingface_hub.errors import (GatedRepoError, HFValidationError, HTTPError
 
 from cli import ArgumentParser, BriskError, run_cli  # noqa: E402
 
-# config, tokenizer and generation settings; Llama-3 repos keep tiktoken's file under original/ beside
-# Meta's consolidated .pth weights, which we never want
+# config, tokenizer and generation settings (GPT-2-style repos such as OPT's have vocab.json + merges.txt and no
+# tokenizer.json); Llama-3 repos keep tiktoken's file under original/ beside Meta's consolidated .pth weights,
+# which we never want
 META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-              "special_tokens_map.json", "original/tokenizer.model"]
+              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "original/tokenizer.model"]
 SAFETENSORS = ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"]
 PYTORCH_BIN = ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"]
 

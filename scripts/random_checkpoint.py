@@ -56,7 +56,7 @@ def write_random_checkpoint(directory: Path, args: ModelArgs, force: bool = Fals
 
 def main() -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a preset name of model.py (e.g. Llama-2-7b, Mistral-7B)")
+    p.add_argument("--model", required=True, help="a preset name of presets.py (e.g. Llama-2-7b, pythia-410m)")
     p.add_argument("--out", type=Path, required=True, help="directory for model.pth and model_config.json")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--seed", type=int, default=0, help="default 0")

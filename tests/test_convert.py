@@ -134,7 +134,7 @@ def test_config_variants(hf_config, expected):
 
 
 @pytest.mark.parametrize("hf_config, match", [
-    (dict(architectures=["GPT2LMHeadModel"]), "unsupported architecture GPT2LMHeadModel"),
+    (dict(architectures=["FalconForCausalLM"]), "unsupported architecture FalconForCausalLM; brisk converts Llama"),
     (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)), "rope_type 'yarn'"),
     (dict(attention_bias=True), "attention_bias"),
 ])
@@ -217,6 +217,8 @@ LLAMA3_REPO = ["config.json", "generation_config.json", "model-00001-of-00002.sa
                "original/params.json", "LICENSE", "README.md", ".gitattributes"]
 BIN_REPO = ["config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json", "training_args.bin",
             "README.md"]
+OPT_REPO = ["config.json", "generation_config.json", "merges.txt", "vocab.json", "pytorch_model.bin",
+            "special_tokens_map.json", "tokenizer_config.json", "flax_model.msgpack", "tf_model.h5", "README.md"]
 BOTH_REPO = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "flax_model.msgpack"]
 
 
@@ -235,6 +237,7 @@ def hub(monkeypatch):
                                       ".gitattributes"}),
     (BIN_REPO, {"config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json"}),
     (BOTH_REPO, {"config.json", "model.safetensors", "tokenizer.json"}),  # safetensors preferred
+    (OPT_REPO, set(OPT_REPO) - {"flax_model.msgpack", "tf_model.h5", "README.md"}),  # GPT-2-style tokenizer files
 ])
 def test_download_fetches_only_needed_files(hub, tmp_path, files, wanted):
     hub["files"] = files

@@ -69,6 +69,23 @@ def byte_level_vocab(directory) -> dict:
                 types=[3 if t in specials else 1 for t in tokens], chat_template=CHATML)
 
 
+def add_vocab(w, vocab: dict) -> None:
+    """The tokenizer metadata of `vocab` (sentencepiece_vocab or byte_level_vocab) on GGUFWriter w."""
+    w.add_tokenizer_model(vocab["model"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if "scores" in vocab:
+        w.add_token_scores(vocab["scores"])
+    if "merges" in vocab:
+        w.add_tokenizer_pre(vocab["pre"])
+        w.add_token_merges(vocab["merges"])
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    w.add_add_bos_token(vocab["add_bos"])
+    if "chat_template" in vocab:
+        w.add_chat_template(vocab["chat_template"])
+
+
 def write_gguf(path, arch: str, hf_model, vocab: dict, qtype=None) -> None:
     """hf_model's weights and config as llama.cpp would write them; 2-D weights in qtype (default F32)."""
     import gguf
@@ -83,19 +100,7 @@ def write_gguf(path, arch: str, hf_model, vocab: dict, qtype=None) -> None:
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_tokenizer_model(vocab["model"])
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["types"])
-    if "scores" in vocab:
-        w.add_token_scores(vocab["scores"])
-    if "merges" in vocab:
-        w.add_tokenizer_pre(vocab["pre"])
-        w.add_token_merges(vocab["merges"])
-    w.add_bos_token_id(vocab["bos"])
-    w.add_eos_token_id(vocab["eos"])
-    w.add_add_bos_token(vocab["add_bos"])
-    if "chat_template" in vocab:
-        w.add_chat_template(vocab["chat_template"])
+    add_vocab(w, vocab)
     for name, t in hf_model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -319,7 +324,7 @@ def test_unsupported_architecture_is_one_line_error(tmp_path):
     w.close()
     proc = run_convert(tmp_path / "g.gguf", "--checkpoint_dir", tmp_path / "out")
     assert proc.returncode == 1 and proc.stderr.strip() == (
-        "error: " + str(tmp_path / "g.gguf") + ": architecture 'gemma' is not supported (supported: llama, qwen2)")
+        "error: " + str(tmp_path / "g.gguf") + ": architecture 'gemma' is not supported (supported: llama, qwen2, phi3, bloom, gpt2)")
     assert not (tmp_path / "out").exists()
 
 

@@ -230,7 +230,7 @@ def test_config_files_and_fallbacks(tmp_path):
 
 
 def test_missing_or_bad_tokenizer_is_one_line_error(tmp_path):
-    with pytest.raises(BriskError, match="no tokenizer.json or tokenizer.model"):
+    with pytest.raises(BriskError, match="no tokenizer.json, vocab.json .+ merges.txt or tokenizer.model"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"\x00\x01 garbage\n")
     with pytest.raises(BriskError, match="neither a SentencePiece model nor a tiktoken rank file"):

@@ -108,11 +108,11 @@ def test_generate_under_torchrun_prints_the_single_process_text_once(tmp_path, c
 @pytest.fixture(scope="module")
 def speculated(tmp_path_factory):
     """One torchrun of 2 ranks decoding 24 tokens of a tiny target with each proposer, greedy and sampled.
-    Drafts: a smaller model whose 1 key/value head cannot be split (each rank runs all of it), and the target
+    Drafts: a smaller model whose 3 heads cannot be split in two (each rank runs all of it), and the target
     with noise on its weights, split like the target (it agrees with the target often, not always)."""
     d = tmp_path_factory.mktemp("speculated")
     target = make_checkpoint(d / "target")
-    small = make_checkpoint(d / "small", seed=1, n_layer=1, dim=32, n_head=2, n_local_heads=1, intermediate_size=64)
+    small = make_checkpoint(d / "small", seed=1, n_layer=1, dim=48, n_head=3, n_local_heads=1, intermediate_size=64)
     noisy = noisy_copy(target, d / "noisy", noise=0.02)
     greedy = [f"--draft_checkpoint_path {small} --speculate_k 3", f"--draft_checkpoint_path {noisy}", "--draft int8",
               "--draft int4 --speculate_k 4", "--prompt_lookup 2 --speculate_k 3"]
@@ -153,7 +153,7 @@ def test_a_draft_is_split_when_it_can_be_else_replicated_and_a_self_draft_is_wri
     is not. Rank 0 alone wrote each self-draft, once, for the first configuration that needed it."""
     err = speculated.stderr
     assert err.count(f"the draft {speculated.small} runs whole on each of the 2 processes, not split: cannot split "
-                     "the model across 2 processes: n_local_heads 1 not divisible by 2 (possible: 1)") == 2
+                     "the model across 2 processes: n_head 3 not divisible by 2 (possible: 1)") == 2
     assert f"the draft {speculated.noisy} runs whole" not in err
     for name in ("model_int8.pth", "model_int4.g32.pth"):
         assert (speculated.target.parent / name).is_file()
