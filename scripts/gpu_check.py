@@ -41,7 +41,6 @@ from safetensors.torch import save_file  # noqa: E402
 from checkpoint import load_config, load_state_dict  # noqa: E402
 from cli import BriskError, check_writable, parse_device, run_cli, save_atomic  # noqa: E402
 from model import ModelArgs  # noqa: E402
-from scripts.convert_hf_checkpoint import LAYER_NAMES, TOP_NAMES  # noqa: E402
 
 TEST_FILES = ["tests/test_convert.py", "tests/test_model.py", "tests/test_generate.py", "tests/test_quantize.py",
               "tests/test_speculative.py", "tests/test_prefill.py"]
@@ -148,16 +147,22 @@ def hf_config(c) -> dict:
                 tie_word_embeddings=c.tie_embeddings, attention_bias=False, torch_dtype="bfloat16")
 
 
+# brisk's names -> transformers' Llama/Qwen2 names (the converter reads these and many more)
+HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+HF_LAYER_NAMES = {"attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                  "attention.wo.weight": "self_attn.o_proj.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
+                  "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight"}
+
+
 def write_hf_checkpoint(checkpoint: Path, out: Path) -> None:
     """out/config.json and out/model.safetensors holding the float checkpoint's weights under transformers' names
     (wqkv split into q, k and v; brisk keeps q/k in transformers' rotary layout, so nothing is permuted)."""
     c, sd = load_config(checkpoint), load_state_dict(checkpoint)
-    top = {v: k for k, v in TOP_NAMES.items()}
-    layer = {v: k for k, v in LAYER_NAMES.items()}
     hf = {}
     for name, t in sd.items():
-        if name in top:
-            hf[top[name]] = t.contiguous()
+        if name in HF_TOP_NAMES:
+            hf[HF_TOP_NAMES[name]] = t.contiguous()
             continue
         i, rest = name.split(".", 2)[1:]
         if rest.startswith("attention.wqkv."):
@@ -166,7 +171,7 @@ def write_hf_checkpoint(checkpoint: Path, out: Path) -> None:
             for part, piece in zip("qkv", t.split(sizes)):
                 hf[f"model.layers.{i}.self_attn.{part}_proj.{leaf}"] = piece.contiguous()
         else:
-            hf[f"model.layers.{i}.{layer[rest]}"] = t.contiguous()
+            hf[f"model.layers.{i}.{HF_LAYER_NAMES[rest]}"] = t.contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(hf_config(c), indent=2)), force=True)
     save_atomic(out / "model.safetensors", lambda tmp: save_file(hf, str(tmp), metadata={"format": "pt"}), force=True)
