@@ -43,26 +43,30 @@ class Batch:
     def free_rows(self) -> int:
         return self.max_rows - len(self.pos)
 
+    def free_row(self) -> int:
+        """The lowest free row; BriskError when every row is taken."""
+        row = next((r for r in range(self.max_rows) if r not in self.pos), None)
+        if row is None:
+            raise BriskError(f"the batch is full ({self.max_rows} rows)")
+        return row
+
     @torch.no_grad()
-    def add(self, ids: list[int]) -> int:
-        """Prefill a free row with ids alone (as a batch of one would be); returns the row."""
+    def add(self, ids: list[int], start: int = 0, row: Optional[int] = None) -> int:
+        """Prefill a free row (the lowest, or `row`) with ids alone (as a batch of one would be); returns the row.
+        The row's cache already holds the first `start` positions (a restored prefix): only the rest is computed."""
         if not ids:
             raise BriskError("empty prompt")
         if len(ids) > self.max_seq_length:
             raise BriskError(f"the prompt has {len(ids)} tokens, more than the cache's {self.max_seq_length}")
-        row = next((r for r in range(self.max_rows) if r not in self.pos), None)
-        if row is None:
-            raise BriskError(f"the batch is full ({self.max_rows} rows)")
-        x = torch.tensor([ids], device=self.device)
-        logits = self.model(x, torch.arange(len(ids), device=self.device), logits_to_keep=1, row=row)
+        row = self.free_row() if row is None else row
+        x = torch.tensor([ids[start:]], device=self.device)  # [1, T - start]
+        logits = self.model(x, torch.arange(start, len(ids), device=self.device), logits_to_keep=1, row=row)
         self.pos[row], self.logits[row] = len(ids), logits[0, -1].float()
         return row
 
     def fork(self, row: int) -> int:
         """A free row holding what row holds (its cache and logits); returns the new row."""
-        new = next((r for r in range(self.max_rows) if r not in self.pos), None)
-        if new is None:
-            raise BriskError(f"the batch is full ({self.max_rows} rows)")
+        new = self.free_row()
         self.pos[new], self.logits[new] = self.pos[row], self.logits[row]
         self.reorder({new: row})
         return new

@@ -71,21 +71,13 @@ class PrefixBatch(Batch):
 
     @torch.no_grad()
     def add(self, ids: list[int], prefix: Optional[PrefixCache] = None) -> int:
-        if prefix is None:
-            row = super().add(ids)
-            self.cached[row] = 0
-            return row
-        if not 0 < len(ids) <= self.max_seq_length:
-            raise BriskError(f"{len(ids)} tokens do not fit the {self.max_seq_length} positions of a row")
-        if not self.free_rows():
-            raise BriskError(f"the batch is full ({self.max_rows} rows)")
-        row = min(set(range(self.max_rows)) - set(self.pos))
-        start = prefix.restore(ids, len(ids) - 1, row)  # the last token is prefilled: it gives the logits
-        x = torch.tensor([ids[start:]], device=self.device)  # [1, T - start]
-        pos = torch.arange(start, len(ids), device=self.device)
-        logits = self.model(x, pos, logits_to_keep=1, row=row)
-        prefix.store(ids, row)
-        self.pos[row], self.logits[row], self.cached[row] = len(ids), logits[0, -1].float(), start
+        row, start = self.free_row(), 0
+        if prefix is not None and 0 < len(ids) <= self.max_seq_length:
+            start = prefix.restore(ids, len(ids) - 1, row)  # the last token is prefilled: it gives the logits
+        super().add(ids, start, row)
+        if prefix is not None:
+            prefix.store(ids, row)
+        self.cached[row] = start
         return row
 
     def remove(self, row: int) -> None:
