@@ -61,12 +61,13 @@ def gemm_dtype(x: Tensor) -> torch.dtype:
 def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
     # x: [..., K] (up to FEW_ROWS rows), weight: [N, K] of any dtype -> [..., N] in fp32, the loop one_row_on_cpu
     # means. The weight's rows are summed as four blocks that Inductor walks side by side: four memory streams in
-    # flight instead of one, and each load of x serves four rows (BENCHMARKS.md, "Second Intel Xeon"). The
-    # loop's outer index is the weight's row: read once for all of x's rows, each of which is reduced as if alone.
+    # flight instead of one, and each load of x serves four rows (BENCHMARKS.md, "Second Intel Xeon"). x's rows are
+    # the outermost loop, each reduced alone exactly as a single row is; a loop over the weight's rows outside them
+    # makes Inductor store every product before summing (10x slower: BENCHMARKS.md, "Few-row products").
     nb = next(b for b in (4, 2, 1) if weight.shape[0] % b == 0)  # fewer where N is not a multiple of 4
-    xs = x.reshape(-1, x.shape[-1]).float()  # [M, K]
-    y = torch.cat([(block.float()[:, None, :] * xs).sum(-1) for block in weight.chunk(nb)])  # [N, M]
-    return y.t().reshape(*x.shape[:-1], weight.shape[0])
+    xs = x.reshape(-1, 1, x.shape[-1]).float()  # [M, 1, K]
+    y = torch.cat([(block.float() * xs).sum(-1) for block in weight.chunk(nb)], dim=1)  # [M, N]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def per_row(x: Tensor, product) -> Tensor:

@@ -1,12 +1,13 @@
-"""Rows of different prompts in one batch: each row's logits are bitwise those of its prompt run alone, eager and
-compiled, fp32 and bf16, whatever joins or leaves the batch; beam search as transformers does it."""
+"""Rows of different prompts in one batch: each row's logits are those of its prompt run alone, whatever joins or
+leaves the batch (bitwise eagerly, in fp32 and bf16; compiled, within rounding, since Inductor orders a graph's
+reductions by its shapes: a near tie can go the other way); beam search as transformers does it."""
 import pytest
 import torch
 
 import engine
 import generate as gen
 from batch import Batch, beam_search, generate_rows, rows_step
-from conftest import make_checkpoint
+from conftest import TOLERANCE, make_checkpoint
 from checkpoint import load_model
 from cli import BriskError
 
@@ -37,7 +38,9 @@ def alone(model, ids: list[int], tokens: list[int], step) -> list[torch.Tensor]:
 
 def check_rows_equal_alone(model, compile: bool, n_steps: int = 12):
     """Three rows decode five prompts; rows join as others finish (at different steps), so every row meets
-    different neighbours at different positions. Every row's logits must equal its prompt's alone."""
+    different neighbours at different positions. Every row's logits must equal its prompt's alone: bitwise
+    eagerly; compiled, within the dtype's rounding (the alone run is fed the batch's tokens, so a flipped near tie
+does not end the comparison)."""
     batch = Batch(model, 3, 128, compile=compile)
     ps = prompts(model.config.vocab_size)
     got = {i: [] for i in range(len(ps))}  # prompt -> logits after its prompt and each token fed
@@ -60,7 +63,11 @@ def check_rows_equal_alone(model, compile: bool, n_steps: int = 12):
         want = alone(model, p, tokens, step)
         assert len(want) == len(got[i])
         for j, (a, b) in enumerate(zip(want, got[i])):
-            assert torch.equal(a, b), f"prompt {i}, step {j}: max diff {(a - b).abs().max()}"
+            if compile:
+                tol = TOLERANCE[model.norm.weight.dtype]
+                assert torch.allclose(a, b, atol=tol, rtol=tol), f"prompt {i}, step {j}: max diff {(a - b).abs().max()}"
+            else:
+                assert torch.equal(a, b), f"prompt {i}, step {j}: max diff {(a - b).abs().max()}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,8 +76,9 @@ def test_rows_joining_and_leaving_give_the_logits_of_each_prompt_alone(tiny, dty
 
 
 @pytest.mark.slow
-def test_compiled_rows_give_the_logits_of_each_prompt_alone_in_bf16(tiny):
-    check_rows_equal_alone(load_model(tiny, dtype=torch.bfloat16), compile=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_rows_give_the_logits_of_each_prompt_alone_within_rounding(tiny, dtype):
+    check_rows_equal_alone(load_model(tiny, dtype=dtype), compile=True)
 
 
 @pytest.mark.slow
