@@ -12,6 +12,7 @@ generate.py's speculative decoding flags (--draft_checkpoint_path, --draft, --pr
 brisk speculate, at batch size 1, and add its acceptance figures.
 """
 import argparse
+import ctypes
 import itertools
 import json
 import math
@@ -60,8 +61,8 @@ peers (--peers, same prompt tokens, greedy, without speculation): Hugging Face t
 transformers with the documented static cache + torch.compile recipe (generation_config.cache_implementation = "static", model.forward =
 torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)), loaded from --hf_model or else the first --gguf
 file (recent transformers may keep a GGUF's weights packed and compute in float32: --hf_model gives the plain
-model); llama.cpp through llama-cpp-python on each --gguf file in its own precision, batch size 1 only, with
-n_threads = torch.get_num_threads(); install it with
+model); llama.cpp through llama-cpp-python's C API on each --gguf file in its own precision, the batch's rows as parallel
+sequences, with n_threads = torch.get_num_threads(); install it with
   CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python"""
 
 
@@ -244,28 +245,59 @@ class Transformers:
 
 
 class LlamaCpp:
+    """llama.cpp through llama-cpp-python's C API: batch_size sequences of one prompt decoded in parallel (one
+    llama_decode per step, as its server's parallel slots do), greedy."""
+
     def __init__(self, gguf: Path, args, config: ModelArgs, n_ctx: int):
         import llama_cpp
-        self.name, self.checkpoint, self.device, self.compiles = "llama.cpp", str(gguf), args.device, False
+        self.lc, self.name, self.checkpoint, self.device, self.compiles = llama_cpp, "llama.cpp", str(gguf), args.device, False
         self.dtype = "gguf"  # the file's own quantization
-        self.llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                   n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
-                                   n_gpu_layers=-1 if args.device.type == "cuda" else 0, verbose=False)
+        self.llm = llama_cpp.Llama(str(gguf), n_ctx=16, n_gpu_layers=-1 if args.device.type == "cuda" else 0,
+                                   verbose=False)  # holds the model; prepare() makes the context of each batch size
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.llm.model))
+        self.ctx = self.batch = None
         self.weights = gguf.stat().st_size  # approximately its tensors' bytes
         self.kv_per_token = kv_bytes_per_token(config, 2)  # llama.cpp keeps K and V in fp16 by default
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
-        return "batch size 1 only" if batch_size > 1 else None
+        lc = self.lc
+        if self.ctx is not None:
+            lc.llama_batch_free(self.batch)
+            lc.llama_free(self.ctx)
+        p = lc.llama_context_default_params()
+        p.n_ctx = p.n_batch = p.n_ubatch = batch_size * max_seq_length  # n_ctx / n_seq_max positions per sequence
+        p.n_seq_max, p.n_threads, p.n_threads_batch = batch_size, torch.get_num_threads(), torch.get_num_threads()
+        self.ctx = lc.llama_init_from_model(self.llm.model, p)
+        self.batch = lc.llama_batch_init(p.n_batch, 0, 1)
+        return None
+
+    def decode(self, rows: list[list[int]], start: int) -> torch.Tensor:
+        # rows[s]: the next tokens of sequence s, at positions start.. -> fp32 logits [len(rows), V] after each row
+        b, n, last = self.batch, 0, []  # last: the batch index of each row's last token
+        for s, tokens in enumerate(rows):
+            for i, t in enumerate(tokens):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = t, start + i, 1, s
+                b.logits[n] = i == len(tokens) - 1
+                n += 1
+            last.append(n - 1)
+        b.n_tokens = n
+        if self.lc.llama_decode(self.ctx, b) != 0:
+            raise BriskError("llama_decode failed")
+        floats = ctypes.c_float * self.n_vocab
+        return torch.stack([torch.frombuffer(floats.from_address(ctypes.addressof(
+            self.lc.llama_get_logits_ith(self.ctx, j).contents)), dtype=torch.float32) for j in last])
 
     def once(self, prompt, batch_size: int, max_new_tokens: int) -> dict:
-        self.llm.reset()  # or it would reuse the cached prompt and skip prefill
-        stamps = []
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)  # or it would skip prefill
+        T, stamps = prompt.numel(), []
         t0 = time.perf_counter()
-        for _ in self.llm.generate(prompt.tolist(), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        logits = self.decode([prompt.tolist()] * batch_size, 0)
+        for i in range(max_new_tokens):
+            tokens = logits.argmax(-1).tolist()
             stamps.append(time.perf_counter())
-            if len(stamps) == max_new_tokens:
-                break
-        return dict(stamp_figures(t0, stamps, len(stamps), len(stamps), prompt.numel(), self.weights,
+            if i + 1 < max_new_tokens:
+                logits = self.decode([[t] for t in tokens], T + i)
+        return dict(stamp_figures(t0, stamps, len(stamps) * batch_size, len(stamps), T, self.weights,
                                   self.kv_per_token, self.device), **latency_figures(stamps))
 
 
