@@ -61,8 +61,8 @@ peers (--peers, same prompt tokens, greedy, without speculation): Hugging Face t
 transformers with the documented static cache + torch.compile recipe (generation_config.cache_implementation = "static", model.forward =
 torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)), loaded from --hf_model or else the first --gguf
 file (recent transformers may keep a GGUF's weights packed and compute in float32: --hf_model gives the plain
-model); llama.cpp through llama-cpp-python's C API on each --gguf file in its own precision, the batch's rows as parallel
-sequences, with n_threads = torch.get_num_threads(); install it with
+model); llama.cpp through llama-cpp-python's C API on each --gguf file in its own precision, the batch's rows as
+parallel sequences, with n_threads = torch.get_num_threads(); install it with
   CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python"""
 
 
@@ -248,9 +248,10 @@ class LlamaCpp:
     """llama.cpp through llama-cpp-python's C API: batch_size sequences of one prompt decoded in parallel (one
     llama_decode per step, as its server's parallel slots do), greedy."""
 
-    def __init__(self, gguf: Path, args, config: ModelArgs, n_ctx: int):
+    def __init__(self, gguf: Path, args, config: ModelArgs):
         import llama_cpp
-        self.lc, self.name, self.checkpoint, self.device, self.compiles = llama_cpp, "llama.cpp", str(gguf), args.device, False
+        self.lc = llama_cpp
+        self.name, self.checkpoint, self.device, self.compiles = "llama.cpp", str(gguf), args.device, False
         self.dtype = "gguf"  # the file's own quantization
         self.llm = llama_cpp.Llama(str(gguf), n_ctx=16, n_gpu_layers=-1 if args.device.type == "cuda" else 0,
                                    verbose=False)  # holds the model; prepare() makes the context of each batch size
@@ -504,7 +505,7 @@ def main(argv=None) -> None:
     hf_model = load_hf_model(args) if {"transformers", "transformers-compile"} & set(args.peers or []) else None
     for peer in args.peers or []:
         if peer == "llama.cpp":
-            engines += [LlamaCpp(gguf, args, configs[0], longest) for gguf in args.gguf]
+            engines += [LlamaCpp(gguf, args, configs[0]) for gguf in args.gguf]
         else:
             engines.append(Transformers(hf_model, args, configs[0], compiled=peer == "transformers-compile"))
 
