@@ -6,8 +6,9 @@
     out = batch.step({row: token, ...})    # one decode step of these rows -> {row: fp32 logits [V]}
     batch.remove(row)                      # frees the row; the others are unaffected
 
-A row's logits never depend on what else is in the batch (model.FEW_ROWS, model.attend): rows can join and leave
-between steps (continuous batching) and greedy rows give exactly the tokens of their prompts run alone.
+A row's logits do not depend on what else is in the batch (cpu.FEW_ROWS, model.attend): rows can join and leave
+between steps (continuous batching), and eager greedy rows give exactly the tokens of their prompts run alone
+(compiled, the logits agree within rounding: BENCHMARKS.md, "Few-row products").
 Sampling happens outside, with engine's functions, per row.
 """
 import time

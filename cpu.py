@@ -33,8 +33,9 @@ INT4_DEQUANTIZE_MIN_ROWS = 128  # from this many rows on dequantizing + one GEMM
 
 
 # Products of at most this many rows (the decode step of a batch, a speculative verify pass) reduce each row alone
-# and as a single row's product does, so that a row's result never depends on the other rows: greedy rows of a
-# batch equal their prompts run alone, and a verify pass equals the decode steps it stands for, in any dtype.
+# and as a single row's product does, so that a row's product never depends on the other rows. Eagerly a batch's
+# greedy rows then equal their prompts run alone, and a verify pass its decode steps, in any dtype; compiled, the
+# rest of the step (norms, attention) is reduced in an order Inductor picks per graph, so only within rounding.
 FEW_ROWS = 16
 
 

@@ -8,7 +8,8 @@ and prefix caching, and a chat page at /.
 One thread owns the model. Requests join the running batch between decode steps, up to --max_batch_size rows,
 and leave when done; the rest wait in a queue. Every prompt's beginning found in the prefix cache is restored
 instead of prefilled again. Sampling is per request (temperature, top_k, top_p, seed), so a greedy request gets
-the tokens it would get alone, whatever runs beside it.
+the tokens it would get alone, whatever runs beside it (with --compile, logits within rounding of alone: a near
+tie can go the other way).
 """
 import argparse
 import asyncio
