@@ -86,6 +86,16 @@ class Batch:
         for r, (pos, logits) in state.items():
             self.pos[r], self.logits[r] = pos, logits
 
+    def warm_up(self) -> None:
+        """Step one row, then two, twice each (a CUDA graph is recorded on its second run), in an empty batch: a
+        compiled step then has both its graphs before the first real step needs them."""
+        rows = [self.add([0, 0]) for _ in range(min(2, self.max_rows))]
+        for n in range(1, len(rows) + 1):
+            for _ in range(2):
+                self.step({r: 0 for r in rows[:n]})
+        for r in rows:
+            self.remove(r)
+
     def last_logits(self, row: int) -> Tensor:
         return self.logits[row]
 
@@ -94,17 +104,22 @@ class Batch:
 
     @torch.no_grad()
     def step(self, tokens: dict[int, int]) -> dict[int, Tensor]:
-        """Feed each row its next token; returns each row's fp32 logits [V] after it. Rows not in tokens (free
-        ones too) run at the cache's spare position, which nothing attends to, and keep their state."""
+        """Feed each row its next token; returns each row's fp32 logits [V] after it. Only rows 0 up to the highest
+        row in tokens run (add takes the lowest free row, so busy rows sit low): the others cost nothing. Rows below
+        it but not in tokens (free ones too) run at the cache's spare position, which nothing attends to, and keep
+        their state. Compiled, one graph serves one row and one every other count (a dynamic size)."""
         spare = self.model.max_seq_length  # setup_caches's never-attended position
-        x = torch.zeros(self.max_rows, 1, dtype=torch.int, device=self.device)
-        pos = torch.full((self.max_rows, 1), spare, device=self.device)
+        B = max(tokens) + 1
+        x = torch.zeros(B, 1, dtype=torch.int, device=self.device)  # [B, 1]
+        pos = torch.full((B, 1), spare, device=self.device)  # [B, 1]
         for row, token in tokens.items():
             if self.pos[row] >= self.max_seq_length:
                 raise BriskError(f"row {row} has filled its {self.max_seq_length} positions")
             x[row, 0], pos[row, 0] = token, self.pos[row]
         attend_len = self.model.attend_len(max(self.pos[r] for r in tokens))
-        logits = self.step_fn(self.model, x, pos, attend_len=attend_len)  # [max_rows, V]
+        torch._dynamo.maybe_mark_dynamic(x, 0)  # compiled: one graph for 2 rows and more, whichever comes first
+        torch._dynamo.maybe_mark_dynamic(pos, 0)
+        logits = self.step_fn(self.model, x, pos, attend_len=attend_len)  # [B, V]
         for row in tokens:
             self.pos[row] += 1
             self.logits[row] = logits[row].clone()  # a CUDA graph's output is overwritten by its next replay

@@ -169,20 +169,23 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     compiled = torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
     traced_with = None  # the KV cache of the model the step was traced with
+    shapes = set()  # the input shapes seen: a new one may trace a graph (batch.Batch's row count)
 
     def step(model: Transformer, *args, **kwargs):
         nonlocal traced_with
         cache = model.layers[0].attention.kv_cache
-        if cache is traced_with:
+        shape = tuple(a.shape for a in args if isinstance(a, Tensor))
+        if cache is traced_with and shape in shapes:
             return compiled(model, *args, **kwargs)
-        if traced_with is not None:
+        if traced_with is not None and cache is not traced_with:
             raise BriskError("a compiled step ran against a KV cache other than the one it was traced with "
                              "(setup_caches reallocated it, or another model): compile a new step")
-        # read when tracing, on the first call (a patch costs ~15 us: not on every step); a later retrace without it
-        # would take attend_len as static, then as dynamic at its next value: one compile more, never a wrong result
+        # read when tracing (a patch costs ~15 us: not on every step); a trace without it would take attend_len as
+        # static, then as dynamic at its next value: one compile more, never a wrong result
         with torch.compiler.config.patch(dynamic_sources="L['attend_len']"):
             out = compiled(model, *args, **kwargs)
         traced_with = cache
+        shapes.add(shape)
         return out
     return step
 

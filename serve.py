@@ -650,10 +650,7 @@ def main(argv=None) -> None:
         prefix = PrefixCache([model], [model_meta(model, args.checkpoint_path)], int(args.cache_budget_mb * 2**20))
     if args.compile:  # before serving, so that no request waits for it
         t0 = time.perf_counter()
-        row = batch.add([0, 0])
-        batch.step({row: 0})
-        batch.step({row: 0})
-        batch.remove(row)
+        batch.warm_up()
         print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     scheduler = Scheduler(batch, tokenizer, args.max_batch_size, prefix, args.queue_timeout)
     model_id = args.model_name or args.checkpoint_path.parent.name

@@ -79,11 +79,32 @@ def test_compiled_rows_give_the_logits_of_each_prompt_alone_within_rounding(tiny
 
 
 @pytest.mark.slow
-def test_compiled_batch_is_one_graph_for_every_mix_of_rows(tiny):
+def test_compiled_batch_is_two_graphs_for_every_mix_of_rows(tiny):
+    """One graph steps one row, one every other count of rows, at every attended length."""
     model = load_model(tiny, dtype=torch.bfloat16)
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
         check_rows_equal_alone(model, compile=True, n_steps=4)
+        batch = Batch(model, 4, 512, compile=True)
+        rows = [batch.add([1, 2, 3] * k) for k in (1, 30, 60, 100)]
+        for feed in ({0: 1, 2: 3}, {0: 1}, dict.fromkeys(rows, 1)):  # 3 rows, then 1, then 4
+            for _ in range(70):  # over several attended lengths
+                batch.step(feed)
+
+
+def test_a_step_runs_the_rows_up_to_the_highest_one_fed(tiny):
+    """Rows above the highest row fed cost nothing: a lone request decodes as fast as a batch of one."""
+    model = load_model(tiny, dtype=torch.float32)
+    batch = Batch(model, 4, 64)
+    seen = []
+    batch.step_fn = lambda model, x, pos, attend_len: seen.append(x.shape[0]) or rows_step(model, x, pos, attend_len)
+    for ids in prompts(model.config.vocab_size, (3, 4, 5)):
+        batch.add(ids)
+    batch.step({0: 1})
+    batch.step({0: 1, 1: 1})
+    batch.remove(1)
+    batch.step({2: 1})
+    assert seen == [1, 2, 3] and batch.pos == {0: 5, 2: 6}
 
 
 def test_a_verify_pass_gives_the_logits_of_the_decode_steps_it_stands_for(tiny):
