@@ -5,7 +5,7 @@ and prefix caching, and a chat page at /.
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
 
-One thread owns the model. Requests join the running batch between decode steps, up to --max_batch_size rows,
+The main thread owns the model (uvicorn runs in another). Requests join the running batch between decode steps, up to --max_batch_size rows,
 and leave when done; the rest wait in a queue. Every prompt's beginning found in the prefix cache is restored
 instead of prefilled again. Sampling is per request (temperature, top_k, top_p, seed), so a greedy request gets
 the tokens it would get alone, whatever runs beside it (with --compile, logits within rounding of alone: a near
@@ -135,7 +135,6 @@ class Scheduler:
         self.wake = threading.Condition()
         self.accepting, self.running = True, True
         self.cancelled = 0  # rows freed because their client went away
-        self.thread = threading.Thread(target=self.run, name="brisk-engine", daemon=True)
 
     def submit(self, seqs: list[Seq]) -> None:
         with self.wake:
@@ -152,13 +151,11 @@ class Scheduler:
                 self.pending.popleft().emit(("error", ServeError(503, "the server is shutting down", "shutting_down")))
 
     def stop(self) -> None:
-        """Cancel the running rows and end the loop."""
+        """Cancel the running rows and end the loop (run returns)."""
         self.stop_accepting()
         with self.wake:
             self.running = False
             self.wake.notify()
-        if self.thread.is_alive():
-            self.thread.join()
 
     def stats(self) -> dict:
         cache = None if self.prefix is None else dict(entries=len(self.prefix.entries), bytes=self.prefix.nbytes,
@@ -167,6 +164,7 @@ class Scheduler:
                     prefix_cache=cache)
 
     def run(self) -> None:
+        """The loop, until stop(): in the thread that loaded the model (see main)."""
         while True:
             with self.wake:
                 if not self.running:
@@ -334,7 +332,6 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
-        self.scheduler.thread.start()
         yield
         self.scheduler.stop()
 
@@ -560,25 +557,22 @@ def cancel(seqs: list[Seq]) -> None:
 
 
 class UvicornServer(uvicorn.Server):
-    """uvicorn, but SIGINT/SIGTERM refuse new requests, let the running ones finish (at most
-    timeout_graceful_shutdown seconds, then they are cancelled) and exit 0 instead of re-raising the signal."""
+    """uvicorn for a thread other than the main one: the main thread catches SIGINT/SIGTERM and calls handle, which
+    refuses new requests and lets the running ones finish (at most timeout_graceful_shutdown seconds, then they are
+    cancelled); the process then exits 0 instead of re-raising the signal."""
 
     def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
         super().__init__(config)
         self.scheduler = scheduler
 
     @contextlib.contextmanager
-    def capture_signals(self):
-        def handle(sig, frame):
-            self.force_exit = self.should_exit  # a second Ctrl-C: do not wait for the running requests
-            self.should_exit = True
-            self.scheduler.stop_accepting()
-        old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def capture_signals(self):  # signals reach the main thread only; main installs handle
+        yield
+
+    def handle(self, sig, frame) -> None:
+        self.force_exit = self.should_exit  # a second Ctrl-C: do not wait for the running requests
+        self.should_exit = True
+        self.scheduler.stop_accepting()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -658,11 +652,21 @@ def main(argv=None) -> None:
                     args.api_key)
     print(f"serving {model_id} on http://{args.host}:{args.port} ({args.max_batch_size} rows of {max_seq_length} "
           f"positions); Ctrl-C stops", file=sys.stderr)
-    uv = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=30)
-    try:
-        UvicornServer(uv, scheduler).run(sockets=[sock])
-    finally:
-        scheduler.stop()
+    web = UvicornServer(uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=30), scheduler)
+
+    def serve_http() -> None:
+        try:
+            web.run(sockets=[sock])
+        finally:
+            scheduler.stop()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, web.handle)
+    http = threading.Thread(target=serve_http, name="brisk-http", daemon=True)
+    http.start()
+    # the model's steps stay in the thread that loaded it: torch's OpenMP loops started from a second thread run
+    # at half speed on a small machine (two thread teams; BENCHMARKS.md, "The server under load")
+    scheduler.run()
+    http.join()
 
 
 if __name__ == "__main__":

@@ -364,7 +364,8 @@ def test_a_request_that_waits_too_long_for_a_row_gets_an_error(tiny_checkpoint):
     def seq(index, max_tokens):  # ignore_eos: the first holds the only row for all its 250 tokens
         return serve.Seq(tok.encode("hi"), index, max_tokens, 0.0, None, None, [], True, torch.Generator(),
                          events.append)
-    scheduler.thread.start()
+    loop = threading.Thread(target=scheduler.run)
+    loop.start()
     try:
         scheduler.submit([seq(0, 250)])
         scheduler.submit([seq(1, 5)])
@@ -373,6 +374,7 @@ def test_a_request_that_waits_too_long_for_a_row_gets_an_error(tiny_checkpoint):
             time.sleep(0.01)
     finally:
         scheduler.stop()
+        loop.join()
     errors = [e[1] for e in events if e[0] == "error"]
     assert len(errors) == 1 and errors[0].status == 503 and errors[0].code == "queue_timeout"
     assert [e[1:3] for e in events if e[0] == "done"] == [(0, "length")]
