@@ -8,6 +8,7 @@
 - The int8/int4 kernels' row bounds and torch's CPU int4 packed layout, which quant.py reads.
 A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py and ignore the rest.
 """
+import contextlib
 import functools
 from typing import Optional
 
@@ -71,11 +72,28 @@ def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+_positions_alone = False  # see positions_alone
+
+
+@contextlib.contextmanager
+def positions_alone():
+    """Within it, per_row also splits the positions of one sequence ([1, T, K]: a speculative verify pass, which
+    must equal its decode steps). Outside, only rows of several sequences are split: a short prompt's positions
+    go through one product, as a long prompt's do (one product per position prefilled 16 tokens ~5x slower)."""
+    global _positions_alone
+    before, _positions_alone = _positions_alone, True
+    try:
+        yield
+    finally:
+        _positions_alone = before
+
+
 def per_row(x: Tensor, product) -> Tensor:
-    """product(x) for x [..., K], computed one row at a time for 2 to FEW_ROWS rows, as a batch of one would be:
-    aten's kernels reduce a row differently with other rows beside it (bf16 most of all)."""
+    """product(x) for x [B, T, K], computed one row at a time for 2 to FEW_ROWS rows of several sequences (B > 1), or
+    of one within positions_alone, as a batch of one would be: aten's kernels reduce a row differently with other
+    rows beside it (bf16 most of all)."""
     M = x.numel() // x.shape[-1]
-    if not 1 < M <= FEW_ROWS:
+    if not (1 < M <= FEW_ROWS and (x.shape[0] > 1 or _positions_alone)):
         return product(x)
     ys = [product(row) for row in x.reshape(M, 1, 1, x.shape[-1])]  # M x [1, 1, N]
     return torch.cat(ys).reshape(*x.shape[:-1], -1)

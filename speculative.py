@@ -40,6 +40,7 @@ from torch import Tensor
 
 import quant
 import tp
+from cpu import positions_alone
 from checkpoint import load_config, load_model, load_state_dict, save_checkpoint
 from cli import BriskError
 from engine import compile_step, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync, sync
@@ -214,8 +215,9 @@ class Speculator:
             else:
                 draft, q = proposal
                 x = torch.cat([cur_token.view(1), draft]).view(1, -1)  # [1, k + 1]
-                p = self.verify_fn(model, x, torch.arange(pos, pos + k + 1, device=device),
-                                   attend_len=model.attend_len(pos + k), **sampling)
+                with positions_alone():  # eagerly each position is reduced as its decode step is
+                    p = self.verify_fn(model, x, torch.arange(pos, pos + k + 1, device=device),
+                                       attend_len=model.attend_len(pos + k), **sampling)
                 if q is None:
                     q = F.one_hot(draft.long(), p.size(-1)).float()
                 new = accept(draft, q, p, greedy)

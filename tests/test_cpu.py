@@ -77,3 +77,21 @@ def test_many_bf16_rows_are_multiplied_in_fp32_on_avx2_cpus(monkeypatch, capabil
     assert y.dtype == dtype
     want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
+
+
+
+def test_a_few_rows_of_several_sequences_or_of_a_verify_pass_are_each_reduced_as_alone():
+    """Eagerly, the rows of a batch's step ([B, 1, K]) and a verify pass's positions (within cpu.positions_alone)
+    are multiplied one at a time, as a one-row call is (aten reduces a row differently beside others on some CPUs);
+    a short prompt's positions go through one product, as a long prompt's do."""
+    def rows_per_call(x):
+        calls = []
+        y = cpu.per_row(x, lambda r: calls.append(r.numel() // r.shape[-1]) or r * 2)
+        assert torch.equal(y, x * 2)
+        return calls
+    x = torch.randn(1, 9, 8)
+    assert rows_per_call(x.transpose(0, 1)) == [1] * 9  # 9 sequences of one position
+    assert rows_per_call(x) == [9]  # one prompt of 9 tokens
+    with cpu.positions_alone():
+        assert rows_per_call(x) == [1] * 9
+    assert rows_per_call(torch.randn(1, cpu.FEW_ROWS + 1, 8)) == [cpu.FEW_ROWS + 1]
