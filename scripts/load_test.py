@@ -42,17 +42,24 @@ async def one(client: httpx.AsyncClient, args, i: int) -> dict:
     body = dict(model=args.model, prompt=prompt(i), max_tokens=args.max_tokens, temperature=0, stream=True,
                 ignore_eos=True, stream_options=dict(include_usage=True))
     t0, first, chunks, usage = time.perf_counter(), None, 0, None
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise BriskError(f"{args.url}: HTTP {r.status_code}: {(await r.aread())[:300].decode(errors='replace')}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                chunks += 1
-                first = first or time.perf_counter()
+    for retry in (False, True):
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise BriskError(f"{args.url}: HTTP {r.status_code}: "
+                                     f"{(await r.aread())[:300].decode(errors='replace')}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        chunks += 1
+                        first = first or time.perf_counter()
+            break
+        except httpx.RemoteProtocolError:  # a kept-alive connection the server closed (llama-server: after 5
+            if retry or first is not None:  # requests): sent again once, as the openai client does
+                raise
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else chunks
     first = first or end

@@ -7,6 +7,9 @@
 For measuring speed and memory at a model's size without its weights (a Llama-2-7B on a GPU, say): quantize.py
 and bench.py read it like a converted checkpoint, and bench.py needs no tokenizer (generate.py needs the
 model's tokenizer beside it). The text such a model writes is noise.
+`--gguf BF16 Q8_0` also writes the same weights as DIR/model-BF16.gguf and DIR/model-Q8_0.gguf (any type the
+`gguf` package quantizes to) for bench.py's llama.cpp peer, for the architectures llama.cpp names gpt2, starcoder,
+gptneox and bloom; their vocabulary is a placeholder of the right size (GPT-2's 256 byte symbols, then `<tN>`).
 Matrices are drawn from N(0, std²), norm weights are ones; tensors are drawn one at a time in the target dtype
 (on --device: a GPU draws a 7B model's 13.5 GB in seconds), so memory peaks near the size of the file.
 """
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import CONFIG_NAME, save_checkpoint  # noqa: E402
 from cli import DTYPES, ArgumentParser, BriskError, check_writable, parse_device, run_cli, save_atomic  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from scripts.convert_gguf import BLOCK_NAMES, TOP_NAMES  # noqa: E402
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, std: float = 0.02, dtype=torch.bfloat16,
@@ -54,6 +58,76 @@ def write_random_checkpoint(directory: Path, args: ModelArgs, force: bool = Fals
     return directory / "model.pth"
 
 
+def gguf_arch(args: ModelArgs) -> str:
+    """llama.cpp's architecture for these switches (those it has a fused-q/k/v, LayerNorm block for)."""
+    layernorm = args.norm == "layernorm" and not args.shared_norm and args.mlp_bias and args.mlp != "swiglu"
+    if layernorm and args.positions == "alibi" and args.embed_norm:
+        return "bloom"
+    if layernorm and args.positions == "rope":
+        return "gptneox"
+    if layernorm and args.positions == "learned" and not args.parallel_residual and not args.pos_offset:
+        return "gpt2" if args.n_local_heads == args.n_head else "starcoder" if args.n_local_heads == 1 else None
+    return None
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte value, in byte order (llama.cpp's byte-level vocabularies need them)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(extra)) for b in range(256)]
+
+
+def write_gguf(path: Path, args: ModelArgs, sd: dict, qtype: str, force: bool = False) -> None:
+    """sd (ours) as a llama.cpp GGUF of architecture gguf_arch(args), 2-D weights in qtype (F32, BF16, Q8_0, ...)."""
+    import gguf
+    import numpy as np
+
+    arch = gguf_arch(args)
+    if arch is None:
+        raise BriskError("a GGUF is written for llama.cpp's gpt2, starcoder, gptneox and bloom architectures only")
+    names = {v: k for k, v in {**TOP_NAMES, **{f"{k}.weight": f"{v}.weight" for k, v in BLOCK_NAMES.items()},
+                                **{f"{k}.bias": f"{v}.bias" for k, v in BLOCK_NAMES.items()}}.items()}
+    names.update({"feed_forward.w1.weight": "ffn_up.weight", "feed_forward.w1.bias": "ffn_up.bias"})  # no gate
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_block_count(args.n_layer)
+        w.add_context_length(args.block_size)
+        w.add_embedding_length(args.dim)
+        w.add_feed_forward_length(args.intermediate_size)
+        w.add_head_count(args.n_head)
+        w.add_head_count_kv(args.n_local_heads)
+        w.add_layer_norm_eps(args.norm_eps)
+        if arch == "gptneox":
+            w.add_rope_dimension_count(args.rope_dim)
+            w.add_rope_freq_base(args.rope_base)
+            w.add_parallel_residual(args.parallel_residual)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(byte_symbols() + [f"<t{i}>" for i in range(256, args.vocab_size)])
+        w.add_token_types([1] * args.vocab_size)
+        w.add_token_merges([])
+        w.add_eos_token_id(0)
+        for name, t in tqdm(sd.items(), desc=f"writing {qtype}", unit="tensor"):
+            if name.startswith("layers."):
+                _, layer, rest = name.split(".", 2)
+                key = f"blk.{layer}.{names[rest]}"
+            else:
+                key = names[name]
+            data = t.float().numpy()
+            if data.ndim == 2 and qtype != "F32":
+                kind = gguf.GGMLQuantizationType[qtype]
+                w.add_tensor(key, gguf.quants.quantize(data, kind), raw_dtype=kind)
+            else:
+                w.add_tensor(key, np.ascontiguousarray(data))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    save_atomic(path, write, force)
+
+
 def main() -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a preset name of presets.py (e.g. Llama-2-7b, pythia-410m)")
@@ -62,14 +136,30 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--std", type=float, default=0.02, help="standard deviation of the weights (default 0.02)")
     p.add_argument("--device", default="cpu", help="where the values are drawn (default cpu; cuda is much faster)")
+    p.add_argument("--gguf", nargs="+", default=[], metavar="TYPE",
+                   help="also write DIR/model-TYPE.gguf for llama.cpp (F32, BF16, Q8_0, Q4_0, ...)")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     a = p.parse_args()
     if not a.std > 0:
         raise BriskError(f"--std must be > 0, got {a.std}")
     args = ModelArgs.from_name(a.model)
+    ggufs = {t: a.out / f"model-{t}.gguf" for t in a.gguf}
+    if ggufs:  # fail before the slow part
+        import gguf
+        if bad := [t for t in ggufs if t not in gguf.GGMLQuantizationType.__members__]:
+            raise BriskError(f"unknown GGUF type {bad[0]!r} (e.g. F32, BF16, F16, Q8_0, Q4_0)")
+        if gguf_arch(args) is None:
+            raise BriskError(f"--gguf: {a.model} is none of llama.cpp's gpt2, starcoder, gptneox and bloom "
+                             "architectures, which --gguf writes")
+        for path in ggufs.values():
+            check_writable(path, a.force)
     path = write_random_checkpoint(a.out, args, a.force, seed=a.seed, std=a.std, dtype=DTYPES[a.dtype],
                                    progress=True, device=parse_device(a.device))
     print(f"wrote {path} ({args.n_layer} layers, dim {args.dim}, vocab {args.vocab_size}): random weights")
+    sd = torch.load(path, weights_only=True, mmap=True)
+    for qtype, gguf_path in ggufs.items():
+        write_gguf(gguf_path, args, sd, qtype, a.force)
+        print(f"wrote {gguf_path} (llama.cpp {gguf_arch(args)}, {qtype})")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
 """scripts/random_checkpoint.py: random weights in a preset's shape, which load and benchmark like a converted
 checkpoint (bench.py needs no tokenizer for them); existing files are kept unless --force."""
+import dataclasses
 import json
 import subprocess
 
+import pytest
 import torch
 
 import bench
 from conftest import assert_one_line_error, run_script
 from checkpoint import CONFIG_NAME, load_model
 from model import ModelArgs
+from presets import transformer_configs
+from scripts import convert_gguf
+from scripts.random_checkpoint import random_state_dict, write_gguf
 
 
 def run(*args) -> subprocess.CompletedProcess:
@@ -50,4 +55,42 @@ def test_existing_files_are_kept_unless_forced(tmp_path):
 def test_bad_arguments_end_in_one_line(tmp_path):
     assert_one_line_error(run("--model", "Llama-9", "--out", tmp_path / "x"), "unknown model")
     assert_one_line_error(run("--model", "llama-68m", "--out", tmp_path / "x", "--std", "0"), "--std")
+    assert not (tmp_path / "x").exists()
+
+
+def tiny(preset: str, **kw) -> ModelArgs:
+    return ModelArgs(**{**transformer_configs[preset], "n_layer": 2, "n_head": 4, "dim": 64,
+                        "intermediate_size": 128, "vocab_size": 300, "block_size": 64, **kw})
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "bloom-560m"])
+def test_a_gguf_of_the_weights_reads_back_as_the_same_checkpoint(preset, tmp_path):
+    """llama.cpp's layout of gpt2 and bloom (checked against transformers by test_families) gives back every tensor
+    and switch."""
+    args = tiny(preset)
+    sd = random_state_dict(args, dtype=torch.float32)
+    write_gguf(tmp_path / "m.gguf", args, sd, "F32")
+    back, back_args = convert_gguf.convert_weights(*convert_gguf.read_gguf(tmp_path / "m.gguf"), torch.float32)
+    assert back.keys() - {"output.weight"} == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert dataclasses.replace(back_args, norm_eps=args.norm_eps) == args  # GGUF keeps the epsilon in float32
+    assert back_args.norm_eps == pytest.approx(args.norm_eps, rel=1e-6)
+
+
+@pytest.mark.parametrize("preset,arch", [("pythia-70m", "gptneox"), ("santacoder", "starcoder"), ("gpt2", "gpt2")])
+def test_a_gguf_names_only_tensors_of_its_llama_cpp_architecture(preset, arch, tmp_path):
+    import gguf
+    args = tiny(preset, rope_dim=8) if arch == "gptneox" else tiny(preset)
+    write_gguf(tmp_path / "m.gguf", args, random_state_dict(args), "Q8_0")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["general.architecture"].contents() == arch
+    kind = gguf.MODEL_ARCH[arch.upper()]
+    known = {gguf.TENSOR_NAMES[t].format(bid=i) for t in gguf.MODEL_TENSORS[kind] for i in range(args.n_layer)}
+    names = {t.name.rsplit(".", 1)[0] for t in reader.tensors}
+    assert names <= known and len(reader.tensors) == len(random_state_dict(args))
+    assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {"Q8_0"}
+
+
+def test_a_gguf_is_refused_for_switches_llama_cpp_has_no_architecture_for(tmp_path):
+    assert_one_line_error(run("--model", "llama-68m", "--out", tmp_path / "x", "--gguf", "BF16"), "gptneox")
+    assert_one_line_error(run("--model", "gpt2", "--out", tmp_path / "x", "--gguf", "Q9_9"), "unknown GGUF type")
     assert not (tmp_path / "x").exists()
