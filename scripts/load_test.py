@@ -2,7 +2,7 @@
 
     python serve.py --compile &
     python scripts/load_test.py --url http://127.0.0.1:8000 --clients 1 4 16
-    python -m llama_cpp.server --model model.gguf --port 8001 &   # a peer, driven the same way
+    llama-server -m model.gguf -np 8 --port 8001 &   # llama.cpp's server with 8 parallel sequences, a peer
     python scripts/load_test.py --url http://127.0.0.1:8001 --clients 1 4 16
 
 For each number of clients, that many clients each send --requests_per_client streamed completions one after

@@ -106,7 +106,7 @@ def write_gguf(path: Path, args: ModelArgs, sd: dict, qtype: str, force: bool = 
         w.add_tokenizer_pre("default")
         w.add_token_list(byte_symbols() + [f"<t{i}>" for i in range(256, args.vocab_size)])
         w.add_token_types([1] * args.vocab_size)
-        w.add_token_merges([])
+        w.add_token_merges(["a b"])  # llama.cpp needs the key, and an empty list is not written
         w.add_eos_token_id(0)
         for name, t in tqdm(sd.items(), desc=f"writing {qtype}", unit="tensor"):
             if name.startswith("layers."):

@@ -6,7 +6,9 @@ import pytest
 import torch
 import transformers as tf
 
+import bench
 import engine
+import eval as brisk_eval
 import generate
 import quant
 import quantize
@@ -386,3 +388,18 @@ def test_vocab_and_merges_tokenizer_matches_transformers(tmp_path, name):
         assert ours_tok.decode(ids) == ref.decode(ids), text
     assert (ours_tok.encode("a")[0] == 2) == (name == "opt")
     assert ours_tok.token_id("<|endoftext|>") == 3 and (name != "opt") == (ours_tok.eos_ids == [3])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_eval_gives_transformers_perplexity_and_bench_times_every_family(converted, family, tmp_path, capsys):
+    from test_bench_eval import hf_perplexity
+    hf, path = converted(family)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 3)
+    ids = load_tokenizer(path.parent).encode(text.read_text())
+    report = brisk_eval.main(["--checkpoint_path", str(path), "--dtype", "float32", "--text_file", str(text),
+                              "--max_seq_length", "24", "--stride", "10"])
+    assert report["perplexity"]["perplexity"] == pytest.approx(hf_perplexity(hf, ids, 24, 10), rel=1e-4)
+    bench.main(["--checkpoint_path", str(path), "--input-tokens", "4", "--max-new-tokens", "3", "--num-iter", "1",
+                "--warmup", "0", "--copy_gib", "0.05"])
+    assert "| brisk | model.pth | bfloat16 |" in capsys.readouterr().out
