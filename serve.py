@@ -619,8 +619,8 @@ def check_args(args: argparse.Namespace) -> None:
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the model loads, so that a port in use is a one-line error at once."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
+        sock = socket.socket(family, kind, proto)  # proto TCP: else asyncio leaves Nagle on (40 ms stalls)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:

@@ -378,3 +378,13 @@ def test_a_request_that_waits_too_long_for_a_row_gets_an_error(tiny_checkpoint):
     errors = [e[1] for e in events if e[0] == "error"]
     assert len(errors) == 1 and errors[0].status == 503 and errors[0].code == "queue_timeout"
     assert [e[1:3] for e in events if e[0] == "done"] == [(0, "length")]
+
+
+def test_the_listening_socket_is_tcp_so_each_connection_sends_without_delay():
+    """asyncio sets TCP_NODELAY only on sockets made with proto IPPROTO_TCP; with proto 0 (socket.socket's default)
+    Nagle's algorithm held each response's second segment until the client's delayed ACK: 40 ms a request."""
+    sock = serve.listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
