@@ -79,7 +79,8 @@ _positions_alone = False  # see positions_alone
 def positions_alone():
     """Within it, per_row also splits the positions of one sequence ([1, T, K]: a speculative verify pass, which
     must equal its decode steps). Outside, only rows of several sequences are split: a short prompt's positions
-    go through one product, as a long prompt's do (one product per position prefilled 16 tokens ~5x slower)."""
+    go through one product, as a long prompt's do (one per position was much slower: BENCHMARKS.md, "The server
+    under load")."""
     global _positions_alone
     before, _positions_alone = _positions_alone, True
     try:

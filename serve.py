@@ -5,11 +5,11 @@ and prefix caching, and a chat page at /.
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
 
-The main thread owns the model (uvicorn runs in another). Requests join the running batch between decode steps, up to --max_batch_size rows,
-and leave when done; the rest wait in a queue. Every prompt's beginning found in the prefix cache is restored
-instead of prefilled again. Sampling is per request (temperature, top_k, top_p, seed), so a greedy request gets
-the tokens it would get alone, whatever runs beside it (with --compile, logits within rounding of alone: a near
-tie can go the other way).
+The main thread owns the model (uvicorn runs in another). Requests join the running batch between decode steps,
+up to --max_batch_size rows, and leave when done; the rest wait in a queue. Every prompt's beginning found in the
+prefix cache is restored instead of prefilled again. Sampling is per request (temperature, top_k, top_p, seed), so
+a greedy request gets the tokens it would get alone, whatever runs beside it (with --compile, logits within
+rounding of alone: a near tie can go the other way).
 """
 import argparse
 import asyncio

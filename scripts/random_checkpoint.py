@@ -59,15 +59,20 @@ def write_random_checkpoint(directory: Path, args: ModelArgs, force: bool = Fals
 
 
 def gguf_arch(args: ModelArgs) -> str:
-    """llama.cpp's architecture for these switches (those it has a fused-q/k/v, LayerNorm block for)."""
+    """llama.cpp's architecture for these switches (those it has a fused-q/k/v, LayerNorm block for); a BriskError
+    for others."""
     layernorm = args.norm == "layernorm" and not args.shared_norm and args.mlp_bias and args.mlp != "swiglu"
+    arch = None
     if layernorm and args.positions == "alibi" and args.embed_norm:
-        return "bloom"
-    if layernorm and args.positions == "rope":
-        return "gptneox"
-    if layernorm and args.positions == "learned" and not args.parallel_residual and not args.pos_offset:
-        return "gpt2" if args.n_local_heads == args.n_head else "starcoder" if args.n_local_heads == 1 else None
-    return None
+        arch = "bloom"
+    elif layernorm and args.positions == "rope":
+        arch = "gptneox"
+    elif layernorm and args.positions == "learned" and not args.parallel_residual and not args.pos_offset:
+        arch = {args.n_head: "gpt2", 1: "starcoder"}.get(args.n_local_heads)
+    if arch is None:
+        raise BriskError("a GGUF is written for llama.cpp's gpt2, starcoder, gptneox and bloom architectures only; "
+                         "these switches are none of them")
+    return arch
 
 
 def byte_symbols() -> list[str]:
@@ -83,8 +88,6 @@ def write_gguf(path: Path, args: ModelArgs, sd: dict, qtype: str, force: bool = 
     import numpy as np
 
     arch = gguf_arch(args)
-    if arch is None:
-        raise BriskError("a GGUF is written for llama.cpp's gpt2, starcoder, gptneox and bloom architectures only")
     names = {v: k for k, v in {**TOP_NAMES, **{f"{k}.weight": f"{v}.weight" for k, v in BLOCK_NAMES.items()},
                                 **{f"{k}.bias": f"{v}.bias" for k, v in BLOCK_NAMES.items()}}.items()}
     names.update({"feed_forward.w1.weight": "ffn_up.weight", "feed_forward.w1.bias": "ffn_up.bias"})  # no gate
@@ -148,9 +151,7 @@ def main() -> None:
         import gguf
         if bad := [t for t in ggufs if t not in gguf.GGMLQuantizationType.__members__]:
             raise BriskError(f"unknown GGUF type {bad[0]!r} (e.g. F32, BF16, F16, Q8_0, Q4_0)")
-        if gguf_arch(args) is None:
-            raise BriskError(f"--gguf: {a.model} is none of llama.cpp's gpt2, starcoder, gptneox and bloom "
-                             "architectures, which --gguf writes")
+        gguf_arch(args)  # a BriskError for switches llama.cpp has no architecture for
         for path in ggufs.values():
             check_writable(path, a.force)
     path = write_random_checkpoint(a.out, args, a.force, seed=a.seed, std=a.std, dtype=DTYPES[a.dtype],
