@@ -80,13 +80,14 @@ def test_a_gguf_of_the_weights_reads_back_as_the_same_checkpoint(preset, tmp_pat
 def test_a_gguf_names_only_tensors_of_its_llama_cpp_architecture(preset, arch, tmp_path):
     import gguf
     args = tiny(preset, rope_dim=8) if arch == "gptneox" else tiny(preset)
-    write_gguf(tmp_path / "m.gguf", args, random_state_dict(args), "Q8_0")
+    sd = random_state_dict(args)
+    write_gguf(tmp_path / "m.gguf", args, sd, "Q8_0")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert reader.fields["general.architecture"].contents() == arch
     kind = gguf.MODEL_ARCH[arch.upper()]
     known = {gguf.TENSOR_NAMES[t].format(bid=i) for t in gguf.MODEL_TENSORS[kind] for i in range(args.n_layer)}
     names = {t.name.rsplit(".", 1)[0] for t in reader.tensors}
-    assert names <= known and len(reader.tensors) == len(random_state_dict(args))
+    assert names <= known and len(reader.tensors) == len(sd)
     assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {"Q8_0"}
 
 
