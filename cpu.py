@@ -1,7 +1,8 @@
 """Everything brisk does differently on a CPU, each with why in a line; the figures are in BENCHMARKS.md.
 
-- Linear: nn.Linear whose one-row product (a decode step), compiled, is a loop Inductor writes, faster than aten's,
-  and whose few-row products (a batch's step, a verify pass) reduce each row as if alone (batch invariance).
+- Linear: nn.Linear whose few-row products (a decode step, a batch's step, a verify pass) reduce each row as if
+  alone (batch invariance): bf16 ones in brisk's kernel (cpu_kernels.cpp, for bf16 and int8 weights) where the
+  CPU has AVX512_BF16, compiled ones otherwise in a loop Inductor writes, faster than aten's.
 - gemm_dtype: on AVX2 CPUs many bf16 rows are multiplied in fp32.
 - kv_cache_dtype: the KV cache holds fp32 on the CPU.
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
@@ -10,12 +11,15 @@ A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py an
 """
 import contextlib
 import functools
+import os
+import sys
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils import cpp_extension
 
 # Weight dtypes whose compiled one-row product Inductor's loop computes faster than aten's kernel, by CPU capability:
 # without AVX-512 Inductor's bf16 and int8 conversions are slow, fp32 still wins (BENCHMARKS.md, "AMD EPYC Zen 3").
@@ -49,6 +53,44 @@ def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
     if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1]):
         return False
     return weight is None or weight.dtype in ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
+
+
+_rows_kernel: Optional[bool] = None  # see rows_kernel
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
+def rows_kernel() -> bool:
+    """True once cpu_kernels.cpp is built (the first time, ~20 s; torch keeps it in ~/.cache/torch_extensions) and
+    loaded, on a CPU with AVX512_BF16; False elsewhere, or where it cannot be built (then Inductor's loop serves)."""
+    global _rows_kernel
+    if _rows_kernel is None:
+        _rows_kernel = CPU_CAPABILITY == "AVX512" and load_rows_kernel()
+    return _rows_kernel
+
+
+def load_rows_kernel() -> bool:
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+    try:
+        cpp_extension.load("brisk_cpu_kernels", [src], extra_cflags=["-O3"], is_python_module=False)
+    except (RuntimeError, OSError) as e:  # no compiler, or no ninja
+        print(f"brisk: cpu_kernels.cpp was not built ({str(e).splitlines()[0]}); Inductor's loop serves",
+              file=sys.stderr)
+        return False
+    torch.library.register_fake("brisk::rows_product")(
+        lambda x, w: x.new_empty((x.numel() // x.shape[-1], w.shape[0]), dtype=torch.float32))
+    return torch.ops.brisk.rows_product_supported()
+
+
+def kernel_rows(x: Tensor, weight: Tensor) -> bool:
+    """True for a product of 1 to FEW_ROWS rows of bf16 activations with a bf16 or int8 weight on a CPU with
+    brisk's kernel."""
+    return (x.dtype == torch.bfloat16 and weight.dtype in (torch.bfloat16, torch.int8) and x.device.type == "cpu"
+            and x.numel() <= FEW_ROWS * x.shape[-1] and CPU_CAPABILITY == "AVX512" and rows_kernel())
+
+
+def rows_product(x: Tensor, weight: Tensor) -> Tensor:
+    # x [..., K] bf16 (up to FEW_ROWS rows), weight [N, K] bf16 or int8 -> [..., N] fp32, each row as if alone
+    return torch.ops.brisk.rows_product(x, weight).view(*x.shape[:-1], weight.shape[0])
 
 
 def gemm_dtype(x: Tensor) -> torch.dtype:
@@ -105,9 +147,12 @@ class Linear(nn.Linear):
     that reduce each row as if alone (FEW_ROWS)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not one_row_on_cpu(x, self.weight):
+        if kernel_rows(x, self.weight):
+            y = rows_product(x, self.weight).to(x.dtype)
+        elif one_row_on_cpu(x, self.weight):
+            y = one_row_product(x, self.weight).to(x.dtype)
+        else:
             return per_row(x, self.gemm)
-        y = one_row_product(x, self.weight).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def gemm(self, x: Tensor) -> Tensor:

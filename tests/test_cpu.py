@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cpu
 import quant
@@ -12,15 +13,18 @@ from cpu import Linear
 pytestmark = pytest.mark.cpu_only("Inductor's C++ code and torch's kernels for the CPU")
 
 
+needs_kernel = pytest.mark.skipif(not cpu.rows_kernel(), reason="the CPU has no AVX512_BF16 (or no compiler)")
+
+
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["float", "int8"])
 def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeypatch, capability, dtype, mode):
     """Compiled on the CPU, a product of one row (a decode step) or a few (cpu.FEW_ROWS: a batch's step) is
-    Inductor's own multiply-and-sum loop rather than aten's matrix product or int8 kernel where the loop measured
-    faster (every dtype on AVX-512 CPUs, fp32 weights on AVX2 ones: cpu.ROW_LOOP_DTYPES), and gives F.linear's
-    values either way; more rows always use a matrix product. The int8 layer without a kernel for its
-    activations (fp32) always takes the loop."""
+    Inductor's own multiply-and-sum loop (or, for bf16 on a CPU with AVX512_BF16, brisk's kernel) rather than
+    aten's matrix product or int8 kernel where the loop measured faster (every dtype on AVX-512 CPUs, fp32 weights
+    on AVX2 ones: cpu.ROW_LOOP_DTYPES), and gives F.linear's values either way; more rows always use a matrix
+    product. The int8 layer without a kernel for its activations (fp32) always takes the loop."""
     monkeypatch.setattr(cpu, "CPU_CAPABILITY", capability)
     loop = capability == "AVX512" or dtype == torch.float32
     matrix_product = re.compile(r"extern_kernels\.(add)?mm\b|aten\.(add)?mm\b|_weight_int8pack_mm")
@@ -95,3 +99,59 @@ def test_a_few_rows_of_several_sequences_or_of_a_verify_pass_are_each_reduced_as
     with cpu.positions_alone():
         assert rows_per_call(x) == [1] * 9
     assert rows_per_call(torch.randn(1, cpu.FEW_ROWS + 1, 8)) == [cpu.FEW_ROWS + 1]
+
+
+@needs_kernel
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("n, k", [(40, 96), (43, 100), (1536, 576)])
+def test_the_kernel_reduces_each_row_as_if_it_were_alone(wdtype, n, k):
+    """brisk's kernel (cpu_kernels.cpp), bf16 rows against a bf16 or int8 weight: 1 to FEW_ROWS rows give the
+    exact product within fp32 rounding, and each row's result is bitwise the same whatever rows are beside it (any
+    row count and weight shape, with the tails where n is no multiple of 4 and k none of 32)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    w = w if wdtype == torch.bfloat16 else torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    x = torch.randn(cpu.FEW_ROWS, k, generator=g).to(torch.bfloat16)
+    alone = torch.cat([torch.ops.brisk.rows_product(row[None], w) for row in x])  # [FEW_ROWS, n]
+    exact = x.double() @ w.double().t()
+    torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4 * w.double().abs().max().item())
+    for m in range(2, cpu.FEW_ROWS + 1):
+        assert torch.equal(torch.ops.brisk.rows_product(x[:m], w), alone[:m]), f"{m} rows"
+        assert torch.equal(torch.ops.brisk.rows_product(x[-m:], w), alone[-m:]), f"the last {m} rows"
+
+
+class OpsSeen(TorchDispatchMode):
+    """Records the name of every op dispatched eagerly."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_kernel
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("rows, dtype, kernel", [
+    (1, torch.bfloat16, True), (cpu.FEW_ROWS, torch.bfloat16, True),
+    (cpu.FEW_ROWS + 1, torch.bfloat16, False), (3, torch.float32, False),
+])
+def test_a_bf16_linear_takes_the_kernel_for_a_few_rows(compile, rows, dtype, kernel):
+    """A bf16 Linear multiplies 1 to FEW_ROWS rows in brisk's kernel, eagerly and compiled, and more rows with
+    aten's matrix product; an fp32 layer never takes it. F.linear's values every time."""
+    torch.manual_seed(0)
+    lin = Linear(96, 40, bias=True).to(dtype)
+    x = torch.randn(1, rows, 96, dtype=dtype)
+    with torch.no_grad():
+        if compile:
+            y, codes = run_and_get_code(torch.compile(lin, fullgraph=True, dynamic=False), x)
+            used = "brisk.rows_product" in "".join(codes)
+        else:
+            with OpsSeen() as seen:
+                y = lin(x)
+            used = "brisk.rows_product" in seen.names
+    assert used == kernel
+    want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
