@@ -1,8 +1,8 @@
 """Everything brisk does differently on a CPU, each with why in a line; the figures are in BENCHMARKS.md.
 
 - Linear: nn.Linear whose few-row products (a decode step, a batch's step, a verify pass) reduce each row as if
-  alone (batch invariance): bf16 ones in brisk's kernel (cpu_kernels.cpp, for bf16 and int8 weights) where the
-  CPU has AVX512_BF16, compiled ones otherwise in a loop Inductor writes, faster than aten's.
+  alone (batch invariance): bf16 ones in brisk's kernel (cpu_kernels.cpp) where the CPU has AVX512_BF16, compiled
+  ones otherwise in a loop Inductor writes, faster than aten's.
 - gemm_dtype: on AVX2 CPUs many bf16 rows are multiplied in fp32.
 - kv_cache_dtype: the KV cache holds fp32 on the CPU.
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
@@ -82,14 +82,14 @@ def load_rows_kernel() -> bool:
 
 
 def kernel_rows(x: Tensor, weight: Tensor) -> bool:
-    """True for a product of 1 to FEW_ROWS rows of bf16 activations with a bf16 or int8 weight on a CPU with
-    brisk's kernel."""
-    return (x.dtype == torch.bfloat16 and weight.dtype in (torch.bfloat16, torch.int8) and x.device.type == "cpu"
+    """True for a product of 1 to FEW_ROWS rows of bf16 activations with a bf16 weight on a CPU with brisk's kernel
+    (int8 weights stay in Inductor's loop, which converted them faster: BENCHMARKS.md, "A kernel for bf16 rows")."""
+    return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and x.numel() <= FEW_ROWS * x.shape[-1] and CPU_CAPABILITY == "AVX512" and rows_kernel())
 
 
 def rows_product(x: Tensor, weight: Tensor) -> Tensor:
-    # x [..., K] bf16 (up to FEW_ROWS rows), weight [N, K] bf16 or int8 -> [..., N] fp32, each row as if alone
+    # x [..., K] bf16 (up to FEW_ROWS rows), weight [N, K] bf16 -> [..., N] fp32, each row as if alone
     return torch.ops.brisk.rows_product(x, weight).view(*x.shape[:-1], weight.shape[0])
 
 

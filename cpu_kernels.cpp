@@ -1,7 +1,7 @@
-// brisk's one hand-written CPU kernel: products of 1 to 16 rows of bf16 activations with a bf16 or int8 weight,
-// built by cpu.py (torch.utils.cpp_extension) for CPUs with AVX512_BF16. Why (BENCHMARKS.md, "A kernel for rows"):
-// - each weight element is loaded (and an int8 one converted) once for all rows and multiplied in pairs by
-//   `vdpbf16ps`, where Inductor's loop converts it to fp32 once per row: 4 rows cost 2.6x one row;
+// brisk's one hand-written CPU kernel: products of 1 to 16 rows of bf16 activations with a bf16 weight, built by
+// cpu.py (torch.utils.cpp_extension) for CPUs with AVX512_BF16. Why (BENCHMARKS.md, "A kernel for bf16 rows"):
+// - each weight element is loaded once for all rows and multiplied in pairs by `vdpbf16ps`, where Inductor's loop
+//   converts it to fp32 once per row: 4 rows cost 2.6x one row;
 // - each output y[m, n] is reduced in one order whatever the number of rows: 32 products a step into 16 fp32
 //   lanes along k, then the 16 lanes. A row's result never depends on the rows beside it (batch invariance).
 #include <ATen/ATen.h>
@@ -14,20 +14,9 @@
 constexpr int R = 4;            // weight rows a tile reads side by side, a quarter of the weight apart
 constexpr int64_t AHEAD = 512;  // elements prefetched ahead in each of them: four far streams need the help
 
-// 32 weight elements from k on as bf16 pairs (int8 values are exact in bf16); zeros past K
-AVX512_BF16 static inline __m512bh load32(const at::BFloat16* w, __mmask32 mask) {
-  return (__m512bh)_mm512_maskz_loadu_epi16(mask, w);
-}
-AVX512_BF16 static inline __m512bh load32(const int8_t* w, __mmask32 mask) {
-  const __m512i v = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w));  // [32] int16
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
-  return _mm512_cvtne2ps_pbh(hi, lo);
-}
-
 // y[t, r] = x[t] . w[r * ldw] for T rows of x and RR rows of w (ldw apart); K elements each.
-template <int T, int RR, typename W>
-AVX512_BF16 static inline void tile(const at::BFloat16* x, const W* w, float* y, int64_t K, int64_t ldw,
+template <int T, int RR>
+AVX512_BF16 static inline void tile(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t K, int64_t ldw,
                                     int64_t ldy_t, int64_t ldy_r) {
   __m512 acc[T][RR];  // [T, RR] x 16 fp32 lanes
   for (int t = 0; t < T; t++)
@@ -36,7 +25,7 @@ AVX512_BF16 static inline void tile(const at::BFloat16* x, const W* w, float* y,
     const __mmask32 mask = K - k >= 32 ? ~0u : (1u << (K - k)) - 1;  // the tail reads zeros, which add nothing
     __m512bh wv[RR];
     for (int r = 0; r < RR; r++) {
-      wv[r] = load32(w + r * ldw + k, mask);
+      wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * ldw + k);
       _mm_prefetch((const char*)(w + r * ldw + k + AHEAD), _MM_HINT_T0);
     }
     for (int t = 0; t < T; t++) {
@@ -49,8 +38,8 @@ AVX512_BF16 static inline void tile(const at::BFloat16* x, const W* w, float* y,
 }
 
 // all M rows of x against RR weight rows: in tiles of 4, 2 and 1 rows, each row's sums the same
-template <int RR, typename W>
-AVX512_BF16 static void rows(const at::BFloat16* x, const W* w, float* y, int64_t M, int64_t K, int64_t N,
+template <int RR>
+AVX512_BF16 static void rows(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t M, int64_t K, int64_t N,
                              int64_t ldw, int64_t ldy_r) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) tile<4, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
@@ -58,8 +47,7 @@ AVX512_BF16 static void rows(const at::BFloat16* x, const W* w, float* y, int64_
   for (; m < M; m++) tile<1, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
 }
 
-template <typename W>
-static void product(const at::BFloat16* x, const W* w, float* y, int64_t M, int64_t K, int64_t N) {
+static void product(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = N / R;  // a tile's rows are n, n + nb, n + 2 nb, n + 3 nb; the last N % R rows one by one
   at::parallel_for(0, nb + N % R, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; n++) {
@@ -69,16 +57,13 @@ static void product(const at::BFloat16* x, const W* w, float* y, int64_t M, int6
   });
 }
 
-// x [..., K] bf16 (M rows), w [N, K] bf16 or int8 -> x w^T [M, N] fp32
+// x [..., K] bf16 (M rows), w [N, K] bf16 -> x w^T [M, N] fp32
 at::Tensor rows_product(const at::Tensor& x_, const at::Tensor& w_) {
-  TORCH_CHECK(x_.scalar_type() == at::kBFloat16, "rows_product: bf16 activations only");
-  TORCH_CHECK(w_.scalar_type() == at::kBFloat16 || w_.scalar_type() == at::kChar, "rows_product: bf16 or int8 weights");
+  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 && w_.scalar_type() == at::kBFloat16, "rows_product: bf16 only");
   const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  if (w.scalar_type() == at::kChar) product(xp, w.data_ptr<int8_t>(), y.data_ptr<float>(), M, K, N);
-  else product(xp, w.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, K, N);
+  product(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, K, N);
   return y;
 }
 

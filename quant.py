@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cli import BriskError
 from cpu import (INT4_DEQUANTIZE_MIN_ROWS, INT8_KERNEL_MAX_ROWS, cpu_dequantize_t, cpu_pack_block, gemm_dtype,
-                 int8_kernel_fits, kernel_rows, one_row_on_cpu, one_row_product, per_row, rows_product)
+                 int8_kernel_fits, one_row_on_cpu, one_row_product, per_row)
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -137,9 +137,7 @@ class WeightOnlyInt8Linear(nn.Module):
                   and x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features)
         # one row or a few, compiled: as cpu.Linear, Inductor's loop where it beats the kernel, and always rather
         # than converting the whole weight for a GEMM; otherwise a few rows one at a time (cpu.per_row)
-        if kernel_rows(x, self.weight):
-            y = (rows_product(x, self.weight) * self.scales.float()).to(x.dtype)
-        elif one_row_on_cpu(x, self.weight if kernel else None):
+        if one_row_on_cpu(x, self.weight if kernel else None):
             y = (one_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
         else:
             y = per_row(x, lambda x: self.gemm(x, kernel))

@@ -102,19 +102,17 @@ def test_a_few_rows_of_several_sequences_or_of_a_verify_pass_are_each_reduced_as
 
 
 @needs_kernel
-@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("n, k", [(40, 96), (43, 100), (1536, 576)])
-def test_the_kernel_reduces_each_row_as_if_it_were_alone(wdtype, n, k):
-    """brisk's kernel (cpu_kernels.cpp), bf16 rows against a bf16 or int8 weight: 1 to FEW_ROWS rows give the
-    exact product within fp32 rounding, and each row's result is bitwise the same whatever rows are beside it (any
-    row count and weight shape, with the tails where n is no multiple of 4 and k none of 32)."""
+def test_the_kernel_reduces_each_row_as_if_it_were_alone(n, k):
+    """brisk's bf16 kernel (cpu_kernels.cpp): 1 to FEW_ROWS rows give the exact product within fp32 rounding, and
+    each row's result is bitwise the same whatever rows are beside it (any row count and weight shape, with the
+    tails where n is no multiple of 4 and k none of 32)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    w = w if wdtype == torch.bfloat16 else torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     x = torch.randn(cpu.FEW_ROWS, k, generator=g).to(torch.bfloat16)
     alone = torch.cat([torch.ops.brisk.rows_product(row[None], w) for row in x])  # [FEW_ROWS, n]
     exact = x.double() @ w.double().t()
-    torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4 * w.double().abs().max().item())
+    torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4)
     for m in range(2, cpu.FEW_ROWS + 1):
         assert torch.equal(torch.ops.brisk.rows_product(x[:m], w), alone[:m]), f"{m} rows"
         assert torch.equal(torch.ops.brisk.rows_product(x[-m:], w), alone[-m:]), f"the last {m} rows"
