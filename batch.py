@@ -7,8 +7,9 @@
     batch.remove(row)                      # frees the row; the others are unaffected
 
 A row's logits do not depend on what else is in the batch (cpu.FEW_ROWS, model.attend): rows can join and leave
-between steps (continuous batching), and eager greedy rows give exactly the tokens of their prompts run alone
-(compiled, the logits agree within rounding: BENCHMARKS.md, "Few-row products").
+between steps (continuous batching), and eager greedy rows give exactly the tokens of their prompts run alone.
+Compiled, exactly too where a lone row runs as two (Batch.min_rows: bf16 on a CPU with brisk's kernel), else within
+rounding (BENCHMARKS.md, "A kernel for bf16 rows").
 Sampling happens outside, with engine's functions, per row.
 """
 import time
@@ -17,8 +18,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from engine import compile_step, sample
 from cli import BriskError
+from cpu import two_rows_cost_one
+from engine import compile_step, sample
 from model import Transformer
 
 
@@ -30,11 +32,14 @@ def rows_step(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Opti
 class Batch:
     def __init__(self, model: Transformer, max_rows: int, max_seq_length: int, compile: bool = False):
         """Set up model's caches for max_rows rows of up to max_seq_length positions each. compile: one compiled
-        decode step (engine.compile_step) serves every mix of rows and positions."""
+        decode step (engine.compile_step) serves every mix of rows and positions; where two rows cost no more than
+        one (cpu.two_rows_cost_one), a lone row steps beside a spare one, so that a single graph serves every count
+        and a row's logits never depend on the others (bitwise)."""
         model.setup_caches(max_rows, max_seq_length)
         self.model, self.max_rows, self.max_seq_length = model, max_rows, max_seq_length
         self.device = model.norm.weight.device
         self.step_fn = compile_step(rows_step, self.device) if compile else rows_step
+        self.min_rows = 2 if compile and max_rows > 1 and two_rows_cost_one(model) else 1  # rows a step runs
         self.pos: dict[int, int] = {}  # row -> tokens in its cache, the position of its next token
         self.logits: dict[int, Tensor] = {}  # row -> fp32 logits [V] after its last token
 
@@ -107,9 +112,10 @@ class Batch:
         """Feed each row its next token; returns each row's fp32 logits [V] after it. Only rows 0 up to the highest
         row in tokens run (add takes the lowest free row, so busy rows sit low): the others cost nothing. Rows below
         it but not in tokens (free ones too) run at the cache's spare position, which nothing attends to, and keep
-        their state. Compiled, one graph serves one row and one every other count (a dynamic size)."""
+        their state. Compiled, one graph serves one row and one every other count (a dynamic size), or one every
+        count where a lone row runs as two (min_rows)."""
         spare = self.model.max_seq_length  # setup_caches's never-attended position
-        B = max(tokens) + 1
+        B = max(max(tokens) + 1, self.min_rows)
         x = torch.zeros(B, 1, dtype=torch.int, device=self.device)  # [B, 1]
         pos = torch.full((B, 1), spare, device=self.device)  # [B, 1]
         for row, token in tokens.items():

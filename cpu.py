@@ -88,6 +88,14 @@ def kernel_rows(x: Tensor, weight: Tensor) -> bool:
             and x.numel() <= FEW_ROWS * x.shape[-1] and CPU_CAPABILITY == "AVX512" and rows_kernel())
 
 
+def two_rows_cost_one(model: nn.Module) -> bool:
+    """True where every product of model's one-row step is brisk's kernel (bf16 weights on the CPU, with the kernel):
+    a step of two rows then costs no more than one, so a lone row can take a compiled step's multi-row graph, whose
+    every row is reduced alike whatever the count (the one-row graph's norms and attention are not)."""
+    layers = [m for m in model.modules() if hasattr(m, "in_features")]
+    return all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for m in layers) and rows_kernel()
+
+
 def rows_product(x: Tensor, weight: Tensor) -> Tensor:
     # x [..., K] bf16 (up to FEW_ROWS rows), weight [N, K] bf16 -> [..., N] fp32, each row as if alone
     return torch.ops.brisk.rows_product(x, weight).view(*x.shape[:-1], weight.shape[0])

@@ -4,6 +4,7 @@ reductions by its shapes: a near tie can go the other way); beam search as trans
 import pytest
 import torch
 
+import cpu
 import engine
 import generate as gen
 from batch import Batch, beam_search, generate_rows, rows_step
@@ -36,12 +37,22 @@ def alone(model, ids: list[int], tokens: list[int], step) -> list[torch.Tensor]:
     return logits
 
 
-def check_rows_equal_alone(model, compile: bool, n_steps: int = 12):
+def alone_in(batch: Batch, ids: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """As alone, with the prompt by itself in a batch."""
+    row = batch.add(ids)
+    logits = [batch.last_logits(row)] + [batch.step({row: t})[row] for t in tokens]
+    batch.remove(row)
+    return logits
+
+
+def check_rows_equal_alone(model, compile: bool, n_steps: int = 12, alone_in_batch: bool = False):
     """Three rows decode five prompts; rows join as others finish (at different steps), so every row meets
     different neighbours at different positions. Every row's logits must equal its prompt's alone: bitwise
     eagerly; compiled, within the dtype's rounding (the alone run is fed the batch's tokens, so a flipped near tie
-    does not end the comparison)."""
+    does not end the comparison). alone_in_batch: alone is the prompt by itself in the same batch, to be bitwise
+    equal compiled too."""
     batch = Batch(model, 3, 128, compile=compile)
+    assert batch.min_rows == 2 or not alone_in_batch
     ps = prompts(model.config.vocab_size)
     got = {i: [] for i in range(len(ps))}  # prompt -> logits after its prompt and each token fed
     waiting, running = list(range(len(ps))), {}
@@ -60,10 +71,10 @@ def check_rows_equal_alone(model, compile: bool, n_steps: int = 12):
     step = engine.compile_step(rows_step, torch.device("cpu")) if compile else rows_step
     for i, p in enumerate(ps):
         tokens = [int(l.argmax()) for l in got[i][:-1]]
-        want = alone(model, p, tokens, step)
+        want = alone_in(batch, p, tokens) if alone_in_batch else alone(model, p, tokens, step)
         assert len(want) == len(got[i])
         for j, (a, b) in enumerate(zip(want, got[i])):
-            tol = TOLERANCE[model.norm.weight.dtype] if compile else 0
+            tol = TOLERANCE[model.norm.weight.dtype] if compile and not alone_in_batch else 0
             assert torch.allclose(a, b, atol=tol, rtol=tol), f"prompt {i}, step {j}: max diff {(a - b).abs().max()}"
 
 
@@ -76,6 +87,15 @@ def test_rows_joining_and_leaving_give_the_logits_of_each_prompt_alone(tiny, dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_rows_give_the_logits_of_each_prompt_alone_within_rounding(tiny, dtype):
     check_rows_equal_alone(load_model(tiny, dtype=dtype), compile=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu.rows_kernel(), reason="the CPU has no AVX512_BF16 (or no compiler)")
+def test_compiled_bf16_rows_with_the_kernel_are_bitwise_their_prompt_alone_in_a_batch(tiny):
+    """Where brisk's kernel makes two rows cost one, a lone row steps beside a spare one: one compiled graph for
+    every count of rows, so each row's logits are bitwise those of its prompt alone in the batch (the one-row
+    graph reduces norms and attention differently: within rounding only)."""
+    check_rows_equal_alone(load_model(tiny, dtype=torch.bfloat16), compile=True, alone_in_batch=True)
 
 
 @pytest.mark.slow
