@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -70,12 +71,15 @@ def rows_kernel() -> bool:
 
 def load_rows_kernel() -> bool:
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+    start = time.perf_counter()
     try:
         cpp_extension.load("brisk_cpu_kernels", [src], extra_cflags=["-O3"], is_python_module=False)
     except (RuntimeError, OSError) as e:  # no compiler, or no ninja
         print(f"brisk: cpu_kernels.cpp was not built ({str(e).splitlines()[0]}); Inductor's loop serves",
               file=sys.stderr)
         return False
+    if (seconds := time.perf_counter() - start) > 2:  # built now, not loaded from torch's cache
+        print(f"brisk: built cpu_kernels.cpp in {seconds:.0f} s (once: torch caches it)", file=sys.stderr)
     torch.library.register_fake("brisk::rows_product")(
         lambda x, w: x.new_empty((x.numel() // x.shape[-1], w.shape[0]), dtype=torch.float32))
     return torch.ops.brisk.rows_product_supported()
