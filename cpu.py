@@ -61,7 +61,7 @@ _rows_kernel: Optional[bool] = None  # see rows_kernel
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
 def rows_kernel() -> bool:
-    """True once cpu_kernels.cpp is built (the first time, ~20 s; torch keeps it in ~/.cache/torch_extensions) and
+    """True once cpu_kernels.cpp is built (the first time, 7-20 s; torch keeps it in ~/.cache/torch_extensions) and
     loaded, on a CPU with AVX512_BF16; False elsewhere, or where it cannot be built (then Inductor's loop serves)."""
     global _rows_kernel
     if _rows_kernel is None:
@@ -155,8 +155,8 @@ def per_row(x: Tensor, product) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the one-row CPU product written for Inductor (see one_row_on_cpu) and few-row products
-    that reduce each row as if alone (FEW_ROWS)."""
+    """nn.Linear whose products of up to FEW_ROWS rows on the CPU reduce each row as if alone: in brisk's kernel
+    (kernel_rows), else compiled in Inductor's loop (one_row_on_cpu), else eagerly one row at a time (per_row)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if kernel_rows(x, self.weight):
