@@ -82,6 +82,7 @@ def load_rows_kernel() -> bool:
         print(f"brisk: built cpu_kernels.cpp in {seconds:.0f} s (once: torch caches it)", file=sys.stderr)
     torch.library.register_fake("brisk::rows_product")(
         lambda x, w: x.new_empty((x.numel() // x.shape[-1], w.shape[0]), dtype=torch.float32))
+    torch.library.register_fake("brisk::attend")(lambda q, k, v, mask: torch.empty_like(q, memory_format=torch.contiguous_format))
     return torch.ops.brisk.rows_product_supported()
 
 
@@ -90,6 +91,15 @@ def kernel_rows(x: Tensor, weight: Tensor) -> bool:
     (int8 weights stay in Inductor's loop, which converted them faster: BENCHMARKS.md, "A kernel for bf16 rows")."""
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and x.numel() <= FEW_ROWS * x.shape[-1] and CPU_CAPABILITY == "AVX512" and rows_kernel())
+
+
+def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
+    """True where brisk's kernel computes a few queries' attention (model.attend's contract, in one loop per query):
+    fp32 queries and cache on a CPU with the kernel, a head size that is a multiple of 16 up to 256, a bool or fp32
+    mask."""
+    return (mask is not None and mask.dtype in (torch.bool, torch.float32) and q.device.type == "cpu"
+            and q.dtype == k.dtype == torch.float32
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and CPU_CAPABILITY == "AVX512" and rows_kernel())
 
 
 def two_rows_cost_one(model: nn.Module) -> bool:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cli import BriskError
-from cpu import FEW_ROWS, Linear, kv_cache_dtype  # a fork without the CPU tuning: Linear = nn.Linear, the cache in `dtype`
+from cpu import FEW_ROWS, Linear, kernel_attends, kv_cache_dtype  # a fork without the CPU tuning: Linear = nn.Linear, etc.
 from presets import find_preset, transformer_configs
 
 
@@ -232,7 +232,7 @@ class Attention(nn.Module):
         k, v = k[:, :, :end], v[:, :, :end]
         q = q.to(k.dtype)  # attention computes in the cache's dtype (fp32 on the CPU: setup_caches)
         if T <= FEW_ROWS:
-            y = attend(q, k, v, mask)
+            y = torch.ops.brisk.attend(q, k, v, mask) if kernel_attends(q, k, mask) else attend(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_head != self.n_local_heads)

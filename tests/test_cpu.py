@@ -7,6 +7,7 @@ from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cpu
+import model
 import quant
 from cpu import Linear
 
@@ -153,3 +154,26 @@ def test_a_bf16_linear_takes_the_kernel_for_a_few_rows(compile, rows, dtype, ker
     assert used == kernel
     want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, T, alibi", [(1, 1, False), (4, 1, False), (3, 5, True)])
+def test_the_kernel_attends_as_model_attend_and_each_row_as_if_alone(rows, T, alibi):
+    """brisk's attention for a few queries (decode steps, a verify pass) against an fp32 cache, a view of fewer
+    positions than the cache holds: model.attend's values within fp32 rounding, for a causal (bool) or ALiBi
+    (float) mask, and each row's bitwise the same with any rows beside it."""
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, D, S = 6, 2, 64, 100
+    k_cache, v_cache = (torch.randn(rows + 1, Hkv, S + 28, D, generator=g) for _ in range(2))
+    k, v = k_cache[1:, :, :S], v_cache[1:, :, :S]  # as Attention passes them
+    q = torch.randn(rows, T, H, D, generator=g).transpose(1, 2)  # [B, H, T, D], not contiguous
+    mask = torch.arange(S) < 90 - torch.arange(rows)[:, None, None, None]  # [B, 1, 1, S]: the last keys masked
+    mask = mask.expand(rows, 1, T, S)
+    if alibi:
+        mask = torch.where(mask, -0.1 * (S - torch.arange(S)).float(), -float("inf"))
+    y = torch.ops.brisk.attend(q, k, v, mask)
+    torch.testing.assert_close(y, model.attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    for i in range(rows):
+        assert torch.equal(torch.ops.brisk.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1]), y[i:i + 1])
+    one = torch.ops.brisk.attend(q[:1], k[:1], v[:1], mask[0])  # a 3-d mask, as one sequence's decode step has
+    assert torch.equal(one, y[:1])
