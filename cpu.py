@@ -4,7 +4,7 @@
   alone (batch invariance): bf16 ones in brisk's kernel (cpu_kernels.cpp) where the CPU has AVX512_BF16, compiled
   ones otherwise in a loop Inductor writes, faster than aten's.
 - gemm_dtype: on AVX2 CPUs many bf16 rows are multiplied in fp32.
-- kv_cache_dtype: the KV cache holds fp32 on the CPU.
+- kv_cache_dtype: the KV cache holds fp32 on the CPU; kernel_attends: decode attention in brisk's kernel.
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
 - The int8/int4 kernels' row bounds and torch's CPU int4 packed layout, which quant.py reads.
 A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py and ignore the rest.

@@ -1,5 +1,6 @@
-// brisk's one hand-written CPU kernel: products of 1 to 16 rows of bf16 activations with a bf16 weight, built by
-// cpu.py (torch.utils.cpp_extension) for CPUs with AVX512_BF16. Why (BENCHMARKS.md, "A kernel for bf16 rows"):
+// brisk's hand-written CPU kernels, built by cpu.py (torch.utils.cpp_extension) for CPUs with AVX512_BF16: products
+// of 1 to 16 rows of bf16 activations with a bf16 weight, and decode attention (attend, below). Why the products
+// (BENCHMARKS.md, "A kernel for bf16 rows"):
 // - each weight element is loaded once for all rows and multiplied in pairs by `vdpbf16ps`, where Inductor's loop
 //   converts it to fp32 once per row: 4 rows cost 2.6x one row;
 // - each output y[m, n] is reduced in one order whatever the number of rows: 32 products a step into 16 fp32
