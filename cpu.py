@@ -82,7 +82,8 @@ def load_rows_kernel() -> bool:
         print(f"brisk: built cpu_kernels.cpp in {seconds:.0f} s (once: torch caches it)", file=sys.stderr)
     torch.library.register_fake("brisk::rows_product")(
         lambda x, w: x.new_empty((x.numel() // x.shape[-1], w.shape[0]), dtype=torch.float32))
-    torch.library.register_fake("brisk::attend")(lambda q, k, v, mask: torch.empty_like(q, memory_format=torch.contiguous_format))
+    torch.library.register_fake("brisk::attend")(
+        lambda q, k, v, mask: torch.empty_like(q, memory_format=torch.contiguous_format))
     return torch.ops.brisk.rows_product_supported()
 
 

@@ -95,7 +95,8 @@ AVX512_BF16 static void attend_one(const float* q, const float* k, const float* 
   float mx = -INFINITY;
   for (int64_t j = 0; j < S; j++) {  // scores: 16 lanes along D, then the lanes
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + j * ld + d), acc);
+    for (int64_t d = 0; d < D; d += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + j * ld + d), acc);
     float sj = _mm512_reduce_add_ps(acc) * scale;
     if constexpr (std::is_same_v<Mask, bool>) sj = m[j * ms] ? sj : -INFINITY;
     else sj += (float)m[j * ms];
@@ -121,7 +122,8 @@ AVX512_BF16 static void attend_one(const float* q, const float* k, const float* 
 }
 
 // Decode attention: q [B, H, T, D], k v [B, Hkv, S, D] fp32 (D contiguous, D % 16 == 0, D <= 256), mask
-// that broadcasts to [B, H, T, S], bool or float -> [B, H, T, D]. Each (row, head, query) alone and in one order, as model.attend.
+// that broadcasts to [B, H, T, S], bool or float -> [B, H, T, D]. As model.attend: each (row, head, query) alone,
+// in one order.
 at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
   const at::Tensor q = q_.contiguous();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);

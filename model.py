@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cli import BriskError
-from cpu import FEW_ROWS, Linear, kernel_attends, kv_cache_dtype  # a fork without the CPU tuning: Linear = nn.Linear, etc.
+from cpu import FEW_ROWS, Linear, kernel_attends, kv_cache_dtype  # without the CPU tuning: nn.Linear, cache in dtype
 from presets import find_preset, transformer_configs
 
 
