@@ -64,8 +64,10 @@ def rows_kernel() -> bool:
     """True once cpu_kernels.cpp is built (the first time, 7-20 s; torch keeps it in ~/.cache/torch_extensions) and
     loaded, on a CPU with AVX512_BF16; False elsewhere, or where it cannot be built (then Inductor's loop serves)."""
     global _rows_kernel
+    if CPU_CAPABILITY != "AVX512":
+        return False
     if _rows_kernel is None:
-        _rows_kernel = CPU_CAPABILITY == "AVX512" and load_rows_kernel()
+        _rows_kernel = load_rows_kernel()
     return _rows_kernel
 
 
@@ -91,7 +93,7 @@ def kernel_rows(x: Tensor, weight: Tensor) -> bool:
     """True for a product of 1 to FEW_ROWS rows of bf16 activations with a bf16 weight on a CPU with brisk's kernel
     (int8 weights stay in Inductor's loop, which converted them faster: BENCHMARKS.md, "A kernel for bf16 rows")."""
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() <= FEW_ROWS * x.shape[-1] and CPU_CAPABILITY == "AVX512" and rows_kernel())
+            and x.numel() <= FEW_ROWS * x.shape[-1] and rows_kernel())
 
 
 def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
@@ -100,7 +102,7 @@ def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
     mask."""
     return (mask is not None and mask.dtype in (torch.bool, torch.float32) and q.device.type == "cpu"
             and q.dtype == k.dtype == torch.float32
-            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and CPU_CAPABILITY == "AVX512" and rows_kernel())
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and rows_kernel())
 
 
 def two_rows_cost_one(model: nn.Module) -> bool:
