@@ -42,6 +42,7 @@ class Batch:
         self.min_rows = 2 if compile and max_rows > 1 and two_rows_cost_one(model) else 1  # rows a step runs
         self.pos: dict[int, int] = {}  # row -> tokens in its cache, the position of its next token
         self.logits: dict[int, Tensor] = {}  # row -> fp32 logits [V] after its last token
+        self.shares: dict[int, tuple[int, int]] = {}  # row -> (src, n): its first n positions equal row src's
 
     def __len__(self) -> int:
         return len(self.pos)
@@ -75,7 +76,18 @@ class Batch:
         new = self.free_row()
         self.pos[new], self.logits[new] = self.pos[row], self.logits[row]
         self.reorder({new: row})
+        self.share(new, *self.shares.get(row, (row, self.pos[row])))
         return new
+
+    def share(self, row: int, src: int, n: int) -> None:
+        """Note that row's first n positions equal row src's (n = 0: none). Beams forked from one prompt then read
+        it from one row in brisk's kernel (model.KVCache.prefix), so from memory once for all of them."""
+        if n:
+            self.shares[row] = (src, n)
+        else:
+            self.shares.pop(row, None)
+        for layer in self.model.layers:
+            layer.attention.kv_cache.prefix[row, 0], layer.attention.kv_cache.prefix[row, 1] = src - row, n
 
     @torch.no_grad()
     def reorder(self, parents: dict[int, int], start: int = 0) -> None:
@@ -84,9 +96,17 @@ class Batch:
         compiled step keeps its buffers."""
         dst, src = list(parents), list(parents.values())
         end = max(self.pos[r] for r in src)
-        for layer in self.model.layers:
-            for cache in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
+        caches = [c for layer in self.model.layers for c in (layer.attention.kv_cache.k_cache,
+                                                              layer.attention.kv_cache.v_cache)]
+        if set(dst).isdisjoint(src):  # no row written is read: plain copies, in one call (a beam step's)
+            torch._foreach_copy_([c[d, :, start:end] for c in caches for d in dst],
+                                 [c[s, :, start:end] for c in caches for s in src])
+        else:
+            for cache in caches:
                 cache[dst, :, start:end] = cache[src, :, start:end]  # the right side is gathered first
+        for r, (s, n) in list(self.shares.items()):  # positions from start on may now differ
+            if (r in parents or s in parents) and n > start:
+                self.share(r, s, start)
         state = {r: (self.pos[p], self.logits[p]) for r, p in parents.items()}
         for r, (pos, logits) in state.items():
             self.pos[r], self.logits[r] = pos, logits
@@ -106,6 +126,9 @@ class Batch:
 
     def remove(self, row: int) -> None:
         del self.pos[row], self.logits[row]
+        for r, (s, _) in list(self.shares.items()):  # a row that shared this one's positions reads its own
+            if row in (r, s):
+                self.share(r, r, 0)
 
     @torch.no_grad()
     def step(self, tokens: dict[int, int]) -> dict[int, Tensor]:
@@ -221,9 +244,28 @@ def beam_search(batch: Batch, ids: list[int], max_new_tokens: int, num_beams: in
         improvable = improvable and bool((best_running > worst_done).any())
         if not improvable or (bool(is_done.all()) and early_stopping is True) or bool(hits.all()):
             break
-        batch.reorder({rows[j]: rows[int(p)] for j, p in enumerate(parents)}, start=len(ids))
+        rows, copies = follow(rows, parents.tolist())
+        if copies:
+            batch.reorder(copies, start=len(ids))
         out = batch.step({rows[j]: int(running[j, cur]) for j in range(n)})
         logits = torch.stack([out[r] for r in rows])
     for r in rows:
         batch.remove(r)
     return [(done[i, :done_len[i]].tolist(), float(done_scores[i])) for i in range(num_return_sequences)]
+
+
+def follow(rows: list[int], parents: list[int]) -> tuple[list[int], dict[int, int]]:
+    """The rows of the next beams, beam j the child of beam parents[j] (in rows[parents[j]]): a parent's first child
+    takes its row as it is, another takes the row of a beam without children and a copy of its parent's. Returns
+    (the new beams' rows, {row: row to copy from})."""
+    new: list[Optional[int]] = [None] * len(parents)
+    for j, p in enumerate(parents):
+        if rows[p] not in new:
+            new[j] = rows[p]
+    spare = [r for r in rows if r not in new]
+    copies = {}
+    for j, p in enumerate(parents):
+        if new[j] is None:
+            new[j] = spare.pop(0)
+            copies[new[j]] = rows[p]
+    return new, copies

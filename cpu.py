@@ -4,7 +4,8 @@
   alone (batch invariance): bf16 ones in brisk's kernel (cpu_kernels.cpp) where the CPU has AVX512_BF16, compiled
   ones otherwise in a loop Inductor writes, faster than aten's.
 - gemm_dtype: on AVX2 CPUs many bf16 rows are multiplied in fp32.
-- kv_cache_dtype: the KV cache holds fp32 on the CPU; kernel_attends: decode attention in brisk's kernel.
+- kv_cache_dtype, attend_dtype: the KV cache and attention in fp32 on the CPU (bf16 where brisk's kernel
+  attends: kernel_attends).
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
 - The int8/int4 kernels' row bounds and torch's CPU int4 packed layout, which quant.py reads.
 A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py and ignore the rest.
@@ -85,7 +86,7 @@ def load_rows_kernel() -> bool:
     torch.library.register_fake("brisk::rows_product")(
         lambda x, w: x.new_empty((x.numel() // x.shape[-1], w.shape[0]), dtype=torch.float32))
     torch.library.register_fake("brisk::attend")(
-        lambda q, k, v, mask: torch.empty_like(q, memory_format=torch.contiguous_format))
+        lambda q, k, v, mask, prefix=None: torch.empty_like(q, memory_format=torch.contiguous_format))
     return torch.ops.brisk.rows_product_supported()
 
 
@@ -96,13 +97,15 @@ def kernel_rows(x: Tensor, weight: Tensor) -> bool:
             and x.numel() <= FEW_ROWS * x.shape[-1] and rows_kernel())
 
 
+ATTEND_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # those cpu_kernels.cpp's attend is built for
+
+
 def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
-    """True where brisk's kernel computes a few queries' attention (model.attend's contract, in one loop per query):
-    fp32 queries and cache on a CPU with the kernel, a head size that is a multiple of 16 up to 256, a bool or fp32
-    mask."""
+    """True where brisk's kernel computes a few queries' attention (model.attend's contract, a tile of keys loaded
+    once for the queries that read it): a cache in fp32 or bf16 on a CPU with the kernel, a head size in
+    ATTEND_HEAD_DIMS, a bool or fp32 mask."""
     return (mask is not None and mask.dtype in (torch.bool, torch.float32) and q.device.type == "cpu"
-            and q.dtype == k.dtype == torch.float32
-            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and rows_kernel())
+            and k.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] in ATTEND_HEAD_DIMS and rows_kernel())
 
 
 def two_rows_cost_one(model: nn.Module) -> bool:
@@ -186,10 +189,18 @@ class Linear(nn.Linear):
         return F.linear(x.to(dt), self.weight.to(dt), bias).to(x.dtype)
 
 
-def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """fp32 on the CPU, whose attention kernel runs bf16/fp16 several times slower than fp32; holding fp32 costs
-    memory, not accuracy: the values stored are the model dtype's (BENCHMARKS.md, "KV cache in fp32 on the CPU")."""
+def attend_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """What attention computes in outside brisk's kernel: fp32 on the CPU, whose attention runs bf16/fp16 several
+    times slower than fp32 (BENCHMARKS.md, "KV cache in fp32 on the CPU"); the model's dtype elsewhere."""
     return torch.float32 if device.type == "cpu" else dtype
+
+
+def kv_cache_dtype(device: torch.device, dtype: torch.dtype, head_dim: int) -> torch.dtype:
+    """What the KV cache holds: a bf16 model's own dtype where brisk's kernel reads it (half the bytes of fp32, the
+    same values), else attend_dtype."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and head_dim in ATTEND_HEAD_DIMS and rows_kernel():
+        return dtype
+    return attend_dtype(device, dtype)
 
 
 def int8_kernel_fits(device: torch.device, in_features: int) -> bool:

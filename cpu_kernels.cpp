@@ -10,6 +10,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -87,68 +89,245 @@ AVX512_BF16 static inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-// one query q [D] against keys/values k, v [S, D] (rows ld apart), mask m [S] (bool, or float added: ALiBi) -> y [D]
-template <typename Mask>
-AVX512_BF16 static void attend_one(const float* q, const float* k, const float* v, int64_t ld, const Mask* m,
-                                   int64_t ms, int64_t S, int64_t D, float* s, float* y) {
-  const float scale = 1.0f / std::sqrt((float)D);
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < S; j++) {  // scores: 16 lanes along D, then the lanes
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16)
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + j * ld + d), acc);
-    float sj = _mm512_reduce_add_ps(acc) * scale;
-    if constexpr (std::is_same_v<Mask, bool>) sj = m[j * ms] ? sj : -INFINITY;
-    else sj += (float)m[j * ms];
-    s[j] = sj;
-    mx = std::max(mx, sj);
-  }
-  for (int64_t j = S; j % 16; j++) s[j] = -INFINITY;  // s holds a multiple of 16: the tail weighs nothing
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < S; j += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(mx)));
-    _mm512_storeu_ps(s + j, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  const float total = _mm512_reduce_add_ps(sum);
-  __m512 acc[16];  // D <= 256
-  for (int64_t c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < S; j++) {
-    if (s[j] == 0.0f) continue;  // masked (or underflowed): adds nothing
-    const __m512 pj = _mm512_set1_ps(s[j]);
-    for (int64_t c = 0; c < D / 16; c++) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * ld + 16 * c), acc[c]);
-  }
-  for (int64_t c = 0; c < D / 16; c++) _mm512_storeu_ps(y + 16 * c, _mm512_div_ps(acc[c], _mm512_set1_ps(total)));
+// 16 fp32 lanes from 16 cache values: fp32, or bf16 widened (exactly)
+AVX512_BF16 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512_BF16 static inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// Decode attention: q [B, H, T, D], k v [B, Hkv, S, D] fp32 (D contiguous, D % 16 == 0, D <= 256), mask
-// that broadcasts to [B, H, T, S], bool or float -> [B, H, T, D]. As model.attend: each (row, head, query) alone,
-// in one order.
-at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
-  const at::Tensor q = q_.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat
-              && k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides() && D % 16 == 0 && D <= 256,
-              "attend: fp32, D a multiple of 16 up to 256");
-  at::Tensor y = at::empty_like(q);
-  const int64_t G = H / Hkv;
-  const at::Tensor m = mask.expand({B, H, T, S});  // broadcast dims get stride 0 (ALiBi's mask has heads)
-  at::parallel_for(0, B * H * T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s((S + 15) / 16 * 16);  // [S] scores, then weights, and a tail to a multiple of 16
-    for (int64_t i = begin; i < end; i++) {
-      const int64_t b = i / (H * T), h = i / T % H, t = i % T;
-      const int64_t kv = b * k.stride(0) + h / G * k.stride(1);
-      const float* qi = q.data_ptr<float>() + i * D;
-      float* yi = y.data_ptr<float>() + i * D;
-      const int64_t mo = b * m.stride(0) + h * m.stride(1) + t * m.stride(2), ms = m.stride(3);
-      if (m.scalar_type() == at::kBool)
-        attend_one(qi, k.data_ptr<float>() + kv, v.data_ptr<float>() + kv, k.stride(2), m.data_ptr<bool>() + mo,
-                   ms, S, D, s.data(), yi);
-      else
-        attend_one(qi, k.data_ptr<float>() + kv, v.data_ptr<float>() + kv, k.stride(2), m.data_ptr<float>() + mo,
-                   ms, S, D, s.data(), yi);
+// Where a row's keys (or values) are: positions below n in row src (beams that share a prompt read it from one row,
+// so that it comes from memory once for all of them), the others in the row's own.
+template <typename C>
+struct Keys {
+  const C *src, *own;
+  int64_t n, ld;
+  const C* at(int64_t j) const { return (j < n ? src : own) + j * ld; }
+};
+
+// One query of decode attention: q [D], its row's keys and values, its mask (m[j * ms], j < S), its output y [D]
+template <typename C, typename Mask>
+struct Query {
+  const float* q;
+  Keys<C> k, v;
+  const Mask* m;
+  int64_t ms;
+  float* y;
+};
+
+// The tree's lanes for h = 8, 4, 2, 1: out lane p of two vectors (lanes 0..31) adds lanes (p / h) 2h + p % h and h on
+constexpr std::array<std::array<int32_t, 32>, 4> tree() {
+  std::array<std::array<int32_t, 32>, 4> t{};
+  for (int r = 0, h = 8; r < 4; r++, h /= 2)
+    for (int p = 0; p < 16; p++) t[r][p] = p / h * 2 * h + p % h, t[r][16 + p] = t[r][p] + h;
+  return t;
+}
+constexpr auto TREE = tree();
+
+constexpr int64_t TILES_AHEAD = 2;  // prefetched: the memory of one key/value head is read in one stream
+
+// positions j0..j0+15 of keys (or values) as fp32 t [16, 16 NC]; those past S repeat position S - 1 (they weigh 0)
+template <int NC, typename C>
+AVX512_BF16 static inline void load_tile(const Keys<C>& k, int64_t j0, int64_t S, float* t) {
+  for (int j = 0; j < 16; j++) {
+    const C* kj = k.at(std::min(j0 + j, S - 1));
+    const char* ahead = (const char*)k.at(std::min(j0 + j + TILES_AHEAD * 16, S - 1));
+    for (int64_t b = 0; b < 16 * NC * (int64_t)sizeof(C); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; c++) _mm512_storeu_ps(t + (j * NC + c) * 16, load16(kj + 16 * c));
+  }
+}
+
+// q . k for the 16 keys of a tile t: each key's products in 16 lanes, then the 16 keys' lanes summed in one tree (four
+// rounds of pairwise halving), so that lane j holds key j's score
+template <int NC>
+AVX512_BF16 static inline __m512 tile_scores(const float* q, const float* t) {
+  __m512 qv[NC], acc[16];
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; j++) {
+    acc[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(t + j * NC * 16));
+#pragma GCC unroll 16
+    for (int c = 1; c < NC; c++) acc[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(t + (j * NC + c) * 16), acc[j]);
+  }
+  // 16 -> 8: in each 128-bit block [a0+a2, b0+b2, a1+a3, b1+b3]
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i++)
+    acc[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]), _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+  // 8 -> 4: in each block [a, b, c, d]
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; i++)
+    acc[i] = _mm512_add_ps(_mm512_shuffle_ps(acc[2 * i], acc[2 * i + 1], 0x44),
+                           _mm512_shuffle_ps(acc[2 * i], acc[2 * i + 1], 0xee));
+  // 4 -> 2 -> 1: the blocks pairwise, until block i holds keys 4i..4i+3 in full
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; i++)
+    acc[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0xdd));
+  acc[0] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[0], acc[1], 0x88), _mm512_shuffle_f32x4(acc[0], acc[1], 0xdd));
+  return acc[0];
+}
+
+// scores s of positions j0..j0+15 under the mask: -inf where it is false (bool) or past S, else plus it (float: ALiBi)
+template <typename Mask>
+AVX512_BF16 static inline __m512 masked(__m512 s, const Mask* m, int64_t ms, int64_t j0, int64_t S) {
+  const __mmask16 live = S - j0 >= 16 ? 0xffff : (1u << (S - j0)) - 1;
+  const __m512 none = _mm512_set1_ps(-INFINITY);
+  __m512 mj;
+  if (ms == 1 && std::is_same_v<Mask, bool>) {
+    const __m128i b = _mm_maskz_loadu_epi8(live, m + j0);
+    return _mm512_mask_mov_ps(none, _mm_test_epi8_mask(b, b), s);
+  } else if (ms == 1) {
+    mj = _mm512_maskz_loadu_ps(live, m + j0);
+  } else {  // a mask broadcast along positions
+    alignas(64) float f[16];
+    for (int j = 0; j < 16; j++) f[j] = j0 + j < S ? (float)m[(j0 + j) * ms] : 0.0f;
+    mj = _mm512_load_ps(f);
+  }
+  if constexpr (std::is_same_v<Mask, bool>)
+    return _mm512_mask_mov_ps(none, live & _mm512_cmp_ps_mask(mj, _mm512_setzero_ps(), _CMP_NEQ_OQ), s);
+  else
+    return _mm512_mask_add_ps(none, live, s, mj);
+}
+
+// Queries qs[0..Q) of one key/value head, each computed alone and in one order whatever the other queries and the
+// positions past its mask (model.attend's contract); together only in that a tile of keys or values is loaded once
+// for consecutive queries that read the same one. s: [Q, S rounded up to 16], t: [16, 16 NC], total: [Q], scratch.
+template <int NC, typename C, typename Mask>
+AVX512_BF16 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int64_t S, float* s, float* t,
+                                       float* total) {
+  const int64_t S16 = (S + 15) / 16 * 16;
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(16.0f * NC));
+  const C* held = nullptr;  // the positions t holds, unless a tile straddles a shared prefix's end
+  auto load = [&](const Keys<C>& k, int64_t j0) {
+    const C* first = k.at(j0);
+    const bool whole = j0 + 16 <= k.n || j0 >= k.n;  // the tile's positions all in one row
+    if (whole && first == held) return;
+    load_tile<NC>(k, j0, S, t);
+    held = whole ? first : nullptr;
+  };
+  for (int64_t j0 = 0; j0 < S; j0 += 16)
+    for (int64_t i = 0; i < Q; i++) {
+      load(qs[i].k, j0);
+      const __m512 sj = _mm512_mul_ps(tile_scores<NC>(qs[i].q, t), scale);
+      _mm512_storeu_ps(s + i * S16 + j0, masked(sj, qs[i].m, qs[i].ms, j0, S));
+    }
+  for (int64_t i = 0; i < Q; i++) {  // the weights e^(s - max) and their total
+    float* si = s + i * S16;
+    __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S16; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(si + j));
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    for (int64_t j = 0; j < S16; j += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(si + j), top));
+      _mm512_storeu_ps(si + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    total[i] = _mm512_reduce_add_ps(sum);
+  }
+  constexpr int U = NC <= 4 ? 4 : NC <= 8 ? 2 : 1;  // keys summed in U chains (FMAs in flight), then the chains
+  held = nullptr;
+  for (int64_t j0 = 0; j0 < S; j0 += 16)
+    for (int64_t i = 0; i < Q; i++) {
+      load(qs[i].v, j0);
+      const float* p = s + i * S16 + j0;
+      __m512 a[U][NC];
+#pragma GCC unroll 4
+      for (int u = 0; u < U; u++)
+#pragma GCC unroll 16
+        for (int c = 0; c < NC; c++) a[u][c] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; j++) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+#pragma GCC unroll 16
+        for (int c = 0; c < NC; c++) a[j % U][c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(t + (j * NC + c) * 16), a[j % U][c]);
+      }
+      float* y = qs[i].y;
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; c++) {
+        __m512 r = a[0][c];
+        for (int u = 1; u < U; u++) r = _mm512_add_ps(r, a[u][c]);
+        _mm512_storeu_ps(y + 16 * c, j0 == 0 ? r : _mm512_add_ps(_mm512_loadu_ps(y + 16 * c), r));
+      }
+    }
+  for (int64_t i = 0; i < Q; i++)
+    for (int c = 0; c < NC; c++)
+      _mm512_storeu_ps(qs[i].y + 16 * c, _mm512_div_ps(_mm512_loadu_ps(qs[i].y + 16 * c), _mm512_set1_ps(total[i])));
+}
+
+// Every query of attend's arguments, in runs that the threads share out: queries in the order (key/value head, row,
+// head of its group, position), cut into runs within a key/value head, of a length that gives each thread two runs
+template <int NC, typename C, typename Mask>
+static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
+                       const int64_t* prefix, at::Tensor& y) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Hkv = k.size(1), S = k.size(2), D = 16 * NC;
+  const int64_t G = H / Hkv, per = B * G * T;  // queries per key/value head
+  const int64_t cuts = std::max<int64_t>(1, (2 * at::get_num_threads() + Hkv - 1) / Hkv);
+  const int64_t run = (per + cuts - 1) / cuts, runs = (per + run - 1) / run;  // runs per key/value head
+  at::parallel_for(0, Hkv * runs, 1, [&](int64_t begin, int64_t end) {
+    const int64_t S16 = (S + 15) / 16 * 16;
+    std::vector<float> s(run * S16), t(16 * D), total(run);
+    std::vector<Query<C, Mask>> qs(run);
+    for (int64_t r = begin; r < end; r++) {
+      const int64_t hk = r / runs, first = r % runs * run, Q = std::min(per, first + run) - first;
+      for (int64_t i = 0; i < Q; i++) {
+        const int64_t b = (first + i) / (G * T), h = hk * G + (first + i) / T % G, pos = (first + i) % T;
+        const int64_t other = prefix ? b + prefix[2 * b] : b;
+        const int64_t src = other >= 0 && other < B ? other : b, n = src == b ? 0 : prefix[2 * b + 1];
+        const int64_t ko = b * k.stride(0) + hk * k.stride(1), ks = src * k.stride(0) + hk * k.stride(1);
+        const int64_t qi = ((b * H + h) * T + pos) * D;
+        qs[i] = {q.data_ptr<float>() + qi,
+                 {k.data_ptr<C>() + ks, k.data_ptr<C>() + ko, n, k.stride(2)},
+                 {v.data_ptr<C>() + ks, v.data_ptr<C>() + ko, n, v.stride(2)},
+                 m.data_ptr<Mask>() + b * m.stride(0) + h * m.stride(1) + pos * m.stride(2), m.stride(3),
+                 y.data_ptr<float>() + qi};
+      }
+      attend_queries<NC>(qs.data(), Q, S, s.data(), t.data(), total.data());
     }
   });
+}
+
+template <int NC>
+static void attend_nc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
+                      const int64_t* prefix, at::Tensor& y) {
+  const bool bf16 = k.scalar_type() == at::kBFloat16, flags = m.scalar_type() == at::kBool;
+  if (bf16 && flags) attend_all<NC, at::BFloat16, bool>(q, k, v, m, prefix, y);
+  else if (bf16) attend_all<NC, at::BFloat16, float>(q, k, v, m, prefix, y);
+  else if (flags) attend_all<NC, float, bool>(q, k, v, m, prefix, y);
+  else attend_all<NC, float, float>(q, k, v, m, prefix, y);
+}
+
+// Decode attention: q [B, H, T, D] fp32, k v [B, Hkv, S, D] fp32 or bf16 (D contiguous; D 16, 32, 48, 64, 80, 96, 128
+// or 256), a mask that broadcasts to [B, H, T, S], bool or float -> [B, H, T, D] fp32. As model.attend: each (row,
+// head, query) alone, in one order. prefix: none, or [B, 2] ints: row b's first prefix[b, 1] positions are alike in
+// row b + prefix[b, 0] (a hint: where that row is outside 0..B-1 the row's own are read).
+at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                  const std::optional<at::Tensor>& prefix_) {
+  const at::Tensor q = q_.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), S = k.size(2);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type()
+              && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16)
+              && (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat)
+              && k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides(),
+              "attend: fp32 queries, an fp32 or bf16 cache, a bool or fp32 mask");
+  at::Tensor prefix;
+  if (prefix_.has_value()) {
+    prefix = prefix_->to(at::kLong).contiguous();
+    TORCH_CHECK(prefix.dim() == 2 && prefix.size(0) == B && prefix.size(1) == 2, "attend: prefix [B, 2]");
+  }
+  at::Tensor y = at::empty_like(q);
+  const at::Tensor m = mask.expand({B, H, T, S});  // broadcast dims get stride 0 (ALiBi's mask has heads)
+  const int64_t* p = prefix.defined() ? prefix.data_ptr<int64_t>() : nullptr;
+  switch (D) {
+    case 16: attend_nc<1>(q, k, v, m, p, y); break;
+    case 32: attend_nc<2>(q, k, v, m, p, y); break;
+    case 48: attend_nc<3>(q, k, v, m, p, y); break;
+    case 64: attend_nc<4>(q, k, v, m, p, y); break;
+    case 80: attend_nc<5>(q, k, v, m, p, y); break;
+    case 96: attend_nc<6>(q, k, v, m, p, y); break;
+    case 128: attend_nc<8>(q, k, v, m, p, y); break;
+    case 256: attend_nc<16>(q, k, v, m, p, y); break;
+    default: TORCH_CHECK(false, "attend: head size ", D, " is not one of 16, 32, 48, 64, 80, 96, 128, 256");
+  }
   return y;
 }
 
@@ -156,7 +335,7 @@ bool rows_product_supported() { return __builtin_cpu_supports("avx512bf16"); }
 
 TORCH_LIBRARY(brisk, m) {
   m.def("rows_product(Tensor x, Tensor w) -> Tensor");
-  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor? prefix=None) -> Tensor");
   m.def("rows_product_supported() -> bool", rows_product_supported);
 }
 TORCH_LIBRARY_IMPL(brisk, CPU, m) {

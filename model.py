@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cli import BriskError
-from cpu import FEW_ROWS, Linear, kernel_attends, kv_cache_dtype  # without the CPU tuning: nn.Linear, cache in dtype
+from cpu import FEW_ROWS, Linear, attend_dtype, kernel_attends, kv_cache_dtype  # without the CPU tuning: nn.Linear, dtype
 from presets import find_preset, transformer_configs
 
 
@@ -85,6 +85,8 @@ class KVCache(nn.Module):
         shape = (max_batch_size, n_heads, max_seq_length, head_dim)  # [B, Hkv, S, D]
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        # [B, 2]: (r, n): row b's first n positions equal row b + r's, which brisk's kernel reads instead (beams)
+        self.register_buffer("prefix", torch.zeros(max_batch_size, 2, dtype=torch.long), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int = 0) -> tuple[Tensor, Tensor]:
         # input_pos: [T] or [B, T] (each row at its own positions), k/v: [B, Hkv, T, D] for the cache's rows
@@ -129,7 +131,7 @@ class Transformer(nn.Module):
         # One spare position, never written: a compiled step's attended prefix (attend_len) is then never the
         # whole cache, whose view would be contiguous where every shorter one is not: a second graph.
         S = max_seq_length + 1
-        cache_dtype = kv_cache_dtype(device, dtype)  # attention computes in it (Attention.forward)
+        cache_dtype = kv_cache_dtype(device, dtype, c.head_dim)
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch_size, S, c.n_local_heads, c.head_dim, cache_dtype).to(device)
         cos, sin = rope_tables(S, c.rope_dim, c.rope_base, c.rope_scaling, max_seq_length)
@@ -137,7 +139,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)  # [S, R/2]
         first, count, total = self.alibi_heads
         slopes = alibi_slopes(total)[first:first + count]
-        self.register_buffer("alibi_slopes", slopes.to(device=device, dtype=cache_dtype), persistent=False)  # [H]
+        self.register_buffer("alibi_slopes", slopes.to(device, attend_dtype(device, dtype)), persistent=False)  # [H]
         causal = torch.tril(torch.ones(S, S, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)  # [S, S]
 
@@ -230,12 +232,13 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(input_pos, k, v, row)  # [B, Hkv, S, D]
         end = T if mask is None else mask.shape[-1]  # the cache positions attended to
         k, v = k[:, :, :end], v[:, :, :end]
-        q = q.to(k.dtype)  # attention computes in the cache's dtype (fp32 on the CPU: setup_caches)
-        if T <= FEW_ROWS:
-            y = torch.ops.brisk.attend(q, k, v, mask) if kernel_attends(q, k, mask) else attend(q, k, v, mask)
+        if T <= FEW_ROWS and kernel_attends(q, k, mask):
+            y = torch.ops.brisk.attend(q.float(), k, v, mask, self.kv_cache.prefix[row:row + B])
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.n_head != self.n_local_heads)
+            dt = attend_dtype(x.device, x.dtype)  # fp32 on the CPU
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+            y = attend(q, k, v, mask) if T <= FEW_ROWS else F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
         return self.wo(y)
 

@@ -172,6 +172,27 @@ def test_beams_reorder_the_cache_in_place(tiny):
     assert torch.equal(cache[row, :, 3], before) and cache.data_ptr() == ptr
 
 
+@pytest.mark.skipif(not cpu.rows_kernel(), reason="the CPU has no AVX512_BF16 (or no compiler)")
+def test_a_fork_reads_its_prompt_from_the_row_it_was_forked_from_until_that_row_leaves(tiny):
+    """Batch.fork notes that the new row's first positions are the old row's (model.KVCache.prefix): brisk's
+    kernel reads them there, once for all beams (the fork's own copy, spoiled here, is not read); once the old row
+    leaves, the fork reads its own again."""
+    model = load_model(tiny, dtype=torch.bfloat16)
+    batch = Batch(model, 3, 64)
+    row = batch.add(list(range(1, 20)))
+    fork, intact = batch.fork(row), batch.fork(row)
+    cache = model.layers[0].attention.kv_cache
+    assert cache.prefix[fork].tolist() == [row - fork, 19]
+    for layer in model.layers:
+        layer.attention.kv_cache.k_cache[fork, :, :19] = 0
+    out = batch.step({row: 4, fork: 4, intact: 4})
+    assert torch.equal(out[row], out[fork]) and torch.equal(out[row], out[intact])
+    batch.remove(row)
+    assert cache.prefix[fork].tolist() == [0, 0]
+    out = batch.step({fork: 5, intact: 5})
+    assert not torch.equal(out[fork], out[intact])
+
+
 def test_cli_prints_each_prompt_as_run_alone_in_prompt_order(tiny, tmp_path, capsys):
     flags = ["--checkpoint_path", str(tiny), "--temperature", "0", "--max_new_tokens", "12"]
     texts = ["Hello", "The quick brown fox jumps", "Once upon a time there was"]

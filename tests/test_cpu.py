@@ -177,3 +177,40 @@ def test_the_kernel_attends_as_model_attend_and_each_row_as_if_alone(rows, T, al
         assert torch.equal(torch.ops.brisk.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1]), y[i:i + 1])
     one = torch.ops.brisk.attend(q[:1], k[:1], v[:1], mask[0])  # a 3-d mask, as one sequence's decode step has
     assert torch.equal(one, y[:1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("D", cpu.ATTEND_HEAD_DIMS)
+def test_the_kernel_reads_a_bf16_cache_as_the_same_values_in_fp32(D):
+    """A bf16 model's cache holds bf16 where the kernel attends (cpu.kv_cache_dtype): half the bytes, and bitwise
+    the result of the same values held in fp32, for every head size the kernel is built for (S not a multiple of
+    its tiles of 16 positions, a masked tail)."""
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 2, 37, D, generator=g).bfloat16() for _ in range(2))
+    q = torch.randn(2, 4, 1, D, generator=g)
+    mask = (torch.arange(37) < 30)[None, None, None]
+    y = torch.ops.brisk.attend(q, k, v, mask)
+    assert torch.equal(y, torch.ops.brisk.attend(q, k.float(), v.float(), mask))
+    torch.testing.assert_close(y, model.attend(q, k.float(), v.float(), mask), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_rows_that_share_a_prompt_read_it_from_one_row():
+    """model.KVCache.prefix (set by Batch.fork for beams): a row whose first n positions equal row src's reads them
+    from there, so that they come from memory once for all beams; bitwise the result of reading its own copy, which
+    spoiling that copy shows is not read. A hint to a row outside the call's rows is ignored."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D, S, n = 4, 6, 2, 2, 64, 77, 50
+    k, v = (torch.randn(B, Hkv, S, D, generator=g).bfloat16() for _ in range(2))
+    k[1:, :, :n], v[1:, :, :n] = k[:1, :, :n], v[:1, :, :n]  # rows 1-3 forked from row 0 after n positions
+    q = torch.randn(B, H, T, D, generator=g)
+    mask = (torch.arange(S) < 70 + torch.arange(T)[:, None])[None, None]  # [1, 1, T, S]
+    prefix = torch.tensor([[0, 0], [-1, n], [-2, n], [-3, n]])  # (src - row, n)
+    want = torch.ops.brisk.attend(q, k, v, mask)
+    assert torch.equal(torch.ops.brisk.attend(q, k, v, mask, prefix), want)
+    spoiled_k, spoiled_v = k.clone(), v.clone()
+    spoiled_k[1:, :, :n], spoiled_v[1:, :, :n] = 0, 0
+    assert torch.equal(torch.ops.brisk.attend(q, spoiled_k, spoiled_v, mask, prefix), want)
+    assert not torch.equal(torch.ops.brisk.attend(q, spoiled_k, spoiled_v, mask), want)
+    alone = torch.ops.brisk.attend(q[1:2], spoiled_k[1:2], spoiled_v[1:2], mask, prefix[1:2])  # src -1: ignored
+    assert torch.equal(alone, torch.ops.brisk.attend(q[1:2], spoiled_k[1:2], spoiled_v[1:2], mask))

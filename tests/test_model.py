@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import cpu
 from checkpoint import load_model
 from cli import BriskError
 from model import ModelArgs, Transformer, find_preset, transformer_configs
@@ -95,16 +96,22 @@ def test_loads_in_each_dtype(tmp_path, dtype):
     assert logits.dtype == dtype and logits.shape == (1, 3, 320) and torch.isfinite(logits).all()
 
 
-def test_a_bf16_cache_is_fp32_on_the_cpu_and_bf16_elsewhere(tmp_path, device):
-    """On the CPU attention computes in fp32, so a bf16 model's cache is fp32 (a step converts nothing it reads)
-    holding bf16 values: attention sees what a bf16 cache would give it. Other devices keep the model's dtype."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_bf16_cache_is_fp32_on_the_cpu_without_the_kernel_and_bf16_elsewhere(tmp_path, device, monkeypatch, kernel):
+    """Attention outside brisk's kernel computes in fp32 on the CPU, so there a bf16 model's cache is fp32 (a step
+    converts nothing it reads) holding bf16 values: attention sees what a bf16 cache would give it. Where the
+    kernel attends (it reads bf16 as exactly those values), and on other devices, the cache keeps the model's
+    dtype."""
+    if not cpu.rows_kernel() and kernel:
+        pytest.skip("the CPU has no AVX512_BF16 (or no compiler)")
+    monkeypatch.setattr(cpu, "_rows_kernel", kernel and cpu.rows_kernel())
     model = load_model(make_checkpoint(tmp_path, tokenizer=False), device, torch.bfloat16)
     model.setup_caches(1, 16)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]], device=device), torch.arange(3, device=device))
     for cache in (model.layers[0].attention.kv_cache.k_cache, model.layers[0].attention.kv_cache.v_cache):
         written = cache[:, :, :3]
-        assert cache.dtype == (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        assert cache.dtype == (torch.float32 if device.type == "cpu" and not kernel else torch.bfloat16)
         assert written.abs().sum() > 0 and torch.equal(written, written.bfloat16().to(cache.dtype))
 
 
