@@ -43,6 +43,8 @@ class Batch:
         self.pos: dict[int, int] = {}  # row -> tokens in its cache, the position of its next token
         self.logits: dict[int, Tensor] = {}  # row -> fp32 logits [V] after its last token
         self.shares: dict[int, tuple[int, int]] = {}  # row -> (src, n): its first n positions equal row src's
+        self.views: dict[int, list[Tensor]] = {}  # row -> self.tail(row, self.views_start)
+        self.views_start = 0
 
     def __len__(self) -> int:
         return len(self.pos)
@@ -95,21 +97,30 @@ class Batch:
         once (beam search; positions before start must already be alike, as a shared prompt is). In place: a
         compiled step keeps its buffers."""
         dst, src = list(parents), list(parents.values())
-        end = max(self.pos[r] for r in src)
-        caches = [c for layer in self.model.layers for c in (layer.attention.kv_cache.k_cache,
-                                                              layer.attention.kv_cache.v_cache)]
         if set(dst).isdisjoint(src):  # no row written is read: plain copies, in one call (a beam step's)
-            torch._foreach_copy_([c[d, :, start:end] for c in caches for d in dst],
-                                 [c[s, :, start:end] for c in caches for s in src])
+            torch._foreach_copy_([v for r in dst for v in self.tail(r, start)],
+                                 [v for r in src for v in self.tail(r, start)])
         else:
-            for cache in caches:
-                cache[dst, :, start:end] = cache[src, :, start:end]  # the right side is gathered first
+            end = max(self.pos[r] for r in src)
+            for layer in self.model.layers:
+                for cache in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
+                    cache[dst, :, start:end] = cache[src, :, start:end]  # the right side is gathered first
         for r, (s, n) in list(self.shares.items()):  # positions from start on may now differ
             if (r in parents or s in parents) and n > start:
                 self.share(r, s, start)
         state = {r: (self.pos[p], self.logits[p]) for r, p in parents.items()}
         for r, (pos, logits) in state.items():
             self.pos[r], self.logits[r] = pos, logits
+
+    def tail(self, row: int, start: int) -> list[Tensor]:
+        """Views of row's cache positions from start on, keys and values of every layer: made once for the positions
+        a beam search copies at each step (making 60 views took longer than copying through them)."""
+        if self.views_start != start:
+            self.views, self.views_start = {}, start
+        if row not in self.views:
+            self.views[row] = [c[row, :, start:] for layer in self.model.layers
+                               for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache)]
+        return self.views[row]
 
     def warm_up(self) -> None:
         """Step one row, then two, twice each (a CUDA graph is recorded on its second run), in an empty batch: a

@@ -25,22 +25,29 @@ constexpr int64_t AHEAD = 512;  // elements prefetched ahead in each of them: fo
 template <int T, int RR>
 AVX512_BF16 static inline void tile(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t K, int64_t ldw,
                                     int64_t ldy_t, int64_t ldy_r) {
-  __m512 acc[T][RR];  // [T, RR] x 16 fp32 lanes
+  __m512 acc[T][RR];  // [T, RR] x 16 fp32 lanes; unrolled loops keep them in registers (else stored every step)
+#pragma GCC unroll 4
   for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
     for (int r = 0; r < RR; r++) acc[t][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 mask = K - k >= 32 ? ~0u : (1u << (K - k)) - 1;  // the tail reads zeros, which add nothing
     __m512bh wv[RR];
+#pragma GCC unroll 4
     for (int r = 0; r < RR; r++) {
       wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * ldw + k);
       _mm_prefetch((const char*)(w + r * ldw + k + AHEAD), _MM_HINT_T0);
     }
+#pragma GCC unroll 4
     for (int t = 0; t < T; t++) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + t * K + k);
+#pragma GCC unroll 4
       for (int r = 0; r < RR; r++) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, wv[r]);
     }
   }
+#pragma GCC unroll 4
   for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
     for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]);
 }
 
@@ -153,7 +160,8 @@ AVX512_BF16 static inline __m512 tile_scores(const float* q, const float* t) {
   // 16 -> 8: in each 128-bit block [a0+a2, b0+b2, a1+a3, b1+b3]
 #pragma GCC unroll 8
   for (int i = 0; i < 8; i++)
-    acc[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]), _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+    acc[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
+                           _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
   // 8 -> 4: in each block [a, b, c, d]
 #pragma GCC unroll 4
   for (int i = 0; i < 4; i++)
@@ -168,26 +176,27 @@ AVX512_BF16 static inline __m512 tile_scores(const float* q, const float* t) {
   return acc[0];
 }
 
-// scores s of positions j0..j0+15 under the mask: -inf where it is false (bool) or past S, else plus it (float: ALiBi)
+// The lanes of positions j0..j0+15 that the mask lets through (false where it is false, or -inf, or past S), and
+// what it adds to their scores (a float mask: ALiBi)
 template <typename Mask>
-AVX512_BF16 static inline __m512 masked(__m512 s, const Mask* m, int64_t ms, int64_t j0, int64_t S) {
+AVX512_BF16 static inline __mmask16 mask_tile(const Mask* m, int64_t ms, int64_t j0, int64_t S, __m512& add) {
   const __mmask16 live = S - j0 >= 16 ? 0xffff : (1u << (S - j0)) - 1;
-  const __m512 none = _mm512_set1_ps(-INFINITY);
-  __m512 mj;
+  add = _mm512_setzero_ps();
   if (ms == 1 && std::is_same_v<Mask, bool>) {
     const __m128i b = _mm_maskz_loadu_epi8(live, m + j0);
-    return _mm512_mask_mov_ps(none, _mm_test_epi8_mask(b, b), s);
-  } else if (ms == 1) {
+    return _mm_test_epi8_mask(b, b);
+  }
+  __m512 mj;
+  if (ms == 1) {
     mj = _mm512_maskz_loadu_ps(live, m + j0);
   } else {  // a mask broadcast along positions
     alignas(64) float f[16];
     for (int j = 0; j < 16; j++) f[j] = j0 + j < S ? (float)m[(j0 + j) * ms] : 0.0f;
     mj = _mm512_load_ps(f);
   }
-  if constexpr (std::is_same_v<Mask, bool>)
-    return _mm512_mask_mov_ps(none, live & _mm512_cmp_ps_mask(mj, _mm512_setzero_ps(), _CMP_NEQ_OQ), s);
-  else
-    return _mm512_mask_add_ps(none, live, s, mj);
+  if constexpr (std::is_same_v<Mask, bool>) return live & _mm512_cmp_ps_mask(mj, add, _CMP_NEQ_OQ);
+  add = mj;
+  return live & _mm512_cmp_ps_mask(mj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
 }
 
 // Queries qs[0..Q) of one key/value head, each computed alone and in one order whatever the other queries and the
@@ -208,9 +217,13 @@ AVX512_BF16 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int6
   };
   for (int64_t j0 = 0; j0 < S; j0 += 16)
     for (int64_t i = 0; i < Q; i++) {
-      load(qs[i].k, j0);
-      const __m512 sj = _mm512_mul_ps(tile_scores<NC>(qs[i].q, t), scale);
-      _mm512_storeu_ps(s + i * S16 + j0, masked(sj, qs[i].m, qs[i].ms, j0, S));
+      __m512 add, sj = _mm512_set1_ps(-INFINITY);
+      const __mmask16 keep = mask_tile(qs[i].m, qs[i].ms, j0, S, add);
+      if (keep) {  // a tile masked out in full (a shorter row's, an idle row's) is neither loaded nor computed
+        load(qs[i].k, j0);
+        sj = _mm512_mask_add_ps(sj, keep, _mm512_mul_ps(tile_scores<NC>(qs[i].q, t), scale), add);
+      }
+      _mm512_storeu_ps(s + i * S16 + j0, sj);
     }
   for (int64_t i = 0; i < Q; i++) {  // the weights e^(s - max) and their total
     float* si = s + i * S16;
@@ -226,10 +239,13 @@ AVX512_BF16 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int6
   }
   constexpr int U = NC <= 4 ? 4 : NC <= 8 ? 2 : 1;  // keys summed in U chains (FMAs in flight), then the chains
   held = nullptr;
+  for (int64_t i = 0; i < Q; i++)
+    for (int c = 0; c < NC; c++) _mm512_storeu_ps(qs[i].y + 16 * c, _mm512_setzero_ps());
   for (int64_t j0 = 0; j0 < S; j0 += 16)
     for (int64_t i = 0; i < Q; i++) {
-      load(qs[i].v, j0);
       const float* p = s + i * S16 + j0;
+      if (!_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_setzero_ps(), _CMP_NEQ_OQ)) continue;  // weighs nothing
+      load(qs[i].v, j0);
       __m512 a[U][NC];
 #pragma GCC unroll 4
       for (int u = 0; u < U; u++)
@@ -239,14 +255,15 @@ AVX512_BF16 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int6
       for (int j = 0; j < 16; j++) {
         const __m512 pj = _mm512_set1_ps(p[j]);
 #pragma GCC unroll 16
-        for (int c = 0; c < NC; c++) a[j % U][c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(t + (j * NC + c) * 16), a[j % U][c]);
+        for (int c = 0; c < NC; c++)
+          a[j % U][c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(t + (j * NC + c) * 16), a[j % U][c]);
       }
       float* y = qs[i].y;
 #pragma GCC unroll 16
       for (int c = 0; c < NC; c++) {
         __m512 r = a[0][c];
         for (int u = 1; u < U; u++) r = _mm512_add_ps(r, a[u][c]);
-        _mm512_storeu_ps(y + 16 * c, j0 == 0 ? r : _mm512_add_ps(_mm512_loadu_ps(y + 16 * c), r));
+        _mm512_storeu_ps(y + 16 * c, _mm512_add_ps(_mm512_loadu_ps(y + 16 * c), r));
       }
     }
   for (int64_t i = 0; i < Q; i++)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cli import BriskError
-from cpu import FEW_ROWS, Linear, attend_dtype, kernel_attends, kv_cache_dtype  # without the CPU tuning: nn.Linear, dtype
+from cpu import FEW_ROWS, Linear, attend_dtype, kernel_attends, kv_cache_dtype  # GPU only: nn.Linear, dtype
 from presets import find_preset, transformer_configs
 
 
@@ -141,6 +141,7 @@ class Transformer(nn.Module):
         slopes = alibi_slopes(total)[first:first + count]
         self.register_buffer("alibi_slopes", slopes.to(device, attend_dtype(device, dtype)), persistent=False)  # [H]
         causal = torch.tril(torch.ones(S, S, dtype=torch.bool, device=device))
+        causal[-1, 1:] = False  # the spare position (an idle row's) attends to one key, brisk's kernel to no more
         self.register_buffer("causal_mask", causal, persistent=False)  # [S, S]
 
     def attend_len(self, last_pos: int) -> int:
@@ -159,11 +160,11 @@ class Transformer(nn.Module):
         # positions only: a prefill needs one row of the head's product, not T
         assert self.max_seq_length > 0, "call setup_caches() first"
         # The positions (ascending) attend to the cache up to the last of them only, as the keys past it are masked
-        # out. Compiled code cannot read input_pos on the host: it attends to attend_len positions
-        # (self.attend_len of the last position, a dynamic size of its graph), or to the whole cache when none is
-        # given. Eagerly a few rows (FEW_ROWS: decode and verify steps) attend to self.attend_len positions too, for
-        # results that do not depend on the other rows (attend); longer inputs to exactly input_pos[-1] + 1, and a prompt from position 0 is
-        # plain causal attention, which SDPA does without a mask in half the work.
+        # out. Compiled code cannot read input_pos on the host: it attends to attend_len positions (self.attend_len
+        # of the last position, a dynamic size of its graph), or to the whole cache when none is given. Eagerly a
+        # few rows (FEW_ROWS: decode and verify steps) attend to self.attend_len positions too, for results that do
+        # not depend on the other rows (attend); longer inputs to exactly input_pos[-1] + 1, and a prompt from
+        # position 0 is plain causal attention, which SDPA does without a mask in half the work.
         T = idx.shape[1]
         if torch.compiler.is_compiling():
             end = self.max_seq_length if attend_len is None else attend_len
