@@ -43,8 +43,8 @@ class Batch:
         self.pos: dict[int, int] = {}  # row -> tokens in its cache, the position of its next token
         self.logits: dict[int, Tensor] = {}  # row -> fp32 logits [V] after its last token
         self.shares: dict[int, tuple[int, int]] = {}  # row -> (src, n): its first n positions equal row src's
-        self.views: dict[int, list[Tensor]] = {}  # row -> self.tail(row, self.views_start)
-        self.views_start = 0
+        self.views: dict[int, list[Tensor]] = {}  # row -> self.views_of(row, self.views_span)
+        self.views_span = (0, 0)
 
     def __len__(self) -> int:
         return len(self.pos)
@@ -97,11 +97,12 @@ class Batch:
         once (beam search; positions before start must already be alike, as a shared prompt is). In place: a
         compiled step keeps its buffers."""
         dst, src = list(parents), list(parents.values())
+        end = max(self.pos[r] for r in src)
         if set(dst).isdisjoint(src):  # no row written is read: plain copies, in one call (a beam step's)
-            torch._foreach_copy_([v for r in dst for v in self.tail(r, start)],
-                                 [v for r in src for v in self.tail(r, start)])
+            span = (start, self.model.attend_len(end - 1))  # up to a block past end: views made once per block
+            torch._foreach_copy_([v for r in dst for v in self.views_of(r, span)],
+                                 [v for r in src for v in self.views_of(r, span)])
         else:
-            end = max(self.pos[r] for r in src)
             for layer in self.model.layers:
                 for cache in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
                     cache[dst, :, start:end] = cache[src, :, start:end]  # the right side is gathered first
@@ -112,13 +113,13 @@ class Batch:
         for r, (pos, logits) in state.items():
             self.pos[r], self.logits[r] = pos, logits
 
-    def tail(self, row: int, start: int) -> list[Tensor]:
-        """Views of row's cache positions from start on, keys and values of every layer: made once for the positions
-        a beam search copies at each step (making 60 views took longer than copying through them)."""
-        if self.views_start != start:
-            self.views, self.views_start = {}, start
+    def views_of(self, row: int, span: tuple[int, int]) -> list[Tensor]:
+        """Views of row's cache positions span[0]..span[1]-1, keys and values of every layer, kept while the span
+        stays (a beam search's copies at each step: making 60 views took longer than copying through them)."""
+        if self.views_span != span:
+            self.views, self.views_span = {}, span
         if row not in self.views:
-            self.views[row] = [c[row, :, start:] for layer in self.model.layers
+            self.views[row] = [c[row, :, span[0]:span[1]] for layer in self.model.layers
                                for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache)]
         return self.views[row]
 

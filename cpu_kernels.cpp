@@ -19,7 +19,7 @@
 #define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))  // only these functions
 
 constexpr int R = 4;            // weight rows a tile reads side by side, a quarter of the weight apart
-constexpr int64_t AHEAD = 512;  // elements prefetched ahead in each of them: four far streams need the help
+constexpr int64_t AHEAD = 1024;  // elements prefetched ahead in each of them: four far streams need the help
 
 // y[t, r] = x[t] . w[r * ldw] for T rows of x and RR rows of w (ldw apart); K elements each.
 template <int T, int RR>
