@@ -1,6 +1,7 @@
 """Presets: the ModelArgs of models people run, one line each, found by name (find_preset). A checkpoint converted
 from Hugging Face carries its own config (model_config.json), so sizes not tabled here load too."""
 import difflib
+import math
 
 from cli import BriskError
 
@@ -64,6 +65,30 @@ _GPT2 = dict(norm="layernorm", mlp="gelu_tanh", mlp_bias=True, qkv_bias=True, wo
 _OPENAI_GPT2 = dict(_GPT2, block_size=1024, vocab_size=50257)
 _PHI3 = dict(vocab_size=32064, block_size=2047)  # Phi-3's sliding window of 2047 caps the context brisk serves
 
+
+def _longrope(short: str, long: str, context: int = 131072, original: int = 4096) -> dict:
+    """Phi-3 128k's rope scaling: a factor per rotary frequency (those of the first release, in the digits that give
+    the float32 values its config holds), and the attention factor as transformers derives it."""
+    return dict(rope_type="longrope", short_factor=[float(f) for f in short.split()],
+                long_factor=[float(f) for f in long.split()], original_max_position_embeddings=original,
+                attention_factor=math.sqrt(1 + math.log(context / original) / math.log(original)))
+
+
+_PHI3_MINI_128K = _longrope(
+    "1.05 1.05 1.05 1.1 1.1 1.15 1.2 1.25 1.3 1.35 1.5" + " 2" * 21 + " 2.05 2.05 2.05 2.1 2.1 2.1 2.15 2.15 2.35 2.55"
+    " 2.6 2.6 2.75 2.85 2.85 2.95",
+    "1.03 1.05 1.05 1.0799999 1.2299999 1.2299999 1.3 1.4499999 1.5999999 1.6499999 1.8999999 2.86 3.6899998 5.4199996"
+    " 5.49 5.49 9.09 11.58 15.66 15.7699995 15.79 18.36 21.99 23.08 30.009998 32.350002 32.590004 35.560005 39.950005"
+    " 53.840004 56.200005 57.950005 59.290005 59.770004 59.920006 61.190006 61.960007 62.500008 63.370007 63.480007"
+    " 63.480007 63.660007 63.850006 64.08001 64.76001 64.80001 64.81001 64.81001")
+_PHI3_MEDIUM_128K = _longrope(
+    "1 1 1 1 1 1 1.01 1.02 1.02 1.04 1.04 1.07 1.07 1.1 1.3 1.3 1.5 1.57 1.9 2.31 2.76 3.39 3.94 4.01 4.29 4.35 5.35"
+    " 6.66 7.03 7.52 8.01 8.25 8.28 9.63 9.9 10.59 11.05 11.79 12.19 12.89 13.13 13.17 13.21 13.48 13.54 13.78 13.93"
+    " 14.43 14.76 15.15 15.42 15.54 15.66 15.75 15.76 15.8 16.06 16.08 16.12 16.12 16.19 16.32 16.54 16.8",
+    "1 1 1 1 1 1 1 1 1 1 1 1 1 1.25 1.25 1.5 2 2.75 5.75 5.75 6.5 9.25 11 13.25 19.25 19.75 19.75 21.25 21.5 26.5 30"
+    " 33.75 35.25 38.5 42 42.25 46 47 50 50.5 51 52 52.75 53.75 54.75 57 57.25 58.5 59.25 59.5 62 62.5 62.75 63.25"
+    " 63.25 63.25 63.75 64 64 64.25 64.5 64.5 65 65")
+
 transformer_configs.update({
     "pythia-70m": dict(_NEOX, n_layer=6, n_head=8, dim=512, intermediate_size=2048, rope_dim=16),
     "pythia-160m": dict(_NEOX, n_layer=12, n_head=12, dim=768, intermediate_size=3072, rope_dim=16),
@@ -97,6 +122,10 @@ transformer_configs.update({
                       intermediate_size=24576),
     "Phi-3-mini-4k": dict(_PHI3, n_layer=32, n_head=32, dim=3072, intermediate_size=8192),
     "Phi-3-medium-4k": dict(_PHI3, n_layer=40, n_head=40, n_local_heads=10, dim=5120, intermediate_size=17920),
+    "Phi-3-mini-128k": dict(_PHI3, block_size=131072, n_layer=32, n_head=32, dim=3072, intermediate_size=8192,
+                            rope_scaling=_PHI3_MINI_128K),
+    "Phi-3-medium-128k": dict(_PHI3, block_size=131072, n_layer=40, n_head=40, n_local_heads=10, dim=5120,
+                              intermediate_size=17920, rope_scaling=_PHI3_MEDIUM_128K),
     "gpt2": dict(_OPENAI_GPT2, n_layer=12, n_head=12, dim=768, intermediate_size=3072),
     "gpt2-medium": dict(_OPENAI_GPT2, n_layer=24, n_head=16, dim=1024, intermediate_size=4096),
     "gpt2-large": dict(_OPENAI_GPT2, n_layer=36, n_head=20, dim=1280, intermediate_size=5120),

@@ -14,7 +14,7 @@ import quant
 import quantize
 from checkpoint import load_config, load_model, load_state_dict, save_checkpoint
 from conftest import write_tiny_tokenizer
-from model import Transformer
+from model import ModelArgs, Transformer, rope_tables
 from scripts import convert_hf_checkpoint as convert_hf
 from tokenizer import load_tokenizer
 
@@ -51,11 +51,29 @@ COMMON = dict(vocab_size=V, num_hidden_layers=2, n_layer=2, max_position_embeddi
 @pytest.mark.parametrize("name, n_params", [  # the published sizes, head and tied embedding counted once
     ("pythia-70m", 70_426_624), ("pythia-410m", 405_334_016), ("opt-125m", 125_239_296),
     ("bloom-560m", 559_214_592), ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
-    ("Phi-3-mini-4k", 3_821_079_552)])
+    ("Phi-3-mini-4k", 3_821_079_552), ("Phi-3-mini-128k", 3_821_079_552)])
 def test_presets_have_the_published_sizes(name, n_params):
     with torch.device("meta"):
         model = Transformer.from_name(name)
     assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+@pytest.mark.parametrize("name, window, n_kv", [("Phi-3-mini-128k", 262144, 32), ("Phi-3-medium-128k", 131072, 10)])
+def test_phi3_128k_presets_are_what_their_config_converts_to(name, window, n_kv):
+    """The 128k presets hold what the converter makes of such a model's config.json (Phi-3's first release, rope
+    type "su", no attention factor given): the whole 131072 context, a factor per rotary frequency, the attention
+    factor transformers derives; their rope tables take the long factors past the original 4096 positions."""
+    preset = ModelArgs.from_name(name + "-instruct")
+    rope = preset.rope_scaling
+    cfg = dict(architectures=["Phi3ForCausalLM"], hidden_size=preset.dim, intermediate_size=preset.intermediate_size,
+               num_attention_heads=preset.n_head, num_key_value_heads=n_kv, num_hidden_layers=preset.n_layer,
+               max_position_embeddings=131072, original_max_position_embeddings=4096, rms_norm_eps=1e-5,
+               rope_theta=10000.0, sliding_window=window, vocab_size=32064, tie_word_embeddings=False,
+               rope_scaling=dict(type="su", short_factor=rope["short_factor"], long_factor=rope["long_factor"]))
+    assert convert_hf.config_from_hf(cfg) == preset
+    assert len(rope["long_factor"]) == preset.head_dim // 2 and rope["attention_factor"] == pytest.approx(1.19023807)
+    short, long = (rope_tables(8192, preset.rope_dim, 10000.0, rope, context)[0] for context in (4096, 8192))
+    assert not torch.equal(short, long)
 
 
 def hf_model(family: str, seed: int = 0, **overrides):
