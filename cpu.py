@@ -31,6 +31,7 @@ CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()  # read once: torch.com
 # Inductor settings of a compiled CPU step (engine.compile_step), each measured (BENCHMARKS.md, "Compiled decode step"):
 INDUCTOR_OPTIONS = {
     "cpp_wrapper": True,  # kernels called from C++: no Python between them
+    "realize_opcount_threshold": 4,  # an activation read by a row loop (exact GELU) is computed once, not per row
     "realize_acc_reads_threshold": 1,  # a norm's output is stored once, not recomputed inside every row loop
     "cpp.enable_floating_point_contract_flag": "fast",  # multiply-adds of the row loops become FMAs
 }

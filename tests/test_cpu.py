@@ -67,6 +67,23 @@ def test_compiled_one_row_product_walks_four_blocks_of_rows_side_by_side(rows, b
     assert y.shape == (1, 1, rows) and len(accumulators) == blocks
 
 
+def test_compiled_one_row_loop_reads_an_activation_computed_once():
+    """An activation that a one-row loop reads (GELU's erf before the down projection) is computed once into a
+    buffer (cpu.INDUCTOR_OPTIONS' realize_opcount_threshold), not again inside the loop for every weight row, which
+    Inductor did for exact GELU (pythia) but not for tanh or sigmoid (BENCHMARKS.md, "Other families, again")."""
+    torch.manual_seed(0)
+    layer = quant.WeightOnlyInt8Linear(256, 40)
+    layer.weight, scales = quant.int8_quantize(torch.randn(40, 256))
+    layer.scales = scales.bfloat16()
+    step = torch.compile(lambda x: layer(torch.nn.functional.gelu(x)), fullgraph=True, dynamic=False,
+                         options=cpu.INDUCTOR_OPTIONS)
+    with torch.no_grad():
+        _, codes = run_and_get_code(step, torch.randn(1, 1, 256, dtype=torch.bfloat16))
+    loops = "".join(codes).split("#pragma omp for")
+    assert any(".erf()" in loop for loop in loops)
+    assert not any(".erf()" in loop and "Vectorized<int8_t>" in loop for loop in loops)
+
+
 @pytest.mark.parametrize("capability, dtype, rows, gemm", [
     ("AVX2", torch.bfloat16, 32, torch.float32),  # torch's bf16 GEMM is 2-5x slower there than converting
     ("AVX2", torch.bfloat16, 16, torch.bfloat16),  # a few rows gain nothing
