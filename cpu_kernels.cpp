@@ -11,7 +11,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -120,15 +119,6 @@ struct Query {
   int64_t ms;
   float* y;
 };
-
-// The tree's lanes for h = 8, 4, 2, 1: out lane p of two vectors (lanes 0..31) adds lanes (p / h) 2h + p % h and h on
-constexpr std::array<std::array<int32_t, 32>, 4> tree() {
-  std::array<std::array<int32_t, 32>, 4> t{};
-  for (int r = 0, h = 8; r < 4; r++, h /= 2)
-    for (int p = 0; p < 16; p++) t[r][p] = p / h * 2 * h + p % h, t[r][16 + p] = t[r][p] + h;
-  return t;
-}
-constexpr auto TREE = tree();
 
 constexpr int64_t TILES_AHEAD = 2;  // prefetched: the memory of one key/value head is read in one stream
 
