@@ -111,8 +111,9 @@ def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
 
 def two_rows_cost_one(model: nn.Module) -> bool:
     """True where every product of model's one-row step is brisk's kernel (bf16 weights on the CPU, with the kernel):
-    a step of two rows then costs no more than one, so a lone row can take a compiled step's multi-row graph, whose
-    every row is reduced alike whatever the count (the one-row graph's norms and attention are not)."""
+    a step of two rows then costs no more than one, so a lone row can take a compiled step's multi-row graph (one
+    graph for every count), and every row is reduced alike whatever the graph, so that engine.compile_step makes
+    Inductor keep eager's bf16 roundings too: compiled rows are then bitwise a row alone."""
     layers = [m for m in model.modules() if hasattr(m, "in_features")]
     return all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for m in layers) and rows_kernel()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cpu
 import engine
 import generate as gen
 import quantize
@@ -46,8 +47,8 @@ def greedy(model, prompt, n: int, speculator=None, **kwargs) -> list:
 
 @pytest.fixture
 def fp32_device(device, dtype):
-    """The test device; these tests run in fp32 only, where speculation gives plain greedy's tokens exactly (in
-    bf16 the verify pass's several-row products round differently from a decode step's one-row ones)."""
+    """The test device; these tests run in fp32 only, where speculation gives plain greedy's tokens exactly on
+    every device (in bf16 only where brisk's CPU kernel computes every product: the bf16 tests below)."""
     if dtype != torch.float32:
         pytest.skip("exact only in float32")
     return device
@@ -256,6 +257,30 @@ def test_compiled_speculation_gives_the_plain_greedy_tokens(pair, fp32_device):
     target = loaded(target_path, device=fp32_device)
     for prompt in PROMPTS[:2]:  # the second prompt replays the compiled code
         assert greedy(target, prompt, 30, speculator) == greedy(target, prompt, 30)
+
+
+def logits(model, x, input_pos, attend_len=None):
+    return model(x, input_pos, attend_len=attend_len)  # [B, T, V]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu.rows_kernel(), reason="the CPU has no AVX512_BF16 (or no compiler)")
+def test_a_compiled_bf16_verify_pass_gives_its_decode_steps_logits_bitwise(pair):
+    """Where brisk's kernel computes every product, a compiled verify pass of k + 1 tokens reduces each row as a
+    compiled decode step does, and Inductor keeps each bf16 rounding that eager code makes (it would drop those
+    inside a fusion, differently per graph shape): greedy speculative decoding is exact in bf16, compiled too."""
+    model = loaded(pair[0], dtype=torch.bfloat16)
+    assert cpu.two_rows_cost_one(model)
+    step = engine.compile_step(logits, torch.device("cpu"))
+    prompt, tokens = torch.tensor([PROMPTS[0]]), torch.tensor([[9, 250, 31, 4, 77]])
+    model(prompt, torch.arange(prompt.shape[1]))
+    start = prompt.shape[1]
+    attend_len = model.attend_len(start + tokens.shape[1] - 1)
+    steps = [step(model, tokens[:, i:i + 1], torch.tensor([start + i]), attend_len=attend_len)
+             for i in range(tokens.shape[1])]
+    verified = step(model, tokens, torch.arange(start, start + tokens.shape[1]), attend_len=attend_len)
+    assert torch.equal(verified, torch.cat(steps, dim=1))
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
