@@ -34,6 +34,9 @@ INDUCTOR_OPTIONS = {
     "realize_opcount_threshold": 4,  # an activation read by a row loop (exact GELU) is computed once, not per row
     "realize_acc_reads_threshold": 1,  # a norm's output is stored once, not recomputed inside every row loop
     "cpp.enable_floating_point_contract_flag": "fast",  # multiply-adds of the row loops become FMAs
+    # each bf16 rounding that eager code makes is kept (else dropped inside a fusion, differently per graph shape):
+    # rows reduced alike (FEW_ROWS) then give the same logits in every graph, a verify pass its decode steps'
+    "emulate_precision_casts": True,
 }
 
 INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantizing + one GEMM
@@ -42,8 +45,9 @@ INT4_DEQUANTIZE_MIN_ROWS = 128  # from this many rows on dequantizing + one GEMM
 
 # Products of at most this many rows (the decode step of a batch, a speculative verify pass) reduce each row alone
 # and as a single row's product does, so that a row's product never depends on the other rows. Eagerly a batch's
-# greedy rows then equal their prompts run alone, and a verify pass its decode steps, in any dtype; compiled, the
-# rest of the step (norms, attention) is reduced in an order Inductor picks per graph, so only within rounding.
+# greedy rows then equal their prompts run alone, and a verify pass its decode steps, in any dtype; compiled too
+# where bf16 takes brisk's kernels (tested; INDUCTOR_OPTIONS keeps eager's roundings), else within rounding only
+# (Inductor may order the rest of the step's reductions per graph: fp32 differs in the last bits).
 FEW_ROWS = 16
 
 
@@ -112,8 +116,8 @@ def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
 def two_rows_cost_one(model: nn.Module) -> bool:
     """True where every product of model's one-row step is brisk's kernel (bf16 weights on the CPU, with the kernel):
     a step of two rows then costs no more than one, so a lone row can take a compiled step's multi-row graph (one
-    graph for every count), and every row is reduced alike whatever the graph, so that engine.compile_step makes
-    Inductor keep eager's bf16 roundings too: compiled rows are then bitwise a row alone."""
+    graph for every count), and every row is reduced alike whatever the graph: with eager's bf16 roundings kept
+    (INDUCTOR_OPTIONS), compiled rows are bitwise a row alone."""
     layers = [m for m in model.modules() if hasattr(m, "in_features")]
     return all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for m in layers) and rows_kernel()
 

@@ -16,7 +16,7 @@ from torch import Tensor
 import tp
 from checkpoint import load_model
 from cli import BriskError
-from cpu import INDUCTOR_OPTIONS, two_rows_cost_one
+from cpu import INDUCTOR_OPTIONS
 from model import ModelArgs, Transformer
 
 INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
@@ -167,12 +167,12 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     else:
         options = dict(INDUCTOR_OPTIONS)
     options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    compiled = None  # made at the first call, which shows the model
+    compiled = torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
     traced_with = None  # the KV cache of the model the step was traced with
     shapes = set()  # the input shapes seen: a new one may trace a graph (batch.Batch's row count)
 
     def step(model: Transformer, *args, **kwargs):
-        nonlocal compiled, traced_with
+        nonlocal traced_with
         cache = model.layers[0].attention.kv_cache
         shape = tuple(a.shape for a in args if isinstance(a, Tensor))
         if cache is traced_with and shape in shapes:
@@ -180,12 +180,6 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
         if traced_with is not None and cache is not traced_with:
             raise BriskError("a compiled step ran against a KV cache other than the one it was traced with "
                              "(setup_caches reallocated it, or another model): compile a new step")
-        if compiled is None:
-            # where every product is the kernel, rows are reduced alike whatever graph runs them, and so are their
-            # bf16 roundings only if Inductor keeps each one that eager code makes (it drops those inside a fusion,
-            # differently per graph shape): a verify pass then gives its decode steps' tokens
-            precise = {"emulate_precision_casts": True} if two_rows_cost_one(model) else {}
-            compiled = torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options | precise)
         # read when tracing (a patch costs ~15 us: not on every step); a trace without it would take attend_len as
         # static, then as dynamic at its next value: one compile more, never a wrong result
         with torch.compiler.config.patch(dynamic_sources="L['attend_len']"):

@@ -97,7 +97,7 @@ def test_compiled_bf16_rows_with_the_kernel_are_bitwise_their_prompt_alone(tiny,
     """Where brisk's kernel computes every product, a row's logits are bitwise its prompt's alone, in a one-row
     cache (generate.py's one-prompt path) or alone in the batch (a lone row steps beside a spare one: one graph
     for every count of rows): each row is reduced alike whatever the graph, and Inductor keeps eager's bf16
-    roundings (engine.compile_step), which it would drop inside a fusion, differently per graph shape."""
+    roundings (cpu.INDUCTOR_OPTIONS), which it would drop inside a fusion, differently per graph shape."""
     model = load_model(tiny, dtype=torch.bfloat16)
     assert cpu.two_rows_cost_one(model)
     check_rows_equal_alone(model, compile=True, alone_in_batch=alone_in_batch)
