@@ -8,8 +8,8 @@
 
 A row's logits do not depend on what else is in the batch (cpu.FEW_ROWS, model.attend): rows can join and leave
 between steps (continuous batching), and eager greedy rows give exactly the tokens of their prompts run alone.
-Compiled, exactly too where a lone row runs as two (Batch.min_rows: bf16 on a CPU with brisk's kernel), else within
-rounding (BENCHMARKS.md, "A kernel for bf16 rows").
+Compiled, exactly too where bf16 takes brisk's kernel on a CPU (a lone row runs as two there: Batch.min_rows; and
+cpu.INDUCTOR_OPTIONS keeps eager's roundings), else within rounding (BENCHMARKS.md, "A kernel for bf16 rows").
 Sampling happens outside, with engine's functions, per row.
 """
 import time

@@ -8,8 +8,8 @@ and prefix caching, and a chat page at /.
 The main thread owns the model (uvicorn runs in another). Requests join the running batch between decode steps,
 up to --max_batch_size rows, and leave when done; the rest wait in a queue. Every prompt's beginning found in the
 prefix cache is restored instead of prefilled again. Sampling is per request (temperature, top_k, top_p, seed), so
-a greedy request gets the tokens it would get alone, whatever runs beside it (with --compile, logits within
-rounding of alone: a near tie can go the other way).
+a greedy request gets the tokens it would get alone, whatever runs beside it (with --compile, bitwise where bf16
+takes brisk's CPU kernel, else logits within rounding of alone: a near tie can go the other way).
 """
 import argparse
 import asyncio

@@ -282,7 +282,6 @@ def test_a_compiled_bf16_verify_pass_gives_its_decode_steps_logits_bitwise(pair)
     assert torch.equal(verified, torch.cat(steps, dim=1))
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
