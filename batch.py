@@ -38,6 +38,8 @@ class Batch:
         model.setup_caches(max_rows, max_seq_length)
         self.model, self.max_rows, self.max_seq_length = model, max_rows, max_seq_length
         self.device = model.norm.weight.device
+        self.caches = [c for layer in model.layers  # every layer's keys, then values: [max_rows, H, S, D] each
+                       for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache)]
         self.step_fn = compile_step(rows_step, self.device) if compile else rows_step
         self.min_rows = 2 if compile and max_rows > 1 and two_rows_cost_one(model) else 1  # rows a step runs
         self.pos: dict[int, int] = {}  # row -> tokens in its cache, the position of its next token
@@ -103,9 +105,8 @@ class Batch:
             torch._foreach_copy_([v for r in dst for v in self.views_of(r, span)],
                                  [v for r in src for v in self.views_of(r, span)])
         else:
-            for layer in self.model.layers:
-                for cache in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
-                    cache[dst, :, start:end] = cache[src, :, start:end]  # the right side is gathered first
+            for cache in self.caches:
+                cache[dst, :, start:end] = cache[src, :, start:end]  # the right side is gathered first
         for r, (s, n) in list(self.shares.items()):  # positions from start on may now differ
             if (r in parents or s in parents) and n > start:
                 self.share(r, s, start)
@@ -119,8 +120,7 @@ class Batch:
         if self.views_span != span:
             self.views, self.views_span = {}, span
         if row not in self.views:
-            self.views[row] = [c[row, :, span[0]:span[1]] for layer in self.model.layers
-                               for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache)]
+            self.views[row] = [c[row, :, span[0]:span[1]] for c in self.caches]
         return self.views[row]
 
     def warm_up(self) -> None:
