@@ -8,8 +8,9 @@ For measuring speed and memory at a model's size without its weights (a Llama-2-
 and bench.py read it like a converted checkpoint, and bench.py needs no tokenizer (generate.py needs the
 model's tokenizer beside it). The text such a model writes is noise.
 `--gguf BF16 Q8_0` also writes the same weights as DIR/model-BF16.gguf and DIR/model-Q8_0.gguf (any type the
-`gguf` package quantizes to) for bench.py's llama.cpp peer, for the architectures llama.cpp names gpt2, starcoder,
-gptneox and bloom; their vocabulary is a placeholder of the right size (GPT-2's 256 byte symbols, then `<tN>`).
+`gguf` package quantizes to) for bench.py's llama.cpp peer, for the architectures llama.cpp names llama, qwen2,
+gpt2, starcoder, gptneox and bloom; their vocabulary is a placeholder of the right size (GPT-2's 256 byte symbols,
+then `<tN>`).
 Matrices are drawn from N(0, std²), norm weights are ones; tensors are drawn one at a time in the target dtype
 (on --device: a GPU draws a 7B model's 13.5 GB in seconds), so memory peaks near the size of the file.
 """
@@ -59,19 +60,24 @@ def write_random_checkpoint(directory: Path, args: ModelArgs, force: bool = Fals
 
 
 def gguf_arch(args: ModelArgs) -> str:
-    """llama.cpp's architecture for these switches (those it has a fused-q/k/v, LayerNorm block for); a BriskError
-    for others."""
+    """llama.cpp's architecture for these switches (Llama's and Qwen2's blocks, and those it has a fused-q/k/v,
+    LayerNorm block for); a BriskError for others."""
     layernorm = args.norm == "layernorm" and not args.shared_norm and args.mlp_bias and args.mlp != "swiglu"
+    llama = (args.norm == "rmsnorm" and args.mlp == "swiglu" and args.positions == "rope" and not args.mlp_bias
+             and not args.wo_bias and not args.head_bias and not args.parallel_residual and not args.embed_norm
+             and args.rope_dim == args.head_dim and args.rope_scaling is None)
     arch = None
-    if layernorm and args.positions == "alibi" and args.embed_norm:
+    if llama:
+        arch = "qwen2" if args.qkv_bias else "llama"
+    elif layernorm and args.positions == "alibi" and args.embed_norm:
         arch = "bloom"
     elif layernorm and args.positions == "rope":
         arch = "gptneox"
     elif layernorm and args.positions == "learned" and not args.parallel_residual and not args.pos_offset:
         arch = {args.n_head: "gpt2", 1: "starcoder"}.get(args.n_local_heads)
     if arch is None:
-        raise BriskError("a GGUF is written for llama.cpp's gpt2, starcoder, gptneox and bloom architectures only; "
-                         "these switches are none of them")
+        raise BriskError("a GGUF is written for llama.cpp's llama, qwen2, gpt2, starcoder, gptneox and bloom "
+                         "architectures only (no rope scaling); these switches are none of them")
     return arch
 
 
@@ -90,7 +96,9 @@ def write_gguf(path: Path, args: ModelArgs, sd: dict, qtype: str, force: bool = 
     arch = gguf_arch(args)
     names = {v: k for k, v in {**TOP_NAMES, **{f"{k}.weight": f"{v}.weight" for k, v in BLOCK_NAMES.items()},
                                 **{f"{k}.bias": f"{v}.bias" for k, v in BLOCK_NAMES.items()}}.items()}
-    names.update({"feed_forward.w1.weight": "ffn_up.weight", "feed_forward.w1.bias": "ffn_up.bias"})  # no gate
+    if arch not in ("llama", "qwen2"):  # their w1 is the gate, else the up projection
+        names.update({"feed_forward.w1.weight": "ffn_up.weight", "feed_forward.w1.bias": "ffn_up.bias"})
+    names.update({f"attention.w{p}.{kind}": f"attn_{p}.{kind}" for p in "qkv" for kind in ("weight", "bias")})
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -101,6 +109,11 @@ def write_gguf(path: Path, args: ModelArgs, sd: dict, qtype: str, force: bool = 
         w.add_head_count(args.n_head)
         w.add_head_count_kv(args.n_local_heads)
         w.add_layer_norm_eps(args.norm_eps)
+        if arch in ("llama", "qwen2"):
+            w.add_layer_norm_rms_eps(args.norm_eps)
+            w.add_rope_freq_base(args.rope_base)
+            w.add_key_length(args.head_dim)
+            w.add_value_length(args.head_dim)
         if arch == "gptneox":
             w.add_rope_dimension_count(args.rope_dim)
             w.add_rope_freq_base(args.rope_base)
@@ -111,7 +124,7 @@ def write_gguf(path: Path, args: ModelArgs, sd: dict, qtype: str, force: bool = 
         w.add_token_types([1] * args.vocab_size)
         w.add_token_merges(["a b"])  # llama.cpp needs the key, and an empty list is not written
         w.add_eos_token_id(0)
-        for name, t in tqdm(sd.items(), desc=f"writing {qtype}", unit="tensor"):
+        for name, t in tqdm(split_qkv(sd, args, arch).items(), desc=f"writing {qtype}", unit="tensor"):
             if name.startswith("layers."):
                 _, layer, rest = name.split(".", 2)
                 key = f"blk.{layer}.{names[rest]}"
@@ -129,6 +142,30 @@ def write_gguf(path: Path, args: ModelArgs, sd: dict, qtype: str, force: bool = 
         w.close()
 
     save_atomic(path, write, force)
+
+
+def split_qkv(sd: dict, args: ModelArgs, arch: str) -> dict:
+    """sd with each fused wqkv as llama.cpp's llama and qwen2 store it: attn_q, attn_k, attn_v (llama's q and k rows
+    permuted for its interleaved rotary, the inverse of convert_gguf.unpermute); sd itself for other arches."""
+    if arch not in ("llama", "qwen2"):
+        return sd
+    out = {}
+    sizes = [args.n_head * args.head_dim, *2 * [args.n_local_heads * args.head_dim]]
+    for name, t in sd.items():
+        if ".attention.wqkv." not in name:
+            out[name] = t
+            continue
+        q, k, v = t.split(sizes)
+        if arch == "llama":
+            q, k = permute(q, args.n_head), permute(k, args.n_local_heads)
+        prefix, kind = name.split(".attention.wqkv.")
+        out.update({f"{prefix}.attention.{part}.{kind}": w for part, w in zip(("wq", "wk", "wv"), (q, k, v))})
+    return out
+
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # rotate-half order -> llama.cpp's interleaved pairs, per head: [out, ...]
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def main() -> None:

@@ -63,11 +63,11 @@ def tiny(preset: str, **kw) -> ModelArgs:
                         "intermediate_size": 128, "vocab_size": 300, "block_size": 64, **kw})
 
 
-@pytest.mark.parametrize("preset", ["gpt2", "bloom-560m"])
+@pytest.mark.parametrize("preset", ["gpt2", "bloom-560m", "SmolLM2-135M", "Qwen2-0.5B"])
 def test_a_gguf_of_the_weights_reads_back_as_the_same_checkpoint(preset, tmp_path):
-    """llama.cpp's layout of gpt2 and bloom (checked against transformers by test_families) gives back every tensor
-    and switch."""
-    args = tiny(preset)
+    """llama.cpp's layout of gpt2 and bloom (checked against transformers by test_families), and of llama (q and k
+    permuted for its rotary) and qwen2 gives back every tensor and switch."""
+    args = tiny(preset, n_local_heads=2) if preset in ("SmolLM2-135M", "Qwen2-0.5B") else tiny(preset)
     sd = random_state_dict(args, dtype=torch.float32)
     write_gguf(tmp_path / "m.gguf", args, sd, "F32")
     back, back_args = convert_gguf.convert_weights(*convert_gguf.read_gguf(tmp_path / "m.gguf"), torch.float32)
@@ -76,10 +76,13 @@ def test_a_gguf_of_the_weights_reads_back_as_the_same_checkpoint(preset, tmp_pat
     assert back_args.norm_eps == pytest.approx(args.norm_eps, rel=1e-6)
 
 
-@pytest.mark.parametrize("preset,arch", [("pythia-70m", "gptneox"), ("santacoder", "starcoder"), ("gpt2", "gpt2")])
+@pytest.mark.parametrize("preset,arch", [("pythia-70m", "gptneox"), ("santacoder", "starcoder"), ("gpt2", "gpt2"),
+                                         ("Llama-2-7b", "llama"), ("Qwen2.5-0.5B", "qwen2")])
 def test_a_gguf_names_only_tensors_of_its_llama_cpp_architecture(preset, arch, tmp_path):
     import gguf
     args = tiny(preset, rope_dim=8) if arch == "gptneox" else tiny(preset)
+    if arch in ("llama", "qwen2"):
+        args = tiny(preset, n_local_heads=2)
     sd = random_state_dict(args)
     write_gguf(tmp_path / "m.gguf", args, sd, "Q8_0")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
@@ -87,11 +90,13 @@ def test_a_gguf_names_only_tensors_of_its_llama_cpp_architecture(preset, arch, t
     kind = gguf.MODEL_ARCH[arch.upper()]
     known = {gguf.TENSOR_NAMES[t].format(bid=i) for t in gguf.MODEL_TENSORS[kind] for i in range(args.n_layer)}
     names = {t.name.rsplit(".", 1)[0] for t in reader.tensors}
-    assert names <= known and len(reader.tensors) == len(sd)
+    qkv = sum(".wqkv." in name for name in sd)  # three tensors each in llama and qwen2
+    assert names <= known and len(reader.tensors) == len(sd) + (2 * qkv if arch in ("llama", "qwen2") else 0)
     assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {"Q8_0"}
 
 
 def test_a_gguf_is_refused_for_switches_llama_cpp_has_no_architecture_for(tmp_path):
-    assert_one_line_error(run("--model", "llama-68m", "--out", tmp_path / "x", "--gguf", "BF16"), "gptneox")
+    assert_one_line_error(run("--model", "opt-125m", "--out", tmp_path / "x", "--gguf", "BF16"), "gptneox")
+    assert_one_line_error(run("--model", "Llama-3.1-8B", "--out", tmp_path / "x", "--gguf", "BF16"), "rope scaling")
     assert_one_line_error(run("--model", "gpt2", "--out", tmp_path / "x", "--gguf", "Q9_9"), "unknown GGUF type")
     assert not (tmp_path / "x").exists()
