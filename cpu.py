@@ -1,11 +1,13 @@
 """Everything brisk does differently on a CPU, each with why in a line; the figures are in BENCHMARKS.md.
 
+- kernel_isa: the path of brisk's C++ kernels (cpu_kernels.cpp): AVX-512, AVX2 or none, once per process.
 - Linear: nn.Linear whose few-row products (a decode step, a batch's step, a verify pass) reduce each row as if
-  alone (batch invariance): bf16 ones in brisk's kernel (cpu_kernels.cpp) where the CPU has AVX512_BF16, compiled
-  ones otherwise in a loop Inductor writes, faster than aten's.
+  alone (batch invariance): bf16 ones in brisk's kernel where the CPU has AVX2 at least, compiled ones otherwise in
+  a loop Inductor writes, faster than aten's.
 - gemm_dtype: on AVX2 CPUs many bf16 rows are multiplied in fp32.
 - kv_cache_dtype, attend_dtype: the KV cache and attention in fp32 on the CPU (bf16 where brisk's kernel
   attends: kernel_attends).
+- int8_rows_product: brisk's int8 kernel for quant.WeightOnlyInt8Linear.
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
 - The int8/int4 kernels' row bounds and torch's CPU int4 packed layout, which quant.py reads.
 A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py and ignore the rest.
@@ -13,6 +15,7 @@ A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py an
 import contextlib
 import functools
 import os
+import platform
 import sys
 import time
 from typing import Optional
@@ -23,10 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import cpp_extension
 
+from cli import BriskError
+
 # Weight dtypes whose compiled one-row product Inductor's loop computes faster than aten's kernel, by CPU capability:
 # without AVX-512 Inductor's bf16 and int8 conversions are slow, fp32 still wins (BENCHMARKS.md, "AMD EPYC Zen 3").
 ROW_LOOP_DTYPES = {"AVX512": {torch.float32, torch.bfloat16, torch.float16, torch.int8}, "AVX2": {torch.float32}}
-CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()  # read once: torch.compile cannot trace the call
+# torch's CPU capability, read once (torch.compile cannot trace the call); an AVX2 CPU's under BRISK_CPU_ISA=avx2, so
+# that every choice brisk makes is that CPU's (torch's own kernels and Inductor follow ATEN_CPU_CAPABILITY=avx2)
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+if os.environ.get("BRISK_CPU_ISA") == "avx2" and CPU_CAPABILITY.startswith("AVX512"):
+    CPU_CAPABILITY = "AVX2"
 
 # Inductor settings of a compiled CPU step (engine.compile_step), each measured (BENCHMARKS.md, "Compiled decode step"):
 INDUCTOR_OPTIONS = {
@@ -62,44 +71,64 @@ def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
     return weight is None or weight.dtype in ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
 
 
-_rows_kernel: Optional[bool] = None  # see rows_kernel
+ISAS = {"none": 0, "avx2": 1, "avx512": 2}  # brisk's kernel paths: BRISK_CPU_ISA's values, kernel_isa's levels
+SOURCES = ["cpu_kernels.cpp"]  # the files of brisk's C++ extension, built as one
+KERNEL_ISA: Optional[int] = None  # see kernel_isa
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
-def rows_kernel() -> bool:
-    """True once cpu_kernels.cpp is built (the first time, 7-20 s; torch keeps it in ~/.cache/torch_extensions) and
-    loaded, on a CPU with AVX512_BF16; False elsewhere, or where it cannot be built (then Inductor's loop serves)."""
-    global _rows_kernel
-    if CPU_CAPABILITY != "AVX512":
-        return False
-    if _rows_kernel is None:
-        _rows_kernel = load_rows_kernel()
-    return _rows_kernel
+def kernel_isa() -> int:
+    """The path brisk's C++ kernels (SOURCES) take, decided once: 2 AVX-512 (F, BW, VL, BF16, VNNI), 1 AVX2 (with FMA
+    and F16C), 0 none (another architecture, no compiler: aten's and Inductor's code serve). The highest this CPU
+    runs, capped by the environment variable BRISK_CPU_ISA (avx512, avx2 or none), which tests both paths on one
+    machine. Every kernel op takes it as its last argument. The first call builds the extension (10-60 s; torch
+    keeps it in ~/.cache/torch_extensions)."""
+    global KERNEL_ISA
+    if KERNEL_ISA is None:
+        KERNEL_ISA = load_kernels()
+    return KERNEL_ISA
 
 
-def load_rows_kernel() -> bool:
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+def load_kernels() -> int:
+    forced = os.environ.get("BRISK_CPU_ISA", "avx512")
+    if forced not in ISAS:
+        raise BriskError(f"BRISK_CPU_ISA must be one of {', '.join(ISAS)}, got {forced!r}")
+    if ISAS[forced] == 0 or platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0
+    here = os.path.dirname(os.path.abspath(__file__))
     start = time.perf_counter()
     try:
-        cpp_extension.load("brisk_cpu_kernels", [src], extra_cflags=["-O3"], is_python_module=False)
+        cpp_extension.load("brisk_cpu_kernels", [os.path.join(here, f) for f in SOURCES], extra_cflags=["-O3"],
+                           is_python_module=False)
     except (RuntimeError, OSError) as e:  # no compiler, or no ninja
-        print(f"brisk: cpu_kernels.cpp was not built ({str(e).splitlines()[0]}); Inductor's loop serves",
+        print(f"brisk: {', '.join(SOURCES)} not built ({str(e).splitlines()[0]}); aten and Inductor serve",
               file=sys.stderr)
-        return False
+        return 0
     if (seconds := time.perf_counter() - start) > 2:  # built now, not loaded from torch's cache
-        print(f"brisk: built cpu_kernels.cpp in {seconds:.0f} s (once: torch caches it)", file=sys.stderr)
-    torch.library.register_fake("brisk::rows_product")(
-        lambda x, w: x.new_empty((x.numel() // x.shape[-1], w.shape[0]), dtype=torch.float32))
+        print(f"brisk: built {', '.join(SOURCES)} in {seconds:.0f} s (once: torch caches it)", file=sys.stderr)
+    best = torch.ops.brisk.cpu_isa()
+    if "BRISK_CPU_ISA" in os.environ and ISAS[forced] > best:
+        raise BriskError(f"BRISK_CPU_ISA={forced}, but this CPU runs {[k for k, v in ISAS.items() if v == best][0]} "
+                         "at most")
+    register_fakes()
+    return min(best, ISAS[forced])
+
+
+def register_fakes() -> None:
+    # the shapes of the kernels' results, for torch.compile
+    def rows(x: Tensor, w: Tensor, *_) -> Tensor:
+        return x.new_empty((x.numel() // x.shape[-1], w.shape[0]), dtype=torch.float32)
+    torch.library.register_fake("brisk::rows_product")(rows)
+    torch.library.register_fake("brisk::int8_rows_product")(rows)
     torch.library.register_fake("brisk::attend")(
-        lambda q, k, v, mask, prefix=None: torch.empty_like(q, memory_format=torch.contiguous_format))
-    return torch.ops.brisk.rows_product_supported()
+        lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format))
 
 
 def kernel_rows(x: Tensor, weight: Tensor) -> bool:
     """True for a product of 1 to FEW_ROWS rows of bf16 activations with a bf16 weight on a CPU with brisk's kernel
-    (int8 weights stay in Inductor's loop, which converted them faster: BENCHMARKS.md, "A kernel for bf16 rows")."""
+    (either path)."""
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() <= FEW_ROWS * x.shape[-1] and rows_kernel())
+            and x.numel() <= FEW_ROWS * x.shape[-1] and kernel_isa() > 0)
 
 
 ATTEND_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # those cpu_kernels.cpp's attend is built for
@@ -110,7 +139,7 @@ def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
     once for the queries that read it): a cache in fp32 or bf16 on a CPU with the kernel, a head size in
     ATTEND_HEAD_DIMS, a bool or fp32 mask."""
     return (mask is not None and mask.dtype in (torch.bool, torch.float32) and q.device.type == "cpu"
-            and k.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] in ATTEND_HEAD_DIMS and rows_kernel())
+            and k.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] in ATTEND_HEAD_DIMS and kernel_isa() > 0)
 
 
 def two_rows_cost_one(model: nn.Module) -> bool:
@@ -119,12 +148,17 @@ def two_rows_cost_one(model: nn.Module) -> bool:
     graph for every count), and every row is reduced alike whatever the graph: with eager's bf16 roundings kept
     (INDUCTOR_OPTIONS), compiled rows are bitwise a row alone."""
     layers = [m for m in model.modules() if hasattr(m, "in_features")]
-    return all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for m in layers) and rows_kernel()
+    return all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for m in layers) and kernel_isa() > 0
 
 
 def rows_product(x: Tensor, weight: Tensor) -> Tensor:
     # x [..., K] bf16 (up to FEW_ROWS rows), weight [N, K] bf16 -> [..., N] fp32, each row as if alone
-    return torch.ops.brisk.rows_product(x, weight).view(*x.shape[:-1], weight.shape[0])
+    return torch.ops.brisk.rows_product(x, weight, kernel_isa()).view(*x.shape[:-1], weight.shape[0])
+
+
+def int8_rows_product(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    # x [..., K] (up to FEW_ROWS rows), weight [N, K] int8, scales [N] -> [..., N] fp32, each row as if alone
+    return torch.ops.brisk.int8_rows_product(x, weight, scales, kernel_isa()).view(*x.shape[:-1], weight.shape[0])
 
 
 def gemm_dtype(x: Tensor) -> torch.dtype:
@@ -204,14 +238,20 @@ def attend_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 def kv_cache_dtype(device: torch.device, dtype: torch.dtype, head_dim: int) -> torch.dtype:
     """What the KV cache holds: a bf16 model's own dtype where brisk's kernel reads it (half the bytes of fp32, the
     same values), else attend_dtype."""
-    if device.type == "cpu" and dtype == torch.bfloat16 and head_dim in ATTEND_HEAD_DIMS and rows_kernel():
+    if device.type == "cpu" and dtype == torch.bfloat16 and head_dim in ATTEND_HEAD_DIMS and kernel_isa() > 0:
         return dtype
     return attend_dtype(device, dtype)
 
 
-def int8_kernel_fits(device: torch.device, in_features: int) -> bool:
-    # the CPU int8 kernel does not check its shapes and reads out of bounds unless K % 16 == 0 (measured)
-    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm") and in_features % 16 == 0
+def int8_kernel(device: torch.device, in_features: int) -> Optional[str]:
+    """The kernel of an int8 layer's few-row products: brisk's ("brisk": int8 activations, integer dots; BENCHMARKS.md,
+    "Kernels for AVX2 and int8 rows"), else torch's CPU one ("aten") where it fits, else None."""
+    if device.type != "cpu":
+        return None
+    if kernel_isa() > 0:
+        return "brisk"
+    # torch's int8 kernel does not check its shapes and reads out of bounds unless K % 16 == 0 (measured)
+    return "aten" if hasattr(torch.ops.aten, "_weight_int8pack_mm") and in_features % 16 == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-// brisk's hand-written CPU kernels, built by cpu.py (torch.utils.cpp_extension) for CPUs with AVX512_BF16: products
-// of 1 to 16 rows of bf16 activations with a bf16 weight, and decode attention (attend, below). Why the products
-// (BENCHMARKS.md, "A kernel for bf16 rows"):
-// - each weight element is loaded once for all rows and multiplied in pairs by `vdpbf16ps`, where Inductor's loop
-//   converts it to fp32 once per row: 4 rows cost 2.6x one row;
-// - each output y[m, n] is reduced in one order whatever the number of rows: 32 products a step into 16 fp32
-//   lanes along k, then the 16 lanes. A row's result never depends on the rows beside it (batch invariance).
+// brisk's hand-written CPU kernels, built by cpu.py (torch.utils.cpp_extension) on first use: products of 1 to 16
+// rows of activations with a bf16 or an int8 weight, and decode attention (attend, below). Each op takes the
+// instruction set to run as its last argument (cpu.kernel_isa: 2 the AVX-512 path, 1 the AVX2 one), so that one
+// process can run both; each function is compiled for its own set by a target attribute (no global -m flags).
+// Why the products (BENCHMARKS.md, "A kernel for bf16 rows", "Kernels for AVX2 and int8 rows"):
+// - each weight element is loaded once for all rows (bf16: multiplied in pairs by `vdpbf16ps`, or widened to fp32
+//   by a shift on AVX2; int8: integer dots with activations quantized to int8 per block of 32, as llama.cpp's Q8_0);
+// - each output y[m, n] is reduced in one order whatever the number of rows (per instruction set): a row's result
+//   never depends on the rows beside it (batch invariance).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,18 +14,49 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
-#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))  // only these functions
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))  // only these functions
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 
 constexpr int R = 4;            // weight rows a tile reads side by side, a quarter of the weight apart
 constexpr int64_t AHEAD = 1024;  // elements prefetched ahead in each of them: four far streams need the help
 
-// y[t, r] = x[t] . w[r * ldw] for T rows of x and RR rows of w (ldw apart); K elements each.
+// The highest path this CPU runs: 2 AVX-512 (F, BW, VL, BF16, VNNI), 1 AVX2 (with FMA, F16C), 0 none
+int64_t cpu_isa() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+      && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni"))
+    return 2;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+static void check_isa(int64_t isa, const char* op) {
+  static const int64_t best = cpu_isa();
+  TORCH_CHECK(isa >= 1 && isa <= best, op, ": instruction set ", isa, " is not one this CPU runs (1 to ", best, ")");
+}
+
+// Every weight row once, in tiles the threads share out: rows(n, ld, RR) computes weight rows n, n + ld, ... (RR of
+// them); tiles of R rows a quarter of the weight apart (four memory streams), the last N % R rows one by one
+template <typename Rows>
+static void over_weight(int64_t N, const Rows& rows) {
+  const int64_t nb = N / R;
+  at::parallel_for(0, nb + N % R, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      if (n < nb) rows(n, nb, std::integral_constant<int, R>{});
+      else rows(n + (R - 1) * nb, 0, std::integral_constant<int, 1>{});
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// bf16 weights: y[t, r] = x[t] . w[r * ldw] for T rows of x and RR rows of w (ldw apart); K elements each.
+
+// AVX-512: 32 products a step into 16 fp32 lanes along k (`vdpbf16ps`), then the 16 lanes
 template <int T, int RR>
-AVX512_BF16 static inline void tile(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t K, int64_t ldw,
-                                    int64_t ldy_t, int64_t ldy_r) {
+AVX512 static inline void tile_bf16_avx512(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t K,
+                                           int64_t ldw, int64_t ldy_t, int64_t ldy_r) {
   __m512 acc[T][RR];  // [T, RR] x 16 fp32 lanes; unrolled loops keep them in registers (else stored every step)
 #pragma GCC unroll 4
   for (int t = 0; t < T; t++)
@@ -50,38 +83,269 @@ AVX512_BF16 static inline void tile(const at::BFloat16* x, const at::BFloat16* w
     for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]);
 }
 
-// all M rows of x against RR weight rows: in tiles of 4, 2 and 1 rows, each row's sums the same
-template <int RR>
-AVX512_BF16 static void rows(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t M, int64_t K, int64_t N,
-                             int64_t ldw, int64_t ldy_r) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<4, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
-  for (; m + 2 <= M; m += 2) tile<2, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
-  for (; m < M; m++) tile<1, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
+// 8 fp32 lanes summed in one order: the halves, then pairs
+AVX2 static inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-static void product(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t M, int64_t K, int64_t N) {
-  const int64_t nb = N / R;  // a tile's rows are n, n + nb, n + 2 nb, n + 3 nb; the last N % R rows one by one
-  at::parallel_for(0, nb + N % R, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; n++) {
-      if (n < nb) rows<R>(x, w + n * K, y + n, M, K, N, nb * K, nb);
-      else rows<1>(x, w + (n + (R - 1) * nb) * K, y + n + (R - 1) * nb, M, K, N, 0, 0);
+// 16 bf16 as fp32: the even elements (shifted up) and the odd ones (their low half cleared), exact
+AVX2 static inline void widen_bf16(const at::BFloat16* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xffff0000)));
+}
+
+// one step of 16 elements of the AVX2 tile: two FMAs into each output's 8 lanes, the even elements first
+template <int T, int RR>
+AVX2 static inline void step_bf16_avx2(__m256 (&acc)[T][RR], const at::BFloat16* const* x,
+                                       const at::BFloat16* const* w) {
+  __m256 xe[T], xo[T];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; t++) widen_bf16(x[t], xe[t], xo[t]);
+#pragma GCC unroll 4
+  for (int r = 0; r < RR; r++) {
+    __m256 we, wo;
+    widen_bf16(w[r], we, wo);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++) acc[t][r] = _mm256_fmadd_ps(xo[t], wo, _mm256_fmadd_ps(xe[t], we, acc[t][r]));
+  }
+}
+
+// AVX2: 16 elements a step into 8 fp32 lanes (two FMAs), the tail from zero-padded copies, then the 8 lanes
+template <int T, int RR>
+AVX2 static inline void tile_bf16_avx2(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t K,
+                                       int64_t ldw, int64_t ldy_t, int64_t ldy_r) {
+  __m256 acc[T][RR];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) acc[t][r] = _mm256_setzero_ps();
+  const at::BFloat16 *xs[T], *ws[RR];
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++) xs[t] = x + t * K + k;
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) {
+      ws[r] = w + r * ldw + k;
+      _mm_prefetch((const char*)(ws[r] + AHEAD), _MM_HINT_T0);
     }
-  });
+    step_bf16_avx2<T, RR>(acc, xs, ws);
+  }
+  if (k < K) {  // the tail: zeros past K add nothing
+    at::BFloat16 xt[T][16] = {}, wt[RR][16] = {};
+    for (int t = 0; t < T; t++) std::memcpy(xt[t], x + t * K + k, (K - k) * sizeof(at::BFloat16)), xs[t] = xt[t];
+    for (int r = 0; r < RR; r++) std::memcpy(wt[r], w + r * ldw + k, (K - k) * sizeof(at::BFloat16)), ws[r] = wt[r];
+    step_bf16_avx2<T, RR>(acc, xs, ws);
+  }
+  for (int t = 0; t < T; t++)
+    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = sum8(acc[t][r]);
+}
+
+// all M rows of x against RR weight rows (ldw apart) in tiles of 4 (AVX-512 only: its 32 registers), 2 and 1 rows;
+// each row's sums the same in any tile
+template <int RR, bool Wide>
+static void rows_bf16(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t M, int64_t K, int64_t N,
+                      int64_t ldw, int64_t ldy_r) {
+  int64_t m = 0;
+  if constexpr (Wide) {
+    for (; m + 4 <= M; m += 4) tile_bf16_avx512<4, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
+    for (; m + 2 <= M; m += 2) tile_bf16_avx512<2, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
+    for (; m < M; m++) tile_bf16_avx512<1, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
+  } else {
+    for (; m + 2 <= M; m += 2) tile_bf16_avx2<2, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
+    for (; m < M; m++) tile_bf16_avx2<1, RR>(x + m * K, w, y + m * N, K, ldw, N, ldy_r);
+  }
 }
 
 // x [..., K] bf16 (M rows), w [N, K] bf16 -> x w^T [M, N] fp32
-at::Tensor rows_product(const at::Tensor& x_, const at::Tensor& w_) {
+at::Tensor rows_product(const at::Tensor& x_, const at::Tensor& w_, int64_t isa) {
   TORCH_CHECK(x_.scalar_type() == at::kBFloat16 && w_.scalar_type() == at::kBFloat16, "rows_product: bf16 only");
+  check_isa(isa, "rows_product");
   const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  product(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, K, N);
+  const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  over_weight(N, [&](int64_t n, int64_t ld, auto rr) {
+    constexpr int RR = decltype(rr)::value;
+    if (isa == 2) rows_bf16<RR, true>(xp, wp + n * K, yp + n, M, K, N, ld * K, ld);
+    else rows_bf16<RR, false>(xp, wp + n * K, yp + n, M, K, N, ld * K, ld);
+  });
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// int8 weights with a scale per output channel (quant.WeightOnlyInt8Linear), activations quantized per block of 32:
+// y[m, n] = sw[n] * sum over blocks b of sx[m, b] * (xq[m, b] . w[n, b]), each block's dot exact in int32.
+
+constexpr int64_t QBLOCK = 32;  // activations per scale
+constexpr int64_t QPAD = 64;    // rows of quantized activations padded to this many (zeros): whole AVX-512 steps
+
+// One row of activations as the kernels read it (Kp = K rounded up to QPAD): xq = round(x / s) in -127..127, s =
+// max |x| / 127 per block (a block of zeros: 0, s 0); xa, what the instruction set multiplies: xq + 128 (AVX-512's
+// unsigned operand) or |xq| (AVX2's); se [Kp / 4]: each block's scale 8 times, one per lane of its 4-product sums
+struct QuantRows {
+  std::vector<int8_t> xq;
+  std::vector<uint8_t> xa;
+  std::vector<float> se;
+  int64_t Kp;
+};
+
+static QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t isa) {
+  QuantRows q{{}, {}, {}, (K + QPAD - 1) / QPAD * QPAD};
+  q.xq.assign(M * q.Kp, 0), q.xa.assign(M * q.Kp, isa == 2 ? 128 : 0), q.se.assign(M * q.Kp / 4, 0.0f);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t b = 0; b < K; b += QBLOCK) {
+      const float* xb = x + m * K + b;
+      const int64_t n = std::min(QBLOCK, K - b);
+      float mx = 0.0f;
+      for (int64_t i = 0; i < n; i++) mx = std::max(mx, std::fabs(xb[i]));
+      const float s = mx / 127.0f;
+      for (int64_t i = 0; mx > 0 && i < n; i++) {
+        const int8_t v = (int8_t)std::nearbyint(xb[i] / s);
+        q.xq[m * q.Kp + b + i] = v;
+        q.xa[m * q.Kp + b + i] = isa == 2 ? (uint8_t)(v + 128) : (uint8_t)std::abs(v);
+      }
+      std::fill_n(q.se.begin() + (m * q.Kp + b) / 4, QBLOCK / 4, s);
+    }
+  return q;
+}
+
+// AVX-512 (VNNI): 64 products a step, two blocks. `vpdpbusd` sums 4 products of xq + 128 (unsigned) and w (signed)
+// into each int32 lane; minus the same sums of 128 and w, they are xq . w exactly. Lanes 0-7 hold the first block,
+// 8-15 the second: as fp32 times their block's scale into 16 fp32 lanes, then the lanes, then the weight's scale.
+template <int T, int RR>
+AVX512 static inline void tile_int8_avx512(const uint8_t* xa, const float* se, const int8_t* w, const float* sw,
+                                           float* y, int64_t K, int64_t Kp, int64_t ldw, int64_t ldy_t,
+                                           int64_t ldy_r) {
+  __m512 acc[T][RR];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) acc[t][r] = _mm512_setzero_ps();
+  const __m512i k128 = _mm512_set1_epi8((char)0x80);
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = K - k >= 64 ? ~0ull : (1ull << (K - k)) - 1;  // the tail's weights read as zeros
+    __m512i wv[RR], bias[RR];
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) {
+      wv[r] = _mm512_maskz_loadu_epi8(mask, w + r * ldw + k);
+      _mm_prefetch((const char*)(w + r * ldw + k + 2 * AHEAD), _MM_HINT_T0);
+      bias[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), k128, wv[r]);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++) {
+      const __m512i xv = _mm512_loadu_si512(xa + t * Kp + k);
+      const __m512 sv = _mm512_loadu_ps(se + (t * Kp + k) / 4);
+#pragma GCC unroll 4
+      for (int r = 0; r < RR; r++) {
+        const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv[r]), bias[r]);
+        acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[t][r]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]) * sw[r * ldy_r];
+}
+
+// one block of the AVX2 tile: w takes xq's signs (`vpsignb`), `vpmaddubsw` multiplies it by |xq| into int16 pairs
+// (at most 2 * 127 * 127: no saturation; w in -127..127, as quant.int8_quantize makes it: -128 has no sign to
+// take), `vpmaddwd` sums those into 8 int32 lanes, as fp32 times the block's scale
+template <int T, int RR>
+AVX2 static inline void step_int8_avx2(__m256 (&acc)[T][RR], const int8_t* xq, const uint8_t* xa, const float* se,
+                                       int64_t Kp, const int8_t* const* w) {
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 4
+  for (int r = 0; r < RR; r++) {
+    const __m256i wv = _mm256_loadu_si256((const __m256i*)w[r]);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++) {
+      const __m256i s = _mm256_sign_epi8(wv, _mm256_loadu_si256((const __m256i*)(xq + t * Kp)));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(xa + t * Kp)), s),
+                                          ones);
+      acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(se + t * Kp / 4), acc[t][r]);
+    }
+  }
+}
+
+// AVX2: a block of 32 a step into 8 fp32 lanes, the tail's weights from a zero-padded copy, then the 8 lanes
+template <int T, int RR>
+AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, const float* se, const int8_t* w,
+                                       const float* sw, float* y, int64_t K, int64_t Kp, int64_t ldw, int64_t ldy_t,
+                                       int64_t ldy_r) {
+  __m256 acc[T][RR];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) acc[t][r] = _mm256_setzero_ps();
+  const int8_t* ws[RR];
+  int64_t k = 0;
+  for (; k + QBLOCK <= K; k += QBLOCK) {
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) {
+      ws[r] = w + r * ldw + k;
+      _mm_prefetch((const char*)(ws[r] + 2 * AHEAD), _MM_HINT_T0);
+    }
+    step_int8_avx2<T, RR>(acc, xq + k, xa + k, se + k / 4, Kp, ws);
+  }
+  if (k < K) {
+    int8_t wt[RR][QBLOCK] = {};
+    for (int r = 0; r < RR; r++) std::memcpy(wt[r], w + r * ldw + k, K - k), ws[r] = wt[r];
+    step_int8_avx2<T, RR>(acc, xq + k, xa + k, se + k / 4, Kp, ws);
+  }
+  for (int t = 0; t < T; t++)
+    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = sum8(acc[t][r]) * sw[r * ldy_r];
+}
+
+template <int RR, bool Wide>
+static void rows_int8(const QuantRows& q, const int8_t* w, const float* sw, float* y, int64_t M, int64_t K,
+                      int64_t N, int64_t ldw, int64_t ldy_r) {
+  const int64_t Kp = q.Kp;
+  auto tile = [&](auto tt, int64_t m) {
+    constexpr int T = decltype(tt)::value;
+    const int8_t* xq = q.xq.data() + m * Kp;
+    const uint8_t* xa = q.xa.data() + m * Kp;
+    const float* se = q.se.data() + m * Kp / 4;
+    if constexpr (Wide) tile_int8_avx512<T, RR>(xa, se, w, sw, y + m * N, K, Kp, ldw, N, ldy_r);
+    else tile_int8_avx2<T, RR>(xq, xa, se, w, sw, y + m * N, K, Kp, ldw, N, ldy_r);
+  };
+  int64_t m = 0;
+  if constexpr (Wide)
+    for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>{}, m);
+  for (; m + 2 <= M; m += 2) tile(std::integral_constant<int, 2>{}, m);
+  for (; m < M; m++) tile(std::integral_constant<int, 1>{}, m);
+}
+
+// x [..., K] float (M rows), w [N, K] int8, scales [N] -> (x w^T) * scales [M, N] fp32, x quantized per block of 32
+at::Tensor int8_rows_product(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales, int64_t isa) {
+  TORCH_CHECK(w_.scalar_type() == at::kChar && x_.is_floating_point(), "int8_rows_product: int8 weights");
+  check_isa(isa, "int8_rows_product");
+  const at::Tensor w = w_.contiguous(), x = x_.to(at::kFloat).contiguous(), sw = scales.to(at::kFloat).contiguous();
+  const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
+  TORCH_CHECK(sw.numel() == N, "int8_rows_product: a scale per output channel");
+  const QuantRows q = quantize_rows(x.data_ptr<float>(), M, K, isa);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = sw.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  over_weight(N, [&](int64_t n, int64_t ld, auto rr) {
+    constexpr int RR = decltype(rr)::value;
+    if (isa == 2) rows_int8<RR, true>(q, wp + n * K, sp + n, yp + n, M, K, N, ld * K, ld);
+    else rows_int8<RR, false>(q, wp + n * K, sp + n, yp + n, M, K, N, ld * K, ld);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decode attention: AVX-512 (below), AVX2 (attend_query_avx2)
+
 // e^x, 16 lanes (Cephes' expf: x = n ln2 + r, e^r by a polynomial, scaled by 2^n); e^-inf = 0
-AVX512_BF16 static inline __m512 exp16(__m512 x) {
+AVX512 static inline __m512 exp16(__m512 x) {
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -96,8 +360,8 @@ AVX512_BF16 static inline __m512 exp16(__m512 x) {
 }
 
 // 16 fp32 lanes from 16 cache values: fp32, or bf16 widened (exactly)
-AVX512_BF16 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-AVX512_BF16 static inline __m512 load16(const at::BFloat16* p) {
+AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512 static inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
@@ -124,7 +388,7 @@ constexpr int64_t TILES_AHEAD = 2;  // prefetched: the memory of one key/value h
 
 // positions j0..j0+15 of keys (or values) as fp32 t [16, 16 NC]; those past S repeat position S - 1 (they weigh 0)
 template <int NC, typename C>
-AVX512_BF16 static inline void load_tile(const Keys<C>& k, int64_t j0, int64_t S, float* t) {
+AVX512 static inline void load_tile(const Keys<C>& k, int64_t j0, int64_t S, float* t) {
   for (int j = 0; j < 16; j++) {
     const C* kj = k.at(std::min(j0 + j, S - 1));
     const char* ahead = (const char*)k.at(std::min(j0 + j + TILES_AHEAD * 16, S - 1));
@@ -137,7 +401,7 @@ AVX512_BF16 static inline void load_tile(const Keys<C>& k, int64_t j0, int64_t S
 // q . k for the 16 keys of a tile t: each key's products in 16 lanes, then the 16 keys' lanes summed in one tree (four
 // rounds of pairwise halving), so that lane j holds key j's score
 template <int NC>
-AVX512_BF16 static inline __m512 tile_scores(const float* q, const float* t) {
+AVX512 static inline __m512 tile_scores(const float* q, const float* t) {
   __m512 qv[NC], acc[16];
 #pragma GCC unroll 16
   for (int c = 0; c < NC; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
@@ -169,7 +433,7 @@ AVX512_BF16 static inline __m512 tile_scores(const float* q, const float* t) {
 // The lanes of positions j0..j0+15 that the mask lets through (false where it is false, or -inf, or past S), and
 // what it adds to their scores (a float mask: ALiBi)
 template <typename Mask>
-AVX512_BF16 static inline __mmask16 mask_tile(const Mask* m, int64_t ms, int64_t j0, int64_t S, __m512& add) {
+AVX512 static inline __mmask16 mask_tile(const Mask* m, int64_t ms, int64_t j0, int64_t S, __m512& add) {
   const __mmask16 live = S - j0 >= 16 ? 0xffff : (1u << (S - j0)) - 1;
   add = _mm512_setzero_ps();
   if (ms == 1 && std::is_same_v<Mask, bool>) {
@@ -193,7 +457,7 @@ AVX512_BF16 static inline __mmask16 mask_tile(const Mask* m, int64_t ms, int64_t
 // positions past its mask (model.attend's contract); together only in that a tile of keys or values is loaded once
 // for consecutive queries that read the same one. s: [Q, S rounded up to 16], t: [16, 16 NC], total: [Q], scratch.
 template <int NC, typename C, typename Mask>
-AVX512_BF16 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int64_t S, float* s, float* t,
+AVX512 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int64_t S, float* s, float* t,
                                        float* total) {
   const int64_t S16 = (S + 15) / 16 * 16;
   const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(16.0f * NC));
@@ -261,9 +525,81 @@ AVX512_BF16 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int6
       _mm512_storeu_ps(qs[i].y + 16 * c, _mm512_div_ps(_mm512_loadu_ps(qs[i].y + 16 * c), _mm512_set1_ps(total[i])));
 }
 
+// AVX2: one query at a time (no tiles shared between queries), each key's score along the head dimension in 8
+// lanes, the weights e^(s - max) 8 at a time, then the values weighed in place; one order per query as above.
+
+// e^x, 8 lanes, as exp16 (2^n built in the exponent bits: x <= 0 here, so n is -126..0); e^-inf = 0
+AVX2 static inline __m256 exp8(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), live);
+}
+
+// 8 fp32 lanes from 8 cache values: fp32, or bf16 widened (exactly)
+AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2 static inline __m256 load8(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// one query (head size 16 NC) against S positions; s: [S rounded up to 16], scratch
+template <int NC, typename C, typename Mask>
+AVX2 static void attend_query_avx2(const Query<C, Mask>& q, int64_t S, float* s) {
+  constexpr int NV = 2 * NC;  // vectors of 8 along the head
+  const float scale = 1.0f / std::sqrt(16.0f * NC);
+  __m256 qv[NV];
+#pragma GCC unroll 32
+  for (int c = 0; c < NV; c++) qv[c] = _mm256_loadu_ps(q.q + 8 * c);
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < S; j++) {
+    const Mask mj = q.m[j * q.ms];
+    const float add = std::is_same_v<Mask, bool> ? 0.0f : (float)mj;
+    if (std::is_same_v<Mask, bool> ? !mj : add == -INFINITY) {
+      s[j] = -INFINITY;
+      continue;
+    }
+    const C* kj = q.k.at(j);
+    __m256 acc = _mm256_mul_ps(qv[0], load8(kj));
+#pragma GCC unroll 32
+    for (int c = 1; c < NV; c++) acc = _mm256_fmadd_ps(qv[c], load8(kj + 8 * c), acc);
+    s[j] = sum8(acc) * scale + add;
+    mx = std::max(mx, s[j]);
+  }
+  const int64_t S8 = (S + 7) / 8 * 8;
+  std::fill(s + S, s + S8, -INFINITY);
+  const __m256 top = _mm256_set1_ps(mx);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < S8; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), top));
+    _mm256_storeu_ps(s + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  __m256 a[NV];
+#pragma GCC unroll 32
+  for (int c = 0; c < NV; c++) a[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < S; j++) {
+    if (s[j] == 0.0f) continue;  // weighs nothing
+    const __m256 pj = _mm256_set1_ps(s[j]);
+    const C* vj = q.v.at(j);
+#pragma GCC unroll 32
+    for (int c = 0; c < NV; c++) a[c] = _mm256_fmadd_ps(pj, load8(vj + 8 * c), a[c]);
+  }
+  const __m256 total = _mm256_set1_ps(sum8(sum));
+#pragma GCC unroll 32
+  for (int c = 0; c < NV; c++) _mm256_storeu_ps(q.y + 8 * c, _mm256_div_ps(a[c], total));
+}
+
 // Every query of attend's arguments, in runs that the threads share out: queries in the order (key/value head, row,
 // head of its group, position), cut into runs within a key/value head, of a length that gives each thread two runs
-template <int NC, typename C, typename Mask>
+template <int NC, typename C, typename Mask, bool Wide>
 static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
                        const int64_t* prefix, at::Tensor& y) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Hkv = k.size(1), S = k.size(2), D = 16 * NC;
@@ -288,19 +624,27 @@ static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                  m.data_ptr<Mask>() + b * m.stride(0) + h * m.stride(1) + pos * m.stride(2), m.stride(3),
                  y.data_ptr<float>() + qi};
       }
-      attend_queries<NC>(qs.data(), Q, S, s.data(), t.data(), total.data());
+      if constexpr (Wide) attend_queries<NC>(qs.data(), Q, S, s.data(), t.data(), total.data());
+      else for (int64_t i = 0; i < Q; i++) attend_query_avx2<NC>(qs[i], S, s.data() + i * S16);
     }
   });
 }
 
+template <int NC, bool Wide>
+static void attend_types(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
+                         const int64_t* prefix, at::Tensor& y) {
+  const bool bf16 = k.scalar_type() == at::kBFloat16, flags = m.scalar_type() == at::kBool;
+  if (bf16 && flags) attend_all<NC, at::BFloat16, bool, Wide>(q, k, v, m, prefix, y);
+  else if (bf16) attend_all<NC, at::BFloat16, float, Wide>(q, k, v, m, prefix, y);
+  else if (flags) attend_all<NC, float, bool, Wide>(q, k, v, m, prefix, y);
+  else attend_all<NC, float, float, Wide>(q, k, v, m, prefix, y);
+}
+
 template <int NC>
 static void attend_nc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
-                      const int64_t* prefix, at::Tensor& y) {
-  const bool bf16 = k.scalar_type() == at::kBFloat16, flags = m.scalar_type() == at::kBool;
-  if (bf16 && flags) attend_all<NC, at::BFloat16, bool>(q, k, v, m, prefix, y);
-  else if (bf16) attend_all<NC, at::BFloat16, float>(q, k, v, m, prefix, y);
-  else if (flags) attend_all<NC, float, bool>(q, k, v, m, prefix, y);
-  else attend_all<NC, float, float>(q, k, v, m, prefix, y);
+                      const int64_t* prefix, at::Tensor& y, int64_t isa) {
+  if (isa == 2) attend_types<NC, true>(q, k, v, m, prefix, y);
+  else attend_types<NC, false>(q, k, v, m, prefix, y);
 }
 
 // Decode attention: q [B, H, T, D] fp32, k v [B, Hkv, S, D] fp32 or bf16 (D contiguous; D 16, 32, 48, 64, 80, 96, 128
@@ -308,7 +652,8 @@ static void attend_nc(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // head, query) alone, in one order. prefix: none, or [B, 2] ints: row b's first prefix[b, 1] positions are alike in
 // row b + prefix[b, 0] (a hint: where that row is outside 0..B-1 the row's own are read).
 at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                  const std::optional<at::Tensor>& prefix_) {
+                  const std::optional<at::Tensor>& prefix_, int64_t isa) {
+  check_isa(isa, "attend");
   const at::Tensor q = q_.contiguous();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), S = k.size(2);
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type()
@@ -325,31 +670,32 @@ at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v
   const at::Tensor m = mask.expand({B, H, T, S});  // broadcast dims get stride 0 (ALiBi's mask has heads)
   const int64_t* p = prefix.defined() ? prefix.data_ptr<int64_t>() : nullptr;
   switch (D) {
-    case 16: attend_nc<1>(q, k, v, m, p, y); break;
-    case 32: attend_nc<2>(q, k, v, m, p, y); break;
-    case 48: attend_nc<3>(q, k, v, m, p, y); break;
-    case 64: attend_nc<4>(q, k, v, m, p, y); break;
-    case 80: attend_nc<5>(q, k, v, m, p, y); break;
-    case 96: attend_nc<6>(q, k, v, m, p, y); break;
-    case 128: attend_nc<8>(q, k, v, m, p, y); break;
-    case 256: attend_nc<16>(q, k, v, m, p, y); break;
+    case 16: attend_nc<1>(q, k, v, m, p, y, isa); break;
+    case 32: attend_nc<2>(q, k, v, m, p, y, isa); break;
+    case 48: attend_nc<3>(q, k, v, m, p, y, isa); break;
+    case 64: attend_nc<4>(q, k, v, m, p, y, isa); break;
+    case 80: attend_nc<5>(q, k, v, m, p, y, isa); break;
+    case 96: attend_nc<6>(q, k, v, m, p, y, isa); break;
+    case 128: attend_nc<8>(q, k, v, m, p, y, isa); break;
+    case 256: attend_nc<16>(q, k, v, m, p, y, isa); break;
     default: TORCH_CHECK(false, "attend: head size ", D, " is not one of 16, 32, 48, 64, 80, 96, 128, 256");
   }
   return y;
 }
 
-bool rows_product_supported() { return __builtin_cpu_supports("avx512bf16"); }
-
 TORCH_LIBRARY(brisk, m) {
-  m.def("rows_product(Tensor x, Tensor w) -> Tensor");
-  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor? prefix=None) -> Tensor");
-  m.def("rows_product_supported() -> bool", rows_product_supported);
+  m.def("cpu_isa() -> int", cpu_isa);
+  m.def("rows_product(Tensor x, Tensor w, int isa) -> Tensor");
+  m.def("int8_rows_product(Tensor x, Tensor w, Tensor scales, int isa) -> Tensor");
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor? prefix, int isa) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(brisk, CPU, m) {
   m.impl("rows_product", rows_product);
+  m.impl("int8_rows_product", int8_rows_product);
   m.impl("attend", attend);
 }
 TORCH_LIBRARY_IMPL(brisk, Autograd, m) {  // inference only
   m.impl("rows_product", torch::CppFunction::makeFallthrough());
+  m.impl("int8_rows_product", torch::CppFunction::makeFallthrough());
   m.impl("attend", torch::CppFunction::makeFallthrough());
 }

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cli import BriskError
-from cpu import FEW_ROWS, Linear, attend_dtype, kernel_attends, kv_cache_dtype  # GPU only: nn.Linear, dtype
+from cpu import FEW_ROWS, Linear, attend_dtype, kernel_attends, kernel_isa, kv_cache_dtype  # GPU only: nn.Linear, dtype
 from presets import find_preset, transformer_configs
 
 
@@ -234,7 +234,7 @@ class Attention(nn.Module):
         end = T if mask is None else mask.shape[-1]  # the cache positions attended to
         k, v = k[:, :, :end], v[:, :, :end]
         if T <= FEW_ROWS and kernel_attends(q, k, mask):
-            y = torch.ops.brisk.attend(q.float(), k, v, mask, self.kv_cache.prefix[row:row + B])
+            y = torch.ops.brisk.attend(q.float(), k, v, mask, self.kv_cache.prefix[row:row + B], kernel_isa())
         else:
             dt = attend_dtype(x.device, x.dtype)  # fp32 on the CPU
             q, k, v = q.to(dt), k.to(dt), v.to(dt)

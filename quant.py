@@ -29,8 +29,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cli import BriskError
-from cpu import (INT4_DEQUANTIZE_MIN_ROWS, INT8_KERNEL_MAX_ROWS, cpu_dequantize_t, cpu_pack_block, gemm_dtype,
-                 int8_kernel_fits, one_row_on_cpu, one_row_product, per_row)
+from cpu import (FEW_ROWS, INT4_DEQUANTIZE_MIN_ROWS, INT8_KERNEL_MAX_ROWS, cpu_dequantize_t, cpu_pack_block,
+                 gemm_dtype, int8_kernel, int8_rows_product, one_row_on_cpu, one_row_product, per_row)
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -129,26 +129,32 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))  # [N, K]
         self.register_buffer("scales", torch.empty(out_features))  # [N], in the model's dtype once loaded
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
-        self.packed_mm = False  # set by pack_for_device
+        self.kernel: Optional[str] = None  # set by pack_for_device: "brisk" (cpu_kernels.cpp), "aten" or None
 
     def forward(self, x: Tensor) -> Tensor:
-        # CPU's int8 kernel reads the weight once per row: with more rows one GEMM on the converted weight wins
-        kernel = (self.packed_mm and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16
-                  and x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features)
-        # one row or a few, compiled: as cpu.Linear, Inductor's loop where it beats the kernel, and always rather
+        if self.kernel == "brisk" and x.numel() <= FEW_ROWS * self.in_features:  # activations as int8 (cpu_kernels.cpp)
+            y = int8_rows_product(x, self.weight, self.scales).to(x.dtype)
+        # one row or a few, compiled: as cpu.Linear, Inductor's loop where it beats aten's kernel, and always rather
         # than converting the whole weight for a GEMM; otherwise a few rows one at a time (cpu.per_row)
-        if one_row_on_cpu(x, self.weight if kernel else None):
+        elif one_row_on_cpu(x, self.weight if self.aten_kernel(x) else None):
             y = (one_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
         else:
-            y = per_row(x, lambda x: self.gemm(x, kernel))
+            return per_row(x, self.gemm)
         return y if self.bias is None else y + self.bias
 
-    def gemm(self, x: Tensor, kernel: bool) -> Tensor:
-        if kernel:
+    def aten_kernel(self, x: Tensor) -> bool:
+        # torch's CPU int8 kernel reads the weight once per row: with more rows one GEMM on the converted weight wins
+        return (self.kernel == "aten" and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16
+                and x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features)
+
+    def gemm(self, x: Tensor) -> Tensor:
+        if self.aten_kernel(x):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-            return y.reshape(*x.shape[:-1], self.out_features)
-        dt = gemm_dtype(x)
-        return (F.linear(x.to(dt), self.weight.to(dt)) * self.scales).to(x.dtype)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            dt = gemm_dtype(x)
+            y = (F.linear(x.to(dt), self.weight.to(dt)) * self.scales).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
 
 class Int8Embedding(nn.Module):
@@ -278,14 +284,14 @@ def int4_kernel(device: torch.device, out_features: int, k: int) -> Optional[str
 def pack_for_device(model: Transformer, device) -> None:
     """After loading: let a tied embedding share the head's tensors in the file's layout (the loader cast the
     scales as two tensors), then pack int4 weights for the device's kernel (or unpack them for the dequantize
-    path) and pick the int8 kernel."""
+    path) and pick the int8 kernel once per layer."""
     device = torch.device(device)
     if model.config.tie_embeddings:
         for name, _ in list(model.tok_embeddings.named_buffers()):
             setattr(model.tok_embeddings, name, getattr(model.output, name))
     for _, m in model.named_modules():
         if isinstance(m, WeightOnlyInt8Linear):
-            m.packed_mm = int8_kernel_fits(device, m.in_features)
+            m.kernel = int8_kernel(device, m.in_features)
         elif isinstance(m, WeightOnlyInt4Linear):
             m.pack(int4_kernel(device, m.out_features, m.weight.shape[1] * 2))
 

@@ -91,7 +91,7 @@ def test_compiled_rows_give_the_logits_of_each_prompt_alone(tiny, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cpu.rows_kernel(), reason="the CPU has no AVX512_BF16 (or no compiler)")
+@pytest.mark.skipif(cpu.kernel_isa() == 0, reason="the CPU has no AVX2 (or no compiler)")
 @pytest.mark.parametrize("alone_in_batch", [False, True])
 def test_compiled_bf16_rows_with_the_kernel_are_bitwise_their_prompt_alone(tiny, alone_in_batch):
     """Where brisk's kernel computes every product, a row's logits are bitwise its prompt's alone, in a one-row
@@ -177,7 +177,7 @@ def test_beams_reorder_the_cache_in_place(tiny):
     assert torch.equal(cache[row, :, 3], before) and cache.data_ptr() == ptr
 
 
-@pytest.mark.skipif(not cpu.rows_kernel(), reason="the CPU has no AVX512_BF16 (or no compiler)")
+@pytest.mark.skipif(cpu.kernel_isa() == 0, reason="the CPU has no AVX2 (or no compiler)")
 def test_a_fork_reads_its_prompt_from_the_row_it_was_forked_from_until_that_row_leaves(tiny):
     """Batch.fork notes that the new row's first positions are the old row's (model.KVCache.prefix): brisk's
     kernel reads them there, once for all beams (the fork's own copy, spoiled here, is not read); once the old row

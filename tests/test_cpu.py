@@ -1,5 +1,9 @@
-"""cpu.py: the code Inductor generates for one-row products on the CPU, and the dtype of many-row products."""
+"""cpu.py: brisk's kernels (cpu_kernels.cpp) on each instruction-set path this CPU runs, the code Inductor
+generates for one-row products on the CPU, and the dtype of many-row products."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,19 +18,45 @@ from cpu import Linear
 pytestmark = pytest.mark.cpu_only("Inductor's C++ code and torch's kernels for the CPU")
 
 
-needs_kernel = pytest.mark.skipif(not cpu.rows_kernel(), reason="the CPU has no AVX512_BF16 (or no compiler)")
+needs_kernel = pytest.mark.skipif(cpu.kernel_isa() == 0, reason="the CPU has no AVX2 (or no compiler)")
+# every kernel path this process may take (BRISK_CPU_ISA=avx2 leaves the AVX2 one only)
+each_isa = pytest.mark.parametrize("isa", [pytest.param(i, id=name) for name, i in cpu.ISAS.items()
+                                            if 0 < i <= cpu.kernel_isa()])
+
+
+def attend(isa, q, k, v, mask, prefix=None):
+    return torch.ops.brisk.attend(q, k, v, mask, prefix, isa)
+
+
+def test_the_kernel_path_is_the_highest_the_cpu_runs_unless_an_environment_variable_lowers_it():
+    """BRISK_CPU_ISA=avx2 takes the AVX2 path on an AVX-512 CPU, and makes brisk's every choice an AVX2 CPU's
+    (cpu.CPU_CAPABILITY); none leaves the kernels unbuilt; any other value is a one-line error."""
+    def run(value):
+        code = "import cpu; print(cpu.kernel_isa(), cpu.CPU_CAPABILITY)"
+        env = dict(os.environ, BRISK_CPU_ISA=value)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              cwd=os.path.dirname(cpu.__file__))
+    best = cpu.kernel_isa() if "BRISK_CPU_ISA" not in os.environ else None
+    if best == 2:
+        assert run("avx512").stdout.split()[0] == "2"
+    if best:
+        assert run("avx2").stdout.split() == ["1", "AVX2"]
+    assert run("none").stdout.split()[0] == "0"
+    wrong = run("avx3")
+    assert wrong.returncode != 0 and "BRISK_CPU_ISA must be one of none, avx2, avx512, got 'avx3'" in wrong.stderr
 
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["float", "int8"])
 def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeypatch, capability, dtype, mode):
-    """Compiled on the CPU, a product of one row (a decode step) or a few (cpu.FEW_ROWS: a batch's step) is
-    Inductor's own multiply-and-sum loop (or, for bf16 on a CPU with AVX512_BF16, brisk's kernel) rather than
-    aten's matrix product or int8 kernel where the loop measured faster (every dtype on AVX-512 CPUs, fp32 weights
-    on AVX2 ones: cpu.ROW_LOOP_DTYPES), and gives F.linear's values either way; more rows always use a matrix
-    product. The int8 layer without a kernel for its activations (fp32) always takes the loop."""
+    """Without brisk's kernels, a compiled product on the CPU of one row (a decode step) or a few (cpu.FEW_ROWS: a
+    batch's step) is Inductor's own multiply-and-sum loop rather than aten's matrix product or int8 kernel where
+    the loop measured faster (every dtype on AVX-512 CPUs, fp32 weights on AVX2 ones: cpu.ROW_LOOP_DTYPES), and
+    gives F.linear's values either way; more rows always use a matrix product. The int8 layer with torch's kernel
+    but activations it does not take (fp32) always takes the loop."""
     monkeypatch.setattr(cpu, "CPU_CAPABILITY", capability)
+    monkeypatch.setattr(cpu, "KERNEL_ISA", 0)  # as where brisk's kernels are not built
     loop = capability == "AVX512" or dtype == torch.float32
     matrix_product = re.compile(r"extern_kernels\.(add)?mm\b|aten\.(add)?mm\b|_weight_int8pack_mm")
     torch.manual_seed(0)
@@ -34,7 +64,7 @@ def test_compiled_one_row_product_is_a_loop_where_it_was_measured_faster(monkeyp
     if mode == "int8":
         q = quant.WeightOnlyInt8Linear(96, 40, bias=True)
         q.weight, scales = quant.int8_quantize(lin.weight.float())
-        q.scales, q.bias, q.packed_mm = scales.to(dtype), lin.bias, True
+        q.scales, q.bias, q.kernel = scales.to(dtype), lin.bias, "aten"
         with torch.no_grad():
             lin.weight.copy_(q.weight * scales[:, None])  # the float layer that the int8 one stands for
         lin, layer = lin, q
@@ -119,23 +149,6 @@ def test_a_few_rows_of_several_sequences_or_of_a_verify_pass_are_each_reduced_as
     assert rows_per_call(torch.randn(1, cpu.FEW_ROWS + 1, 8)) == [cpu.FEW_ROWS + 1]
 
 
-@needs_kernel
-@pytest.mark.parametrize("n, k", [(40, 96), (43, 100), (1536, 576)])
-def test_the_kernel_reduces_each_row_as_if_it_were_alone(n, k):
-    """brisk's bf16 kernel (cpu_kernels.cpp): 1 to FEW_ROWS rows give the exact product within fp32 rounding, and
-    each row's result is bitwise the same whatever rows are beside it (any row count and weight shape, with the
-    tails where n is no multiple of 4 and k none of 32)."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    x = torch.randn(cpu.FEW_ROWS, k, generator=g).to(torch.bfloat16)
-    alone = torch.cat([torch.ops.brisk.rows_product(row[None], w) for row in x])  # [FEW_ROWS, n]
-    exact = x.double() @ w.double().t()
-    torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4)
-    for m in range(2, cpu.FEW_ROWS + 1):
-        assert torch.equal(torch.ops.brisk.rows_product(x[:m], w), alone[:m]), f"{m} rows"
-        assert torch.equal(torch.ops.brisk.rows_product(x[-m:], w), alone[-m:]), f"the last {m} rows"
-
-
 class OpsSeen(TorchDispatchMode):
     """Records the name of every op dispatched eagerly."""
 
@@ -148,6 +161,92 @@ class OpsSeen(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+SHAPES = [(40, 96), (43, 100), (7, 33), (1536, 576)]  # tails: n no multiple of 4, k none of 16, 32 or 64
+
+
+def check_rows_alone(product, x, exact, rtol):
+    """product(rows) of 1 to FEW_ROWS rows of x: exact's values within rtol of its largest, and each row's bitwise
+    the same whatever rows are beside it (any count, first or last rows)."""
+    alone = torch.cat([product(row[None]) for row in x])  # [FEW_ROWS, n]
+    torch.testing.assert_close(alone.double(), exact, rtol=rtol, atol=rtol * exact.abs().max().item())
+    for m in range(2, cpu.FEW_ROWS + 1):
+        assert torch.equal(product(x[:m]), alone[:m]), f"{m} rows"
+        assert torch.equal(product(x[-m:]), alone[-m:]), f"the last {m} rows"
+
+
+@needs_kernel
+@each_isa
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_the_bf16_kernel_reduces_each_row_as_if_it_were_alone(n, k, isa):
+    """brisk's bf16 kernel, on each path: 1 to FEW_ROWS rows give the exact product within fp32 rounding, each
+    row's result bitwise the same whatever rows are beside it."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(cpu.FEW_ROWS, k, generator=g).to(torch.bfloat16)
+    check_rows_alone(lambda rows: torch.ops.brisk.rows_product(rows, w, isa), x, x.double() @ w.double().t(), 1e-5)
+
+
+def int8_reference(x, w, scales):
+    """The int8 kernel's arithmetic in plain torch: each row's activations quantized per block of 32 (round(x / s),
+    s = max |x| / 127, as llama.cpp's Q8_0), each block's integer dot exact, scaled by its s, summed (fp64 here),
+    times the weight's scale per output channel."""
+    k = x.shape[-1]
+    pad = -k % 32
+    xb = torch.nn.functional.pad(x.float(), (0, pad)).view(x.shape[0], -1, 32)  # [M, K/32, 32]
+    s = xb.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(s > 0, xb / s, 0).round()
+    wb = torch.nn.functional.pad(w.double(), (0, pad)).view(w.shape[0], -1, 32)  # [N, K/32, 32]
+    dots = torch.einsum("mbk,nbk->mnb", xq.double(), wb)  # [M, N, K/32], exact integers
+    return (dots * s[:, None, :, 0].double()).sum(-1) * scales.double()
+
+
+@needs_kernel
+@each_isa
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_int8_kernel_is_its_reference_arithmetic_and_reduces_each_row_as_if_alone(n, k, dtype, isa):
+    """brisk's int8 kernel, on each path, for bf16 or fp32 activations: int8_reference's values within fp32
+    rounding (a block's activation rounded otherwise would be off by far more), each row bitwise alone; a row of
+    zeros gives zeros."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = (torch.rand(n, generator=g) / 100).bfloat16()
+    x = (torch.randn(cpu.FEW_ROWS, k, generator=g) * torch.logspace(-2, 1, k)).to(dtype)  # blocks of every scale
+    x[3] = 0
+    check_rows_alone(lambda rows: torch.ops.brisk.int8_rows_product(rows, w, scales, isa), x,
+                     int8_reference(x, w, scales), 1e-5)
+    assert not torch.ops.brisk.int8_rows_product(x[3:4], w, scales, isa).any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("rows, dtype, kernel", [
+    (1, torch.bfloat16, True), (cpu.FEW_ROWS, torch.float32, True), (cpu.FEW_ROWS + 1, torch.bfloat16, False)])
+def test_an_int8_linear_takes_brisks_kernel_for_a_few_rows(compile, rows, dtype, kernel):
+    """An int8 layer packed for the CPU (quant.pack_for_device: kernel "brisk") multiplies 1 to FEW_ROWS rows in
+    brisk's int8 kernel, eagerly and compiled, with int8_reference's values; more rows convert the weight for a
+    GEMM."""
+    torch.manual_seed(0)
+    layer = quant.WeightOnlyInt8Linear(96, 40, bias=True)
+    layer.weight, scales = quant.int8_quantize(torch.randn(40, 96))
+    layer.scales, layer.bias = scales.to(dtype), torch.nn.Parameter(torch.randn(40).to(dtype))
+    layer.kernel = quant.int8_kernel(torch.device("cpu"), 96)
+    assert layer.kernel == "brisk"
+    x = torch.randn(1, rows, 96, dtype=dtype)
+    with torch.no_grad():
+        if compile:
+            y, codes = run_and_get_code(torch.compile(layer, fullgraph=True, dynamic=False), x)
+            used = "brisk.int8_rows_product" in "".join(codes)
+        else:
+            with OpsSeen() as seen:
+                y = layer(x)
+            used = "brisk.int8_rows_product" in seen.names
+    assert used == kernel and y.dtype == dtype
+    if kernel:
+        want = int8_reference(x[0], layer.weight, layer.scales) + layer.bias.double()
+        torch.testing.assert_close(y[0].double(), want.to(dtype).double(), rtol=1e-2, atol=1e-2)
+
+
 @needs_kernel
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("rows, dtype, kernel", [
@@ -155,8 +254,9 @@ class OpsSeen(TorchDispatchMode):
     (cpu.FEW_ROWS + 1, torch.bfloat16, False), (3, torch.float32, False),
 ])
 def test_a_bf16_linear_takes_the_kernel_for_a_few_rows(compile, rows, dtype, kernel):
-    """A bf16 Linear multiplies 1 to FEW_ROWS rows in brisk's kernel, eagerly and compiled, and more rows with
-    aten's matrix product; an fp32 layer never takes it. F.linear's values every time."""
+    """A bf16 Linear multiplies 1 to FEW_ROWS rows in brisk's kernel (on this process's path), eagerly and
+    compiled, and more rows with aten's matrix product; an fp32 layer never takes it. F.linear's values every
+    time."""
     torch.manual_seed(0)
     lin = Linear(96, 40, bias=True).to(dtype)
     x = torch.randn(1, rows, 96, dtype=dtype)
@@ -174,8 +274,9 @@ def test_a_bf16_linear_takes_the_kernel_for_a_few_rows(compile, rows, dtype, ker
 
 
 @needs_kernel
+@each_isa
 @pytest.mark.parametrize("rows, T, alibi", [(1, 1, False), (4, 1, False), (3, 5, True)])
-def test_the_kernel_attends_as_model_attend_and_each_row_as_if_alone(rows, T, alibi):
+def test_the_kernel_attends_as_model_attend_and_each_row_as_if_alone(rows, T, alibi, isa):
     """brisk's attention for a few queries (decode steps, a verify pass) against an fp32 cache, a view of fewer
     positions than the cache holds: model.attend's values within fp32 rounding, for a causal (bool) or ALiBi
     (float) mask, and each row's bitwise the same with any rows beside it."""
@@ -188,17 +289,18 @@ def test_the_kernel_attends_as_model_attend_and_each_row_as_if_alone(rows, T, al
     mask = mask.expand(rows, 1, T, S)
     if alibi:
         mask = torch.where(mask, -0.1 * (S - torch.arange(S)).float(), -float("inf"))
-    y = torch.ops.brisk.attend(q, k, v, mask)
+    y = attend(isa, q, k, v, mask)
     torch.testing.assert_close(y, model.attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
     for i in range(rows):
-        assert torch.equal(torch.ops.brisk.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1]), y[i:i + 1])
-    one = torch.ops.brisk.attend(q[:1], k[:1], v[:1], mask[0])  # a 3-d mask, as one sequence's decode step has
+        assert torch.equal(attend(isa, q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1]), y[i:i + 1])
+    one = attend(isa, q[:1], k[:1], v[:1], mask[0])  # a 3-d mask, as one sequence's decode step has
     assert torch.equal(one, y[:1])
 
 
 @needs_kernel
+@each_isa
 @pytest.mark.parametrize("D", cpu.ATTEND_HEAD_DIMS)
-def test_the_kernel_reads_a_bf16_cache_as_the_same_values_in_fp32(D):
+def test_the_kernel_reads_a_bf16_cache_as_the_same_values_in_fp32(D, isa):
     """A bf16 model's cache holds bf16 where the kernel attends (cpu.kv_cache_dtype): half the bytes, and bitwise
     the result of the same values held in fp32, for every head size the kernel is built for (S not a multiple of
     its tiles of 16 positions, a masked tail)."""
@@ -206,13 +308,14 @@ def test_the_kernel_reads_a_bf16_cache_as_the_same_values_in_fp32(D):
     k, v = (torch.randn(2, 2, 37, D, generator=g).bfloat16() for _ in range(2))
     q = torch.randn(2, 4, 1, D, generator=g)
     mask = (torch.arange(37) < 30)[None, None, None]
-    y = torch.ops.brisk.attend(q, k, v, mask)
-    assert torch.equal(y, torch.ops.brisk.attend(q, k.float(), v.float(), mask))
+    y = attend(isa, q, k, v, mask)
+    assert torch.equal(y, attend(isa, q, k.float(), v.float(), mask))
     torch.testing.assert_close(y, model.attend(q, k.float(), v.float(), mask), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
-def test_rows_that_share_a_prompt_read_it_from_one_row():
+@each_isa
+def test_rows_that_share_a_prompt_read_it_from_one_row(isa):
     """model.KVCache.prefix (set by Batch.fork for beams): a row whose first n positions equal row src's reads them
     from there, so that they come from memory once for all beams; bitwise the result of reading its own copy, which
     spoiling that copy shows is not read. A hint to a row outside the call's rows is ignored."""
@@ -223,11 +326,11 @@ def test_rows_that_share_a_prompt_read_it_from_one_row():
     q = torch.randn(B, H, T, D, generator=g)
     mask = (torch.arange(S) < 70 + torch.arange(T)[:, None])[None, None]  # [1, 1, T, S]
     prefix = torch.tensor([[0, 0], [-1, n], [-2, n], [-3, n]])  # (src - row, n)
-    want = torch.ops.brisk.attend(q, k, v, mask)
-    assert torch.equal(torch.ops.brisk.attend(q, k, v, mask, prefix), want)
+    want = attend(isa, q, k, v, mask)
+    assert torch.equal(attend(isa, q, k, v, mask, prefix), want)
     spoiled_k, spoiled_v = k.clone(), v.clone()
     spoiled_k[1:, :, :n], spoiled_v[1:, :, :n] = 0, 0
-    assert torch.equal(torch.ops.brisk.attend(q, spoiled_k, spoiled_v, mask, prefix), want)
-    assert not torch.equal(torch.ops.brisk.attend(q, spoiled_k, spoiled_v, mask), want)
-    alone = torch.ops.brisk.attend(q[1:2], spoiled_k[1:2], spoiled_v[1:2], mask, prefix[1:2])  # src -1: ignored
-    assert torch.equal(alone, torch.ops.brisk.attend(q[1:2], spoiled_k[1:2], spoiled_v[1:2], mask))
+    assert torch.equal(attend(isa, q, spoiled_k, spoiled_v, mask, prefix), want)
+    assert not torch.equal(attend(isa, q, spoiled_k, spoiled_v, mask), want)
+    alone = attend(isa, q[1:2], spoiled_k[1:2], spoiled_v[1:2], mask, prefix[1:2])  # src -1: ignored
+    assert torch.equal(alone, attend(isa, q[1:2], spoiled_k[1:2], spoiled_v[1:2], mask))

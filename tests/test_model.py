@@ -102,9 +102,9 @@ def test_a_bf16_cache_is_fp32_on_the_cpu_without_the_kernel_and_bf16_elsewhere(t
     converts nothing it reads) holding bf16 values: attention sees what a bf16 cache would give it. Where the
     kernel attends (it reads bf16 as exactly those values), and on other devices, the cache keeps the model's
     dtype."""
-    if not cpu.rows_kernel() and kernel:
-        pytest.skip("the CPU has no AVX512_BF16 (or no compiler)")
-    monkeypatch.setattr(cpu, "_rows_kernel", kernel and cpu.rows_kernel())
+    if cpu.kernel_isa() == 0 and kernel:
+        pytest.skip("the CPU has no AVX2 (or no compiler)")
+    monkeypatch.setattr(cpu, "KERNEL_ISA", cpu.kernel_isa() if kernel else 0)
     model = load_model(make_checkpoint(tmp_path, tokenizer=False), device, torch.bfloat16)
     model.setup_caches(1, 16)
     with torch.no_grad():
