@@ -12,6 +12,7 @@ Compiled, exactly too where bf16 takes brisk's kernel on a CPU (a lone row runs 
 cpu.INDUCTOR_OPTIONS keeps eager's roundings), else within rounding (BENCHMARKS.md, "A kernel for bf16 rows").
 Sampling happens outside, with sampling.sample, per row.
 """
+import functools
 import time
 from typing import Callable, Optional
 
@@ -183,7 +184,8 @@ def generate_rows(batch: Batch, prompts: list[list[int]], max_new_tokens: int, *
         i = running[row]
         token = int(sample(logits[None], **sampling_kwargs)[0])
         out[i].append(token)
-        if stop_reason(token, len(out[i]), max_new_tokens, eos_ids, on_token and (lambda t: on_token(i, t))):
+        stops = on_token and functools.partial(on_token, i)
+        if stop_reason(token, len(out[i]), max_new_tokens, eos_ids, stops):
             batch.remove(row)
             del running[row]
 

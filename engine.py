@@ -4,6 +4,7 @@ and `prepare`, which every script calls to get a model ready to generate.
     engine = prepare(checkpoint_path, device, dtype, batch_size=1, max_seq_length=512, compile=True)
     rows, timing = engine.generate(prompt, max_new_tokens, temperature=0.8, top_k=200)
 """
+import functools
 import resource
 import statistics
 import sys
@@ -77,6 +78,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
     input_pos = torch.arange(start_pos, T, device=device)
     rows = [[] for _ in range(batch_size)]
     done = [False] * batch_size
+    stops = [on_token and functools.partial(on_token, i) for i in range(batch_size)]  # row i's on_token(token)
 
     def append(tokens: Tensor) -> bool:  # tokens: [B, n] -> rows; True when every row has stopped
         for i, new in enumerate(tokens.tolist()):  # the host sync that streaming and stopping need
@@ -84,8 +86,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
                 if done[i]:
                     break
                 rows[i].append(t)
-                done[i] = bool(stop_reason(t, len(rows[i]), max_new_tokens, eos_ids,
-                                           on_token and (lambda t: on_token(i, t))))
+                done[i] = bool(stop_reason(t, len(rows[i]), max_new_tokens, eos_ids, stops[i]))
         return all(done)
 
     t0 = time.perf_counter()

@@ -167,7 +167,7 @@ class Metrics:
         Gauge("brisk_rows_busy", "rows of the batch generating", registry=r).set_function(lambda: len(scheduler.active))
         Gauge("brisk_queue_length", "choices waiting for a row", registry=r).set_function(
             lambda: len(scheduler.pending))
-        self.ttft = Histogram("brisk_time_to_first_token_seconds", "from a request's arrival to a choice's first token",
+        self.ttft = Histogram("brisk_time_to_first_token_seconds", "from a choice's queueing to its first token",
                               registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.itl = Histogram("brisk_inter_token_latency_seconds", "between a choice's consecutive tokens", registry=r,
                              buckets=(.0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56))
@@ -729,9 +729,10 @@ class Server:
                 processors = []
                 if bias or body.presence_penalty or body.frequency_penalty:
                     processors.append(Penalties(body.presence_penalty, body.frequency_penalty, bias))
-                seqs.append(Seq(ids, i * body.n + j, min(max_tokens or room, room), emit, sampling,
-                                torch.Generator(self.scheduler.batch.device).manual_seed(seed), processors, stops,
-                                body.ignore_eos, alternatives))
+                generator = torch.Generator(self.scheduler.batch.device).manual_seed(seed)
+                seqs.append(Seq(ids, i * body.n + j, min(max_tokens or room, room), emit, sampling=sampling,
+                                generator=generator, processors=processors, stops=stops, ignore_eos=body.ignore_eos,
+                                logprobs=alternatives))
         return seqs
 
     def decode_token(self, token: int) -> str:
