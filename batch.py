@@ -10,8 +10,9 @@ A row's logits do not depend on what else is in the batch (cpu.FEW_ROWS, model.a
 between steps (continuous batching), and eager greedy rows give exactly the tokens of their prompts run alone.
 Compiled, exactly too where bf16 takes brisk's kernel on a CPU (a lone row runs as two there: Batch.min_rows; and
 cpu.INDUCTOR_OPTIONS keeps eager's roundings), else within rounding (BENCHMARKS.md, "A kernel for bf16 rows").
-Sampling happens outside, with engine's functions, per row.
+Sampling happens outside, with sampling.sample, per row.
 """
+import functools
 import time
 from typing import Callable, Optional
 
@@ -20,8 +21,9 @@ from torch import Tensor
 
 from cli import BriskError
 from cpu import two_rows_cost_one
-from engine import compile_step, sample
+from engine import compile_step
 from model import Transformer
+from sampling import sample, stop_reason
 
 
 def rows_step(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None) -> Tensor:
@@ -170,20 +172,20 @@ class Batch:
 def generate_rows(batch: Batch, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(),
                   on_token: Optional[Callable[[int, int], bool]] = None, **sampling_kwargs):
     """Sample up to max_new_tokens after each prompt, as many at once as the batch has rows: a prompt takes a
-    row as soon as one is free. A row stops at an eos id (which it keeps) or when on_token(prompt index, token)
-    returns True for a token it has just taken. Returns (the new tokens of each prompt, in prompt order,
+    row as soon as one is free. A row stops as sampling.stop_reason says, on_token(prompt index, token) telling
+    whether a token it has just taken ends it. Returns (the new tokens of each prompt, in prompt order,
     {"prefill_s", "decode_s", "steps"}): the seconds spent prefilling prompts and in decode steps."""
     out = [[] for _ in prompts]
     timing = dict(prefill_s=0.0, decode_s=0.0, steps=0)
     waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompt order
     running: dict[int, int] = {}  # row -> prompt index
 
-    def take(row: int, logits: Tensor) -> None:
+    def advance(row: int, logits: Tensor) -> None:  # samples row's next token; frees the row if it stops there
         i = running[row]
         token = int(sample(logits[None], **sampling_kwargs)[0])
         out[i].append(token)
-        stop = token in eos_ids or (on_token is not None and on_token(i, token)) or len(out[i]) >= max_new_tokens
-        if stop:
+        stops = on_token and functools.partial(on_token, i)
+        if stop_reason(token, len(out[i]), max_new_tokens, eos_ids, stops):
             batch.remove(row)
             del running[row]
 
@@ -193,12 +195,12 @@ def generate_rows(batch: Batch, prompts: list[list[int]], max_new_tokens: int, *
             i = waiting.pop()
             row = batch.add(prompts[i])
             running[row] = i
-            take(row, batch.last_logits(row))
+            advance(row, batch.last_logits(row))
             timing["prefill_s"] += time.perf_counter() - t0
         if running:
             t0 = time.perf_counter()
             for row, logits in batch.step({r: out[i][-1] for r, i in running.items()}).items():
-                take(row, logits)
+                advance(row, logits)
             timing["decode_s"] += time.perf_counter() - t0
             timing["steps"] += 1
     return out, timing

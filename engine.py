@@ -1,9 +1,10 @@
-"""The generation engine: sampling, the prefill and decode steps, generate(), compiled steps, the figures of a run,
+"""The generation engine: the prefill and decode steps, generate(), compiled steps, the figures of a run,
 and `prepare`, which every script calls to get a model ready to generate.
 
     engine = prepare(checkpoint_path, device, dtype, batch_size=1, max_seq_length=512, compile=True)
     rows, timing = engine.generate(prompt, max_new_tokens, temperature=0.8, top_k=200)
 """
+import functools
 import resource
 import statistics
 import sys
@@ -18,46 +19,9 @@ from checkpoint import load_model
 from cli import BriskError
 from cpu import INDUCTOR_OPTIONS
 from model import ModelArgs, Transformer
+from sampling import sample, stop_reason
 
 INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling
-
-
-def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                    top_p: Optional[float] = None) -> Tensor:
-    """Next-token distribution [B, V] from logits [B, V]: temperature, then top-k, then top-p (nucleus)."""
-    logits = logits.float() / max(temperature, 1e-5)
-    if top_k is not None:
-        pivot = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # [B, 1] k-th largest
-        logits = torch.where(logits < pivot, -float("inf"), logits)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
-        sorted_probs = sorted_logits.softmax(-1)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens more likely than this one
-        # keep the smallest prefix whose mass reaches top_p; the most likely token has before == 0 < top_p
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, -float("inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits.softmax(-1)
-
-
-def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
-    # argmax(p / E) with E ~ Exponential(1) draws index i with probability p_i, without the host sync of
-    # torch.multinomial: [B, V] -> [B, 1]
-    q = torch.empty_like(probs).exponential_(1)
-    return torch.argmax(probs / q, dim=-1, keepdim=True).to(torch.int)
-
-
-def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-           top_p: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """(token [B, 1], probs [B, V]) from the last position's logits [B, V]; temperature 0 is greedy and returns
-    no probs (a top-k and softmax over the vocabulary are a noticeable share of a small model's decode step)."""
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1, keepdim=True).to(torch.int), None
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return multinomial_sample_one_no_sync(probs), probs
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generation
@@ -103,8 +67,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
 
     The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below start_pos
     are taken as already in the cache (the earlier turns of a conversation) and are not computed again.
-    A row stops at an eos id (which it keeps) or when on_token(row, token) returns True for a token it has just
-    taken (eos ids are not passed to it); generation ends when every row has stopped.
+    A row stops as sampling.stop_reason says, on_token(row, token) telling whether a token it has just taken ends
+    it (eos ids are not passed to it); generation ends when every row has stopped.
     A speculator (speculative.Speculator, batch_size 1) proposes tokens that the target verifies several at a time.
     Returns (the new tokens of each row, {"ttft_s", "decode_s", "steps"}).
     """
@@ -114,19 +78,20 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
     input_pos = torch.arange(start_pos, T, device=device)
     rows = [[] for _ in range(batch_size)]
     done = [False] * batch_size
+    stops = [on_token and functools.partial(on_token, i) for i in range(batch_size)]  # row i's on_token(token)
 
-    def take(tokens: Tensor) -> bool:  # tokens: [B, n]; True when every row has stopped
+    def append(tokens: Tensor) -> bool:  # tokens: [B, n] -> rows; True when every row has stopped
         for i, new in enumerate(tokens.tolist()):  # the host sync that streaming and stopping need
             for t in new:
                 if done[i]:
                     break
                 rows[i].append(t)
-                done[i] = t in eos_ids or (on_token is not None and on_token(i, t))
+                done[i] = bool(stop_reason(t, len(rows[i]), max_new_tokens, eos_ids, stops[i]))
         return all(done)
 
     t0 = time.perf_counter()
     token = prefill_fn(model, x, input_pos, attend_len=model.attend_len(T - 1), **sampling_kwargs)
-    finished = take(token)
+    finished = append(token)
     if speculator is not None:  # even when finished: in a chat the proposer's cache must keep up with the target's
         speculator.prefill(prompt, start_pos)
     t1 = time.perf_counter()
@@ -136,7 +101,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
         decode = decode_n_tokens if speculator is None else speculator.decode
         for token in decode(model, token, pos, max_new_tokens - 1, decode_fn, **sampling_kwargs):
             steps += 1
-            if take(token):
+            if append(token):
                 break
     return rows, {"ttft_s": t1 - t0, "decode_s": time.perf_counter() - t1, "steps": steps}
 
@@ -283,7 +248,7 @@ class TextStream:
         self.decoder = tokenizer.stream_decoder()
         self.stops = [s for s in stops if s]
         self.hold = max(map(len, self.stops), default=1) - 1
-        self.out, self.text, self.shown, self.stopped = out, "", 0, False
+        self.out, self.text, self.written, self.stopped = out, "", 0, False
 
     def push(self, token: int) -> bool:
         """Add a token; True once a stop string has appeared."""
@@ -294,7 +259,7 @@ class TextStream:
     def finish(self) -> str:
         if not self.stopped:
             self._add(self.decoder.flush())
-        self._show(len(self.text))
+        self._write(len(self.text))
         return self.text
 
     def _add(self, new: str) -> None:
@@ -303,13 +268,13 @@ class TextStream:
         hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
             self.text, self.stopped = self.text[:min(hits)], True
-        self._show(len(self.text) - (0 if self.stopped else self.hold))
+        self._write(len(self.text) - (0 if self.stopped else self.hold))
 
-    def _show(self, end: int) -> None:
-        if self.out is not None and end > self.shown:
-            self.out.write(self.text[self.shown:end])
+    def _write(self, end: int) -> None:  # text[:end] is final: write what of it `out` has not had yet
+        if self.out is not None and end > self.written:
+            self.out.write(self.text[self.written:end])
             self.out.flush()
-            self.shown = end
+            self.written = end
 
 
 def common_prefix(a: Sequence, b: Sequence) -> int:

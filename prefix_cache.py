@@ -1,6 +1,6 @@
 """A prefix cache: the keys/values of prompt beginnings seen before, copied back into the KV cache instead of being
-computed again, kept in memory within a budget and saved to a file. generate_prefill.py is its command line; a
-server keeps one across requests.
+computed again, kept in memory within a budget and saved to a file. generate_prefill.py is its command line
+(generate_cached); a server keeps one across requests, for the rows of its batch (PrefixBatch).
 """
 import hashlib
 import time
@@ -12,11 +12,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from batch import Batch
 from cli import BriskError, save_atomic
 from engine import common_prefix, generate, kv_bytes_per_token
 from model import Transformer
 
 CACHE_FORMAT = "brisk-prefix-cache/2"
+
 
 def fingerprint(checkpoint_path: Path) -> str:
     """sha256 of the checkpoint's size and first and last MiB: tells checkpoints apart without reading them whole."""
@@ -205,3 +207,30 @@ def generate_cached(model: Transformer, cache: PrefixCache, ids: list[int], max_
     timing["ttft_s"] += restore_s
     timing["restore_s"] = restore_s
     return rows[0], timing, cached
+
+
+class PrefixBatch(Batch):
+    """batch.Batch whose rows start from the prefix cache: the longest cached beginning of a prompt is copied into
+    its row and only the rest is prefilled; each prompt is then cached in turn.
+
+        row = batch.add(ids, prefix=cache)   # batch.cached[row]: the prompt tokens restored
+    """
+
+    def __init__(self, model: Transformer, max_rows: int, max_seq_length: int, compile: bool = False):
+        super().__init__(model, max_rows, max_seq_length, compile)
+        self.cached: dict[int, int] = {}  # row -> prompt tokens restored from the prefix cache
+
+    @torch.no_grad()
+    def add(self, ids: list[int], prefix: Optional[PrefixCache] = None) -> int:
+        row, start = self.free_row(), 0
+        if prefix is not None and 0 < len(ids) <= self.max_seq_length:
+            start = prefix.restore(ids, len(ids) - 1, row)  # the last token is prefilled: it gives the logits
+        super().add(ids, start, row)
+        if prefix is not None:
+            prefix.store(ids, row)
+        self.cached[row] = start
+        return row
+
+    def remove(self, row: int) -> None:
+        super().remove(row)
+        del self.cached[row]

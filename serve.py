@@ -7,9 +7,13 @@ and prefix caching, and a chat page at /.
 
 The main thread owns the model (uvicorn runs in another). Requests join the running batch between decode steps,
 up to --max_batch_size rows, and leave when done; the rest wait in a queue. Every prompt's beginning found in the
-prefix cache is restored instead of prefilled again. Sampling is per request (temperature, top_k, top_p, seed), so
-a greedy request gets the tokens it would get alone, whatever runs beside it (with --compile, bitwise where bf16
-takes brisk's CPU kernel, else logits within rounding of alone: a near tie can go the other way).
+prefix cache is restored instead of prefilled again. Sampling is per request (sampling.py: temperature, top_k,
+top_p, min_p, penalties, logit_bias, seed), so a greedy request gets the tokens it would get alone, whatever runs
+beside it (with --compile, bitwise where bf16 takes brisk's CPU kernel, else logits within rounding of alone: a near
+tie can go the other way). /metrics: the server's figures for Prometheus.
+
+A request is a recipe: its route checks and tokenizes it, Server.rows makes a Seq per choice, the Scheduler's loop
+sends each Seq's events (Text, Done, Failed), and a Reply shapes them as the request's Kind (CHAT, COMPLETION) wants.
 """
 import argparse
 import asyncio
@@ -26,23 +30,23 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Annotated, Callable, Literal, Optional, Union
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import engine
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
-from batch import Batch
 from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, parse_device, run_cli
-from model import Transformer
-from prefix_cache import PrefixCache, model_meta
+from prefix_cache import PrefixBatch, PrefixCache, model_meta
+from sampling import Penalties, logprobs, sample, stop_reason
 from tokenizer import load_tokenizer
 
 CHAT_PAGE = Path(__file__).resolve().parent / "chat.html"
@@ -52,42 +56,11 @@ MAX_STOPS = 4
 MAX_BODY = 16 * 2**20  # bytes of a request's body
 DEFAULT_BUDGET_MB = 2048  # the prefix cache's
 # OpenAI parameters this server does not implement: refused when given a value that asks for them, not ignored
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "presence_penalty",
-               "frequency_penalty", "tools", "functions", "response_format")
+UNSUPPORTED = ("echo", "suffix", "best_of", "tools", "functions", "response_format")
+MAX_LOGPROBS = 20  # most likely tokens reported beside each token's logprob
 
 # ---------------------------------------------------------------------------------------------------------------
-# The engine: rows of a batch that requests join and leave
-
-
-class PrefixBatch(Batch):
-    """batch.Batch whose rows start from the prefix cache: the longest cached beginning of a prompt is copied into
-    its row and only the rest is prefilled; each prompt is then cached in turn.
-
-        row = batch.add(ids, prefix=cache)   # batch.cached[row]: the prompt tokens restored
-    """
-
-    def __init__(self, model: Transformer, max_rows: int, max_seq_length: int, compile: bool = False):
-        super().__init__(model, max_rows, max_seq_length, compile)
-        self.cached: dict[int, int] = {}  # row -> prompt tokens restored from the prefix cache
-
-    @torch.no_grad()
-    def add(self, ids: list[int], prefix: Optional[PrefixCache] = None) -> int:
-        row, start = self.free_row(), 0
-        if prefix is not None and 0 < len(ids) <= self.max_seq_length:
-            start = prefix.restore(ids, len(ids) - 1, row)  # the last token is prefilled: it gives the logits
-        super().add(ids, start, row)
-        if prefix is not None:
-            prefix.store(ids, row)
-        self.cached[row] = start
-        return row
-
-    def remove(self, row: int) -> None:
-        super().remove(row)
-        del self.cached[row]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loop that owns the model
+# What the loop tells a request: typed events, sent from the loop's thread
 
 
 class ServeError(Exception):
@@ -104,30 +77,122 @@ class ServeError(Exception):
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability, the most likely tokens' (sampling.logprobs), and where its text starts."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, log-probability), most likely first
+    offset: int  # characters of the choice's text before this token's
+
+
+@dataclass
+class Text:
+    """More text of choice `index`, with the logprobs of the tokens generated since its last event (if asked)."""
+    index: int
+    text: str
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
+class Done:
+    """Choice `index` has ended ("stop" or "length") after `tokens` new tokens; `cached`: its prompt tokens restored
+    from the prefix cache; logprobs: of its tokens not yet sent."""
+    index: int
+    reason: str
+    tokens: int
+    cached: int
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
+class Failed:
+    """The request fails with this error (a streamed one after its status was sent: the stream tells it)."""
+    error: ServeError
+
+
+Event = Union[Text, Done, Failed]
+
+
+def queue_timeout_error(seconds: float) -> Failed:
+    return Failed(ServeError(503, f"the request waited over {seconds:g} s for a free row; try again later",
+                             "queue_timeout"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop that owns the model
+
+
+@dataclass
 class Seq:
-    """One choice of one request: its prompt, sampling, and what it has generated."""
+    """One choice of one request: its prompt, how it samples and stops, and what it has generated. Once submitted,
+    only the loop's thread touches it, but `cancelled`."""
     ids: list[int]
     index: int  # the choice's index in the response
     max_tokens: int
-    temperature: float
-    top_k: Optional[int]
-    top_p: Optional[float]
-    stops: list[str]
-    ignore_eos: bool
-    generator: torch.Generator
-    emit: Callable[[tuple], None]  # from the loop's thread: ("text", index, s), ("done", index, reason, n, cached)
+    emit: Callable[[Event], None]  # called from the loop's thread
+    sampling: dict = field(default_factory=dict)  # sampling.sample's temperature, top_k, top_p, min_p
+    generator: Optional[torch.Generator] = None  # its own random draws, so that its seed alone decides them
+    # logits processors (token ids generated so far, logits [V]) -> logits, applied in order before sampling:
+    # sampling.Penalties (penalties, logit_bias), and any constraint on the tokens allowed next
+    processors: list[Callable] = field(default_factory=list)
+    stops: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None  # most likely tokens reported beside each token's logprob; None: no logprobs
     enqueued: float = field(default_factory=time.monotonic)
     tokens: list[int] = field(default_factory=list)
     cached: int = 0  # prompt tokens restored from the prefix cache
     cancelled: bool = False
     stream: Optional[engine.TextStream] = None
+    unsent: list[TokenLogprob] = field(default_factory=list)  # logprobs not sent with an event yet
+    last: float = 0.0  # time.monotonic() at its latest token
+
+    def sent(self) -> list[TokenLogprob]:
+        """The logprobs not sent yet, now counted as sent."""
+        out, self.unsent = self.unsent, []
+        return out
+
+
+class Metrics:
+    """The server's figures for /metrics, in Prometheus's text format: a registry of its own per scheduler."""
+
+    def __init__(self, scheduler: "Scheduler"):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("brisk_requests", "HTTP requests answered, by status code", ["status"], registry=r)
+        self.prompt_tokens = Counter("brisk_prompt_tokens", "prompt tokens of the choices given a row", registry=r)
+        self.generated_tokens = Counter("brisk_generation_tokens", "tokens generated", registry=r)
+        self.cache_hits = Counter("brisk_prefix_cache_hits", "prompts whose beginning the prefix cache restored",
+                                  registry=r)
+        self.cache_hit_tokens = Counter("brisk_prefix_cache_hit_tokens", "prompt tokens the prefix cache restored",
+                                        registry=r)
+        Gauge("brisk_rows_busy", "rows of the batch generating", registry=r).set_function(lambda: len(scheduler.active))
+        Gauge("brisk_queue_length", "choices waiting for a row", registry=r).set_function(
+            lambda: len(scheduler.pending))
+        self.ttft = Histogram("brisk_time_to_first_token_seconds", "from a choice's queueing to its first token",
+                              registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.itl = Histogram("brisk_inter_token_latency_seconds", "between a choice's consecutive tokens", registry=r,
+                             buckets=(.0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56))
+
+    def admitted(self, seq: Seq) -> None:
+        self.prompt_tokens.inc(len(seq.ids))
+        if seq.cached:
+            self.cache_hits.inc()
+            self.cache_hit_tokens.inc(seq.cached)
+
+    def token(self, seq: Seq) -> None:
+        """seq has just taken a token."""
+        now = time.monotonic()
+        first = len(seq.tokens) == 1
+        (self.ttft if first else self.itl).observe(now - (seq.enqueued if first else seq.last))
+        seq.last = now
+        self.generated_tokens.inc()
 
 
 class Scheduler:
     """Admits queued sequences into free rows between decode steps, samples each row's next token, streams the text
-    out and frees a row when its sequence ends (eos, a stop string, max_tokens) or its client has gone."""
+    out and frees a row when its sequence ends (sampling.stop_reason) or its client has gone."""
 
-    def __init__(self, batch, tokenizer, max_rows: int, prefix: Optional[PrefixCache], queue_timeout: float):
+    def __init__(self, batch: PrefixBatch, tokenizer, max_rows: int, prefix: Optional[PrefixCache],
+                 queue_timeout: float):
         self.batch, self.tokenizer, self.max_rows, self.prefix = batch, tokenizer, max_rows, prefix
         self.queue_timeout = queue_timeout
         self.pending: deque[Seq] = deque()
@@ -135,6 +200,7 @@ class Scheduler:
         self.wake = threading.Condition()
         self.accepting, self.running = True, True
         self.cancelled = 0  # rows freed because their client went away
+        self.metrics = Metrics(self)
 
     def submit(self, seqs: list[Seq]) -> None:
         with self.wake:
@@ -148,7 +214,7 @@ class Scheduler:
         with self.wake:
             self.accepting = False
             while self.pending:
-                self.pending.popleft().emit(("error", ServeError(503, "the server is shutting down", "shutting_down")))
+                self.pending.popleft().emit(Failed(ServeError(503, "the server is shutting down", "shutting_down")))
 
     def stop(self) -> None:
         """Cancel the running rows and end the loop (run returns)."""
@@ -190,7 +256,7 @@ class Scheduler:
         if self.active:
             tokens = {row: seq.tokens[-1] for row, seq in self.active.items()}
             for row, logits in self.batch.step(tokens).items():
-                self.take(row, self.active[row], logits)
+                self.advance(row, self.active[row], logits)
 
     def admit(self) -> None:
         while len(self.active) < self.max_rows:
@@ -201,42 +267,45 @@ class Scheduler:
             if seq.cancelled:
                 continue
             if time.monotonic() - seq.enqueued > self.queue_timeout:
-                seq.emit(("error", ServeError(503, f"the request waited over {self.queue_timeout:g} s for a free "
-                                                   "row; try again later", "queue_timeout")))
+                seq.emit(queue_timeout_error(self.queue_timeout))
                 continue
             try:
                 row = self.batch.add(seq.ids, prefix=self.prefix)
             except BriskError as e:
-                seq.emit(("error", ServeError(400, str(e), "context_length_exceeded")))
+                seq.emit(Failed(ServeError(400, str(e), "context_length_exceeded")))
                 continue
             self.active[row], seq.cached = seq, self.batch.cached[row]
             seq.stream = engine.TextStream(self.tokenizer, seq.stops, Emitter(seq))
-            self.take(row, seq, self.batch.last_logits(row))
+            self.metrics.admitted(seq)
+            self.advance(row, seq, self.batch.last_logits(row))
         with self.wake:  # the rest wait; those that waited too long are told so now, not when a row frees up
             late = [s for s in self.pending if time.monotonic() - s.enqueued > self.queue_timeout]
             for seq in late:
                 self.pending.remove(seq)
-                seq.emit(("error", ServeError(503, f"the request waited over {self.queue_timeout:g} s for a free "
-                                                   "row; try again later", "queue_timeout")))
+                seq.emit(queue_timeout_error(self.queue_timeout))
 
-    def take(self, row: int, seq: Seq, logits: torch.Tensor) -> None:
-        token = sample(logits, seq)
+    def advance(self, row: int, seq: Seq, logits: torch.Tensor) -> None:
+        """Sample the next token of row's sequence from its fp32 logits [V]; end the sequence if it stops there."""
+        for process in seq.processors:
+            logits = process(seq.tokens, logits)
+        token = int(sample(logits[None], generator=seq.generator, **seq.sampling)[0])
+        if seq.logprobs is not None:
+            seq.unsent.append(TokenLogprob(token, *logprobs(logits, token, seq.logprobs), len(seq.stream.text)))
         seq.tokens.append(token)
-        if token in self.tokenizer.eos_ids and not seq.ignore_eos:
-            self.finish(row, seq, "stop")
-        elif seq.stream.push(token):
-            self.finish(row, seq, "stop")
-        elif len(seq.tokens) >= seq.max_tokens:
-            self.finish(row, seq, "length")
+        self.metrics.token(seq)
+        eos_ids = () if seq.ignore_eos else self.tokenizer.eos_ids
+        reason = stop_reason(token, len(seq.tokens), seq.max_tokens, eos_ids, seq.stream.push)
+        if reason is not None:
+            self.finish(row, seq, reason)
 
     def finish(self, row: int, seq: Seq, reason: Optional[str] = None, error: Optional[ServeError] = None) -> None:
         self.batch.remove(row)
         del self.active[row]
         if error is not None:
-            seq.emit(("error", error))
+            seq.emit(Failed(error))
         elif reason is not None:  # None: cancelled, nobody listens
             seq.stream.finish()
-            seq.emit(("done", seq.index, reason, len(seq.tokens), seq.cached))
+            seq.emit(Done(seq.index, reason, len(seq.tokens), seq.cached, seq.sent()))
 
 
 class Emitter:
@@ -246,19 +315,10 @@ class Emitter:
         self.seq = seq
 
     def write(self, text: str) -> None:
-        self.seq.emit(("text", self.seq.index, text))
+        self.seq.emit(Text(self.seq.index, text, self.seq.sent()))
 
     def flush(self) -> None:
         pass
-
-
-def sample(logits: torch.Tensor, seq: Seq) -> int:
-    """The next token from a row's fp32 logits [V], with the sequence's own random generator (so its seed alone
-    decides its draws); temperature 0 is greedy."""
-    if seq.temperature == 0:
-        return int(logits.argmax())
-    probs = engine.logits_to_probs(logits[None], seq.temperature, seq.top_k, seq.top_p)  # [1, V]
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,7 +340,11 @@ class Sampling(Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=1)  # extensions of OpenAI's API, as in vLLM and llama.cpp's server
+    min_p: float = Field(0.0, ge=0, le=1)
     ignore_eos: bool = False  # generate max_tokens whatever the model says (for load tests)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None  # token id -> added to its logit
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -290,6 +354,7 @@ class Sampling(Strict):
 
 class CompletionRequest(Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)  # most likely tokens reported beside each token
 
 
 class TextPart(Strict):
@@ -305,14 +370,216 @@ class Message(Strict):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API's answers: a table per kind of request, and a Reply that builds one request's answer from its events
+
+
+def chat_choice(index: int, text: Optional[str], reason: Optional[str], logprobs: Optional[dict]) -> dict:
+    return dict(index=index, message=dict(role="assistant", content=text), finish_reason=reason, logprobs=logprobs)
+
+
+def chat_delta(index: int, text: Optional[str], reason: Optional[str], logprobs: Optional[dict], first: bool) -> dict:
+    delta = {} if text is None else dict(content=text)
+    if first:
+        delta["role"] = "assistant"
+    return dict(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)
+
+
+def text_choice(index: int, text: Optional[str], reason: Optional[str], logprobs: Optional[dict],
+                first: bool = False) -> dict:
+    return dict(index=index, text=text or "", finish_reason=reason, logprobs=logprobs)
+
+
+def chat_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str]) -> dict:
+    """OpenAI's chat logprobs: an entry per token, its text (and its UTF-8 bytes) and the most likely tokens'."""
+    def item(token: int, logprob: float) -> dict:
+        text = decode(token)
+        return dict(token=text, logprob=logprob, bytes=list(text.encode()))
+    return dict(content=[dict(item(e.token, e.logprob), top_logprobs=[item(*t) for t in e.top]) for e in entries])
+
+
+def text_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str]) -> dict:
+    """The legacy completions' logprobs: per token its text, logprob, {text: logprob} of the most likely tokens and
+    the token's own, and where its text starts."""
+    return dict(tokens=[decode(e.token) for e in entries], token_logprobs=[e.logprob for e in entries],
+                top_logprobs=[{decode(t): lp for t, lp in [*e.top, (e.token, e.logprob)]} for e in entries],
+                text_offset=[e.offset for e in entries])
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What sets chat completions and completions apart in their answers."""
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable  # (index, text, finish_reason, logprobs) -> a choice of the whole answer
+    chunk_choice: Callable  # (index, text or None, finish_reason, logprobs, first of its choice) -> a streamed one
+    logprobs: Callable  # (TokenLogprobs, decode) -> a choice's logprobs
+
+
+CHAT = Kind("chatcmpl-", "chat.completion", "chat.completion.chunk", chat_choice, chat_delta, chat_logprobs)
+COMPLETION = Kind("cmpl-", "text_completion", "text_completion", text_choice, text_choice, text_logprobs)
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+class Reply:
+    """The answer to one request, from its Text and Done events: collected whole (add, then body) or streamed
+    (chunk per event, then usage_chunk)."""
+
+    def __init__(self, kind: Kind, model: str, prompts: list[list[int]], n: int, logprobs: bool, decode: Callable):
+        self.kind, self.model, self.n, self.logprobs, self.decode = kind, model, n, logprobs, decode
+        self.id, self.created = kind.id_prefix + secrets.token_hex(12), int(time.time())
+        self.usage = dict(prompt_tokens=sum(map(len, prompts)), completion_tokens=0,
+                          prompt_tokens_details=dict(cached_tokens=0))
+        count = len(prompts) * n
+        self.texts, self.reasons = [""] * count, [None] * count
+        self.entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
+        self.started: set[int] = set()  # choices streamed from
+
+    @property
+    def finished(self) -> bool:
+        return all(self.reasons)
+
+    def shaped(self, entries: list[TokenLogprob]) -> Optional[dict]:
+        return self.kind.logprobs(entries, self.decode) if self.logprobs else None
+
+    def add(self, event: Union[Text, Done]) -> None:
+        self.entries[event.index] += event.logprobs
+        if isinstance(event, Text):
+            self.texts[event.index] += event.text
+        else:
+            self.count(event)
+
+    def count(self, done: Done) -> None:
+        self.reasons[done.index] = done.reason
+        self.usage["completion_tokens"] += done.tokens
+        if done.index % self.n == 0:  # a prompt's cached tokens are those of its first choice
+            self.usage["prompt_tokens_details"]["cached_tokens"] += done.cached
+
+    def total_usage(self) -> dict:
+        return dict(self.usage, total_tokens=self.usage["prompt_tokens"] + self.usage["completion_tokens"])
+
+    def body(self) -> dict:
+        choices = [self.kind.choice(i, t, r, self.shaped(e))
+                   for i, (t, r, e) in enumerate(zip(self.texts, self.reasons, self.entries))]
+        return dict(id=self.id, object=self.kind.object, created=self.created, model=self.model, choices=choices,
+                    usage=self.total_usage())
+
+    def chunk(self, event: Union[Text, Done], include_usage: bool) -> str:
+        """The server-sent event of a piece of text or of a choice's end (counted; the text is not kept)."""
+        text, reason = (event.text, None) if isinstance(event, Text) else (None, event.reason)
+        if reason is not None:
+            self.count(event)
+        first = event.index not in self.started
+        self.started.add(event.index)
+        choice = self.kind.chunk_choice(event.index, text, reason, self.shaped(event.logprobs), first)
+        body = dict(id=self.id, object=self.kind.chunk_object, created=self.created, model=self.model,
+                    choices=[choice])
+        if include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def usage_chunk(self) -> str:
+        return sse(dict(id=self.id, object=self.kind.chunk_object, created=self.created, model=self.model, choices=[],
+                        usage=self.total_usage()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The HTTP server
 
 
+async def invalid(request: Request, e: RequestValidationError):
+    """A body that does not validate: the first problem, in OpenAI's shape."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return ServeError(400, f"the body is not valid JSON: {err.get('msg')}", "invalid_json").response()
+    if err.get("type") == "missing":
+        return ServeError(400, f"missing required field {'.'.join(loc)!r}", "missing_field", ".".join(loc)).response()
+    where = f"{'.'.join(loc)}: " if loc else "the body: "
+    return ServeError(400, where + err.get("msg", "invalid value"), "invalid_value", ".".join(loc) or None).response()
+
+
+async def http_error(request: Request, e: HTTPException):
+    return ServeError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None).response()
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request was waiting or generating."""
+
+
+async def next_event(events: asyncio.Queue, request: Request) -> Event:
+    """The next event of a request, checking twice a second whether its client has gone."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), 0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ClientGone() from None
+
+
+def cancel(seqs: list[Seq]) -> None:
+    for s in seqs:
+        s.cancelled = True  # the loop frees their rows before its next step; finished ones are gone already
+
+
+def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """A request's logit_bias with token ids for keys; a key that is not one in [0, vocab_size) is an error."""
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if key.isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise ServeError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})",
+                             "invalid_value", "logit_bias")
+        out[token] = value
+    return out
+
+
+async def collect(reply: Reply, event: Event, events: asyncio.Queue, seqs: list[Seq], request: Request):
+    """The whole answer, once every choice has ended."""
+    try:
+        while True:
+            if isinstance(event, Failed):
+                return event.error.response()
+            reply.add(event)
+            if reply.finished:
+                return reply.body()
+            event = await next_event(events, request)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        cancel(seqs)
+
+
+async def stream(reply: Reply, event: Event, events: asyncio.Queue, seqs: list[Seq], include_usage: bool):
+    """Server-sent events: one chunk per piece of text, one with each choice's finish_reason, then [DONE]."""
+    try:
+        while True:
+            if isinstance(event, Failed):  # after the first event: the status is sent; say it in the stream
+                err = event.error
+                yield sse(dict(error=dict(message=err.message, type=err.type, code=err.code)))
+                break
+            yield reply.chunk(event, include_usage)
+            if reply.finished:
+                if include_usage:
+                    yield reply.usage_chunk()
+                break
+            event = await events.get()  # a client that goes away cancels this generator
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel(seqs)
+
+
 class Server:
-    """The FastAPI app around a Scheduler: validation, tokenization, and the OpenAI-shaped responses."""
+    """The FastAPI app around a Scheduler: a short function per route; generate() makes a request's rows, and
+    collect() or stream() turn their events into the answer."""
 
     def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, max_seq_length: int, vocab_size: int,
                  api_key: Optional[str]):
@@ -320,12 +587,13 @@ class Server:
         self.max_seq_length, self.vocab_size, self.api_key = max_seq_length, vocab_size, api_key
         self.created = int(time.time())
         app = self.app = FastAPI(title="brisk", lifespan=self.lifespan, docs_url=None, redoc_url=None)
-        app.exception_handler(RequestValidationError)(self.invalid)
-        app.exception_handler(HTTPException)(self.http_error)
+        app.exception_handler(RequestValidationError)(invalid)
+        app.exception_handler(HTTPException)(http_error)
         app.exception_handler(ServeError)(lambda request, e: e.response())
         app.middleware("http")(self.guard)
         app.get("/")(self.page)
         app.get("/health")(self.health)
+        app.get("/metrics")(self.metrics)
         app.get("/v1/models")(self.models)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
@@ -335,42 +603,32 @@ class Server:
         yield
         self.scheduler.stop()
 
-    # errors, in OpenAI's shape
-
-    async def invalid(self, request: Request, e: RequestValidationError):
-        err = e.errors()[0]
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        if err.get("type") == "json_invalid":
-            return ServeError(400, f"the body is not valid JSON: {err.get('msg')}", "invalid_json").response()
-        if err.get("type") == "missing":
-            return ServeError(400, f"missing required field {'.'.join(loc)!r}", "missing_field",
-                              ".".join(loc)).response()
-        where = f"{'.'.join(loc)}: " if loc else "the body: "
-        return ServeError(400, where + err.get("msg", "invalid value"), "invalid_value", ".".join(loc) or None
-                          ).response()
-
-    async def http_error(self, request: Request, e: HTTPException):
-        return ServeError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None).response()
-
     async def guard(self, request: Request, call_next):
-        """Refuse oversized bodies, and requests without the API key (but /health and the page)."""
+        """Refuse oversized bodies, and requests without the API key (but /health, /metrics and the page); count
+        the answers by status."""
         size = request.headers.get("content-length", "0")
+        given = request.headers.get("authorization", "")
         if not size.isdigit() or int(size) > MAX_BODY:
-            return ServeError(413, f"the body must be at most {MAX_BODY} bytes", "body_too_large").response()
-        if self.api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return ServeError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+            response = ServeError(413, f"the body must be at most {MAX_BODY} bytes", "body_too_large").response()
+        elif (self.api_key is not None and request.url.path.startswith("/v1/")
+              and not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())):
+            response = ServeError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                   "invalid_api_key").response()
-        return await call_next(request)
+        else:
+            response = await call_next(request)
+        self.scheduler.metrics.requests.labels(str(response.status_code)).inc()
+        return response
 
-    # endpoints
+    # routes
 
     async def page(self):
         return FileResponse(CHAT_PAGE, media_type="text/html")
 
     async def health(self):
         return dict(status="ok", model=self.model_id, **self.scheduler.stats())
+
+    async def metrics(self):
+        return Response(generate_latest(self.scheduler.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self):
         card = dict(id=self.model_id, object="model", created=self.created, owned_by="brisk",
@@ -391,10 +649,13 @@ class Server:
             if not all(0 <= t < self.vocab_size for t in ids):
                 raise ServeError(400, f"prompt: token ids must be in [0, {self.vocab_size})", "invalid_value",
                                  "prompt")
-        return await self.generate(request, body, prompts, 16 if body.max_tokens is None else body.max_tokens, "text")
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        return await self.generate(request, body, COMPLETION, prompts, max_tokens, body.logprobs)
 
     async def chat_completions(self, body: ChatRequest, request: Request):
         self.check_model(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ServeError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
         messages = [dict(role="system" if m.role == "developer" else m.role,
                          content=m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
                     for m in body.messages]
@@ -402,8 +663,9 @@ class Server:
             ids = await run_in_threadpool(self.tokenizer.encode_chat, messages)
         except Exception as e:  # the template may refuse a conversation (say two user messages in a row)
             raise ServeError(400, f"messages: the chat template refused them: {e}", "invalid_value", "messages")
+        alternatives = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await self.generate(request, body, [ids], max_tokens, "chat")
+        return await self.generate(request, body, CHAT, [ids], max_tokens, alternatives)
 
     def check_model(self, body: Sampling) -> None:
         extra = body.model_extra or {}
@@ -417,8 +679,36 @@ class Server:
 
     # generation
 
-    async def generate(self, request: Request, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int],
-                       kind: str):
+    async def generate(self, request: Request, body: Sampling, kind: Kind, prompts: list[list[int]],
+                       max_tokens: Optional[int], alternatives: Optional[int]):
+        """Queue a choice per prompt and n, then answer from their events; alternatives: the most likely tokens
+        reported beside each token's logprob (None: no logprobs)."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens any more
+                loop.call_soon_threadsafe(events.put_nowait, event)
+        seqs = self.rows(body, prompts, max_tokens, alternatives, emit)
+        self.scheduler.submit(seqs)
+        reply = Reply(kind, self.model_id, prompts, body.n, alternatives is not None, self.decode_token)
+        try:
+            first = await next_event(events, request)
+        except BaseException as e:
+            cancel(seqs)
+            if isinstance(e, ClientGone):
+                return Response(status_code=499)  # nobody reads it
+            raise
+        if isinstance(first, Failed):
+            return first.error.response()
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(stream(reply, first, events, seqs, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await collect(reply, first, events, seqs, request)
+
+    def rows(self, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int], alternatives: Optional[int],
+             emit: Callable[[Event], None]) -> list[Seq]:
+        """A request's sequences, choice i * n + j for prompt i, each with its own generator and processors."""
         for ids in prompts:
             if len(ids) > self.max_seq_length:
                 raise ServeError(400, f"the prompt has {len(ids)} tokens, more than this server's context of "
@@ -428,132 +718,26 @@ class Server:
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(stops) > MAX_STOPS:
             raise ServeError(400, f"stop: at most {MAX_STOPS} strings", "invalid_value", "stop")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(event: tuple) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens any more
-                loop.call_soon_threadsafe(events.put_nowait, event)
-
+        bias = logit_bias(body.logit_bias or {}, self.vocab_size)
+        sampling = dict(temperature=body.temperature, top_k=body.top_k, top_p=None if body.top_p == 1 else body.top_p,
+                        min_p=body.min_p or None)
         seqs = []
         for i, ids in enumerate(prompts):
             room = self.max_seq_length - len(ids) + 1  # the last token is never fed back
             for j in range(body.n):
                 seed = secrets.randbits(63) if body.seed is None else hash((body.seed, j)) & (2**63 - 1)
-                g = torch.Generator(self.scheduler.batch.device).manual_seed(seed)
-                seqs.append(Seq(ids, i * body.n + j, min(max_tokens or room, room), body.temperature, body.top_k,
-                                None if body.top_p == 1 else body.top_p, stops, body.ignore_eos, g, emit))
-        self.scheduler.submit(seqs)
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
-        usage = dict(prompt_tokens=sum(map(len, prompts)), completion_tokens=0,
-                     prompt_tokens_details=dict(cached_tokens=0))
-        try:
-            first = await self.next_event(events, request)
-        except BaseException as e:
-            cancel(seqs)
-            if isinstance(e, ClientGone):
-                return Response(status_code=499)  # nobody reads it
-            raise
-        if first[0] == "error":
-            return first[1].response()
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self.stream(rid, kind, first, events, seqs, body.n, usage, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            texts, reasons, event = [""] * len(seqs), [None] * len(seqs), first
-            while True:
-                if event[0] == "error":
-                    return event[1].response()
-                if event[0] == "text":
-                    texts[event[1]] += event[2]
-                else:
-                    reasons[event[1]] = event[2]
-                    add_usage(usage, event, body.n)
-                    if all(reasons):
-                        break
-                event = await self.next_event(events, request)
-        except ClientGone:
-            return Response(status_code=499)
-        finally:
-            cancel(seqs)
-        if kind == "chat":
-            choices = [dict(index=i, message=dict(role="assistant", content=t), finish_reason=r, logprobs=None)
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
-        else:
-            choices = [dict(index=i, text=t, finish_reason=r, logprobs=None)
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return dict(id=rid, object="chat.completion" if kind == "chat" else "text_completion", created=int(time.time()),
-                    model=self.model_id, choices=choices, usage=usage)
+                processors = []
+                if bias or body.presence_penalty or body.frequency_penalty:
+                    processors.append(Penalties(body.presence_penalty, body.frequency_penalty, bias))
+                generator = torch.Generator(self.scheduler.batch.device).manual_seed(seed)
+                seqs.append(Seq(ids, i * body.n + j, min(max_tokens or room, room), emit, sampling=sampling,
+                                generator=generator, processors=processors, stops=stops, ignore_eos=body.ignore_eos,
+                                logprobs=alternatives))
+        return seqs
 
-    async def next_event(self, events: asyncio.Queue, request: Request) -> tuple:
-        """The next event of a request, checking twice a second whether its client has gone."""
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), 0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise ClientGone() from None
+    def decode_token(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
-    async def stream(self, rid: str, kind: str, event: tuple, events: asyncio.Queue, seqs: list[Seq], n: int,
-                     usage: dict, include_usage: bool):
-        """Server-sent events: one chunk per piece of text, one with each choice's finish_reason, then [DONE]."""
-        created, started, done = int(time.time()), set(), 0
-
-        def chunk(index: int, text: Optional[str], reason: Optional[str] = None) -> str:
-            if kind == "chat":
-                delta = {} if text is None else dict(content=text)
-                if index not in started:
-                    started.add(index)
-                    delta["role"] = "assistant"
-                choice = dict(index=index, delta=delta, finish_reason=reason, logprobs=None)
-                obj = "chat.completion.chunk"
-            else:
-                choice, obj = dict(index=index, text=text or "", finish_reason=reason, logprobs=None), "text_completion"
-            body = dict(id=rid, object=obj, created=created, model=self.model_id, choices=[choice])
-            if include_usage:
-                body["usage"] = None
-            return f"data: {json.dumps(body)}\n\n"
-
-        try:
-            while True:
-                if event[0] == "error":  # after the first event: the status is sent; say it in the stream
-                    err = event[1]
-                    yield f"data: {json.dumps(dict(error=dict(message=err.message, type=err.type, code=err.code)))}\n\n"
-                    break
-                if event[0] == "text":
-                    yield chunk(event[1], event[2])
-                else:
-                    yield chunk(event[1], None, event[2])
-                    add_usage(usage, event, n)
-                    done += 1
-                    if done == len(seqs):
-                        if include_usage:
-                            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                            body = dict(id=rid, object="chat.completion.chunk" if kind == "chat" else "text_completion",
-                                        created=created, model=self.model_id, choices=[], usage=usage)
-                            yield f"data: {json.dumps(body)}\n\n"
-                        break
-                event = await events.get()  # a client that goes away cancels this generator
-            yield "data: [DONE]\n\n"
-        finally:
-            cancel(seqs)
-
-
-def add_usage(usage: dict, done: tuple, n: int) -> None:
-    """Count a finished choice's tokens; a prompt's cached tokens are those of its first choice."""
-    usage["completion_tokens"] += done[3]
-    if done[1] % n == 0:
-        usage["prompt_tokens_details"]["cached_tokens"] += done[4]
-
-
-class ClientGone(Exception):
-    """The client closed its connection while its request was waiting or generating."""
-
-
-def cancel(seqs: list[Seq]) -> None:
-    for s in seqs:
-        s.cancelled = True  # the loop frees their rows before its next step; finished ones are gone already
 
 
 class UvicornServer(uvicorn.Server):

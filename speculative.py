@@ -43,8 +43,9 @@ import tp
 from cpu import positions_alone
 from checkpoint import load_config, load_model, load_state_dict, save_checkpoint
 from cli import BriskError
-from engine import compile_step, decode_one_token, logits_to_probs, multinomial_sample_one_no_sync, sync
+from engine import compile_step, decode_one_token, sync
 from model import Transformer
+from sampling import draw, processed_probs
 
 DEFAULT_K = 5
 SELF_DRAFTS = ("int4", "int8")
@@ -52,21 +53,6 @@ SELF_DRAFTS = ("int4", "int8")
 
 # ---------------------------------------------------------------------------------------------------------------
 # The acceptance rule
-
-
-def processed_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                    top_p: Optional[float] = None) -> Tensor:
-    """Distributions [N, V] that sampling draws from, for logits [N, V]; at temperature 0 the one-hot argmax."""
-    if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
-    return logits_to_probs(logits, temperature, top_k, top_p)
-
-
-def draw(probs: Tensor, greedy: bool) -> Tensor:
-    # probs: [1, V], possibly unnormalized (argmax(p / E) does not care) -> token [1]
-    if greedy:  # one-hot: exact without drawing random numbers
-        return probs.argmax(-1).to(torch.int)
-    return multinomial_sample_one_no_sync(probs).view(1)
 
 
 def accept(draft: Tensor, q: Tensor, p: Tensor, greedy: bool = False) -> Tensor:
@@ -81,18 +67,18 @@ def accept(draft: Tensor, q: Tensor, p: Tensor, greedy: bool = False) -> Tensor:
     ratio = p[i, draft] / q[i, draft]  # q > 0 where the draft drew from
     rejected = (torch.rand(k, device=p.device) >= ratio).nonzero()  # u < ratio: kept with probability min(1, ratio)
     if rejected.numel() == 0:
-        return torch.cat([draft, draw(p[k:], greedy)])  # the bonus token
+        return torch.cat([draft, draw(p[k:], greedy).view(1)])  # the bonus token
     a = int(rejected[0])
     residual = (p[a] - q[a]).clamp(min=0)
     # a rejection implies p(d) < q(d), so the residual has mass; the fallback only guards against rounding
     residual = torch.where(residual.sum() > 0, residual, p[a])
-    return torch.cat([draft[:a], draw(residual[None], greedy)])
+    return torch.cat([draft[:a], draw(residual[None], greedy).view(1)])
 
 
 def verify(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None,
-           temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
+           **sampling) -> Tensor:
     # x: [1, k + 1] (the last token taken, then the k draft tokens) at input_pos: [k + 1] -> p: [k + 1, V]
-    return processed_probs(model(x, input_pos, attend_len=attend_len)[0], temperature, top_k, top_p)
+    return processed_probs(model(x, input_pos, attend_len=attend_len)[0], **sampling)
 
 
 def step_at(decode_fn: Callable, model: Transformer, token: Tensor, pos: int, sampling: dict):

@@ -1,4 +1,4 @@
-"""generate.py: sampling, cached decoding, stopping, streaming, batching, compilation and the command line."""
+"""generate.py: cached decoding, stopping, streaming, batching, compilation and the command line."""
 import io
 import json
 import re
@@ -44,68 +44,6 @@ def run_generate(*args, check=True) -> subprocess.CompletedProcess:
     if check:
         assert proc.returncode == 0, proc.stderr.decode()
     return proc
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling
-
-
-def test_temperature_zero_is_argmax():
-    logits = torch.randn(4, 50)
-    token, _ = engine.sample(logits, temperature=0.0, top_k=3, top_p=0.5)
-    assert token.view(-1).tolist() == logits.argmax(-1).tolist()
-
-
-def test_top_k_keeps_the_k_most_likely_tokens_renormalized():
-    logits = torch.tensor([[1.0, 3.0, 0.5, 2.0, -1.0, 2.5]])
-    probs = engine.logits_to_probs(logits, temperature=0.5, top_k=3)
-    expected = torch.zeros_like(probs)
-    expected[0, [1, 3, 5]] = torch.softmax(logits[0, [1, 3, 5]] / 0.5, -1)
-    torch.testing.assert_close(probs, expected)
-
-
-@pytest.mark.parametrize("top_p, kept", [(0.3, [0]), (0.75, [0, 1]), (0.85, [0, 1, 2]), (1.0, [0, 1, 2, 3])])
-def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
-    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    probs = engine.logits_to_probs(p.log(), temperature=1.0, top_p=top_p)
-    expected = torch.zeros_like(p)
-    expected[0, kept] = p[0, kept] / p[0, kept].sum()
-    torch.testing.assert_close(probs, expected)
-
-
-def test_top_p_keeps_the_most_likely_token_even_when_it_alone_exceeds_p():
-    probs = engine.logits_to_probs(torch.tensor([[5.0, 0.0, 0.0]]), temperature=1.0, top_p=0.01)
-    assert probs.tolist() == [[1.0, 0.0, 0.0]]
-
-
-def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
-    counts = torch.bincount(tokens, minlength=probs.numel()).double()
-    expected = probs.double() * tokens.numel()
-    allowed = expected > 0
-    assert counts[~allowed].sum() == 0, "sampled a token outside the allowed set"
-    return float(((counts[allowed] - expected[allowed]) ** 2 / expected[allowed]).sum())
-
-
-def test_samples_follow_the_truncated_distribution():
-    # 8 tokens; top-k 5 drops three, then top-p 0.9 drops the least likely survivor: 4 remain, 3 degrees of freedom
-    logits = torch.tensor([2.0, 1.5, -3.0, 1.0, 0.2, -2.0, 0.5, -4.0])
-    kw = dict(temperature=0.8, top_k=5, top_p=0.9)
-    probs = engine.logits_to_probs(logits[None], **kw)[0]
-    assert (probs > 0).sum() == 4
-    torch.manual_seed(0)
-    n = 40_000
-    tokens, _ = engine.sample(logits.expand(n, -1), **kw)
-    # P(chi2 with 3 dof > 25) ~ 1.6e-5: fails if sampling ignores temperature, top-k or top-p
-    assert chi_square(tokens.view(-1).long(), probs) < 25
-
-
-def test_sampling_compiles_fullgraph_and_matches_eager():
-    logits = torch.tensor([[2.0, 1.5, -3.0, 1.0, 0.2, -2.0, 0.5, -4.0]]).expand(1000, -1)
-    kw = dict(temperature=0.8, top_k=5, top_p=0.9)
-    compiled = torch.compile(engine.sample, fullgraph=True)
-    tokens, probs = compiled(logits, **kw)
-    torch.testing.assert_close(probs, engine.logits_to_probs(logits, **kw))
-    assert chi_square(tokens.view(-1).long(), probs[0]) < 25
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import serve
 from checkpoint import load_model
 from conftest import ROOT, assert_one_line_error, make_checkpoint, run_script
 from engine import TextStream, generate
-from prefix_cache import PrefixCache, model_meta
+from prefix_cache import PrefixBatch, PrefixCache, model_meta
 from tokenizer import load_tokenizer
 
 KEY = "test-key"
@@ -90,7 +90,21 @@ def reference(ckpt):
                                on_token=lambda r, t: stream.push(t), temperature=0)
         reason = "stop" if rows[0][-1] in tok.eos_ids or stream.stopped else "length"
         return stream.finish(), reason, rows[0]
-    text.tok = tok
+
+    @torch.no_grad()
+    def logprobs(ids, tokens):  # log-softmax [len(tokens), V] of the logits each token was chosen from
+        logits = model(torch.tensor([ids + tokens]), torch.arange(len(ids) + len(tokens)))[0]
+        return logits[len(ids) - 1:-1].float().log_softmax(-1)
+
+    @torch.no_grad()
+    def penalized(ids, max_tokens, presence=0.0, frequency=0.0):  # greedy, OpenAI's penalties written out here
+        tokens = []
+        while len(tokens) < max_tokens and (not tokens or tokens[-1] not in tok.eos_ids):
+            logits = model(torch.tensor([ids + tokens]), torch.arange(len(ids) + len(tokens)))[0, -1]
+            counts = torch.bincount(torch.tensor(tokens, dtype=torch.long), minlength=logits.numel())
+            tokens.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
+        return tok.decode([t for t in tokens if t not in tok.eos_ids]), tokens
+    text.tok, text.logprobs, text.penalized = tok, logprobs, penalized
     return text
 
 
@@ -175,6 +189,75 @@ def test_stop_strings_end_the_text_before_them(client, reference):
     assert "".join(c.choices[0].text for c in chunks) == want
 
 
+def test_chat_logprobs_are_one_per_token_of_the_models_distribution(client, reference):
+    """Each generated token's logprob and its most likely alternatives', as the model alone gives them (after a
+    row's processors, before temperature and truncation); the greedy token is the most likely one."""
+    messages = [dict(role="user", content=PROMPTS[4])]
+    want, _, tokens = reference(reference.tok.encode_chat(messages), 12)
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    assert got.choices[0].message.content == want  # logprobs change nothing
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens == len(tokens)
+    lp = reference.logprobs(reference.tok.encode_chat(messages), tokens)
+    for i, (entry, token) in enumerate(zip(content, tokens)):
+        assert entry.token == reference.tok.decode([token]) and bytes(entry.bytes) == entry.token.encode()
+        assert entry.logprob == pytest.approx(float(lp[i, token]), abs=1e-4)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(lp[i].topk(3).values.tolist(), abs=1e-4)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks for e in (c.choices[0].logprobs.content or [])]
+    assert [e.token for e in streamed] == [e.token for e in content]  # the prompt restored: logits within rounding
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_the_legacy_shape(client, reference):
+    ids = reference.tok.encode(PROMPTS[5])
+    want, _, tokens = reference(ids, 10)
+    got = client.completions.create(model="tiny", prompt=PROMPTS[5], max_tokens=10, temperature=0, logprobs=2)
+    choice, lp = got.choices[0], reference.logprobs(ids, tokens)
+    assert choice.text == want
+    assert choice.logprobs.tokens == [reference.tok.decode([t]) for t in tokens]
+    assert choice.logprobs.token_logprobs == pytest.approx([float(lp[i, t]) for i, t in enumerate(tokens)], abs=1e-4)
+    for i, (token, top) in enumerate(zip(choice.logprobs.tokens, choice.logprobs.top_logprobs)):
+        assert max(top, key=top.get) == token and len(top) == 2  # the greedy token is among the 2 most likely
+    offsets = choice.logprobs.text_offset  # where each token's text starts in the choice's text
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    assert [want[a:b] for a, b in zip(offsets, offsets[1:])] == choice.logprobs.tokens[:len(offsets) - 1] or \
+        "\ufffd" in "".join(choice.logprobs.tokens)  # a character split across tokens has no offset of its own
+
+
+def test_logit_bias_forbids_or_forces_tokens(client, reference):
+    ids = reference.tok.encode(PROMPTS[0])
+    _, _, tokens = reference(ids, 4)
+    kw = dict(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=0)
+    banned = client.completions.create(logit_bias={str(tokens[0]): -100}, **kw).choices[0].logprobs.tokens
+    assert banned[0] != reference.tok.decode([tokens[0]])
+    forced = reference.tok.encode("fox")[0]
+    got = client.completions.create(logit_bias={str(forced): 100}, **kw).choices[0].logprobs
+    assert got.tokens == [reference.tok.decode([forced])] * 4
+    assert all(lp > -1e-3 for lp in got.token_logprobs)  # the bias is part of the distribution reported
+
+
+@pytest.mark.parametrize("penalty", [dict(frequency=1.5), dict(presence=1.5)])
+def test_presence_and_frequency_penalties_follow_openais_formula(client, reference, penalty):
+    ids = reference.tok.encode(PROMPTS[6])
+    want, tokens = reference.penalized(ids, 40, **penalty)
+    assert tokens != reference.penalized(ids, 40)[1]  # the penalty changes the answer
+    got = client.completions.create(model="tiny", prompt=PROMPTS[6], max_tokens=40, temperature=0,
+                                    **{f"{k}_penalty": v for k, v in penalty.items()})
+    assert got.choices[0].text == want
+
+
+def test_min_p_1_keeps_only_the_most_likely_token(client, reference):
+    want = reference(reference.tok.encode(PROMPTS[1]), 16)[0]
+    kw = dict(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=1.5, seed=3)
+    assert client.completions.create(extra_body=dict(min_p=1.0), **kw).choices[0].text == want
+    assert client.completions.create(**kw).choices[0].text != want  # sampled at 1.5 without it
+
+
 def long_prompt() -> list:
     return [5] * (CONTEXT + 1)
 
@@ -201,9 +284,20 @@ BAD = [  # (path, body, status, code)
     ("completions", dict(model="tiny", prompt="a" * (16 * 2**20)), 413, "body_too_large"),
     ("completions", dict(model="tiny", prompt=long_prompt()), 400, "context_length_exceeded"),
     ("completions", dict(model="gpt-4", prompt="hi"), 404, "model_not_found"),
-    ("completions", dict(model="tiny", prompt="hi", logprobs=2), 400, "unsupported_parameter"),
+    ("completions", dict(model="tiny", prompt="hi", echo=True), 400, "unsupported_parameter"),
+    ("completions", dict(model="tiny", prompt="hi", logprobs=21), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", logit_bias={"320": 5}), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", logit_bias={"-1": 5}), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", logit_bias={"a": 5}), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", logit_bias={"5": 101}), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", presence_penalty=2.5), 400, "invalid_value"),
+    ("completions", dict(model="tiny", prompt="hi", min_p=1.5), 400, "invalid_value"),
     ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tools=[{}]), 400,
      "unsupported_parameter"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], logprobs=True,
+                              top_logprobs=21), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], top_logprobs=2), 400,
+     "invalid_value"),
     ("chat/completions", dict(model="tiny", messages=[]), 400, "invalid_value"),
     ("chat/completions", dict(model="tiny", messages=[dict(role="robot", content="hi")]), 400, "invalid_value"),
     ("chat/completions", dict(model="tiny", messages=[dict(role="user", content=5)]), 400, "invalid_value"),
@@ -224,6 +318,37 @@ def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, p
     assert error["code"] == code and error["type"] == "invalid_request_error"
     assert isinstance(error["message"], str) and error["message"] and "Traceback" not in error["message"]
     assert health(server)["status"] == "ok" and server.poll() is None
+
+
+def metrics(server) -> dict:
+    """/metrics parsed: {(sample name, labels as a sorted tuple): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(f"{server.url}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_requests_tokens_latencies_and_cache_hits(server, client, reference):
+    """A request moves each counter by what it did: its answer, its prompt, 6 tokens, 1 first-token and 5
+    inter-token latencies, a cache hit (asked before); a bad request is counted by its status."""
+    kw = dict(model="tiny", prompt="metrics " * 8, max_tokens=6, temperature=0, extra_body=dict(ignore_eos=True))
+    client.completions.create(**kw)
+    before = metrics(server)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(**kw, logit_bias={"-3": 1})
+    client.completions.create(**kw)
+    after = metrics(server)
+    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    prompt = len(reference.tok.encode(kw["prompt"]))
+    assert moved[("brisk_requests_total", (("status", "400"),))] == 1
+    assert moved[("brisk_requests_total", (("status", "200"),))] == 1 + 1  # the request and the /metrics before it
+    assert moved[("brisk_prompt_tokens_total", ())] == prompt
+    assert moved[("brisk_generation_tokens_total", ())] == 6
+    assert moved[("brisk_time_to_first_token_seconds_count", ())] == 1
+    assert moved[("brisk_inter_token_latency_seconds_count", ())] == 5
+    assert moved[("brisk_prefix_cache_hits_total", ())] == 1
+    assert moved[("brisk_prefix_cache_hit_tokens_total", ())] == prompt - 1
+    assert after[("brisk_rows_busy", ())] == 0 and after[("brisk_queue_length", ())] == 0
 
 
 @pytest.mark.parametrize("args,message", [
@@ -329,7 +454,7 @@ def test_rows_that_join_and_leave_the_batch_are_each_generate_alone(tiny_checkpo
     prompts = [tok.encode(p) for p in PROMPTS[:2]]
     model.setup_caches(1, 64)
     alone = [generate(model, torch.tensor(ids), 12, temperature=0)[0][0] for ids in prompts]
-    batch = serve.PrefixBatch(model, 2, 64)
+    batch = PrefixBatch(model, 2, 64)
     cache = PrefixCache([model], [model_meta(model, tiny_checkpoint)], 2**20)
     out = {}
 
@@ -358,26 +483,25 @@ def test_rows_that_join_and_leave_the_batch_are_each_generate_alone(tiny_checkpo
 
 def test_a_request_that_waits_too_long_for_a_row_gets_an_error(tiny_checkpoint):
     model, tok = load_model(tiny_checkpoint, "cpu", torch.float32), load_tokenizer(tiny_checkpoint.parent)
-    scheduler = serve.Scheduler(serve.PrefixBatch(model, 1, 256), tok, 1, None, queue_timeout=0.05)
+    scheduler = serve.Scheduler(PrefixBatch(model, 1, 256), tok, 1, None, queue_timeout=0.05)
     events = []
 
     def seq(index, max_tokens):  # ignore_eos: the first holds the only row for all its 250 tokens
-        return serve.Seq(tok.encode("hi"), index, max_tokens, 0.0, None, None, [], True, torch.Generator(),
-                         events.append)
+        return serve.Seq(tok.encode("hi"), index, max_tokens, events.append, dict(temperature=0.0), ignore_eos=True)
     loop = threading.Thread(target=scheduler.run)
     loop.start()
     try:
         scheduler.submit([seq(0, 250)])
         scheduler.submit([seq(1, 5)])
         deadline = time.monotonic() + 60
-        while not any(e[0] == "done" for e in events) and time.monotonic() < deadline:
+        while not any(isinstance(e, serve.Done) for e in events) and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
         scheduler.stop()
         loop.join()
-    errors = [e[1] for e in events if e[0] == "error"]
+    errors = [e.error for e in events if isinstance(e, serve.Failed)]
     assert len(errors) == 1 and errors[0].status == 503 and errors[0].code == "queue_timeout"
-    assert [e[1:3] for e in events if e[0] == "done"] == [(0, "length")]
+    assert [(e.index, e.reason) for e in events if isinstance(e, serve.Done)] == [(0, "length")]
 
 
 def test_the_listening_socket_is_tcp_so_each_connection_sends_without_delay():

@@ -18,7 +18,8 @@ import speculative as spec
 from conftest import ROOT, make_checkpoint
 from checkpoint import CONFIG_NAME, load_config, load_model
 from cli import BriskError, run_cli
-from test_generate import chi_square
+from sampling import logits_to_probs
+from test_sampling import chi_square
 from tokenizer import load_tokenizer
 
 PROMPTS = [[5, 17, 42, 99, 7, 250, 3], [1, 2, 3, 1, 2, 3, 1, 2], [300, 8, 8, 8, 64, 19]]
@@ -149,8 +150,8 @@ def test_sampled_speculation_with_real_models_follows_the_target(tmp_path):
     with torch.no_grad():
         target(prompt[None, :3], pos[:3])
         speculator.prefill(prompt[:3])  # the draft reads the same; prompt[3] is the token just taken
-        want = engine.logits_to_probs(target(prompt[None, 3:], pos[3:])[:, -1], **sampling)[0]
-        p_draft = engine.logits_to_probs(draft(prompt[None, 3:], pos[3:])[:, -1], **sampling)[0]
+        want = logits_to_probs(target(prompt[None, 3:], pos[3:])[:, -1], **sampling)[0]
+        p_draft = logits_to_probs(draft(prompt[None, 3:], pos[3:])[:, -1], **sampling)[0]
         torch.manual_seed(0)
         tokens = [int(next(speculator.decode(target, prompt[None, 3:], pos[3:], 1, **sampling))[0, 0])
                   for _ in range(1000)]  # every trial rewrites the same cache positions
