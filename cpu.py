@@ -7,7 +7,7 @@
 - kv_cache_dtype, attend_dtype: the KV cache and attention in fp32 on the CPU (bf16 where brisk's kernel
   attends: kernel_attends).
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
-- The int8/int4 kernels' row bounds and torch's CPU int4 packed layout, which quant.py reads.
+- The int8/int4 kernels' row bounds; kernel_isa, the SIMD path of brisk's kernels (int4: cpu_int4.cpp).
 A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py and ignore the rest.
 """
 import contextlib
@@ -40,7 +40,8 @@ INDUCTOR_OPTIONS = {
 }
 
 INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantizing + one GEMM
-INT4_DEQUANTIZE_MIN_ROWS = 128  # from this many rows on dequantizing + one GEMM beats the int4 kernel
+INT4_DEQUANTIZE_MIN_ROWS = 128  # from this many rows on dequantizing + one GEMM beats the int4 kernels
+INT4_ROWS = 16  # weight rows a block of brisk's int4 layout interleaves (cpu_int4.cpp): N must be a multiple
 
 
 # Products of at most this many rows (the decode step of a batch, a speculative verify pass) reduce each row alone
@@ -62,26 +63,41 @@ def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
     return weight is None or weight.dtype in ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
 
 
+_built: Optional[bool] = None  # see kernels_built
+
+
+def kernels_built() -> bool:
+    """True once cpu_kernels.cpp and cpu_int4.cpp are built (the first time, 10-30 s; torch keeps them in
+    ~/.cache/torch_extensions) and loaded, on an x86 CPU with AVX2 or AVX-512; False elsewhere, or where they cannot
+    be built (then Inductor's loop and aten's kernels serve)."""
+    global _built
+    if CPU_CAPABILITY not in ("AVX512", "AVX2"):
+        return False
+    if _built is None:
+        _built = load_kernels()
+    return _built
+
+
 _rows_kernel: Optional[bool] = None  # see rows_kernel
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
 def rows_kernel() -> bool:
-    """True once cpu_kernels.cpp is built (the first time, 7-20 s; torch keeps it in ~/.cache/torch_extensions) and
-    loaded, on a CPU with AVX512_BF16; False elsewhere, or where it cannot be built (then Inductor's loop serves)."""
+    """True where cpu_kernels.cpp's bf16 kernels run: built, on a CPU with AVX512_BF16."""
     global _rows_kernel
     if CPU_CAPABILITY != "AVX512":
         return False
     if _rows_kernel is None:
-        _rows_kernel = load_rows_kernel()
+        _rows_kernel = kernels_built() and torch.ops.brisk.rows_product_supported()
     return _rows_kernel
 
 
-def load_rows_kernel() -> bool:
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+def load_kernels() -> bool:
+    here = os.path.dirname(os.path.abspath(__file__))
+    srcs = [os.path.join(here, name) for name in ("cpu_kernels.cpp", "cpu_int4.cpp")]
     start = time.perf_counter()
     try:
-        cpp_extension.load("brisk_cpu_kernels", [src], extra_cflags=["-O3"], is_python_module=False)
+        cpp_extension.load("brisk_cpu_kernels", srcs, extra_cflags=["-O3"], is_python_module=False)
     except (RuntimeError, OSError) as e:  # no compiler, or no ninja
         print(f"brisk: cpu_kernels.cpp was not built ({str(e).splitlines()[0]}); Inductor's loop serves",
               file=sys.stderr)
@@ -92,7 +108,22 @@ def load_rows_kernel() -> bool:
         lambda x, w: x.new_empty((x.numel() // x.shape[-1], w.shape[0]), dtype=torch.float32))
     torch.library.register_fake("brisk::attend")(
         lambda q, k, v, mask, prefix=None: torch.empty_like(q, memory_format=torch.contiguous_format))
-    return torch.ops.brisk.rows_product_supported()
+    torch.library.register_fake("brisk::int4_product")(
+        lambda x, w, g, isa: x.new_empty((x.numel() // x.shape[-1], w.shape[0] * INT4_ROWS), dtype=torch.float32))
+    torch.library.register_fake("brisk::int4_dequantize")(
+        lambda w, g, dtype: w.new_empty((w.shape[0] * INT4_ROWS, w.shape[1] * g), dtype=dtype))
+    return True
+
+
+ISAS = {"avx512": 2, "avx2": 1, "none": 0}  # the `isa` argument of brisk's kernel ops
+
+
+@functools.cache
+def kernel_isa() -> int:
+    """The SIMD path of brisk's kernels, decided once: 2 AVX-512 with VNNI and BF16, 1 AVX2 + FMA + F16C, 0 none
+    (no kernel: aten's serve). BRISK_CPU_ISA=avx512|avx2|none lowers it (to measure or test another path)."""
+    isa = 2 if rows_kernel() else 1 if kernels_built() else 0
+    return min(isa, ISAS.get(os.environ.get("BRISK_CPU_ISA", "avx512"), isa))
 
 
 def kernel_rows(x: Tensor, weight: Tensor) -> bool:
@@ -212,44 +243,3 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype, head_dim: int) -> t
 def int8_kernel_fits(device: torch.device, in_features: int) -> bool:
     # the CPU int8 kernel does not check its shapes and reads out of bounds unless K % 16 == 0 (measured)
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm") and in_features % 16 == 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# torch's CPU int4 packed layout (_convert_weight_to_int4pack_for_cpu), read back to dequantize long inputs
-
-
-def cpu_packed_blocks(p: Tensor, block: int) -> Tensor:
-    """The values (0..15) that `_convert_weight_to_int4pack_for_cpu` packed into p [N, K/2] uint8, as
-    [N/block, 2, K, block/2]: row block*b + block/2*h + j of the weight is [b, h, :, j]. The layout is torch's own
-    (2.13): blocks of `block` rows (64 on AVX-512 CPUs, 32 on AVX2 ones); within a block, for each input column,
-    block/2 bytes whose low nibbles are its first half of rows and high nibbles the second. `cpu_pack_block` finds
-    which block size this machine packs with."""
-    b = p.view(p.shape[0] // block, 1, p.shape[1] * 2, block // 2)  # [N/block, 1, K, block/2]
-    return torch.cat([b & 15, b >> 4], dim=1)
-
-
-def cpu_packed_values(p: Tensor, block: int) -> Tensor:
-    # p [N, K/2] packed for the CPU kernel in blocks of `block` rows -> its values [N, K] (0..15)
-    return cpu_packed_blocks(p, block).transpose(2, 3).reshape(p.shape[0], -1)
-
-
-@functools.cache
-def cpu_pack_block() -> Optional[int]:
-    """Rows per block of torch's CPU int4 packing on this machine, found by packing known values, or None when the
-    layout is none that cpu_packed_blocks knows (the packed weight is then only read by the kernel)."""
-    q = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return next((b for b in (64, 32) if torch.equal(cpu_packed_values(p, b), q.to(torch.uint8))), None)
-
-
-def cpu_dequantize_t(p: Tensor, sz: Tensor, groupsize: int, block: int, dtype: torch.dtype) -> Tensor:
-    """The dequantized weight, transposed [K, N], of a CPU-packed weight p [N, K/2] (blocks of `block` rows) with
-    scales_and_zeros sz [K/g, N, 2], computed in the packed layout (runs of block/2 rows), which eager ops stream
-    2-3x faster than unpacked rows."""
-    n, k, h = p.shape[0], p.shape[1] * 2, block // 2
-    G = k // groupsize
-    q = cpu_packed_blocks(p, block).to(dtype).sub_(8).view(n // block, 2, G, groupsize, h)  # [N/b, 2, K/g, g, b/2]
-    sz = sz.to(dtype).view(G, n // block, 2, h, 2).permute(1, 2, 0, 3, 4)  # [N/b, 2, K/g, b/2, 2]
-    scales, zeros = (sz[..., i].contiguous()[:, :, :, None] for i in (0, 1))  # [N/b, 2, K/g, 1, b/2]
-    w = torch.addcmul(zeros, q, scales).view(n // h, k, h)  # [N/h, K, h]: runs of h rows, transposed
-    return w.transpose(0, 1).reshape(k, n)

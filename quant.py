@@ -29,8 +29,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cli import BriskError
-from cpu import (INT4_DEQUANTIZE_MIN_ROWS, INT8_KERNEL_MAX_ROWS, cpu_dequantize_t, cpu_pack_block, gemm_dtype,
-                 int8_kernel_fits, one_row_on_cpu, one_row_product, per_row)
+from cpu import (INT4_DEQUANTIZE_MIN_ROWS, INT4_ROWS, INT8_KERNEL_MAX_ROWS, gemm_dtype, int8_kernel_fits,
+                 kernel_isa, one_row_on_cpu, one_row_product, per_row)
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -189,45 +189,47 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, k // 2, dtype=torch.uint8))  # [N, K/2], two per byte
         self.register_buffer("scales_and_zeros", torch.empty(k // groupsize, out_features, 2))  # [K/g, N, 2]
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
-        self.kernel: Optional[str] = None  # set by pack(): "cpu", "cuda", or None for the dequantize path
-        self.block: Optional[int] = None  # set by pack(): rows per block of a CPU-packed weight it can read back
+        self.kernel: Optional[str] = None  # set by pack(): "brisk", "cpu", "cuda", or None for the dequantize path
+        self.isa = 0  # set by pack(): the SIMD path of brisk's kernel (cpu.kernel_isa)
 
     def pack(self, kernel: Optional[str]) -> None:
-        """Repack the file's two-per-byte values for `kernel` ("cpu" or "cuda"), or unpack them (None)."""
+        """Repack the file's two-per-byte values for `kernel` ("brisk": cpu_int4.cpp's layout, which holds the scales
+        and zeros too; "cpu": aten's; "cuda"), or unpack them (None)."""
         q = unpack_nibbles(self.weight)  # [N, K]
-        if kernel == "cpu":
+        if kernel == "brisk":
+            self.weight = torch.ops.brisk.int4_pack(q, self.scales_and_zeros, self.groupsize)  # [N/16, K/g, bytes]
+            self.scales_and_zeros, self.isa = None, kernel_isa()
+        elif kernel == "cpu":
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            # the layout is torch's own: read it back only where it is one cpu_packed_blocks knows
-            block = cpu_pack_block()
-            self.block = block if block and q.shape[0] % block == 0 else None
         elif kernel == "cuda":
             tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight, tiles)
         else:
             self.weight = q
-        if kernel is not None:
+        if kernel in ("cpu", "cuda"):
             self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
         self.kernel = kernel
 
     def forward(self, x: Tensor) -> Tensor:
-        return per_row(x, self.gemm)  # a few rows one at a time, each as if alone (cpu.per_row)
+        # brisk's kernel reduces each row alone whatever rows are beside it; other kernels take a few rows one at a
+        # time, each as if alone (cpu.per_row)
+        return self.gemm(x) if self.kernel == "brisk" else per_row(x, self.gemm)
 
     def gemm(self, x: Tensor) -> Tensor:
-        lead, k = x.shape[:-1], self.scales_and_zeros.shape[0] * self.groupsize
+        lead, k = x.shape[:-1], padded(self.in_features, self.groupsize)
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if k != self.in_features:
             x2 = F.pad(x2, (0, k - self.in_features))
-        # CPU's kernel takes time linear in the rows, so long inputs take the dequantize path
-        dt = gemm_dtype(x2)  # of the dequantize paths
-        if self.kernel == "cpu" and not (self.block and x2.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS):
-            # the kernels take bf16 activations: other dtypes round-trip through bf16
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.groupsize,
-                                                           self.scales_and_zeros)
-        elif self.kernel == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize,
-                                                   self.scales_and_zeros)
-        elif self.kernel == "cpu":  # a long input
-            y = x2.to(dt) @ cpu_dequantize_t(self.weight, self.scales_and_zeros, self.groupsize, self.block, dt)
+        # the CPU kernels take time linear in the rows: long inputs dequantize the weight for one GEMM
+        dt, long = gemm_dtype(x2), x2.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS
+        if self.kernel == "brisk" and not long:
+            y = torch.ops.brisk.int4_product(x2, self.weight, self.groupsize, self.isa)
+        elif self.kernel == "brisk":
+            y = F.linear(x2.to(dt), torch.ops.brisk.int4_dequantize(self.weight, self.groupsize, dt))
+        elif self.kernel in ("cpu", "cuda"):  # these kernels take bf16 activations: others round-trip through bf16
+            aten = torch.ops.aten
+            mm = aten._weight_int4pack_mm_for_cpu if self.kernel == "cpu" else aten._weight_int4pack_mm
+            y = mm(x2.to(torch.bfloat16), self.weight, self.groupsize, self.scales_and_zeros)
         else:  # `weight` holds the values [N, K]
             w = int4_dequantize(self.weight, *from_scales_and_zeros(self.scales_and_zeros), dtype=dt)
             y = F.linear(x2.to(dt), w)
@@ -266,6 +268,8 @@ def swap_in_quantized(model: Transformer, quant: dict) -> None:
 
 def int4_kernel(device: torch.device, out_features: int, k: int) -> Optional[str]:
     aten = torch.ops.aten
+    if device.type == "cpu" and out_features % INT4_ROWS == 0 and kernel_isa() > 0:
+        return "brisk"
     if device.type == "cpu" and hasattr(aten, "_weight_int4pack_mm_for_cpu") and out_features % 16 == 0:
         return "cpu"
     # CUDA's kernel (tinygemm) runs on Ampere (sm80) and later only; its op exists in every build
