@@ -3,9 +3,9 @@
 // repacked at load from the file's device-neutral values. As llama.cpp's Q4_0 x Q8_0 (BENCHMARKS.md, "An int4 kernel"):
 // - each row of activations is quantized once per product to int8 in blocks of 32 inputs (x ~ d * q, d = max|x| / 127);
 // - the weight's values (0..15) are the unsigned operand of the integer dot: `vpdpbusd` (AVX-512 VNNI) or
-//   `vpmaddubsw` + `vpmaddwd` (AVX2) adds 4 products into each of 16 rows' int32 lanes, with no nibble table: the -8
-//   of the file's w = (q - 8) * scale + zero comes off as 8 * (the block's activation sum), exactly, in int32;
-// - then in fp32, per group of g inputs (g / 32 blocks): t = scale * sum_b d_b * dot_b + zero * sum_b d_b * sum(q_b),
+//   `vpmaddubsw` + `vpmaddwd` (AVX2) adds 4 products into each of 16 rows' int32 lanes, with no nibble table: the
+//   file's w = (q - 8) * scale + zero is q * scale + m, m = zero - 8 * scale, and m multiplies the activations' sum;
+// - then in fp32, per group of g inputs (g / 32 blocks): t = scale * sum_b d_b * dot_b + m * sum_b d_b * sum(q_b),
 //   and y += t: one add on the chain from group to group.
 // Each row of activations is reduced alone and in one order (integer sums are exact; the float steps are the same on
 // every path), so a row's result is bitwise the same whatever rows are beside it and on both SIMD paths as in the
@@ -39,32 +39,30 @@ struct group_q4x16 {
 };
 // The packed weight: [N / 16, K / g] groups, row block by row block (each streams its K inputs in one run).
 
-// One row of activations quantized in blocks of 32: q [K] int8, d [K/32] (x ~ d * q), s8 [K/32] = 8 * sum(q), and
-// c [K/g] = sum over the group's blocks of d * sum(q) (an fma chain in block order)
+// One row of activations quantized in blocks of 32: q [K] int8, d [K/32] (x ~ d * q), and c [K/g] = the sum over
+// the group's blocks of d * sum(q) (an fma chain in block order)
 struct Acts {
   const int8_t* q;
   const float* d;
-  const int32_t* s8;
   const float* c;
 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Activations: scalar reference, and AVX2 (both SIMD paths use it) with the same roundings
 
-static void quantize_block_ref(const float* x, int8_t* q, float& d, int32_t& s8) {
+static void quantize_block_ref(const float* x, int8_t* q, float& d, int32_t& sum) {
   float amax = 0.0f;
   for (int i = 0; i < QK; i++) amax = std::max(amax, std::fabs(x[i]));
   d = amax / 127.0f;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  int32_t sum = 0;
+  sum = 0;
   for (int i = 0; i < QK; i++) {
     q[i] = (int8_t)std::nearbyint(x[i] * id);  // to nearest, ties to even: _mm256_round_ps's rounding
     sum += q[i];
   }
-  s8 = 8 * sum;
 }
 
-AVX2_FMA static void quantize_block_avx2(const float* x, int8_t* q, float& d, int32_t& s8) {
+AVX2_FMA static void quantize_block_avx2(const float* x, int8_t* q, float& d, int32_t& sum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 v[4], mx = _mm256_setzero_ps();
   for (int i = 0; i < 4; i++) {
@@ -83,23 +81,23 @@ AVX2_FMA static void quantize_block_avx2(const float* x, int8_t* q, float& d, in
   __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
   s4 = _mm_hadd_epi32(s4, s4);
   s4 = _mm_hadd_epi32(s4, s4);
-  s8 = 8 * _mm_cvtsi128_si32(s4);
+  sum = _mm_cvtsi128_si32(s4);
   // int32 -> int8, in order: the packs interleave 128-bit lanes, the permute puts them back
   const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
   _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
-// x [M, K] fp32 -> the M rows' Acts, in the buffers q [M, K], d and s8 [M, K/32], c [M, K/g]
-static void quantize_rows(const float* x, int64_t M, int64_t K, int G, bool simd, int8_t* q, float* d, int32_t* s8,
-                          float* c) {
+// x [M, K] fp32 -> the M rows' Acts, in the buffers q [M, K], d [M, K/32], c [M, K/g]
+static void quantize_rows(const float* x, int64_t M, int64_t K, int G, bool simd, int8_t* q, float* d, float* c) {
   const int64_t nb = K / QK, ng = nb / G;
   for (int64_t m = 0; m < M; m++)
     for (int64_t b = 0; b < nb; b++) {
       const int64_t i = m * nb + b;
-      if (simd) quantize_block_avx2(x + i * QK, q + i * QK, d[i], s8[i]);
-      else quantize_block_ref(x + i * QK, q + i * QK, d[i], s8[i]);
+      int32_t sum;
+      if (simd) quantize_block_avx2(x + i * QK, q + i * QK, d[i], sum);
+      else quantize_block_ref(x + i * QK, q + i * QK, d[i], sum);
       float& ci = c[m * ng + b / G];
-      ci = std::fma(d[i], (float)(s8[i] / 8), b % G ? ci : 0.0f);
+      ci = std::fma(d[i], (float)sum, b % G ? ci : 0.0f);
     }
 }
 
@@ -123,11 +121,10 @@ static void rows_ref(const group_q4x16<G>* w, int64_t ng, const Acts* a, int T, 
               const uint8_t v = w[g].b[j].qs[p][4 * r + c];
               dot += (v & 15) * xq[4 * p + c] + (v >> 4) * xq[16 + 4 * p + c];
             }
-          const float f = (float)(dot - a[t].s8[b]);
-          gacc = j ? std::fma(f, a[t].d[b], gacc) : f * a[t].d[b];
+          gacc = j ? std::fma((float)dot, a[t].d[b], gacc) : (float)dot * a[t].d[b];
         }
-        const float zc = (float)w[g].zero[r] * a[t].c[g];
-        acc += std::fma(gacc, (float)w[g].scale[r], zc);
+        const float scale = w[g].scale[r], m = std::fma(-8.0f, scale, w[g].zero[r]);
+        acc += std::fma(gacc, scale, m * a[t].c[g]);
       }
       y[t * ldy + r] = acc;
     }
@@ -162,23 +159,18 @@ AVX512_VNNI static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const A
 #pragma GCC unroll 4
       for (int t = 0; t < T; t++) {
         const int32_t* xq = (const int32_t*)(a[t].q + b * QK);
-        __m512i s[4];  // four independent chains: the sum is exact in any order
-#pragma GCC unroll 4
-        for (int p = 0; p < 4; p++)
-          s[p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[p], _mm512_set1_epi32(xq[p])),
-                                     q[p + 4], _mm512_set1_epi32(xq[p + 4]));
-        const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(s[0], s[1]),
-                                                              _mm512_add_epi32(s[2], s[3])),
-                                             _mm512_set1_epi32(a[t].s8[b]));
-        const __m512 f = _mm512_cvtepi32_ps(dot), d = _mm512_set1_ps(a[t].d[b]);
+        __m512i s[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // two chains: exact in any order
+#pragma GCC unroll 8
+        for (int p = 0; p < 8; p++) s[p & 1] = _mm512_dpbusd_epi32(s[p & 1], q[p], _mm512_set1_epi32(xq[p]));
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(s[0], s[1])), d = _mm512_set1_ps(a[t].d[b]);
         gacc[t] = j ? _mm512_fmadd_ps(f, d, gacc[t]) : _mm512_mul_ps(f, d);
       }
     }
-    const __m512 scale = bf16x16(w[g].scale), zero = bf16x16(w[g].zero);
+    const __m512 scale = bf16x16(w[g].scale), m = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, bf16x16(w[g].zero));
 #pragma GCC unroll 4
     for (int t = 0; t < T; t++) {
-      const __m512 zc = _mm512_mul_ps(zero, _mm512_set1_ps(a[t].c[g]));
-      acc[t] = _mm512_add_ps(acc[t], _mm512_fmadd_ps(gacc[t], scale, zc));
+      const __m512 mc = _mm512_mul_ps(m, _mm512_set1_ps(a[t].c[g]));
+      acc[t] = _mm512_add_ps(acc[t], _mm512_fmadd_ps(gacc[t], scale, mc));
     }
   }
 #pragma GCC unroll 4
@@ -223,19 +215,19 @@ AVX2_FMA static void rows_avx2(const group_q4x16<G>* w, int64_t ng, const Acts* 
             s[p] = _mm256_add_epi16(_mm256_maddubs_epi16(q[p], _mm256_set1_epi32(xq[p])),
                                     _mm256_maddubs_epi16(q[p + 4], _mm256_set1_epi32(xq[p + 4])));
           const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_add_epi16(s[2], s[3]));
-          const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(a[t].s8[b]));
-          const __m256 f = _mm256_cvtepi32_ps(dot), d = _mm256_set1_ps(a[t].d[b]);
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), d = _mm256_set1_ps(a[t].d[b]);
           gacc[t][h] = j ? _mm256_fmadd_ps(f, d, gacc[t][h]) : _mm256_mul_ps(f, d);
         }
       }
     }
 #pragma GCC unroll 2
     for (int h = 0; h < 2; h++) {
-      const __m256 scale = bf16x8(w[g].scale + 8 * h), zero = bf16x8(w[g].zero + 8 * h);
+      const __m256 scale = bf16x8(w[g].scale + 8 * h);
+      const __m256 m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, bf16x8(w[g].zero + 8 * h));
 #pragma GCC unroll 4
       for (int t = 0; t < T; t++) {
-        const __m256 zc = _mm256_mul_ps(zero, _mm256_set1_ps(a[t].c[g]));
-        acc[t][h] = _mm256_add_ps(acc[t][h], _mm256_fmadd_ps(gacc[t][h], scale, zc));
+        const __m256 mc = _mm256_mul_ps(m, _mm256_set1_ps(a[t].c[g]));
+        acc[t][h] = _mm256_add_ps(acc[t][h], _mm256_fmadd_ps(gacc[t][h], scale, mc));
       }
     }
   }
@@ -265,10 +257,9 @@ static void product(const float* x, const uint8_t* w, float* y, int64_t M, int64
   const int64_t nb = K / QK, ng = nb / G;
   std::vector<int8_t> q(M * K);
   std::vector<float> d(M * nb), c(M * ng);
-  std::vector<int32_t> s8(M * nb);
-  quantize_rows(x, M, K, G, isa > 0, q.data(), d.data(), s8.data(), c.data());
+  quantize_rows(x, M, K, G, isa > 0, q.data(), d.data(), c.data());
   std::vector<Acts> a(M);
-  for (int64_t m = 0; m < M; m++) a[m] = {q.data() + m * K, d.data() + m * nb, s8.data() + m * nb, c.data() + m * ng};
+  for (int64_t m = 0; m < M; m++) a[m] = {q.data() + m * K, d.data() + m * nb, c.data() + m * ng};
   const auto* groups = (const group_q4x16<G>*)w;
   at::parallel_for(0, N / NR, 4, [&](int64_t begin, int64_t end) {
     for (int64_t rb = begin; rb < end; rb++) row_block<G>(groups + rb * ng, ng, a.data(), M, y + rb * NR, N, isa);

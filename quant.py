@@ -11,11 +11,12 @@ swap_in_quantized and pack_for_device. What is quantized:
     embedding stays float (a lookup reads one row, so it costs no time).
 The file is device-neutral: int4 values are stored two per byte ([N, K/2] uint8, even column in the high nibble)
 with `scales_and_zeros` [K/g, N, 2] (bf16). `pack_for_device` repacks them for the device's int4 kernel when there
-is one (CPU: bf16 activations; CUDA) and otherwise dequantizes at run time. A layer whose in_features the group
-size does not divide (SmolLM2's 576 with g128/g256) is zero-padded to the next multiple; its input is padded to
-match at run time, so every group size works with every model. CPU's int4 kernel, like the int8 one, reads the
-weight once per row of activations: fast for decode, slow for a long prompt, so from cpu.INT4_DEQUANTIZE_MIN_ROWS
-rows on the weight is dequantized from its packed form and multiplied with one GEMM instead.
+is one (CPU: brisk's cpu_int4.cpp, which quantizes the activations to int8 per block of 32, else aten's, on bf16
+activations; CUDA) and otherwise dequantizes at run time. A layer whose in_features the group size does not divide
+(SmolLM2's 576 with g128/g256) is zero-padded to the next multiple; its input is padded to match at run time, so
+every group size works with every model. The CPU kernels read the weight once per few rows of activations: fast for
+decode, slow for a long prompt, so from cpu.INT4_DEQUANTIZE_MIN_ROWS rows on the weight is dequantized from its
+packed form and multiplied with one GEMM instead (aten's kernel, the fallback, serves every row count).
 """
 import math
 from pathlib import Path
