@@ -9,11 +9,10 @@
   attends: kernel_attends).
 - int8_rows_product: brisk's int8 kernel for quant.WeightOnlyInt8Linear.
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
-- The int8/int4 kernels' row bounds and torch's CPU int4 packed layout, which quant.py reads.
+- The int8/int4 kernels' row bounds; kernel_isa, the SIMD path of brisk's kernels (int4: cpu_int4.cpp).
 A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py and ignore the rest.
 """
 import contextlib
-import functools
 import os
 import platform
 import sys
@@ -49,7 +48,8 @@ INDUCTOR_OPTIONS = {
 }
 
 INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantizing + one GEMM
-INT4_DEQUANTIZE_MIN_ROWS = 128  # from this many rows on dequantizing + one GEMM beats the int4 kernel
+INT4_DEQUANTIZE_MIN_ROWS = 512  # from this many rows on dequantizing + one GEMM beats brisk's int4 kernel
+INT4_ROWS = 16  # weight rows a block of brisk's int4 layout interleaves (cpu_int4.cpp): N must be a multiple
 
 
 # Products of at most this many rows (the decode step of a batch, a speculative verify pass) reduce each row alone
@@ -72,7 +72,7 @@ def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
 
 
 ISAS = {"none": 0, "avx2": 1, "avx512": 2}  # brisk's kernel paths: BRISK_CPU_ISA's values, kernel_isa's levels
-SOURCES = ["cpu_kernels.cpp"]  # the files of brisk's C++ extension, built as one
+SOURCES = ["cpu_kernels.cpp", "cpu_int4.cpp"]  # the files of brisk's C++ extension, built as one
 KERNEL_ISA: Optional[int] = None  # see kernel_isa
 
 
@@ -122,6 +122,10 @@ def register_fakes() -> None:
     torch.library.register_fake("brisk::int8_rows_product")(rows)
     torch.library.register_fake("brisk::attend")(
         lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format))
+    torch.library.register_fake("brisk::int4_product")(
+        lambda x, w, g, isa: x.new_empty((x.numel() // x.shape[-1], w.shape[0] * INT4_ROWS), dtype=torch.float32))
+    torch.library.register_fake("brisk::int4_dequantize")(
+        lambda w, g, dtype: w.new_empty((w.shape[0] * INT4_ROWS, w.shape[1] * g), dtype=dtype))
 
 
 def kernel_rows(x: Tensor, weight: Tensor) -> bool:
@@ -253,43 +257,3 @@ def int8_kernel(device: torch.device, in_features: int) -> Optional[str]:
     # torch's int8 kernel does not check its shapes and reads out of bounds unless K % 16 == 0 (measured)
     return "aten" if hasattr(torch.ops.aten, "_weight_int8pack_mm") and in_features % 16 == 0 else None
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# torch's CPU int4 packed layout (_convert_weight_to_int4pack_for_cpu), read back to dequantize long inputs
-
-
-def cpu_packed_blocks(p: Tensor, block: int) -> Tensor:
-    """The values (0..15) that `_convert_weight_to_int4pack_for_cpu` packed into p [N, K/2] uint8, as
-    [N/block, 2, K, block/2]: row block*b + block/2*h + j of the weight is [b, h, :, j]. The layout is torch's own
-    (2.13): blocks of `block` rows (64 on AVX-512 CPUs, 32 on AVX2 ones); within a block, for each input column,
-    block/2 bytes whose low nibbles are its first half of rows and high nibbles the second. `cpu_pack_block` finds
-    which block size this machine packs with."""
-    b = p.view(p.shape[0] // block, 1, p.shape[1] * 2, block // 2)  # [N/block, 1, K, block/2]
-    return torch.cat([b & 15, b >> 4], dim=1)
-
-
-def cpu_packed_values(p: Tensor, block: int) -> Tensor:
-    # p [N, K/2] packed for the CPU kernel in blocks of `block` rows -> its values [N, K] (0..15)
-    return cpu_packed_blocks(p, block).transpose(2, 3).reshape(p.shape[0], -1)
-
-
-@functools.cache
-def cpu_pack_block() -> Optional[int]:
-    """Rows per block of torch's CPU int4 packing on this machine, found by packing known values, or None when the
-    layout is none that cpu_packed_blocks knows (the packed weight is then only read by the kernel)."""
-    q = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return next((b for b in (64, 32) if torch.equal(cpu_packed_values(p, b), q.to(torch.uint8))), None)
-
-
-def cpu_dequantize_t(p: Tensor, sz: Tensor, groupsize: int, block: int, dtype: torch.dtype) -> Tensor:
-    """The dequantized weight, transposed [K, N], of a CPU-packed weight p [N, K/2] (blocks of `block` rows) with
-    scales_and_zeros sz [K/g, N, 2], computed in the packed layout (runs of block/2 rows), which eager ops stream
-    2-3x faster than unpacked rows."""
-    n, k, h = p.shape[0], p.shape[1] * 2, block // 2
-    G = k // groupsize
-    q = cpu_packed_blocks(p, block).to(dtype).sub_(8).view(n // block, 2, G, groupsize, h)  # [N/b, 2, K/g, g, b/2]
-    sz = sz.to(dtype).view(G, n // block, 2, h, 2).permute(1, 2, 0, 3, 4)  # [N/b, 2, K/g, b/2, 2]
-    scales, zeros = (sz[..., i].contiguous()[:, :, :, None] for i in (0, 1))  # [N/b, 2, K/g, 1, b/2]
-    w = torch.addcmul(zeros, q, scales).view(n // h, k, h)  # [N/h, K, h]: runs of h rows, transposed
-    return w.transpose(0, 1).reshape(k, n)

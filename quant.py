@@ -11,11 +11,12 @@ swap_in_quantized and pack_for_device. What is quantized:
     embedding stays float (a lookup reads one row, so it costs no time).
 The file is device-neutral: int4 values are stored two per byte ([N, K/2] uint8, even column in the high nibble)
 with `scales_and_zeros` [K/g, N, 2] (bf16). `pack_for_device` repacks them for the device's int4 kernel when there
-is one (CPU: bf16 activations; CUDA) and otherwise dequantizes at run time. A layer whose in_features the group
-size does not divide (SmolLM2's 576 with g128/g256) is zero-padded to the next multiple; its input is padded to
-match at run time, so every group size works with every model. CPU's int4 kernel, like the int8 one, reads the
-weight once per row of activations: fast for decode, slow for a long prompt, so from cpu.INT4_DEQUANTIZE_MIN_ROWS
-rows on the weight is dequantized from its packed form and multiplied with one GEMM instead.
+is one (CPU: brisk's cpu_int4.cpp, which quantizes the activations to int8 per block of 32, else aten's, on bf16
+activations; CUDA) and otherwise dequantizes at run time. A layer whose in_features the group size does not divide
+(SmolLM2's 576 with g128/g256) is zero-padded to the next multiple; its input is padded to match at run time, so
+every group size works with every model. The CPU kernels read the weight once per few rows of activations: fast for
+decode, slow for a long prompt, so from cpu.INT4_DEQUANTIZE_MIN_ROWS rows on the weight is dequantized from its
+packed form and multiplied with one GEMM instead (aten's kernel, the fallback, serves every row count).
 """
 import math
 from pathlib import Path
@@ -29,8 +30,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cli import BriskError
-from cpu import (FEW_ROWS, INT4_DEQUANTIZE_MIN_ROWS, INT8_KERNEL_MAX_ROWS, cpu_dequantize_t, cpu_pack_block,
-                 gemm_dtype, int8_kernel, int8_rows_product, one_row_on_cpu, one_row_product, per_row)
+from cpu import (FEW_ROWS, INT4_DEQUANTIZE_MIN_ROWS, INT4_ROWS, INT8_KERNEL_MAX_ROWS, gemm_dtype, int8_kernel,
+                 int8_rows_product, kernel_isa, one_row_on_cpu, one_row_product, per_row)
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -195,45 +196,47 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, k // 2, dtype=torch.uint8))  # [N, K/2], two per byte
         self.register_buffer("scales_and_zeros", torch.empty(k // groupsize, out_features, 2))  # [K/g, N, 2]
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
-        self.kernel: Optional[str] = None  # set by pack(): "cpu", "cuda", or None for the dequantize path
-        self.block: Optional[int] = None  # set by pack(): rows per block of a CPU-packed weight it can read back
+        self.kernel: Optional[str] = None  # set by pack(): "brisk", "cpu", "cuda", or None for the dequantize path
+        self.isa = 0  # set by pack(): the SIMD path of brisk's kernel (cpu.kernel_isa)
 
     def pack(self, kernel: Optional[str]) -> None:
-        """Repack the file's two-per-byte values for `kernel` ("cpu" or "cuda"), or unpack them (None)."""
+        """Repack the file's two-per-byte values for `kernel` ("brisk": cpu_int4.cpp's layout, which holds the scales
+        and zeros too; "cpu": aten's; "cuda"), or unpack them (None)."""
         q = unpack_nibbles(self.weight)  # [N, K]
-        if kernel == "cpu":
+        if kernel == "brisk":
+            self.weight = torch.ops.brisk.int4_pack(q, self.scales_and_zeros, self.groupsize)  # [N/16, K/g, bytes]
+            self.scales_and_zeros, self.isa = None, kernel_isa()
+        elif kernel == "cpu":
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            # the layout is torch's own: read it back only where it is one cpu_packed_blocks knows
-            block = cpu_pack_block()
-            self.block = block if block and q.shape[0] % block == 0 else None
         elif kernel == "cuda":
             tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight, tiles)
         else:
             self.weight = q
-        if kernel is not None:
+        if kernel in ("cpu", "cuda"):
             self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
         self.kernel = kernel
 
     def forward(self, x: Tensor) -> Tensor:
-        return per_row(x, self.gemm)  # a few rows one at a time, each as if alone (cpu.per_row)
+        # brisk's kernel reduces each row alone whatever rows are beside it; other kernels take a few rows one at a
+        # time, each as if alone (cpu.per_row)
+        return self.gemm(x) if self.kernel == "brisk" else per_row(x, self.gemm)
 
     def gemm(self, x: Tensor) -> Tensor:
-        lead, k = x.shape[:-1], self.scales_and_zeros.shape[0] * self.groupsize
+        lead, k = x.shape[:-1], padded(self.in_features, self.groupsize)
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if k != self.in_features:
             x2 = F.pad(x2, (0, k - self.in_features))
-        # CPU's kernel takes time linear in the rows, so long inputs take the dequantize path
-        dt = gemm_dtype(x2)  # of the dequantize paths
-        if self.kernel == "cpu" and not (self.block and x2.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS):
-            # the kernels take bf16 activations: other dtypes round-trip through bf16
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.groupsize,
-                                                           self.scales_and_zeros)
-        elif self.kernel == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize,
-                                                   self.scales_and_zeros)
-        elif self.kernel == "cpu":  # a long input
-            y = x2.to(dt) @ cpu_dequantize_t(self.weight, self.scales_and_zeros, self.groupsize, self.block, dt)
+        # the CPU kernels take time linear in the rows: long inputs dequantize the weight for one GEMM
+        dt, long = gemm_dtype(x2), x2.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS
+        if self.kernel == "brisk" and not long:
+            y = torch.ops.brisk.int4_product(x2, self.weight, self.groupsize, self.isa)
+        elif self.kernel == "brisk":
+            y = F.linear(x2.to(dt), torch.ops.brisk.int4_dequantize(self.weight, self.groupsize, dt))
+        elif self.kernel in ("cpu", "cuda"):  # these kernels take bf16 activations: others round-trip through bf16
+            aten = torch.ops.aten
+            mm = aten._weight_int4pack_mm_for_cpu if self.kernel == "cpu" else aten._weight_int4pack_mm
+            y = mm(x2.to(torch.bfloat16), self.weight, self.groupsize, self.scales_and_zeros)
         else:  # `weight` holds the values [N, K]
             w = int4_dequantize(self.weight, *from_scales_and_zeros(self.scales_and_zeros), dtype=dt)
             y = F.linear(x2.to(dt), w)
@@ -272,6 +275,8 @@ def swap_in_quantized(model: Transformer, quant: dict) -> None:
 
 def int4_kernel(device: torch.device, out_features: int, k: int) -> Optional[str]:
     aten = torch.ops.aten
+    if device.type == "cpu" and out_features % INT4_ROWS == 0 and kernel_isa() > 0:
+        return "brisk"
     if device.type == "cpu" and hasattr(aten, "_weight_int4pack_mm_for_cpu") and out_features % 16 == 0:
         return "cpu"
     # CUDA's kernel (tinygemm) runs on Ampere (sm80) and later only; its op exists in every build

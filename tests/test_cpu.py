@@ -334,3 +334,116 @@ def test_rows_that_share_a_prompt_read_it_from_one_row(isa):
     assert not torch.equal(attend(isa, q, spoiled_k, spoiled_v, mask), want)
     alone = attend(isa, q[1:2], spoiled_k[1:2], spoiled_v[1:2], mask, prefix[1:2])  # src -1: ignored
     assert torch.equal(alone, attend(isa, q[1:2], spoiled_k[1:2], spoiled_v[1:2], mask))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# brisk's int4 kernel (cpu_int4.cpp)
+
+needs_int4_kernel = pytest.mark.skipif(cpu.kernel_isa() == 0, reason="no AVX2 (or no compiler): aten's int4 kernel")
+ISA_PATHS = [isa for isa in (1, 2) if isa <= cpu.kernel_isa()]  # the SIMD paths this CPU runs
+
+
+def int4_weight(n, k, groupsize, seed=0):
+    """A random int4 weight: its values [n, k], scales and zeros [n, k/g] (bf16 values), and brisk's packing."""
+    q, scales, zeros = quant.int4_quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), groupsize)
+    packed = torch.ops.brisk.int4_pack(q, quant.to_scales_and_zeros(scales, zeros).bfloat16(), groupsize)
+    return q, scales, zeros, packed
+
+
+def int4_reference(x, q, scales, zeros, groupsize):
+    """What the kernel computes, in plain torch (fp64 sums): each row of x [M, K] quantized to int8 in blocks of 32
+    (x ~ d * xq, d = max|x| / 127, to nearest), then y = sum over groups of scale * sum_b d_b (q - 8) . xq_b
+    + zero * sum_b d_b sum(xq_b)."""
+    M, K = x.shape
+    xb = x.float().reshape(M, K // 32, 32)
+    d = xb.abs().amax(-1) / 127  # [M, K/32]
+    xq = torch.round(xb * torch.where(d != 0, 1 / d, 0)[..., None]).double()
+    dots = torch.einsum("nbk,mbk->mnb", (q.double() - 8).reshape(-1, K // 32, 32), xq) * d.double()[:, None]
+    sums = xq.sum(-1) * d.double()  # [M, K/32]
+    per = groupsize // 32  # blocks per group
+    dots, sums = dots.reshape(M, -1, K // groupsize, per).sum(-1), sums.reshape(M, K // groupsize, per).sum(-1)
+    return (dots * scales.double()).sum(-1) + sums @ zeros.double().t()  # [M, N]
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("n, k, groupsize", [(48, 96, 32), (16, 64, 64), (592, 384, 128), (80, 256, 256),
+                                             (1536, 576, 32)])
+def test_the_int4_kernel_computes_its_arithmetic_on_every_path(n, k, groupsize):
+    """brisk's int4 kernel: the plain-torch reference of its arithmetic (int8 activations per block of 32) within fp32
+    rounding, bitwise the same on the AVX2 and AVX-512 paths as in the scalar reference (isa 0), and each row's
+    result bitwise the same with any rows beside it (row counts that leave tails of the tiles of 4 and 2 rows,
+    numbers of 16-row blocks that the threads do not share evenly)."""
+    q, scales, zeros, packed = int4_weight(n, k, groupsize)
+    x = torch.randn(cpu.FEW_ROWS, k, generator=torch.Generator().manual_seed(1)) * torch.logspace(-2, 1, k)
+    x[3, :32] = 0  # a block of zeros: d = 0
+    want = int4_reference(x, q, scales, zeros, groupsize)
+    scalar = torch.ops.brisk.int4_product(x, packed, groupsize, 0)
+    torch.testing.assert_close(scalar.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    for isa in ISA_PATHS:
+        alone = torch.cat([torch.ops.brisk.int4_product(row[None], packed, groupsize, isa) for row in x])
+        assert torch.equal(alone, scalar), f"isa {isa}"
+        for m in (2, 3, 5, 7, cpu.FEW_ROWS):
+            assert torch.equal(torch.ops.brisk.int4_product(x[-m:], packed, groupsize, isa), alone[-m:]), (isa, m)
+    assert torch.equal(torch.ops.brisk.int4_product(x.bfloat16(), packed, groupsize, ISA_PATHS[-1]),
+                       torch.ops.brisk.int4_product(x.bfloat16().float(), packed, groupsize, ISA_PATHS[-1]))
+
+
+@needs_int4_kernel
+def test_int8_activations_stay_within_a_percent_of_the_float_product():
+    """The precision of the int8 activations (what the README states): against the product of the same int4 weight
+    with the activations unrounded, an error of well under 1% of the output's norm."""
+    q, scales, zeros, packed = int4_weight(256, 1024, 32)
+    x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(1))
+    exact = x.double() @ quant.int4_dequantize(q, scales, zeros).double().t()
+    y = torch.ops.brisk.int4_product(x, packed, 32, cpu.kernel_isa())
+    assert ((y - exact).norm() / exact.norm()).item() < 0.01
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
+def test_the_int4_layout_dequantizes_to_the_files_weight(groupsize):
+    """brisk's int4 layout read back (the weight of a long input's GEMM): int4_dequantize's values, bitwise, in fp32
+    and bf16."""
+    q, scales, zeros, packed = int4_weight(48, 512, groupsize)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(torch.ops.brisk.int4_dequantize(packed, groupsize, dtype),
+                           quant.int4_dequantize(q, scales, zeros, dtype))
+
+
+def int4_layer(n, k, groupsize, kernel):
+    layer = quant.WeightOnlyInt4Linear(k, n, groupsize, bias=True)
+    kp = quant.padded(k, groupsize)
+    q, scales, zeros = quant.int4_quantize(torch.nn.functional.pad(torch.randn(n, k), (0, kp - k)), groupsize)
+    layer.weight, layer.bias = quant.pack_nibbles(q), torch.nn.Parameter(torch.randn(n))
+    layer.scales_and_zeros = quant.to_scales_and_zeros(scales, zeros).bfloat16()
+    layer.pack(kernel)
+    return layer
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("rows, op", [(1, "int4_product"), (cpu.FEW_ROWS, "int4_product"),
+                                      (quant.INT4_DEQUANTIZE_MIN_ROWS - 1, "int4_product"),
+                                      (quant.INT4_DEQUANTIZE_MIN_ROWS, "int4_dequantize")])
+def test_an_int4_layer_takes_the_kernel_until_a_long_input(compile, rows, op):
+    """An int4 layer packed for the CPU (quant.int4_kernel: "brisk") multiplies its rows in brisk's kernel, eagerly
+    and compiled (100 inputs padded to whole groups of 32), until INT4_DEQUANTIZE_MIN_ROWS rows: those multiply the
+    dequantized weight in one GEMM. The same values every way (the kernel's own within its int8 activations)."""
+    assert quant.int4_kernel(torch.device("cpu"), 48, 128) == "brisk"
+    torch.manual_seed(0)
+    layer = int4_layer(48, 100, 32, "brisk")
+    torch.manual_seed(0)
+    plain = int4_layer(48, 100, 32, None)  # the same weight, dequantized at every call
+    x = torch.randn(1, rows, 100, dtype=torch.bfloat16)
+    with torch.no_grad():
+        if compile:
+            compiled = torch.compile(layer, fullgraph=True, dynamic=False, options=cpu.INDUCTOR_OPTIONS)
+            y, codes = run_and_get_code(compiled, x)
+            assert f"brisk.{op}" in "".join(codes)
+            assert torch.equal(y, layer(x))  # the compiled step keeps eager's roundings
+        else:
+            with OpsSeen() as seen:
+                y = layer(x)
+            assert f"brisk.{op}" in seen.names
+    want = plain(x.float())
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

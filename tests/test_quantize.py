@@ -91,54 +91,24 @@ def int4_linear(w, groupsize, kernel, device="cpu"):
 
 
 @pytest.mark.parametrize("groupsize, k", [(32, 256), (128, 256), (64, 96)])  # 96: inputs padded to 128
-def test_the_devices_int4_kernel_equals_dequantize_path(groupsize, k, device):
-    """The packed weight of the device's kernel (CPU: _weight_int4pack_mm_for_cpu, CUDA: _weight_int4pack_mm with
-    its inner k tiles) computes what the plain dequantize path computes."""
+def test_the_devices_int4_kernels_equal_the_dequantize_path(groupsize, k, device):
+    """The packed weight of the device's kernel (CPU: brisk's cpu_int4.cpp, and aten's _weight_int4pack_mm_for_cpu
+    where it cannot be built; CUDA: _weight_int4pack_mm with its inner k tiles) computes what the plain dequantize
+    path computes."""
     w = weights(n=64, k=k) * 10
     kernel = quant.int4_kernel(device, 64, quant.padded(k, groupsize))
     if kernel is None:
         pytest.skip(f"no int4 kernel on this {device.type} device")
-    packed, plain = int4_linear(w, groupsize, kernel, device), int4_linear(w, groupsize, None, device)
-    assert packed.kernel == device.type and plain.kernel is None
+    plain = int4_linear(w, groupsize, None, device)
     x = torch.randn(2, 5, k, dtype=torch.bfloat16, device=device)
-    torch.testing.assert_close(packed(x).float(), plain(x).float(), rtol=2e-2, atol=2e-2 * plain(x).abs().max().item())
-    y = packed(x.float())  # other dtypes round-trip through bf16
-    assert y.dtype == torch.float32
-    torch.testing.assert_close(y, plain(x).float(), rtol=2e-2, atol=2e-2 * plain(x).abs().max().item())
-
-
-@pytest.mark.cpu_only("torch's int4 layout for the CPU")
-def test_cpu_packed_int4_weights_read_back_to_their_values():
-    block = cpu.cpu_pack_block()
-    assert block in (64, 32)  # torch's layout on AVX-512 and AVX2 CPUs: anything else is a new layout to learn
-    q = torch.randint(0, 16, (128, 64), dtype=torch.uint8)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    assert torch.equal(cpu.cpu_packed_values(packed, block), q)
-    scales, zeros = torch.rand(128, 2, dtype=torch.bfloat16) / 8, torch.randn(128, 2, dtype=torch.bfloat16)
-    sz = quant.to_scales_and_zeros(scales, zeros)
-    for dtype in (torch.bfloat16, torch.float32):  # dequantized in the packed layout: the same weight, transposed
-        wt = cpu.cpu_dequantize_t(packed, sz, 32, block, dtype)
-        assert torch.equal(wt, int4_dequantize(q, scales, zeros, dtype).t())
-    assert int4_linear(weights(n=64, k=64), 32, "cpu").block == block
-    assert int4_linear(weights(n=80, k=64), 32, "cpu").block is None  # not whole blocks of rows: kernel only
-
-
-@pytest.mark.cpu_only("torch's int4 layout for the CPU")
-def test_long_inputs_dequantize_the_cpu_packed_weight_to_the_same_result(monkeypatch):
-    w = weights(n=64, k=256) * 10
-    packed, plain = int4_linear(w, 32, "cpu"), int4_linear(w, 32, None)
-    x = torch.randn(1, 20, 256, dtype=torch.bfloat16)  # more than cpu.FEW_ROWS, which run one at a time
-    reads, read_back = [], quant.cpu_dequantize_t
-    monkeypatch.setattr(quant, "cpu_dequantize_t", lambda p, *a: reads.append(p) or read_back(p, *a))
-    kernel_y = packed(x)  # 20 rows, fewer than INT4_DEQUANTIZE_MIN_ROWS: the kernel
-    assert not reads
-    monkeypatch.setattr(quant, "INT4_DEQUANTIZE_MIN_ROWS", 20)
-    long_y = packed(x)  # as many rows as INT4_DEQUANTIZE_MIN_ROWS: the weight dequantized as the plain module does
-    assert len(reads) == 1
-    torch.testing.assert_close(long_y, plain(x), rtol=1e-2, atol=1e-2)  # the same weight; GEMMs round alike to bf16
-    compiled_y = torch.compile(packed, fullgraph=True)(x)  # as generate.py --compile_prefill runs it
-    torch.testing.assert_close(compiled_y, long_y, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(kernel_y.float(), long_y.float(), rtol=2e-2, atol=2e-2 * long_y.abs().max())
+    want = plain(x).float()
+    for kernel in [kernel] + (["cpu"] if kernel == "brisk" else []):  # aten's CPU kernel: the fallback
+        packed = int4_linear(w, groupsize, kernel, device)
+        assert packed.kernel == kernel and plain.kernel is None
+        torch.testing.assert_close(packed(x).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        y = packed(x.float())  # other dtypes: fp32 in, fp32 out
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 @pytest.mark.cpu_only("the int8 kernels for the CPU")
@@ -208,10 +178,13 @@ def test_an_int4_head_runs_through_the_devices_kernel_like_the_dequantize_path(t
     out = quant.output_path(path, "int4", 32, "int4")
     idx = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(0))
     packed = load_model(out, device)
-    assert packed.output.kernel == device.type and packed.tok_embeddings.weight.shape == (320, 64)
+    kernel = quant.int4_kernel(device, 320, 64)
+    assert kernel and packed.output.kernel == kernel and packed.tok_embeddings.weight.shape == (320, 64)
     monkeypatch.setattr(quant, "int4_kernel", lambda *_: None)
     plain = logits(load_model(out, device), idx)
-    torch.testing.assert_close(logits(packed, idx), plain, rtol=2e-2, atol=2e-2 * plain.abs().max().item())
+    # through every layer of this random model: ~0.014 with bf16 activations (aten's CPU kernel), ~0.026 with brisk's
+    # int8 ones; a wrong layout or parameter gives about 1
+    assert rel_err(logits(packed, idx), plain) < 0.05
 
 
 @pytest.mark.parametrize("mode, groupsize, head, bound", [
