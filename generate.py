@@ -18,8 +18,8 @@ import torch
 import batch as batching
 import speculative
 from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, check_writable, run_cli, save_atomic
-from engine import (BANDWIDTH_HELP, INTERACTIVE_MAX_SEQ_LENGTH, Engine, TextStream, chat, common_prefix, describe,
-                    figures, load, prepare, summarize)
+from engine import (BANDWIDTH_HELP, INTERACTIVE_MAX_SEQ_LENGTH, Engine, TextStream, cache_length, chat, common_prefix,
+                    describe, figures, load, prepare, summarize)
 from generation_cli import add_generation_args, check_generation_args, start
 
 def chat_in_cache(engine: Engine, tokenizer, args, sampling: dict) -> None:
@@ -135,7 +135,7 @@ def run_batch(args: argparse.Namespace, config, tokenizer) -> None:
     else:
         prompts = [tokenizer.encode(p) for p in args.prompts]
     longest = max(map(len, prompts))
-    max_seq_length = args.max_seq_length or min(longest + args.max_new_tokens, config.block_size)
+    max_seq_length = args.max_seq_length or cache_length(longest + args.max_new_tokens, config.block_size)
     for i, ids in enumerate(prompts):
         if not ids:
             raise BriskError(f"prompt {i + 1} is empty")
@@ -194,7 +194,7 @@ def main(argv=None) -> None:
         max_seq_length = args.max_seq_length or min(config.block_size, INTERACTIVE_MAX_SEQ_LENGTH)
     else:
         ids, shown = encode_prompt(args, tokenizer, min(tokenizer.vocab_size, config.vocab_size))
-        max_seq_length = args.max_seq_length or min(len(ids) + args.max_new_tokens, config.block_size)
+        max_seq_length = args.max_seq_length or cache_length(len(ids) + args.max_new_tokens, config.block_size)
         if len(ids) > config.block_size:
             raise BriskError(f"the prompt has {len(ids)} tokens, more than the model's block_size {config.block_size}")
         if len(ids) > max_seq_length:

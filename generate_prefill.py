@@ -22,7 +22,7 @@ import torch
 
 import speculative
 from cli import DTYPES, ArgumentParser, BriskError, looks_like_path, run_cli, save_atomic
-from engine import INTERACTIVE_MAX_SEQ_LENGTH, TextStream, chat, common_prefix, figures, prepare
+from engine import INTERACTIVE_MAX_SEQ_LENGTH, TextStream, cache_length, chat, common_prefix, figures, prepare
 from generation_cli import add_generation_args, check_generation_args, start
 from prefix_cache import PrefixCache, check_same_entries, generate_cached, model_meta, rank_file
 
@@ -147,7 +147,7 @@ def main(argv=None) -> None:
     if args.interactive:
         max_seq_length = args.max_seq_length or min(config.block_size, INTERACTIVE_MAX_SEQ_LENGTH)
     else:
-        max_seq_length = args.max_seq_length or min(longest + args.max_new_tokens, config.block_size)
+        max_seq_length = args.max_seq_length or cache_length(longest + args.max_new_tokens, config.block_size)
     if max_seq_length > config.block_size:
         raise BriskError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}")
     if len(conv.context_ids) >= max_seq_length:

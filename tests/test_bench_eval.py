@@ -109,6 +109,22 @@ def test_bench_figures_are_consistent(tmp_path, capsys):
     assert table.count("| brisk | model.pth | float32 |") == 4
 
 
+def test_bench_brisk_eager_runs_the_same_model_beside_brisk(tmp_path):
+    """The brisk-eager peer (no --hf_model or --gguf needed) shares brisk's model and caches, uncompiled: beside
+    --compile, what compiling gains."""
+    ckpt = make_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    bench.main(["--checkpoint_path", str(ckpt), "--input-tokens", "5", "--batch-size", "2", "--max-new-tokens", "4",
+                "--num-iter", "2", "--warmup", "1", "--dtype", "float32", "--copy_gib", "0.05", "--peers",
+                "brisk-eager", "--json", str(out)])
+    report = json.loads(out.read_text())
+    brisk, eager = report["results"]
+    assert (brisk["engine"], eager["engine"]) == ("brisk", "brisk-eager") and eager["compile"] is False
+    assert eager["weight_bytes"] == brisk["weight_bytes"]
+    assert [it["tokens_generated"] for it in eager["iterations"]] == [8, 8]
+    assert [r["peer"] for r in report["ratios"]] == ["brisk-eager"]
+
+
 def test_bench_peers_transformers_run_the_same_configuration(random_hf, tmp_path, capsys):
     """Eager and static cache + compile share one transformers model, taking turns in the timed rounds."""
     _, ckpt = random_hf

@@ -72,6 +72,18 @@ def test_attend_len_covers_the_written_cache_in_few_sizes(max_seq_length):
     assert len(set(lengths)) <= {144: 3, 4096: 64, 131072: 144}[max_seq_length]
 
 
+def test_no_buffer_grows_with_the_positions_squared():
+    """The caches and rotary tables grow with the positions; attention's causal mask is made per step for the keys
+    attended, so no table of positions x positions exists (17 GB at Llama-3.1's 131,072 positions)."""
+    S = 16384
+    model = Transformer(ModelArgs(**dict(TINY, block_size=S)))
+    model.setup_caches(1, S)
+    head_dim = TINY["dim"] // TINY["n_head"]
+    assert max(b.numel() for b in model.buffers()) == TINY["n_local_heads"] * (S + 1) * head_dim  # a KV cache
+    with torch.no_grad():  # the last position still attends to every key before it
+        assert torch.isfinite(model(torch.tensor([[1]]), torch.tensor([S - 1]))).all()
+
+
 def test_logits_to_keep_computes_the_last_rows_only(tmp_path):
     model, idx, full = model_and_full_forward(tmp_path)
     with torch.no_grad():
