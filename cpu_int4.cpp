@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #define AVX2_FMA __attribute__((target("avx2,fma,f16c")))
@@ -87,15 +88,22 @@ AVX2_FMA static void quantize_block_avx2(const float* x, int8_t* q, float& d, in
   _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
-// x [M, K] fp32 -> the M rows' Acts, in the buffers q [M, K], d [M, K/32], c [M, K/g]
-static void quantize_rows(const float* x, int64_t M, int64_t K, int G, bool simd, int8_t* q, float* d, float* c) {
+// x [M, K] fp32 or bf16 -> the M rows' Acts, in the buffers q [M, K], d [M, K/32], c [M, K/g]. bf16 is widened here,
+// 32 values at a time: a separate conversion of x is a parallel region of its own, which costs more than the product
+// when the machine's other threads are busy
+template <typename T>
+static void quantize_rows(const T* x, int64_t M, int64_t K, int G, bool simd, int8_t* q, float* d, float* c) {
   const int64_t nb = K / QK, ng = nb / G;
+  float wide[QK];
   for (int64_t m = 0; m < M; m++)
     for (int64_t b = 0; b < nb; b++) {
       const int64_t i = m * nb + b;
+      const float* xb = wide;
+      if constexpr (std::is_same_v<T, float>) xb = x + i * QK;
+      else for (int k = 0; k < QK; k++) wide[k] = (float)x[i * QK + k];
       int32_t sum;
-      if (simd) quantize_block_avx2(x + i * QK, q + i * QK, d[i], sum);
-      else quantize_block_ref(x + i * QK, q + i * QK, d[i], sum);
+      if (simd) quantize_block_avx2(xb, q + i * QK, d[i], sum);
+      else quantize_block_ref(xb, q + i * QK, d[i], sum);
       float& ci = c[m * ng + b / G];
       ci = std::fma(d[i], (float)sum, b % G ? ci : 0.0f);
     }
@@ -253,11 +261,14 @@ static void row_block(const group_q4x16<G>* w, int64_t ng, const Acts* a, int64_
 }
 
 template <int G>
-static void product(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N, int isa) {
+static void product(const at::Tensor& x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N, int isa) {
   const int64_t nb = K / QK, ng = nb / G;
   std::vector<int8_t> q(M * K);
   std::vector<float> d(M * nb), c(M * ng);
-  quantize_rows(x, M, K, G, isa > 0, q.data(), d.data(), c.data());
+  if (x.scalar_type() == at::kBFloat16)
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, G, isa > 0, q.data(), d.data(), c.data());
+  else
+    quantize_rows(x.data_ptr<float>(), M, K, G, isa > 0, q.data(), d.data(), c.data());
   std::vector<Acts> a(M);
   for (int64_t m = 0; m < M; m++) a[m] = {q.data() + m * K, d.data() + m * nb, c.data() + m * ng};
   const auto* groups = (const group_q4x16<G>*)w;
@@ -280,16 +291,15 @@ at::Tensor int4_product(const at::Tensor& x_, const at::Tensor& w, int64_t group
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.size(2) == 256 * G + 4 * NR
               && x_.size(-1) == K, "int4_product: a weight from int4_pack and ", K, " inputs");
   TORCH_CHECK(isa >= 0 && isa <= 2, "int4_product: isa 0, 1 or 2");
-  const at::Tensor x = x_.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const at::Tensor x = (x_.scalar_type() == at::kBFloat16 ? x_ : x_.to(at::kFloat)).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   switch (G) {
-    case 1: product<1>(xp, wp, yp, M, K, N, isa); break;
-    case 2: product<2>(xp, wp, yp, M, K, N, isa); break;
-    case 4: product<4>(xp, wp, yp, M, K, N, isa); break;
-    default: product<8>(xp, wp, yp, M, K, N, isa);
+    case 1: product<1>(x, wp, yp, M, K, N, isa); break;
+    case 2: product<2>(x, wp, yp, M, K, N, isa); break;
+    case 4: product<4>(x, wp, yp, M, K, N, isa); break;
+    default: product<8>(x, wp, yp, M, K, N, isa);
   }
   return y;
 }
