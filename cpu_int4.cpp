@@ -142,7 +142,7 @@ AVX512_VNNI static inline __m512 bf16x16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-constexpr int64_t AHEAD = 1024;  // bytes prefetched ahead in a row block's stream
+constexpr int64_t AHEAD = 8192;  // bytes prefetched ahead in a row block's stream
 
 template <int T, int G>
 AVX512_VNNI static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
