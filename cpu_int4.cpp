@@ -190,8 +190,9 @@ AVX2_FMA static inline __m256 bf16x8(const at::BFloat16* p) {
 }
 
 // As rows_avx512, in two halves of 8 rows (the first and last 32 bytes of each qs[p]); without VNNI the quads are
-// multiplied in int16 pairs (vpmaddubsw: 15 * 127 * 2 at most), eight of them summed in int16 (30480 at most), then
-// pairs summed into int32 (vpmaddwd)
+// multiplied in int16 pairs (vpmaddubsw: 15 * 127 * 2 at most), eight of them summed in int16 (30480 at most, in any
+// order), then pairs summed into int32 (vpmaddwd). Quad by quad, the weight's nibbles and each row's two broadcasts
+// serve both halves.
 template <int T, int G>
 AVX2_FMA static void rows_avx2(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
   const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
@@ -205,25 +206,31 @@ AVX2_FMA static void rows_avx2(const group_q4x16<G>* w, int64_t ng, const Acts* 
       const block_q4x16& blk = w[g].b[j];
       for (int l = 0; l < 4; l++) _mm_prefetch((const char*)blk.qs[l] + AHEAD, _MM_HINT_T0);
       const int64_t b = g * G + j;
-#pragma GCC unroll 2
-      for (int h = 0; h < 2; h++) {
-        __m256i q[8];
+      __m256i s[T][2];
 #pragma GCC unroll 4
-        for (int p = 0; p < 4; p++) {
-          const __m256i v = _mm256_loadu_si256((const __m256i*)(blk.qs[p] + 32 * h));
-          q[p] = _mm256_and_si256(v, low);
-          q[p + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        }
+      for (int p = 0; p < 4; p++) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)blk.qs[p]);
+        const __m256i v1 = _mm256_loadu_si256((const __m256i*)(blk.qs[p] + 32));
+        const __m256i q[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),  // [half]: low, then high nibbles
+                              _mm256_and_si256(_mm256_srli_epi16(v0, 4), low),
+                              _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) {
           const int32_t* xq = (const int32_t*)(a[t].q + b * QK);
-          __m256i s[4];
+          const __m256i lo = _mm256_set1_epi32(xq[p]), hi = _mm256_set1_epi32(xq[p + 4]);
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; h++) {
+            const __m256i m = _mm256_add_epi16(_mm256_maddubs_epi16(q[h], lo), _mm256_maddubs_epi16(q[2 + h], hi));
+            s[t][h] = p ? _mm256_add_epi16(s[t][h], m) : m;
+          }
+        }
+      }
 #pragma GCC unroll 4
-          for (int p = 0; p < 4; p++)
-            s[p] = _mm256_add_epi16(_mm256_maddubs_epi16(q[p], _mm256_set1_epi32(xq[p])),
-                                    _mm256_maddubs_epi16(q[p + 4], _mm256_set1_epi32(xq[p + 4])));
-          const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_add_epi16(s[2], s[3]));
-          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), d = _mm256_set1_ps(a[t].d[b]);
+      for (int t = 0; t < T; t++) {
+        const __m256 d = _mm256_set1_ps(a[t].d[b]);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[t][h], ones));
           gacc[t][h] = j ? _mm256_fmadd_ps(f, d, gacc[t][h]) : _mm256_mul_ps(f, d);
         }
       }
@@ -253,6 +260,7 @@ static void row_block(const group_q4x16<G>* w, int64_t ng, const Acts* a, int64_
     for (; m + 2 <= M; m += 2) rows_avx512<2, G>(w, ng, a + m, y + m * N, N);
     for (; m < M; m++) rows_avx512<1, G>(w, ng, a + m, y + m * N, N);
   } else if (isa == 1) {
+    for (; m + 4 <= M; m += 4) rows_avx2<4, G>(w, ng, a + m, y + m * N, N);
     for (; m + 2 <= M; m += 2) rows_avx2<2, G>(w, ng, a + m, y + m * N, N);
     for (; m < M; m++) rows_avx2<1, G>(w, ng, a + m, y + m * N, N);
   } else {
