@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #define AVX2_FMA __attribute__((target("avx2,fma,f16c")))
@@ -87,15 +88,22 @@ AVX2_FMA static void quantize_block_avx2(const float* x, int8_t* q, float& d, in
   _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
-// x [M, K] fp32 -> the M rows' Acts, in the buffers q [M, K], d [M, K/32], c [M, K/g]
-static void quantize_rows(const float* x, int64_t M, int64_t K, int G, bool simd, int8_t* q, float* d, float* c) {
+// x [M, K] fp32 or bf16 -> the M rows' Acts, in the buffers q [M, K], d [M, K/32], c [M, K/g]. bf16 is widened here,
+// 32 values at a time: a separate conversion of x is a parallel region of its own, which costs more than the product
+// when the machine's other threads are busy
+template <typename T>
+static void quantize_rows(const T* x, int64_t M, int64_t K, int G, bool simd, int8_t* q, float* d, float* c) {
   const int64_t nb = K / QK, ng = nb / G;
+  float wide[QK];
   for (int64_t m = 0; m < M; m++)
     for (int64_t b = 0; b < nb; b++) {
       const int64_t i = m * nb + b;
+      const float* xb = wide;
+      if constexpr (std::is_same_v<T, float>) xb = x + i * QK;
+      else for (int k = 0; k < QK; k++) wide[k] = (float)x[i * QK + k];
       int32_t sum;
-      if (simd) quantize_block_avx2(x + i * QK, q + i * QK, d[i], sum);
-      else quantize_block_ref(x + i * QK, q + i * QK, d[i], sum);
+      if (simd) quantize_block_avx2(xb, q + i * QK, d[i], sum);
+      else quantize_block_ref(xb, q + i * QK, d[i], sum);
       float& ci = c[m * ng + b / G];
       ci = std::fma(d[i], (float)sum, b % G ? ci : 0.0f);
     }
@@ -134,7 +142,7 @@ AVX512_VNNI static inline __m512 bf16x16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-constexpr int64_t AHEAD = 1024;  // bytes prefetched ahead in a row block's stream
+constexpr int64_t AHEAD = 8192;  // bytes prefetched ahead in a row block's stream
 
 template <int T, int G>
 AVX512_VNNI static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
@@ -182,8 +190,9 @@ AVX2_FMA static inline __m256 bf16x8(const at::BFloat16* p) {
 }
 
 // As rows_avx512, in two halves of 8 rows (the first and last 32 bytes of each qs[p]); without VNNI the quads are
-// multiplied in int16 pairs (vpmaddubsw: 15 * 127 * 2 at most), eight of them summed in int16 (30480 at most), then
-// pairs summed into int32 (vpmaddwd)
+// multiplied in int16 pairs (vpmaddubsw: 15 * 127 * 2 at most), eight of them summed in int16 (30480 at most, in any
+// order), then pairs summed into int32 (vpmaddwd). Quad by quad, the weight's nibbles and each row's two broadcasts
+// serve both halves.
 template <int T, int G>
 AVX2_FMA static void rows_avx2(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
   const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
@@ -197,25 +206,31 @@ AVX2_FMA static void rows_avx2(const group_q4x16<G>* w, int64_t ng, const Acts* 
       const block_q4x16& blk = w[g].b[j];
       for (int l = 0; l < 4; l++) _mm_prefetch((const char*)blk.qs[l] + AHEAD, _MM_HINT_T0);
       const int64_t b = g * G + j;
-#pragma GCC unroll 2
-      for (int h = 0; h < 2; h++) {
-        __m256i q[8];
+      __m256i s[T][2];
 #pragma GCC unroll 4
-        for (int p = 0; p < 4; p++) {
-          const __m256i v = _mm256_loadu_si256((const __m256i*)(blk.qs[p] + 32 * h));
-          q[p] = _mm256_and_si256(v, low);
-          q[p + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        }
+      for (int p = 0; p < 4; p++) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)blk.qs[p]);
+        const __m256i v1 = _mm256_loadu_si256((const __m256i*)(blk.qs[p] + 32));
+        const __m256i q[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),  // [half]: low, then high nibbles
+                              _mm256_and_si256(_mm256_srli_epi16(v0, 4), low),
+                              _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) {
           const int32_t* xq = (const int32_t*)(a[t].q + b * QK);
-          __m256i s[4];
+          const __m256i lo = _mm256_set1_epi32(xq[p]), hi = _mm256_set1_epi32(xq[p + 4]);
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; h++) {
+            const __m256i m = _mm256_add_epi16(_mm256_maddubs_epi16(q[h], lo), _mm256_maddubs_epi16(q[2 + h], hi));
+            s[t][h] = p ? _mm256_add_epi16(s[t][h], m) : m;
+          }
+        }
+      }
 #pragma GCC unroll 4
-          for (int p = 0; p < 4; p++)
-            s[p] = _mm256_add_epi16(_mm256_maddubs_epi16(q[p], _mm256_set1_epi32(xq[p])),
-                                    _mm256_maddubs_epi16(q[p + 4], _mm256_set1_epi32(xq[p + 4])));
-          const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_add_epi16(s[2], s[3]));
-          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), d = _mm256_set1_ps(a[t].d[b]);
+      for (int t = 0; t < T; t++) {
+        const __m256 d = _mm256_set1_ps(a[t].d[b]);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[t][h], ones));
           gacc[t][h] = j ? _mm256_fmadd_ps(f, d, gacc[t][h]) : _mm256_mul_ps(f, d);
         }
       }
@@ -245,6 +260,7 @@ static void row_block(const group_q4x16<G>* w, int64_t ng, const Acts* a, int64_
     for (; m + 2 <= M; m += 2) rows_avx512<2, G>(w, ng, a + m, y + m * N, N);
     for (; m < M; m++) rows_avx512<1, G>(w, ng, a + m, y + m * N, N);
   } else if (isa == 1) {
+    for (; m + 4 <= M; m += 4) rows_avx2<4, G>(w, ng, a + m, y + m * N, N);
     for (; m + 2 <= M; m += 2) rows_avx2<2, G>(w, ng, a + m, y + m * N, N);
     for (; m < M; m++) rows_avx2<1, G>(w, ng, a + m, y + m * N, N);
   } else {
@@ -253,11 +269,14 @@ static void row_block(const group_q4x16<G>* w, int64_t ng, const Acts* a, int64_
 }
 
 template <int G>
-static void product(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N, int isa) {
+static void product(const at::Tensor& x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N, int isa) {
   const int64_t nb = K / QK, ng = nb / G;
   std::vector<int8_t> q(M * K);
   std::vector<float> d(M * nb), c(M * ng);
-  quantize_rows(x, M, K, G, isa > 0, q.data(), d.data(), c.data());
+  if (x.scalar_type() == at::kBFloat16)
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, G, isa > 0, q.data(), d.data(), c.data());
+  else
+    quantize_rows(x.data_ptr<float>(), M, K, G, isa > 0, q.data(), d.data(), c.data());
   std::vector<Acts> a(M);
   for (int64_t m = 0; m < M; m++) a[m] = {q.data() + m * K, d.data() + m * nb, c.data() + m * ng};
   const auto* groups = (const group_q4x16<G>*)w;
@@ -280,16 +299,15 @@ at::Tensor int4_product(const at::Tensor& x_, const at::Tensor& w, int64_t group
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.size(2) == 256 * G + 4 * NR
               && x_.size(-1) == K, "int4_product: a weight from int4_pack and ", K, " inputs");
   TORCH_CHECK(isa >= 0 && isa <= 2, "int4_product: isa 0, 1 or 2");
-  const at::Tensor x = x_.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const at::Tensor x = (x_.scalar_type() == at::kBFloat16 ? x_ : x_.to(at::kFloat)).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   switch (G) {
-    case 1: product<1>(xp, wp, yp, M, K, N, isa); break;
-    case 2: product<2>(xp, wp, yp, M, K, N, isa); break;
-    case 4: product<4>(xp, wp, yp, M, K, N, isa); break;
-    default: product<8>(xp, wp, yp, M, K, N, isa);
+    case 1: product<1>(x, wp, yp, M, K, N, isa); break;
+    case 2: product<2>(x, wp, yp, M, K, N, isa); break;
+    case 4: product<4>(x, wp, yp, M, K, N, isa); break;
+    default: product<8>(x, wp, yp, M, K, N, isa);
   }
   return y;
 }
