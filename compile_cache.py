@@ -64,7 +64,7 @@ def describe(names: list, args: tuple, kwargs: dict, dynamic: tuple) -> tuple:
 
 def step_key(fn: Callable, options: dict, model: torch.nn.Module, inputs: tuple) -> str:
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    parts = dict(torch=torch.__version__, python=sys.version, isa=cpu.CPU_CAPABILITY, kernels=cpu.rows_kernel(),
+    parts = dict(torch=torch.__version__, python=sys.version, isa=cpu.CPU_CAPABILITY, kernels=cpu.kernel_isa(),
                  positions_alone=cpu._positions_alone, fn=f"{fn.__module__}.{fn.__qualname__}",
                  options=sorted((k, repr(v)) for k, v in options.items() if k != "guard_filter_fn"),
                  config=repr(getattr(model, "config", None)), inputs=repr(inputs),
