@@ -9,7 +9,9 @@ The main thread owns the model (uvicorn runs in another). Requests join the runn
 up to --max_batch_size rows, and leave when done; the rest wait in a queue. Every prompt's beginning found in the
 prefix cache is restored instead of prefilled again. Sampling is per request (temperature, top_k, top_p, seed), so
 a greedy request gets the tokens it would get alone, whatever runs beside it (with --compile, bitwise where bf16
-takes brisk's CPU kernel, else logits within rounding of alone: a near tie can go the other way).
+takes brisk's CPU kernel, else logits within rounding of alone: a near tie can go the other way). A chat request's
+response_format or required tool call holds its own rows to a grammar, and its tool calls are parsed out of its
+replies (structured.py).
 """
 import argparse
 import asyncio
@@ -38,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import engine
+import structured
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
 from batch import Batch
 from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, parse_device, run_cli
@@ -52,8 +55,9 @@ MAX_STOPS = 4
 MAX_BODY = 16 * 2**20  # bytes of a request's body
 DEFAULT_BUDGET_MB = 2048  # the prefix cache's
 # OpenAI parameters this server does not implement: refused when given a value that asks for them, not ignored
+# (tools, tool_choice and response_format are chat requests' fields: a completion's are refused)
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "presence_penalty",
-               "frequency_penalty", "tools", "functions", "response_format")
+               "frequency_penalty", "tools", "tool_choice", "functions", "response_format")
 
 # ---------------------------------------------------------------------------------------------------------------
 # The engine: rows of a batch that requests join and leave
@@ -121,6 +125,7 @@ class Seq:
     cached: int = 0  # prompt tokens restored from the prefix cache
     cancelled: bool = False
     stream: Optional[engine.TextStream] = None
+    constraint: Optional[structured.Constraint] = None  # a grammar its tokens must follow (response_format, tools)
 
 
 class Scheduler:
@@ -220,11 +225,15 @@ class Scheduler:
                                                    "row; try again later", "queue_timeout")))
 
     def take(self, row: int, seq: Seq, logits: torch.Tensor) -> None:
+        if seq.constraint is not None:  # only this row's logits: the others are sampled as they came
+            logits = seq.constraint.mask(logits)
         token = sample(logits, seq)
         seq.tokens.append(token)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         if token in self.tokenizer.eos_ids and not seq.ignore_eos:
             self.finish(row, seq, "stop")
-        elif seq.stream.push(token):
+        elif seq.stream.push(token) or (seq.constraint is not None and seq.constraint.done):
             self.finish(row, seq, "stop")
         elif len(seq.tokens) >= seq.max_tokens:
             self.finish(row, seq, "length")
@@ -298,13 +307,18 @@ class TextPart(Strict):
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list[structured.ToolCall]] = None  # an assistant's
+    tool_call_id: Optional[str] = None  # a tool's: the call it answers
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    response_format: Optional[structured.ResponseFormat] = None
+    tools: Optional[list[structured.Tool]] = None
+    tool_choice: Optional[structured.ToolChoice] = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,6 +333,7 @@ class Server:
         self.scheduler, self.tokenizer, self.model_id = scheduler, tokenizer, model_id
         self.max_seq_length, self.vocab_size, self.api_key = max_seq_length, vocab_size, api_key
         self.created = int(time.time())
+        self.grammars = structured.Grammars(tokenizer)  # the vocabulary for grammars, built on first use
         app = self.app = FastAPI(title="brisk", lifespan=self.lifespan, docs_url=None, redoc_url=None)
         app.exception_handler(RequestValidationError)(self.invalid)
         app.exception_handler(HTTPException)(self.http_error)
@@ -396,14 +411,20 @@ class Server:
     async def chat_completions(self, body: ChatRequest, request: Request):
         self.check_model(body)
         messages = [dict(role="system" if m.role == "developer" else m.role,
-                         content=m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
-                    for m in body.messages]
+                         content=m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content),
+                         tool_calls=m.tool_calls, tool_call_id=m.tool_call_id) for m in body.messages]
         try:
-            ids = await run_in_threadpool(self.tokenizer.encode_chat, messages)
+            spec = await run_in_threadpool(structured.Spec, self.grammars, body.response_format, body.tools,
+                                           body.tool_choice)
+            messages, tools = spec.prompt(messages)
+        except structured.RequestError as e:
+            raise ServeError(400, e.message, "invalid_value", e.param)
+        try:
+            ids = await run_in_threadpool(self.tokenizer.encode_chat, messages, True, tools)
         except Exception as e:  # the template may refuse a conversation (say two user messages in a row)
             raise ServeError(400, f"messages: the chat template refused them: {e}", "invalid_value", "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await self.generate(request, body, [ids], max_tokens, "chat")
+        return await self.generate(request, body, [ids], max_tokens, "chat", spec)
 
     def check_model(self, body: Sampling) -> None:
         extra = body.model_extra or {}
@@ -418,7 +439,7 @@ class Server:
     # generation
 
     async def generate(self, request: Request, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int],
-                       kind: str):
+                       kind: str, spec: Optional[structured.Spec] = None):
         for ids in prompts:
             if len(ids) > self.max_seq_length:
                 raise ServeError(400, f"the prompt has {len(ids)} tokens, more than this server's context of "
@@ -433,6 +454,8 @@ class Server:
         def emit(event: tuple) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
+        if spec is not None and spec.tools is not None:  # each choice's text is parsed for tool calls
+            emit = structured.CallEvents(emit, {k: spec.parser() for k in range(len(prompts) * body.n)})
 
         seqs = []
         for i, ids in enumerate(prompts):
@@ -441,7 +464,8 @@ class Server:
                 seed = secrets.randbits(63) if body.seed is None else hash((body.seed, j)) & (2**63 - 1)
                 g = torch.Generator(self.scheduler.batch.device).manual_seed(seed)
                 seqs.append(Seq(ids, i * body.n + j, min(max_tokens or room, room), body.temperature, body.top_k,
-                                None if body.top_p == 1 else body.top_p, stops, body.ignore_eos, g, emit))
+                                None if body.top_p == 1 else body.top_p, stops, body.ignore_eos, g, emit,
+                                constraint=spec and spec.constraint()))
         self.scheduler.submit(seqs)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         usage = dict(prompt_tokens=sum(map(len, prompts)), completion_tokens=0,
@@ -461,11 +485,14 @@ class Server:
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             texts, reasons, event = [""] * len(seqs), [None] * len(seqs), first
+            calls = [[] for _ in seqs]
             while True:
                 if event[0] == "error":
                     return event[1].response()
                 if event[0] == "text":
                     texts[event[1]] += event[2]
+                elif event[0] == "calls":
+                    calls[event[1]] += event[2]
                 else:
                     reasons[event[1]] = event[2]
                     add_usage(usage, event, body.n)
@@ -477,8 +504,8 @@ class Server:
         finally:
             cancel(seqs)
         if kind == "chat":
-            choices = [dict(index=i, message=dict(role="assistant", content=t), finish_reason=r, logprobs=None)
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [dict(index=i, message=structured.message(t, c), finish_reason=r, logprobs=None)
+                       for i, (t, r, c) in enumerate(zip(texts, reasons, calls))]
         else:
             choices = [dict(index=i, text=t, finish_reason=r, logprobs=None)
                        for i, (t, r) in enumerate(zip(texts, reasons))]
@@ -500,9 +527,11 @@ class Server:
         """Server-sent events: one chunk per piece of text, one with each choice's finish_reason, then [DONE]."""
         created, started, done = int(time.time()), set(), 0
 
-        def chunk(index: int, text: Optional[str], reason: Optional[str] = None) -> str:
+        def chunk(index: int, text: Optional[str], reason: Optional[str] = None, calls: Optional[list] = None) -> str:
             if kind == "chat":
                 delta = {} if text is None else dict(content=text)
+                if calls:
+                    delta["tool_calls"] = calls
                 if index not in started:
                     started.add(index)
                     delta["role"] = "assistant"
@@ -523,6 +552,8 @@ class Server:
                     break
                 if event[0] == "text":
                     yield chunk(event[1], event[2])
+                elif event[0] == "calls":
+                    yield chunk(event[1], None, calls=event[2])
                 else:
                     yield chunk(event[1], None, event[2])
                     add_usage(usage, event, n)

@@ -8,6 +8,7 @@ and tokenizer_config.json / generation_config.json beside it for BOS/EOS, whethe
 template. Results match `transformers.AutoTokenizer` on the same files.
 """
 import base64
+import functools
 import json
 import re
 from datetime import datetime
@@ -119,10 +120,7 @@ class Tokenizer:
 
     def has_tool_format(self) -> bool:
         """Whether the chat template renders tools: it reads the `tools` variable."""
-        import jinja2.meta
-
-        return "tools" in jinja2.meta.find_undeclared_variables(_compile(self.chat_template).environment.parse(
-            self.chat_template))
+        return _reads_tools(self.chat_template)
 
     def encode_chat(self, messages: list, add_generation_prompt: bool = True, tools: Optional[list] = None) -> list:
         ids = self._encode(self.apply_chat_template(messages, add_generation_prompt, tools))
@@ -327,6 +325,13 @@ def _token_text(token) -> Optional[str]:
 
 def _piece(sp, i: int) -> Optional[str]:
     return sp.id_to_piece(i) if i >= 0 else None
+
+
+@functools.lru_cache(maxsize=16)
+def _reads_tools(template: str) -> bool:
+    import jinja2.meta
+
+    return "tools" in jinja2.meta.find_undeclared_variables(_compile(template).environment.parse(template))
 
 
 _templates: dict = {}

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 import torch
 
@@ -179,6 +181,12 @@ def long_prompt() -> list:
     return [5] * (CONTEXT + 1)
 
 
+WEATHER_SCHEMA = dict(type="object", properties=dict(city=dict(type="string", maxLength=20),
+                                                    unit=dict(enum=["celsius", "fahrenheit"])),
+                      required=["city", "unit"], additionalProperties=False)
+WEATHER_TOOL = dict(type="function", function=dict(name="get_weather", description="The weather in a city now",
+                                                   parameters=WEATHER_SCHEMA))
+
 BAD = [  # (path, body, status, code)
     ("completions", b"{not json", 400, "invalid_json"),
     ("completions", b"[1, 2]", 400, "invalid_value"),
@@ -202,7 +210,9 @@ BAD = [  # (path, body, status, code)
     ("completions", dict(model="tiny", prompt=long_prompt()), 400, "context_length_exceeded"),
     ("completions", dict(model="gpt-4", prompt="hi"), 404, "model_not_found"),
     ("completions", dict(model="tiny", prompt="hi", logprobs=2), 400, "unsupported_parameter"),
-    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tools=[{}]), 400,
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], functions=[{}]), 400,
+     "unsupported_parameter"),
+    ("completions", dict(model="tiny", prompt="hi", response_format=dict(type="json_object")), 400,
      "unsupported_parameter"),
     ("chat/completions", dict(model="tiny", messages=[]), 400, "invalid_value"),
     ("chat/completions", dict(model="tiny", messages=[dict(role="robot", content="hi")]), 400, "invalid_value"),
@@ -211,6 +221,21 @@ BAD = [  # (path, body, status, code)
     ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="x " * 2000)]), 400,
      "context_length_exceeded"),
     ("nowhere", dict(model="tiny"), 404, "not_found"),
+    # structured output and tools (structured.py)
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], response_format=dict(
+        type="json_schema", json_schema=dict(name="x", schema=dict(type="object", properties=dict(a=dict(type=7)))))),
+     400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")],
+                              response_format=dict(type="yaml")), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tools=[WEATHER_TOOL],
+                              tool_choice=dict(type="function", function=dict(name="get_time"))), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tool_choice="required"), 400,
+     "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi"), dict(
+        role="tool", tool_call_id="call_1", content="21")], tools=[WEATHER_TOOL]), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tools=[dict(
+        type="function", function=dict(name="f", parameters=dict(type="object", required="a")))]), 400,
+     "invalid_value"),
 ]
 
 
@@ -297,6 +322,30 @@ def test_the_load_script_reports_each_level(server, tmp_path):
     assert [(f["clients"], f["requests"]) for f in levels] == [(1, 2), (3, 6)]
     assert all(r["tokens"] == 5 and r["ttft_s"] > 0 for f in levels for r in f["results"])  # ignore_eos: all 5
     assert len(proc.stdout.splitlines()) == 2 and "req/s" in proc.stdout
+
+
+def test_a_constrained_row_leaves_the_plain_rows_beside_it_as_they_were(client, reference):
+    """A json_schema request and a required tool call run in the batch with plain greedy ones: the plain answers are
+    generate() alone's, the constrained ones follow their grammar (here a random model's: only the grammar speaks)."""
+    answer = dict(type="json_schema", json_schema=dict(name="answer", schema=dict(enum=["yes", "no"])))
+    messages = [dict(role="user", content=p) for p in PROMPTS[:3]]
+
+    def ask(i: int):
+        kw = dict(model="tiny", messages=[messages[i % 3]], max_tokens=25, temperature=0)
+        if i == 1:
+            return client.chat.completions.create(response_format=answer, **kw).choices[0]
+        if i == 3:
+            return client.chat.completions.create(tools=[WEATHER_TOOL], tool_choice="required",
+                                                  **dict(kw, max_tokens=300)).choices[0]
+        return client.chat.completions.create(**kw).choices[0]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        choices = list(pool.map(ask, range(4)))
+    for i in (0, 2):
+        assert choices[i].message.content == reference(reference.tok.encode_chat([messages[i]]), 25)[0]
+    assert json.loads(choices[1].message.content) in ("yes", "no") and choices[1].finish_reason == "stop"
+    call = choices[3].message.tool_calls[0]
+    assert choices[3].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
 
 
 def test_sigterm_lets_running_requests_finish_then_exits_0(server, client, reference):
@@ -388,3 +437,78 @@ def test_the_listening_socket_is_tcp_so_each_connection_sends_without_delay():
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Structured output and tool calls with the real model, through the official client
+
+class Person(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: str
+    age: int
+    role: Literal["admin", "user"]
+
+
+class Weather(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: str
+    unit: Literal["celsius", "fahrenheit"]
+
+
+ADA = [dict(role="user", content="Describe Ada, a 36 year old admin, as JSON.")]
+PARIS = [dict(role="user", content="What is the weather in Paris, in celsius?")]
+
+
+@pytest.fixture(scope="module")
+def real_client(real_checkpoint, tmp_path_factory):
+    """serve.py on SmolLM2-135M-Instruct, whose template has no tool format (the generic one serves)."""
+    proc = start_server(["--checkpoint_path", real_checkpoint, "--dtype", "float32", "--max_batch_size", 2,
+                         "--max_seq_length", 1024], tmp_path_factory.mktemp("log") / "serve.log")
+    yield openai.OpenAI(base_url=f"{proc.url}/v1", api_key="none", max_retries=0, timeout=300)
+    proc.kill()
+    proc.wait()
+
+
+def chat(client, **kw):
+    return client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, **kw)
+
+
+def test_parse_returns_the_pydantic_object_streamed_or_not(real_client):
+    got = real_client.chat.completions.parse(model="SmolLM2-135M-Instruct", messages=ADA, response_format=Person,
+                                             temperature=0, max_tokens=100)
+    assert got.choices[0].message.parsed == Person(name="Ada", age=36, role="admin")
+    schema = dict(type="json_schema", json_schema=dict(name="Person", schema=Person.model_json_schema(), strict=True))
+    chunks = list(chat(real_client, messages=ADA, response_format=schema, max_tokens=100, stream=True))
+    assert Person.model_validate_json("".join(c.choices[0].delta.content or "" for c in chunks)) == \
+        got.choices[0].message.parsed
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_json_object_content_is_json(real_client):
+    got = chat(real_client, messages=[dict(role="user", content="List three colors as a JSON object.")],
+               response_format=dict(type="json_object"), max_tokens=100)
+    assert isinstance(json.loads(got.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize("choice", ["required", dict(type="function", function=dict(name="get_weather"))])
+def test_a_required_or_named_tool_call_then_its_result(real_client, choice):
+    time_tool = dict(type="function", function=dict(name="get_time", parameters=dict(type="object", properties={})))
+    tools = [time_tool, WEATHER_TOOL]
+    got = chat(real_client, messages=PARIS, tools=tools, tool_choice=choice, max_tokens=100).choices[0]
+    assert got.finish_reason == "tool_calls" and got.message.content is None
+    (call,) = got.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert Weather.model_validate_json(call.function.arguments) == Weather(city="Paris", unit="celsius")
+    result = PARIS + [got.message, dict(role="tool", tool_call_id=call.id, content='{"celsius": 21, "sky": "sunny"}')]
+    after = chat(real_client, messages=result, tools=tools, max_tokens=30).choices[0]
+    assert after.message.content and after.finish_reason in ("stop", "length")
+
+
+def test_a_streamed_tool_call_arrives_as_deltas(real_client):
+    chunks = list(chat(real_client, messages=PARIS, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100,
+                       stream=True))
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
+    assert deltas and {d.index for d in deltas} == {0} and deltas[0].id.startswith("call_")
+    assert deltas[0].function.name == "get_weather"
+    assert Weather.model_validate_json("".join(d.function.arguments or "" for d in deltas)).city == "Paris"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
