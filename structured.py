@@ -4,7 +4,8 @@ of the reply into OpenAI's tool_calls.
 
     grammars = Grammars(tokenizer)                        # once: the vocabulary as llguidance sees it
     spec = Spec(grammars, response_format, tools, tool_choice)   # per request; RequestError if it is invalid
-    ids = tokenizer.encode_chat(*spec.prompt(messages))   # tools in the template, or in the generic format
+    messages, tools = spec.prompt(messages)               # tools for the template, or in the generic format
+    ids = tokenizer.encode_chat(messages, tools=tools)
     constraint = spec.constraint()                        # per choice, None when unconstrained
     logits = constraint.mask(logits); token = sample(logits); constraint.accept(token)  # until constraint.done
     emit = CallEvents(emit, {choice: spec.parser()})      # the reply's text events: tool calls parsed out
@@ -107,12 +108,14 @@ class Grammars:
     def lltok(self) -> llguidance.LLTokenizer:
         if self._lltok is None:
             if not hasattr(self.tokenizer, "tok"):
-                raise RequestError("structured output and tool calls need a tokenizer.json tokenizer", "tools")
+                raise RequestError("response_format and required tool calls need a tokenizer.json tokenizer",
+                                   "response_format")
             self._lltok = llguidance.LLTokenizer(self.tokenizer.tok.to_str(), eos_token=self.tokenizer.eos_ids)
         return self._lltok
 
-    def check(self, grammar: str, param: str) -> str:
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltok)
+    @staticmethod
+    def check(grammar: str, param: str) -> str:
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
         if failed:
             raise RequestError(f"{param}: invalid JSON schema: {messages[0].splitlines()[0]}", param)
         return grammar
@@ -122,9 +125,9 @@ class Constraint:
     """One choice's grammar as it decodes: mask(logits) before sampling its token, accept(token) after; done once
     the grammar is complete (or broken): the row stops there."""
 
-    def __init__(self, grammars: Grammars, grammar: str):
-        self.matcher = llguidance.LLMatcher(grammars.lltok, grammar, log_level=0)
-        self.vocab = grammars.lltok.vocab_size
+    def __init__(self, lltok: llguidance.LLTokenizer, grammar: str):
+        self.matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        self.vocab = lltok.vocab_size
         self.bits = np.zeros((self.vocab + 31) // 32, dtype=np.int32)  # one bit per token, 1: allowed
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -176,7 +179,7 @@ class Spec:
         tokenizer = grammars.tokenizer
         self.native = tokenizer.has_tool_format()
         self.wrapped = not self.native or CALL_OPEN in tokenizer.chat_template
-        self.grammars, self.tools, self.grammar = grammars, tools or None, None
+        self.tools, self.grammar = tools or None, None
         if tool_choice is not None and not tools:
             raise RequestError("tool_choice: given without tools", "tool_choice")
         named = [t for t in tools or () if isinstance(tool_choice, NamedToolChoice)
@@ -195,6 +198,7 @@ class Spec:
             schema = dict(type="object") if response_format.type == "json_object" else \
                 (response_format.json_schema or JsonSchema()).schema_
             self.grammar = grammars.check(schema_grammar(schema), "response_format")
+        self.lltok = None if self.grammar is None else grammars.lltok  # built here, off the event loop
 
     def prompt(self, messages: list) -> tuple:
         """(messages, tools) for tokenizer.encode_chat: the tools, the calls and their results in the template's
@@ -208,7 +212,7 @@ class Spec:
         return generic(messages, tools), None
 
     def constraint(self) -> Optional[Constraint]:
-        return None if self.grammar is None else Constraint(self.grammars, self.grammar)
+        return None if self.grammar is None else Constraint(self.lltok, self.grammar)
 
     def parser(self) -> Optional["ToolParser"]:
         return None if self.tools is None else ToolParser({t.function.name for t in self.tools})
