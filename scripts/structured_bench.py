@@ -115,7 +115,8 @@ def main(argv=None) -> None:
     if args.mask:
         mask_cost(args.rounds, args.dtype)
     if args.url:
-        with httpx.Client(base_url=args.url, timeout=600) as client:
+        # a connection per request: llama-server closes kept-alive ones after a few requests
+        with httpx.Client(base_url=args.url, timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             rate(client, args.model, 8, False)  # warm-up
             n, _ = rate(client, args.model, 200, True)
             plain, constrained = [], []
