@@ -312,12 +312,12 @@ class Scheduler:
             seq.unsent.append(TokenLogprob(token, *logprobs(logits, token, seq.logprobs), len(seq.stream.text)))
         seq.tokens.append(token)
         self.metrics.token(seq)
-        if c is not None:
-            c.accept(token)
         eos_ids = () if seq.ignore_eos else self.tokenizer.eos_ids
         reason = stop_reason(token, len(seq.tokens), seq.max_tokens, eos_ids, seq.stream.push)
-        if c is not None and c.done:  # the grammar is complete: the reply is too, whatever max_tokens says
-            reason = "stop"
+        if c is not None:
+            c.accept(token)
+            if c.done:  # the grammar is complete: the reply is too, whatever max_tokens says
+                reason = "stop"
         if reason is not None:
             self.finish(row, seq, reason)
 
