@@ -10,10 +10,12 @@ up to --max_batch_size rows, and leave when done; the rest wait in a queue. Ever
 prefix cache is restored instead of prefilled again. Sampling is per request (sampling.py: temperature, top_k,
 top_p, min_p, penalties, logit_bias, seed), so a greedy request gets the tokens it would get alone, whatever runs
 beside it (with --compile, bitwise where bf16 takes brisk's CPU kernel, else logits within rounding of alone: a near
-tie can go the other way). /metrics: the server's figures for Prometheus.
+tie can go the other way). /metrics: the server's figures for Prometheus. A chat request's response_format or
+required tool call holds its own rows to a grammar, and its tool calls are parsed out of its replies (structured.py).
 
 A request is a recipe: its route checks and tokenizes it, Server.rows makes a Seq per choice, the Scheduler's loop
-sends each Seq's events (Text, Done, Failed), and a Reply shapes them as the request's Kind (CHAT, COMPLETION) wants.
+sends each Seq's events (Text, Done, Failed; CallEvents adds Calls), and a Reply shapes them as the request's Kind
+(CHAT, COMPLETION) wants.
 """
 import argparse
 import asyncio
@@ -28,7 +30,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional, Union
 
@@ -43,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import engine
+import structured
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
 from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, parse_device, run_cli
 from prefix_cache import PrefixBatch, PrefixCache, model_meta
@@ -56,7 +59,8 @@ MAX_STOPS = 4
 MAX_BODY = 16 * 2**20  # bytes of a request's body
 DEFAULT_BUDGET_MB = 2048  # the prefix cache's
 # OpenAI parameters this server does not implement: refused when given a value that asks for them, not ignored
-UNSUPPORTED = ("echo", "suffix", "best_of", "tools", "functions", "response_format")
+# (tools, tool_choice and response_format are chat requests' fields: a completion's are refused)
+UNSUPPORTED = ("echo", "suffix", "best_of", "tools", "tool_choice", "functions", "response_format")
 MAX_LOGPROBS = 20  # most likely tokens reported beside each token's logprob
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,6 +98,14 @@ class Text:
 
 
 @dataclass
+class Calls:
+    """Tool calls that choice `index` has made (structured.ToolParser's dicts), each once it is complete."""
+    index: int
+    calls: list[dict]
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # none: its tokens' go with its Text and Done
+
+
+@dataclass
 class Done:
     """Choice `index` has ended ("stop" or "length") after `tokens` new tokens; `cached`: its prompt tokens restored
     from the prefix cache; logprobs: of its tokens not yet sent."""
@@ -110,7 +122,7 @@ class Failed:
     error: ServeError
 
 
-Event = Union[Text, Done, Failed]
+Event = Union[Text, Calls, Done, Failed]
 
 
 def queue_timeout_error(seconds: float) -> Failed:
@@ -133,8 +145,11 @@ class Seq:
     sampling: dict = field(default_factory=dict)  # sampling.sample's temperature, top_k, top_p, min_p
     generator: Optional[torch.Generator] = None  # its own random draws, so that its seed alone decides them
     # logits processors (token ids generated so far, logits [V]) -> logits, applied in order before sampling:
-    # sampling.Penalties (penalties, logit_bias), and any constraint on the tokens allowed next
+    # sampling.Penalties (penalties, logit_bias)
     processors: list[Callable] = field(default_factory=list)
+    # a grammar its tokens must follow (response_format, tools): masks the logits before the processors, is told
+    # each token, and ends the sequence once complete
+    constraint: Optional[structured.Constraint] = None
     stops: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # most likely tokens reported beside each token's logprob; None: no logprobs
@@ -285,7 +300,11 @@ class Scheduler:
                 seq.emit(queue_timeout_error(self.queue_timeout))
 
     def advance(self, row: int, seq: Seq, logits: torch.Tensor) -> None:
-        """Sample the next token of row's sequence from its fp32 logits [V]; end the sequence if it stops there."""
+        """Sample the next token of row's sequence from its fp32 logits [V]; end the sequence if it stops there.
+        Its logprobs are those of the logits it samples from: masked by its constraint and processed."""
+        c = seq.constraint
+        if c is not None:  # only this row's logits: the others are sampled as they came
+            logits = c.mask(logits)
         for process in seq.processors:
             logits = process(seq.tokens, logits)
         token = int(sample(logits[None], generator=seq.generator, **seq.sampling)[0])
@@ -295,6 +314,10 @@ class Scheduler:
         self.metrics.token(seq)
         eos_ids = () if seq.ignore_eos else self.tokenizer.eos_ids
         reason = stop_reason(token, len(seq.tokens), seq.max_tokens, eos_ids, seq.stream.push)
+        if c is not None:
+            c.accept(token)
+            if c.done:  # the grammar is complete: the reply is too, whatever max_tokens says
+                reason = "stop"
         if reason is not None:
             self.finish(row, seq, reason)
 
@@ -306,6 +329,28 @@ class Scheduler:
         elif reason is not None:  # None: cancelled, nobody listens
             seq.stream.finish()
             seq.emit(Done(seq.index, reason, len(seq.tokens), seq.cached, seq.sent()))
+
+
+class CallEvents:
+    """A request's event sink that parses each choice's text for tool calls (structured.ToolParser): its Text events
+    carry the content around them, a Calls event comes as each call ends, and a choice that called a tool finishes
+    with "tool_calls"."""
+
+    def __init__(self, emit: Callable[[Event], None], parsers: dict[int, structured.ToolParser]):
+        self.emit, self.parsers = emit, parsers
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, (Text, Done)):
+            return self.emit(event)
+        parser = self.parsers[event.index]
+        content, calls = parser.push(event.text) if isinstance(event, Text) else parser.finish()
+        if content or (isinstance(event, Text) and event.logprobs):  # held text still sends its tokens' logprobs
+            self.emit(Text(event.index, content, event.logprobs if isinstance(event, Text) else []))
+        if calls:
+            self.emit(Calls(event.index, calls))
+        if isinstance(event, Done):
+            reason = "tool_calls" if parser.calls and event.reason == "stop" else event.reason
+            self.emit(replace(event, reason=reason))
 
 
 class Emitter:
@@ -363,8 +408,10 @@ class TextPart(Strict):
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list[structured.ToolCall]] = None  # an assistant's
+    tool_call_id: Optional[str] = None  # a tool's: the call it answers
 
 
 class ChatRequest(Sampling):
@@ -372,25 +419,31 @@ class ChatRequest(Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: Optional[structured.ResponseFormat] = None
+    tools: Optional[list[structured.Tool]] = None
+    tool_choice: Optional[structured.ToolChoice] = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The API's answers: a table per kind of request, and a Reply that builds one request's answer from its events
 
 
-def chat_choice(index: int, text: Optional[str], reason: Optional[str], logprobs: Optional[dict]) -> dict:
-    return dict(index=index, message=dict(role="assistant", content=text), finish_reason=reason, logprobs=logprobs)
+def chat_choice(index: int, text: str, reason: Optional[str], logprobs: Optional[dict], calls: list) -> dict:
+    return dict(index=index, message=structured.message(text, calls), finish_reason=reason, logprobs=logprobs)
 
 
-def chat_delta(index: int, text: Optional[str], reason: Optional[str], logprobs: Optional[dict], first: bool) -> dict:
+def chat_delta(index: int, text: Optional[str], reason: Optional[str], logprobs: Optional[dict], calls: list,
+               first: bool) -> dict:
     delta = {} if text is None else dict(content=text)
+    if calls:
+        delta["tool_calls"] = calls
     if first:
         delta["role"] = "assistant"
     return dict(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)
 
 
 def text_choice(index: int, text: Optional[str], reason: Optional[str], logprobs: Optional[dict],
-                first: bool = False) -> dict:
+                calls: list = (), first: bool = False) -> dict:
     return dict(index=index, text=text or "", finish_reason=reason, logprobs=logprobs)
 
 
@@ -416,8 +469,9 @@ class Kind:
     id_prefix: str
     object: str
     chunk_object: str
-    choice: Callable  # (index, text, finish_reason, logprobs) -> a choice of the whole answer
-    chunk_choice: Callable  # (index, text or None, finish_reason, logprobs, first of its choice) -> a streamed one
+    choice: Callable  # (index, text, finish_reason, logprobs, tool calls) -> a choice of the whole answer
+    # (index, text or None, finish_reason, logprobs, tool calls, first of its choice) -> a streamed one
+    chunk_choice: Callable
     logprobs: Callable  # (TokenLogprobs, decode) -> a choice's logprobs
 
 
@@ -430,7 +484,7 @@ def sse(body: dict) -> str:
 
 
 class Reply:
-    """The answer to one request, from its Text and Done events: collected whole (add, then body) or streamed
+    """The answer to one request, from its Text, Calls and Done events: collected whole (add, then body) or streamed
     (chunk per event, then usage_chunk)."""
 
     def __init__(self, kind: Kind, model: str, prompts: list[list[int]], n: int, logprobs: bool, decode: Callable):
@@ -441,6 +495,7 @@ class Reply:
         count = len(prompts) * n
         self.texts, self.reasons = [""] * count, [None] * count
         self.entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
+        self.calls: list[list[dict]] = [[] for _ in range(count)]
         self.started: set[int] = set()  # choices streamed from
 
     @property
@@ -450,10 +505,12 @@ class Reply:
     def shaped(self, entries: list[TokenLogprob]) -> Optional[dict]:
         return self.kind.logprobs(entries, self.decode) if self.logprobs else None
 
-    def add(self, event: Union[Text, Done]) -> None:
+    def add(self, event: Union[Text, Calls, Done]) -> None:
         self.entries[event.index] += event.logprobs
         if isinstance(event, Text):
             self.texts[event.index] += event.text
+        elif isinstance(event, Calls):
+            self.calls[event.index] += event.calls
         else:
             self.count(event)
 
@@ -467,19 +524,22 @@ class Reply:
         return dict(self.usage, total_tokens=self.usage["prompt_tokens"] + self.usage["completion_tokens"])
 
     def body(self) -> dict:
-        choices = [self.kind.choice(i, t, r, self.shaped(e))
-                   for i, (t, r, e) in enumerate(zip(self.texts, self.reasons, self.entries))]
+        choices = [self.kind.choice(i, t, r, self.shaped(e), c)
+                   for i, (t, r, e, c) in enumerate(zip(self.texts, self.reasons, self.entries, self.calls))]
         return dict(id=self.id, object=self.kind.object, created=self.created, model=self.model, choices=choices,
                     usage=self.total_usage())
 
-    def chunk(self, event: Union[Text, Done], include_usage: bool) -> str:
-        """The server-sent event of a piece of text or of a choice's end (counted; the text is not kept)."""
-        text, reason = (event.text, None) if isinstance(event, Text) else (None, event.reason)
+    def chunk(self, event: Union[Text, Calls, Done], include_usage: bool) -> str:
+        """The server-sent event of a piece of text, of tool calls or of a choice's end (counted; the text is not
+        kept)."""
+        text = event.text if isinstance(event, Text) else None
+        reason = event.reason if isinstance(event, Done) else None
         if reason is not None:
             self.count(event)
         first = event.index not in self.started
         self.started.add(event.index)
-        choice = self.kind.chunk_choice(event.index, text, reason, self.shaped(event.logprobs), first)
+        calls = event.calls if isinstance(event, Calls) else []
+        choice = self.kind.chunk_choice(event.index, text, reason, self.shaped(event.logprobs), calls, first)
         body = dict(id=self.id, object=self.kind.chunk_object, created=self.created, model=self.model,
                     choices=[choice])
         if include_usage:
@@ -586,6 +646,7 @@ class Server:
         self.scheduler, self.tokenizer, self.model_id = scheduler, tokenizer, model_id
         self.max_seq_length, self.vocab_size, self.api_key = max_seq_length, vocab_size, api_key
         self.created = int(time.time())
+        self.grammars = structured.Grammars(tokenizer)  # the vocabulary for grammars, built on first use
         app = self.app = FastAPI(title="brisk", lifespan=self.lifespan, docs_url=None, redoc_url=None)
         app.exception_handler(RequestValidationError)(invalid)
         app.exception_handler(HTTPException)(http_error)
@@ -657,15 +718,21 @@ class Server:
         if body.top_logprobs is not None and not body.logprobs:
             raise ServeError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
         messages = [dict(role="system" if m.role == "developer" else m.role,
-                         content=m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
-                    for m in body.messages]
+                         content=m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content),
+                         tool_calls=m.tool_calls, tool_call_id=m.tool_call_id) for m in body.messages]
+        try:  # the vocabulary for grammars is built here on first use, off the event loop
+            spec = await run_in_threadpool(structured.Spec, self.grammars, body.response_format, body.tools,
+                                           body.tool_choice)
+            messages, tools = spec.prompt(messages)
+        except structured.RequestError as e:
+            raise ServeError(400, e.message, "invalid_value", e.param)
         try:
-            ids = await run_in_threadpool(self.tokenizer.encode_chat, messages)
+            ids = await run_in_threadpool(self.tokenizer.encode_chat, messages, True, tools)
         except Exception as e:  # the template may refuse a conversation (say two user messages in a row)
             raise ServeError(400, f"messages: the chat template refused them: {e}", "invalid_value", "messages")
         alternatives = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await self.generate(request, body, CHAT, [ids], max_tokens, alternatives)
+        return await self.generate(request, body, CHAT, [ids], max_tokens, alternatives, spec)
 
     def check_model(self, body: Sampling) -> None:
         extra = body.model_extra or {}
@@ -680,15 +747,17 @@ class Server:
     # generation
 
     async def generate(self, request: Request, body: Sampling, kind: Kind, prompts: list[list[int]],
-                       max_tokens: Optional[int], alternatives: Optional[int]):
+                       max_tokens: Optional[int], alternatives: Optional[int], spec: Optional[structured.Spec] = None):
         """Queue a choice per prompt and n, then answer from their events; alternatives: the most likely tokens
-        reported beside each token's logprob (None: no logprobs)."""
+        reported beside each token's logprob (None: no logprobs); spec: a chat request's grammar and tools."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: Event) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
-        seqs = self.rows(body, prompts, max_tokens, alternatives, emit)
+        if spec is not None and spec.tools is not None:  # each choice's text is parsed for tool calls
+            emit = CallEvents(emit, {k: spec.parser() for k in range(len(prompts) * body.n)})
+        seqs = self.rows(body, prompts, max_tokens, alternatives, emit, spec)
         self.scheduler.submit(seqs)
         reply = Reply(kind, self.model_id, prompts, body.n, alternatives is not None, self.decode_token)
         try:
@@ -707,8 +776,9 @@ class Server:
         return await collect(reply, first, events, seqs, request)
 
     def rows(self, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int], alternatives: Optional[int],
-             emit: Callable[[Event], None]) -> list[Seq]:
-        """A request's sequences, choice i * n + j for prompt i, each with its own generator and processors."""
+             emit: Callable[[Event], None], spec: Optional[structured.Spec] = None) -> list[Seq]:
+        """A request's sequences, choice i * n + j for prompt i, each with its own generator, processors and
+        constraint."""
         for ids in prompts:
             if len(ids) > self.max_seq_length:
                 raise ServeError(400, f"the prompt has {len(ids)} tokens, more than this server's context of "
@@ -732,7 +802,7 @@ class Server:
                 generator = torch.Generator(self.scheduler.batch.device).manual_seed(seed)
                 seqs.append(Seq(ids, i * body.n + j, min(max_tokens or room, room), emit, sampling=sampling,
                                 generator=generator, processors=processors, stops=stops, ignore_eos=body.ignore_eos,
-                                logprobs=alternatives))
+                                logprobs=alternatives, constraint=None if spec is None else spec.constraint()))
         return seqs
 
     def decode_token(self, token: int) -> str:

@@ -8,6 +8,7 @@ and tokenizer_config.json / generation_config.json beside it for BOS/EOS, whethe
 template. Results match `transformers.AutoTokenizer` on the same files.
 """
 import base64
+import functools
 import json
 import re
 from datetime import datetime
@@ -102,19 +103,27 @@ class Tokenizer:
         self._special_tokens = {k: _token_text(v) for k, v in config.items()
                                 if k in ("unk_token", "pad_token") and _token_text(v)}
 
-    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) with the model's template, as transformers does."""
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True,
+                            tools: Optional[list] = None) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the model's template, as transformers does;
+        `tools` ([{"type": "function", "function": {...}}]) is the template's `tools` variable, left undefined
+        when None."""
         import jinja2
 
+        extra = {} if tools is None else dict(tools=tools)
         try:
             return _compile(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
-                eos_token=self.eos_token, **self._special_tokens)
+                eos_token=self.eos_token, **self._special_tokens, **extra)
         except jinja2.TemplateError as e:
             raise BriskError(f"chat template: {e}") from None
 
-    def encode_chat(self, messages: list, add_generation_prompt: bool = True) -> list:
-        ids = self._encode(self.apply_chat_template(messages, add_generation_prompt))
+    def has_tool_format(self) -> bool:
+        """Whether the chat template renders tools: it reads the `tools` variable."""
+        return _reads_tools(self.chat_template)
+
+    def encode_chat(self, messages: list, add_generation_prompt: bool = True, tools: Optional[list] = None) -> list:
+        ids = self._encode(self.apply_chat_template(messages, add_generation_prompt, tools))
         if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:  # templates often write BOS
             ids = [self.bos_id] + ids
         return ids
@@ -316,6 +325,13 @@ def _token_text(token) -> Optional[str]:
 
 def _piece(sp, i: int) -> Optional[str]:
     return sp.id_to_piece(i) if i >= 0 else None
+
+
+@functools.lru_cache(maxsize=16)
+def _reads_tools(template: str) -> bool:
+    import jinja2.meta
+
+    return "tools" in jinja2.meta.find_undeclared_variables(_compile(template).environment.parse(template))
 
 
 _templates: dict = {}

@@ -2,19 +2,23 @@
 httpx for what a client library would refuse to send). Greedy answers are checked against generate() alone."""
 import concurrent.futures
 import json
+import math
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 import torch
 
 import serve
+import structured
 from checkpoint import load_model
 from conftest import ROOT, assert_one_line_error, make_checkpoint, run_script
 from engine import TextStream, generate
@@ -262,6 +266,12 @@ def long_prompt() -> list:
     return [5] * (CONTEXT + 1)
 
 
+WEATHER_SCHEMA = dict(type="object", properties=dict(city=dict(type="string", maxLength=20),
+                                                    unit=dict(enum=["celsius", "fahrenheit"])),
+                      required=["city", "unit"], additionalProperties=False)
+WEATHER_TOOL = dict(type="function", function=dict(name="get_weather", description="The weather in a city now",
+                                                   parameters=WEATHER_SCHEMA))
+
 BAD = [  # (path, body, status, code)
     ("completions", b"{not json", 400, "invalid_json"),
     ("completions", b"[1, 2]", 400, "invalid_value"),
@@ -292,7 +302,9 @@ BAD = [  # (path, body, status, code)
     ("completions", dict(model="tiny", prompt="hi", logit_bias={"5": 101}), 400, "invalid_value"),
     ("completions", dict(model="tiny", prompt="hi", presence_penalty=2.5), 400, "invalid_value"),
     ("completions", dict(model="tiny", prompt="hi", min_p=1.5), 400, "invalid_value"),
-    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tools=[{}]), 400,
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], functions=[{}]), 400,
+     "unsupported_parameter"),
+    ("completions", dict(model="tiny", prompt="hi", response_format=dict(type="json_object")), 400,
      "unsupported_parameter"),
     ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], logprobs=True,
                               top_logprobs=21), 400, "invalid_value"),
@@ -305,6 +317,21 @@ BAD = [  # (path, body, status, code)
     ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="x " * 2000)]), 400,
      "context_length_exceeded"),
     ("nowhere", dict(model="tiny"), 404, "not_found"),
+    # structured output and tools (structured.py)
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], response_format=dict(
+        type="json_schema", json_schema=dict(name="x", schema=dict(type="object", properties=dict(a=dict(type=7)))))),
+     400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")],
+                              response_format=dict(type="yaml")), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tools=[WEATHER_TOOL],
+                              tool_choice=dict(type="function", function=dict(name="get_time"))), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tool_choice="required"), 400,
+     "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi"), dict(
+        role="tool", tool_call_id="call_1", content="21")], tools=[WEATHER_TOOL]), 400, "invalid_value"),
+    ("chat/completions", dict(model="tiny", messages=[dict(role="user", content="hi")], tools=[dict(
+        type="function", function=dict(name="f", parameters=dict(type="object", required="a")))]), 400,
+     "invalid_value"),
 ]
 
 
@@ -424,6 +451,43 @@ def test_the_load_script_reports_each_level(server, tmp_path):
     assert len(proc.stdout.splitlines()) == 2 and "req/s" in proc.stdout
 
 
+def test_a_constrained_row_leaves_the_plain_rows_beside_it_as_they_were(client, reference):
+    """A json_schema request and a required tool call run in the batch with plain greedy ones: the plain answers are
+    generate() alone's, the constrained ones follow their grammar (here a random model's: only the grammar speaks)."""
+    answer = dict(type="json_schema", json_schema=dict(name="answer", schema=dict(enum=["yes", "no"])))
+    messages = [dict(role="user", content=p) for p in PROMPTS[:3]]
+
+    def ask(i: int):
+        kw = dict(model="tiny", messages=[messages[i % 3]], max_tokens=25, temperature=0)
+        if i == 1:
+            return client.chat.completions.create(response_format=answer, **kw).choices[0]
+        if i == 3:
+            return client.chat.completions.create(tools=[WEATHER_TOOL], tool_choice="required",
+                                                  **dict(kw, max_tokens=300)).choices[0]
+        return client.chat.completions.create(**kw).choices[0]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        choices = list(pool.map(ask, range(4)))
+    for i in (0, 2):
+        assert choices[i].message.content == reference(reference.tok.encode_chat([messages[i]]), 25)[0]
+    assert json.loads(choices[1].message.content) in ("yes", "no") and choices[1].finish_reason == "stop"
+    call = choices[3].message.tool_calls[0]
+    assert choices[3].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+
+
+def test_a_constrained_rows_logprobs_are_over_the_tokens_its_grammar_allows(client):
+    """Logprobs are taken after the grammar's mask: the few tokens that can go on with "yes" share all the
+    probability (without the mask, a random model's spreads over its whole vocabulary)."""
+    answer = dict(type="json_schema", json_schema=dict(name="answer", schema=dict(const="yes")))
+    got = client.chat.completions.create(model="tiny", messages=[dict(role="user", content=PROMPTS[0])],
+                                         max_tokens=10, temperature=0, response_format=answer, logprobs=True,
+                                         top_logprobs=20).choices[0]
+    assert got.message.content == '"yes"' and got.finish_reason == "stop"
+    assert "".join(e.token for e in got.logprobs.content) == got.message.content
+    for entry in got.logprobs.content:
+        assert sum(math.exp(t.logprob) for t in entry.top_logprobs) == pytest.approx(1, abs=1e-3)
+
+
 def test_sigterm_lets_running_requests_finish_then_exits_0(server, client, reference):
     """Last: it stops the module's server."""
     want = reference(reference.tok.encode(PROMPTS[7]), 100)[0]
@@ -504,6 +568,22 @@ def test_a_request_that_waits_too_long_for_a_row_gets_an_error(tiny_checkpoint):
     assert [(e.index, e.reason) for e in events if isinstance(e, serve.Done)] == [(0, "length")]
 
 
+def test_call_events_turn_a_choices_text_into_content_and_calls():
+    events = []
+    sink = serve.CallEvents(events.append, {0: structured.ToolParser({"f"}), 1: structured.ToolParser({"f"})})
+    failed = serve.Failed(serve.ServeError(500, "x"))
+    for e in [serve.Text(0, "hi <tool", []), serve.Text(1, "no call", []),
+              serve.Text(0, '_call>{"name": "f", "arguments": {}}', []), serve.Done(1, "stop", 3, 0, []),
+              serve.Text(0, "</tool_call>", []), serve.Done(0, "stop", 9, 0, []), failed]:
+        sink(e)
+    assert [(type(e).__name__, getattr(e, "index", None)) for e in events] == [
+        ("Text", 0), ("Text", 1), ("Done", 1), ("Calls", 0), ("Done", 0), ("Failed", None)]
+    assert events[0].text == "hi " and events[2].reason == "stop" and events[4] == serve.Done(0, "tool_calls", 9, 0, [])
+    assert events[3].calls[0]["function"] == dict(name="f", arguments="{}") and events[5] is failed
+    message = structured.message("", events[3].calls)
+    assert message["content"] is None and "index" not in message["tool_calls"][0]
+
+
 def test_the_listening_socket_is_tcp_so_each_connection_sends_without_delay():
     """asyncio sets TCP_NODELAY only on sockets made with proto IPPROTO_TCP; with proto 0 (socket.socket's default)
     Nagle's algorithm held each response's second segment until the client's delayed ACK: 40 ms a request."""
@@ -512,3 +592,78 @@ def test_the_listening_socket_is_tcp_so_each_connection_sends_without_delay():
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Structured output and tool calls with the real model, through the official client
+
+class Person(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: str
+    age: int
+    role: Literal["admin", "user"]
+
+
+class Weather(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: str
+    unit: Literal["celsius", "fahrenheit"]
+
+
+ADA = [dict(role="user", content="Describe Ada, a 36 year old admin, as JSON.")]
+PARIS = [dict(role="user", content="What is the weather in Paris, in celsius?")]
+
+
+@pytest.fixture(scope="module")
+def real_client(real_checkpoint, tmp_path_factory):
+    """serve.py on SmolLM2-135M-Instruct, whose template has no tool format (the generic one serves)."""
+    proc = start_server(["--checkpoint_path", real_checkpoint, "--dtype", "float32", "--max_batch_size", 2,
+                         "--max_seq_length", 1024], tmp_path_factory.mktemp("log") / "serve.log")
+    yield openai.OpenAI(base_url=f"{proc.url}/v1", api_key="none", max_retries=0, timeout=300)
+    proc.kill()
+    proc.wait()
+
+
+def chat(client, **kw):
+    return client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, **kw)
+
+
+def test_parse_returns_the_pydantic_object_streamed_or_not(real_client):
+    got = real_client.chat.completions.parse(model="SmolLM2-135M-Instruct", messages=ADA, response_format=Person,
+                                             temperature=0, max_tokens=100)
+    assert got.choices[0].message.parsed == Person(name="Ada", age=36, role="admin")
+    schema = dict(type="json_schema", json_schema=dict(name="Person", schema=Person.model_json_schema(), strict=True))
+    chunks = list(chat(real_client, messages=ADA, response_format=schema, max_tokens=100, stream=True))
+    assert Person.model_validate_json("".join(c.choices[0].delta.content or "" for c in chunks)) == \
+        got.choices[0].message.parsed
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_json_object_content_is_json(real_client):
+    got = chat(real_client, messages=[dict(role="user", content="List three colors as a JSON object.")],
+               response_format=dict(type="json_object"), max_tokens=100)
+    assert isinstance(json.loads(got.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize("choice", ["required", dict(type="function", function=dict(name="get_weather"))])
+def test_a_required_or_named_tool_call_then_its_result(real_client, choice):
+    time_tool = dict(type="function", function=dict(name="get_time", parameters=dict(type="object", properties={})))
+    tools = [time_tool, WEATHER_TOOL]
+    got = chat(real_client, messages=PARIS, tools=tools, tool_choice=choice, max_tokens=100).choices[0]
+    assert got.finish_reason == "tool_calls" and got.message.content is None
+    (call,) = got.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert Weather.model_validate_json(call.function.arguments) == Weather(city="Paris", unit="celsius")
+    result = PARIS + [got.message, dict(role="tool", tool_call_id=call.id, content='{"celsius": 21, "sky": "sunny"}')]
+    after = chat(real_client, messages=result, tools=tools, max_tokens=30).choices[0]
+    assert after.message.content and after.finish_reason in ("stop", "length")
+
+
+def test_a_streamed_tool_call_arrives_as_deltas(real_client):
+    chunks = list(chat(real_client, messages=PARIS, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100,
+                       stream=True))
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
+    assert deltas and {d.index for d in deltas} == {0} and deltas[0].id.startswith("call_")
+    assert deltas[0].function.name == "get_weather"
+    assert Weather.model_validate_json("".join(d.function.arguments or "" for d in deltas)).city == "Paris"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
