@@ -18,11 +18,16 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import engine  # noqa: E402
+import structured  # noqa: E402
+from batch import Batch  # noqa: E402
 from checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
-from cli import ArgumentParser, BriskError, run_cli  # noqa: E402
+from cli import DTYPES, ArgumentParser, BriskError, run_cli  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 SCHEMA = dict(type="object", additionalProperties=False, required=["name", "age", "role", "email", "city", "skills"],
               properties=dict(name=dict(type="string"), age=dict(type="integer"), role=dict(enum=["admin", "user"]),
@@ -35,14 +40,6 @@ MESSAGES = [dict(role="user", content="Describe Ada Lovelace, a 36 year old admi
 
 
 def mask_cost(rounds: int, dtype: str) -> None:
-    import torch
-
-    import engine
-    import structured
-    from batch import Batch
-    from cli import DTYPES
-    from tokenizer import load_tokenizer
-
     tok = load_tokenizer(DEFAULT_CHECKPOINT.parent)
     t0 = time.perf_counter()
     grammars = structured.Grammars(tok)
