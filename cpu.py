@@ -49,6 +49,7 @@ INDUCTOR_OPTIONS = {
 
 INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantizing + one GEMM
 INT4_DEQUANTIZE_MIN_ROWS = 512  # from this many rows on dequantizing + one GEMM beats brisk's int4 kernel
+INT8_BLOCK = 32  # inputs per block of activations the int8 kernel rounds to int8 (cpu_kernels.cpp), as Q8_0
 INT4_ROWS = 16  # weight rows a block of brisk's int4 layout interleaves (cpu_int4.cpp): N must be a multiple
 
 

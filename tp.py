@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from cli import BriskError
+from cpu import INT8_BLOCK
 from model import ModelArgs, Transformer
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -79,9 +80,12 @@ def maybe_init_dist(timeout_s: Optional[float] = None, quiet: bool = True) -> tu
     return rank, world
 
 
-def check_divisible(config: ModelArgs, world_size: int, int4_groupsize: Optional[int] = None) -> None:
-    """Refuse a number of processes that does not divide the heads and the feed-forward width, or, for int4
-    weights, that would cut a group of the linears split along their inputs (wo, w2)."""
+def check_divisible(config: ModelArgs, world_size: int, int4_groupsize: Optional[int] = None,
+                    int8: bool = False) -> None:
+    """Refuse a number of processes that does not divide the heads and the feed-forward width, or that would cut a
+    block of the linears split along their inputs (wo, w2): an int4 group, or for int8 weights a block of
+    INT8_BLOCK inputs (the CPU kernel rounds activations per block: a cut block would round differently than in one
+    process)."""
     sizes = dict(n_head=config.n_head, n_local_heads=config.n_local_heads,
                  intermediate_size=config.intermediate_size)
     if config.n_local_heads == 1:  # a single key/value head is replicated
@@ -92,12 +96,14 @@ def check_divisible(config: ModelArgs, world_size: int, int4_groupsize: Optional
         fits = [str(n) for n in range(1, g + 1) if g % n == 0]
         raise BriskError(f"cannot split the model across {world_size} processes: {', '.join(bad)} not divisible "
                          f"by {world_size} (possible: {', '.join(fits)})")
-    if int4_groupsize is None:
-        return
-    for name, k in (("attention.wo", config.n_head * config.head_dim), ("feed_forward.w2", config.intermediate_size)):
-        if k // world_size % int4_groupsize:
-            raise BriskError(f"cannot split int4 group size {int4_groupsize} across {world_size} processes: "
-                             f"{name} would have {k // world_size} inputs per process")
+    blocks = [(f"int4 group size {int4_groupsize}", int4_groupsize)] if int4_groupsize else []
+    blocks += [(f"int8 activations' blocks of {INT8_BLOCK}", INT8_BLOCK)] if int8 else []
+    for what, block in blocks:
+        for name, k in (("attention.wo", config.n_head * config.head_dim),
+                        ("feed_forward.w2", config.intermediate_size)):
+            if k // world_size % block:
+                raise BriskError(f"cannot split {what} across {world_size} processes: "
+                                 f"{name} would have {k // world_size} inputs per process")
 
 
 def rank0_first(fn: Callable[[], None], timeout_s: float = WRITE_TIMEOUT_S) -> None:
@@ -146,7 +152,8 @@ def apply_tp(model: Transformer, state_dict: Optional[dict] = None) -> Optional[
     rank, world = dist.get_rank(), dist.get_world_size()
     c = model.config
     groupsizes = {m.groupsize for m in model.modules() if getattr(m, "groupsize", None)}  # int4 linears
-    check_divisible(c, world, max(groupsizes, default=None))
+    int8 = any(getattr(m, "weight", None) is not None and m.weight.dtype == torch.int8 for m in model.layers.modules())
+    check_divisible(c, world, max(groupsizes, default=None), int8)
     out = None if state_dict is None else dict(state_dict)
     H, Hkv, D = c.n_head, c.n_local_heads, c.head_dim
     Hkv_rank = 1 if Hkv == 1 else Hkv // world
@@ -159,7 +166,7 @@ def apply_tp(model: Transformer, state_dict: Optional[dict] = None) -> Optional[
             if lin is None:  # no w3 outside SwiGLU
                 continue
             whole = 2 if name == "attention.wqkv" and Hkv == 1 else 0
-            if getattr(lin, "kernel", None) is not None:
+            if getattr(lin, "groupsize", None) and lin.kernel is not None:  # int4; int8 kernels read any split
                 raise BriskError("int4 weights packed for a kernel cannot be split: split while loading, with "
                                  "load_model(..., transform=tp.apply_tp)")
             if parts is None:

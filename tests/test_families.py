@@ -289,9 +289,12 @@ def test_two_processes_match_one_for_every_family(converted, tmp_path):
     paths = [converted(f)[1] for f in FAMILIES]
     paths += [quantized(converted(f)[1], q) for f in ("bloom", "starcoder")
               for q in ({"mode": "int8"}, {"mode": "int4", "groupsize": 32})]
-    int4_bloom = converted("bloom")[1].parent / "model_int4.g32.pth"
-    assert run_and_compare(2, tmp_path, paths) == {  # its width 96 splits into 48 inputs per rank, not whole groups
-        int4_bloom: "cannot split int4 group size 32 across 2 processes: attention.wo would have 48 inputs per process"}
+    bloom = converted("bloom")[1].parent
+    assert run_and_compare(2, tmp_path, paths) == {  # its width 96 splits into 48 inputs per rank, not whole blocks
+        bloom / "model_int4.g32.pth": "cannot split int4 group size 32 across 2 processes: attention.wo would have "
+                                      "48 inputs per process",
+        bloom / "model_int8.pth": "cannot split int8 activations' blocks of 32 across 2 processes: attention.wo "
+                                  "would have 48 inputs per process"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
