@@ -218,6 +218,16 @@ def test_the_int8_kernel_is_its_reference_arithmetic_and_reduces_each_row_as_if_
     assert not torch.ops.brisk.int8_rows_product(x[3:4], w, scales, isa).any()
 
 
+def run_seeing(layer, x, compile: bool, op: str):
+    """(layer(x), whether the op named op ran): eagerly as dispatched, compiled as it stands in Inductor's code."""
+    with torch.no_grad():
+        if compile:
+            y, codes = run_and_get_code(torch.compile(layer, fullgraph=True, dynamic=False), x)
+            return y, op in "".join(codes)
+        with OpsSeen() as seen:
+            return layer(x), op in seen.names
+
+
 @needs_kernel
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("rows, dtype, kernel", [
@@ -233,14 +243,7 @@ def test_an_int8_linear_takes_brisks_kernel_for_a_few_rows(compile, rows, dtype,
     layer.kernel = quant.int8_kernel(torch.device("cpu"), 96)
     assert layer.kernel == "brisk"
     x = torch.randn(1, rows, 96, dtype=dtype)
-    with torch.no_grad():
-        if compile:
-            y, codes = run_and_get_code(torch.compile(layer, fullgraph=True, dynamic=False), x)
-            used = "brisk.int8_rows_product" in "".join(codes)
-        else:
-            with OpsSeen() as seen:
-                y = layer(x)
-            used = "brisk.int8_rows_product" in seen.names
+    y, used = run_seeing(layer, x, compile, "brisk.int8_rows_product")
     assert used == kernel and y.dtype == dtype
     if kernel:
         want = int8_reference(x[0], layer.weight, layer.scales) + layer.bias.double()
@@ -260,14 +263,7 @@ def test_a_bf16_linear_takes_the_kernel_for_a_few_rows(compile, rows, dtype, ker
     torch.manual_seed(0)
     lin = Linear(96, 40, bias=True).to(dtype)
     x = torch.randn(1, rows, 96, dtype=dtype)
-    with torch.no_grad():
-        if compile:
-            y, codes = run_and_get_code(torch.compile(lin, fullgraph=True, dynamic=False), x)
-            used = "brisk.rows_product" in "".join(codes)
-        else:
-            with OpsSeen() as seen:
-                y = lin(x)
-            used = "brisk.rows_product" in seen.names
+    y, used = run_seeing(lin, x, compile, "brisk.rows_product")
     assert used == kernel
     want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
