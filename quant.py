@@ -197,7 +197,6 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(k // groupsize, out_features, 2))  # [K/g, N, 2]
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
         self.kernel: Optional[str] = None  # set by pack(): "brisk", "cpu", "cuda", or None for the dequantize path
-        self.isa = 0  # set by pack(): the SIMD path of brisk's kernel (cpu.kernel_isa)
 
     def pack(self, kernel: Optional[str]) -> None:
         """Repack the file's two-per-byte values for `kernel` ("brisk": cpu_int4.cpp's layout, which holds the scales
@@ -205,7 +204,7 @@ class WeightOnlyInt4Linear(nn.Module):
         q = unpack_nibbles(self.weight)  # [N, K]
         if kernel == "brisk":
             self.weight = torch.ops.brisk.int4_pack(q, self.scales_and_zeros, self.groupsize)  # [N/16, K/g, bytes]
-            self.scales_and_zeros, self.isa = None, kernel_isa()
+            self.scales_and_zeros = None
         elif kernel == "cpu":
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         elif kernel == "cuda":
@@ -230,7 +229,7 @@ class WeightOnlyInt4Linear(nn.Module):
         # the CPU kernels take time linear in the rows: long inputs dequantize the weight for one GEMM
         dt, long = gemm_dtype(x2), x2.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS
         if self.kernel == "brisk" and not long:
-            y = torch.ops.brisk.int4_product(x2, self.weight, self.groupsize, self.isa)
+            y = torch.ops.brisk.int4_product(x2, self.weight, self.groupsize, kernel_isa())
         elif self.kernel == "brisk":
             y = F.linear(x2.to(dt), torch.ops.brisk.int4_dequantize(self.weight, self.groupsize, dt))
         elif self.kernel in ("cpu", "cuda"):  # these kernels take bf16 activations: others round-trip through bf16
