@@ -184,9 +184,10 @@ at::Tensor rows_product(const at::Tensor& x_, const at::Tensor& w_, int64_t isa)
 constexpr int64_t QBLOCK = 32;  // activations per scale
 constexpr int64_t QPAD = 64;    // rows of quantized activations padded to this many (zeros): whole AVX-512 steps
 
-// One row of activations as the kernels read it (Kp = K rounded up to QPAD): xq = round(x / s) in -127..127, s =
+// The rows of activations as the kernels read them (Kp = K rounded up to QPAD): xq = round(x / s) in -127..127, s =
 // max |x| / 127 per block (a block of zeros: 0, s 0); xa, what the instruction set multiplies: xq + 128 (AVX-512's
-// unsigned operand) or |xq| (AVX2's); se [Kp / 4]: each block's scale 8 times, one per lane of its 4-product sums
+// unsigned operand) or |xq| (AVX2's); se [Kp / 4]: each block's scale 8 times, one per lane of its 4-product sums.
+// One buffer per thread, reused: a product of a few rows is short enough that allocating them would show.
 struct QuantRows {
   std::vector<int8_t> xq;
   std::vector<uint8_t> xa;
@@ -194,22 +195,52 @@ struct QuantRows {
   int64_t Kp;
 };
 
-static QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t isa) {
-  QuantRows q{{}, {}, {}, (K + QPAD - 1) / QPAD * QPAD};
+// 8 fp32 lanes from 8 activations: fp32, or bf16 widened (exactly)
+AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2 static inline __m256 load8(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// One block of 32 activations into xq, xa and se (8 lanes), both paths: x / s divided and rounded to nearest even,
+// as the scalar std::nearbyint(x / s) does
+template <typename X>
+AVX2 static inline void quantize_block(const X* x, int8_t* xq, uint8_t* xa, float* se, bool wide) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4], mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; i++) {
+    v[i] = load8(x + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float s = _mm_cvtss_f32(m4) / 127.0f;
+  _mm256_storeu_ps(se, _mm256_set1_ps(s));
+  if (s == 0.0f) return;  // the buffers' zeros (xa: 128 where wide) stand
+  __m256i n[4];
+  for (int i = 0; i < 4; i++)
+    n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(v[i], _mm256_set1_ps(s)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // int32 -> int8, in order: the packs interleave 128-bit lanes, the permute puts them back
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  const __m256i q = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256((__m256i*)xq, q);
+  _mm256_storeu_si256((__m256i*)xa, wide ? _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)) : _mm256_abs_epi8(q));
+}
+
+// x [M, K] fp32 or bf16 -> the thread's QuantRows; a last block shorter than 32 from a zero-padded copy
+template <typename X>
+static const QuantRows& quantize_rows(const X* x, int64_t M, int64_t K, int64_t isa) {
+  thread_local QuantRows q;
+  q.Kp = (K + QPAD - 1) / QPAD * QPAD;
   q.xq.assign(M * q.Kp, 0), q.xa.assign(M * q.Kp, isa == 2 ? 128 : 0), q.se.assign(M * q.Kp / 4, 0.0f);
   for (int64_t m = 0; m < M; m++)
     for (int64_t b = 0; b < K; b += QBLOCK) {
-      const float* xb = x + m * K + b;
-      const int64_t n = std::min(QBLOCK, K - b);
-      float mx = 0.0f;
-      for (int64_t i = 0; i < n; i++) mx = std::max(mx, std::fabs(xb[i]));
-      const float s = mx / 127.0f;
-      for (int64_t i = 0; mx > 0 && i < n; i++) {
-        const int8_t v = (int8_t)std::nearbyint(xb[i] / s);
-        q.xq[m * q.Kp + b + i] = v;
-        q.xa[m * q.Kp + b + i] = isa == 2 ? (uint8_t)(v + 128) : (uint8_t)std::abs(v);
-      }
-      std::fill_n(q.se.begin() + (m * q.Kp + b) / 4, QBLOCK / 4, s);
+      const int64_t at = m * q.Kp + b;
+      X tail[QBLOCK] = {};
+      const X* xb = x + m * K + b;
+      if (K - b < QBLOCK) xb = (const X*)std::memcpy(tail, xb, (K - b) * sizeof(X));
+      quantize_block(xb, q.xq.data() + at, q.xa.data() + at, q.se.data() + at / 4, isa == 2);
     }
   return q;
 }
@@ -217,8 +248,8 @@ static QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t isa
 // AVX-512 (VNNI): 64 products a step, two blocks. `vpdpbusd` sums 4 products of xq + 128 (unsigned) and w (signed)
 // into each int32 lane; minus the same sums of 128 and w, they are xq . w exactly. Lanes 0-7 hold the first block,
 // 8-15 the second: as fp32 times their block's scale into 16 fp32 lanes, then the lanes, then the weight's scale.
-template <int T, int RR>
-AVX512 static inline void tile_int8_avx512(const uint8_t* xa, const float* se, const int8_t* w, const float* sw,
+template <int T, int RR, typename S>
+AVX512 static inline void tile_int8_avx512(const uint8_t* xa, const float* se, const int8_t* w, const S* sw,
                                            float* y, int64_t K, int64_t Kp, int64_t ldw, int64_t ldy_t,
                                            int64_t ldy_r) {
   __m512 acc[T][RR];
@@ -250,7 +281,7 @@ AVX512 static inline void tile_int8_avx512(const uint8_t* xa, const float* se, c
 #pragma GCC unroll 4
   for (int t = 0; t < T; t++)
 #pragma GCC unroll 4
-    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]) * sw[r * ldy_r];
+    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]) * (float)sw[r * ldy_r];
 }
 
 // one block of the AVX2 tile: w takes xq's signs (`vpsignb`), `vpmaddubsw` multiplies it by |xq| into int16 pairs
@@ -274,9 +305,9 @@ AVX2 static inline void step_int8_avx2(__m256 (&acc)[T][RR], const int8_t* xq, c
 }
 
 // AVX2: a block of 32 a step into 8 fp32 lanes, the tail's weights from a zero-padded copy, then the 8 lanes
-template <int T, int RR>
+template <int T, int RR, typename S>
 AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, const float* se, const int8_t* w,
-                                       const float* sw, float* y, int64_t K, int64_t Kp, int64_t ldw, int64_t ldy_t,
+                                       const S* sw, float* y, int64_t K, int64_t Kp, int64_t ldw, int64_t ldy_t,
                                        int64_t ldy_r) {
   __m256 acc[T][RR];
 #pragma GCC unroll 4
@@ -299,11 +330,11 @@ AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, cons
     step_int8_avx2<T, RR>(acc, xq + k, xa + k, se + k / 4, Kp, ws);
   }
   for (int t = 0; t < T; t++)
-    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = sum8(acc[t][r]) * sw[r * ldy_r];
+    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = sum8(acc[t][r]) * (float)sw[r * ldy_r];
 }
 
-template <int RR, bool Wide>
-static void rows_int8(const QuantRows& q, const int8_t* w, const float* sw, float* y, int64_t M, int64_t K,
+template <int RR, bool Wide, typename S>
+static void rows_int8(const QuantRows& q, const int8_t* w, const S* sw, float* y, int64_t M, int64_t K,
                       int64_t N, int64_t ldw, int64_t ldy_r) {
   const int64_t Kp = q.Kp;
   auto tile = [&](auto tt, int64_t m) {
@@ -321,23 +352,37 @@ static void rows_int8(const QuantRows& q, const int8_t* w, const float* sw, floa
   for (; m < M; m++) tile(std::integral_constant<int, 1>{}, m);
 }
 
-// x [..., K] float (M rows), w [N, K] int8, scales [N] -> (x w^T) * scales [M, N] fp32, x quantized per block of 32
-at::Tensor int8_rows_product(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales, int64_t isa) {
-  TORCH_CHECK(w_.scalar_type() == at::kChar && x_.is_floating_point(), "int8_rows_product: int8 weights");
-  check_isa(isa, "int8_rows_product");
-  const at::Tensor w = w_.contiguous(), x = x_.to(at::kFloat).contiguous(), sw = scales.to(at::kFloat).contiguous();
-  const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
-  TORCH_CHECK(sw.numel() == N, "int8_rows_product: a scale per output channel");
-  const QuantRows q = quantize_rows(x.data_ptr<float>(), M, K, isa);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = sw.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+template <typename X, typename S>
+static void int8_rows(const X* x, const int8_t* w, const S* sw, float* y, int64_t M, int64_t K, int64_t N,
+                      int64_t isa) {
+  const QuantRows& q = quantize_rows(x, M, K, isa);
   over_weight(N, [&](int64_t n, int64_t ld, auto rr) {
     constexpr int RR = decltype(rr)::value;
-    if (isa == 2) rows_int8<RR, true>(q, wp + n * K, sp + n, yp + n, M, K, N, ld * K, ld);
-    else rows_int8<RR, false>(q, wp + n * K, sp + n, yp + n, M, K, N, ld * K, ld);
+    if (isa == 2) rows_int8<RR, true>(q, w + n * K, sw + n, y + n, M, K, N, ld * K, ld);
+    else rows_int8<RR, false>(q, w + n * K, sw + n, y + n, M, K, N, ld * K, ld);
   });
+}
+
+// x [..., K] fp32 or bf16 (M rows), w [N, K] int8, scales [N] fp32 or bf16 -> (x w^T) * scales [M, N] fp32, x
+// quantized per block of 32; both read as they are (a conversion would be a call and a copy per product)
+at::Tensor int8_rows_product(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& sw_, int64_t isa) {
+  TORCH_CHECK(w_.scalar_type() == at::kChar, "int8_rows_product: int8 weights");
+  check_isa(isa, "int8_rows_product");
+  const auto fp32_or_bf16 = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kBFloat16 ? t.contiguous() : t.to(at::kFloat).contiguous();
+  };
+  const at::Tensor w = w_.contiguous(), x = fp32_or_bf16(x_), sw = fp32_or_bf16(sw_);
+  const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
+  TORCH_CHECK(sw.numel() == N, "int8_rows_product: a scale per output channel");
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  const auto with_scales = [&](const auto* xp) {
+    if (sw.scalar_type() == at::kBFloat16) int8_rows(xp, wp, sw.data_ptr<at::BFloat16>(), yp, M, K, N, isa);
+    else int8_rows(xp, wp, sw.data_ptr<float>(), yp, M, K, N, isa);
+  };
+  if (x.scalar_type() == at::kBFloat16) with_scales(x.data_ptr<at::BFloat16>());
+  else with_scales(x.data_ptr<float>());
   return y;
 }
 
@@ -542,12 +587,6 @@ AVX2 static inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), live);
-}
-
-// 8 fp32 lanes from 8 cache values: fp32, or bf16 widened (exactly)
-AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-AVX2 static inline __m256 load8(const at::BFloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
 // one query (head size 16 NC) against S positions; s: [S rounded up to 16], scratch
