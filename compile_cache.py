@@ -35,13 +35,6 @@ MAGIC = b"brisk compiled step 1\n"
 TALLY = {"loaded": 0, "compiled": 0}  # steps loaded from disk and compiled here, by every SavedStep of this process
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("BRISK_CACHE_DIR")
-    if base:
-        return Path(base)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "brisk" / "compiled"
-
-
 def keep_guard(entries) -> list[bool]:
     """Dynamo's guards a saved step keeps: those on its tensor and number arguments. Those on the model are
     dropped (checking ~500 modules costs a noticeable share of a small model's step; the key covers their shapes
@@ -116,7 +109,7 @@ class SavedStep:
 
     def get(self, model, args: tuple, kwargs: dict, inputs: tuple) -> Callable:
         key = step_key(self.fn, self.options, model, inputs)
-        path = cache_dir() / f"{self.fn.__name__}-{key[:40]}.bin"
+        path = cpu.cache_dir() / f"{self.fn.__name__}-{key[:40]}.bin"
         graph = self.load(path, key) if path.exists() else None
         if graph is not None:
             # the key, which holds every input's dtype and shape (dynamic sizes as such), stands for Dynamo's saved

@@ -9,6 +9,7 @@
   attends: kernel_attends).
 - int8_rows_product: brisk's int8 kernel for quant.WeightOnlyInt8Linear.
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
+- cache_dir: where compiled steps are kept, Inductor's C++ beside them (one folder per CPU capability).
 - The int8/int4 kernels' row bounds; kernel_isa, the SIMD path of brisk's kernels (int4: cpu_int4.cpp).
 A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py and ignore the rest.
 """
@@ -17,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -39,6 +41,8 @@ if os.environ.get("BRISK_CPU_ISA") == "avx2" and CPU_CAPABILITY.startswith("AVX5
 # Inductor settings of a compiled CPU step (engine.compile_step), each measured (BENCHMARKS.md, "Compiled decode step"):
 INDUCTOR_OPTIONS = {
     "cpp_wrapper": True,  # kernels called from C++: no Python between them
+    "cpp_wrapper_build_separate": True,  # the glue that calls them built at -O1, apart: a cold compile's largest part
+    "cpp.vec_isa_ok": True,  # the CPU's flags suffice: Inductor's check runs a Python per instruction set, every run
     "realize_opcount_threshold": 4,  # an activation read by a row loop (exact GELU) is computed once, not per row
     "realize_acc_reads_threshold": 1,  # a norm's output is stored once, not recomputed inside every row loop
     "cpp.enable_floating_point_contract_flag": "fast",  # multiply-adds of the row loops become FMAs
@@ -71,6 +75,20 @@ def one_row_on_cpu(x: Tensor, weight: Optional[Tensor] = None) -> bool:
         return False
     return weight is None or weight.dtype in ROW_LOOP_DTYPES.get(CPU_CAPABILITY, ROW_LOOP_DTYPES["AVX2"])
 
+
+def cache_dir() -> Path:
+    """Where brisk keeps what it compiles: $BRISK_CACHE_DIR, else ~/.cache/brisk/compiled."""
+    base = os.environ.get("BRISK_CACHE_DIR")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "brisk" / "compiled"
+
+
+# Inductor's cache (the C++ it builds, which a saved step loads) inside brisk's, one per CPU capability: in /tmp it
+# would not outlive a reboot (a warm start would build the C++ again), and Inductor does not key it on the
+# capability (a loop built for AVX-512 gave wrong values under ATEN_CPU_CAPABILITY=avx2)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      str(cache_dir() / f"inductor-{torch.backends.cpu.get_cpu_capability()}"))
 
 ISAS = {"none": 0, "avx2": 1, "avx512": 2}  # brisk's kernel paths: BRISK_CPU_ISA's values, kernel_isa's levels
 SOURCES = ["cpu_kernels.cpp", "cpu_int4.cpp"]  # the files of brisk's C++ extension, built as one
