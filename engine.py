@@ -102,7 +102,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
         return all(done)
 
     t0 = time.perf_counter()
-    token = prefill_fn(model, x, input_pos, attend_len=model.attend_len(T - 1), **sampling_kwargs)
+    token = prefill_fn(model, x, input_pos, attend_len=model.attend_len(T - 1, T - start_pos), **sampling_kwargs)
     finished = append(token)
     if speculator is not None:  # even when finished: in a chat the proposer's cache must keep up with the target's
         speculator.prefill(prompt, start_pos)
