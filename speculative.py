@@ -30,8 +30,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -88,8 +89,23 @@ def step_at(decode_fn: Callable, model: Transformer, token: Tensor, pos: int, sa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Proposers: propose(history, cur_token, pos, k, greedy, sampling) -> (draft [k], q [k, V]) or None (no proposal:
-# a plain decode step follows); catch_up(token [1, 1], pos, sampling) feeds a token the proposer has not seen.
+# Proposers
+
+
+class Proposer(Protocol):
+    """What guesses the next k tokens: a draft model (DraftModel: another model, or the target quantized) or the
+    sequence itself (PromptLookup)."""
+
+    def prefill(self, x: Tensor, input_pos: Tensor) -> None:
+        """Read the prompt x [1, T] at input_pos [T] (the positions before them are read already)."""
+
+    def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool,
+                sampling: dict) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        """(draft [k], q [k, V], the distributions drawn from, or None: drawn deterministically) after the sequence
+        `history`, whose last token cur_token [1, 1] sits at pos; None: no proposal, a plain decode step follows."""
+
+    def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
+        """Feed token [1, 1] at pos, which the proposer has not seen."""
 
 
 class DraftModel:
@@ -167,9 +183,7 @@ class Speculator:
     `stats` counts the current generation's verifications and kept draft tokens; `step_sizes` lists the tokens
     each of its decode steps yielded."""
 
-    def __init__(self, proposer, k: int = DEFAULT_K, verify_fn: Callable = verify):
-        if k < 1:
-            raise BriskError(f"--speculate_k must be at least 1, got {k}")
+    def __init__(self, proposer: Proposer, k: int = DEFAULT_K, verify_fn: Callable = verify):
         self.proposer, self.k, self.verify_fn = proposer, k, verify_fn
         self.history: list = []
         self.stats: dict = {}
@@ -185,8 +199,6 @@ class Speculator:
 
     def decode(self, model: Transformer, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
                decode_fn: Callable = decode_one_token, **sampling) -> Iterator[Tensor]:
-        if cur_token.size(0) != 1:
-            raise BriskError("speculative decoding generates one sequence at a time; leave out --batch_size")
         greedy, k, device = sampling.get("temperature", 1.0) == 0, self.k, cur_token.device
         pos, left = int(input_pos), num_new_tokens
         self.history.append(int(cur_token))
@@ -219,22 +231,6 @@ class Speculator:
             yield new.view(1, -1)
 
 
-def figures(stats: dict, k: int) -> dict:
-    """acceptance_rate: draft tokens kept / proposed; accepted_per_verification: of k, kept per target pass."""
-    v = stats["verifications"]
-    return dict(speculate_k=k, verifications=v, plain_steps=stats["plain_steps"],
-                acceptance_rate=stats["accepted"] / (k * v) if v else None,
-                accepted_per_verification=stats["accepted"] / v if v else None)
-
-
-def describe(f: dict) -> str:
-    if not f["verifications"]:
-        return f"speculation: no verifications, {f['plain_steps']:g} plain decode steps"
-    return (f"speculation: acceptance rate {f['acceptance_rate']:.2f}, {f['accepted_per_verification']:.2f} of "
-            f"{f['speculate_k']:g} draft tokens accepted per verification, {f['verifications']:g} verifications, "
-            f"{f['plain_steps']:g} plain decode steps")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Command line: generate.py's --draft_checkpoint_path, --draft, --prompt_lookup, --speculate_k
 
@@ -252,14 +248,52 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"tokens proposed per verification (default {DEFAULT_K})")
 
 
-def settings(args) -> dict:
-    """The speculation flags as the scripts' --json files record them."""
-    return dict(draft_checkpoint=args.draft_checkpoint_path and str(args.draft_checkpoint_path), draft=args.draft,
-                prompt_lookup=args.prompt_lookup, speculate_k=args.speculate_k)
+@dataclass(frozen=True)
+class Speculation:
+    """Checked speculation flags (speculation()): one proposer, and k, the tokens proposed per verification, which
+    are also the cache positions a verify pass writes past the last token taken. build() makes the Speculator once
+    the target's caches are set up (engine.Engine.setup)."""
+    checkpoint_path: Path  # the target's
+    k: int = DEFAULT_K
+    draft_checkpoint_path: Optional[Path] = None
+    draft: Optional[str] = None  # SELF_DRAFTS: the target quantized
+    prompt_lookup: Optional[int] = None
+
+    def draft_path(self) -> Optional[Path]:
+        """The draft model's checkpoint (a self-draft's beside the target's); None for prompt lookup."""
+        if self.draft is not None:
+            return self_draft_path(self.checkpoint_path, self.draft)
+        return self.draft_checkpoint_path
+
+    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int, compile: bool = False) -> Speculator:
+        """The Speculator: a draft model is loaded (made first if --draft's file is missing: by rank 0 alone under
+        torchrun), split across the processes if it can be, and given a cache of max_seq_length positions."""
+        verify_fn, decode_fn = verify, decode_one_token
+        if compile:  # k is fixed, so the verify pass has a static shape
+            verify_fn = compile_step(verify, device, "the verify pass")  # of the target
+            decode_fn = compile_step(decode_one_token, device, "the draft's decode step")  # set up below
+        if self.prompt_lookup is not None:
+            return Speculator(PromptLookup(self.prompt_lookup), self.k, verify_fn)
+        path = self.draft_path()
+        if self.draft is not None:
+            tp.rank0_first(lambda: make_self_draft(self.checkpoint_path, self.draft, path))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        refusal = split_refusal(path, world) if world > 1 else None
+        if refusal:
+            print(f"the draft {path} runs whole on each of the {world} processes, not split: {refusal}",
+                  file=sys.stderr)
+        t0 = time.perf_counter()
+        draft = load_model(path, device, dtype, transform=None if refusal else tp.apply_tp)
+        sync(device)
+        print(f"loaded draft {path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+        draft.setup_caches(1, max_seq_length)
+        return Speculator(DraftModel(draft, decode_fn), self.k, verify_fn)
 
 
-def requested(args) -> bool:
-    return any(x is not None for x in (args.draft_checkpoint_path, args.draft, args.prompt_lookup))
+def settings(spec: Optional[Speculation]) -> dict:
+    """The speculation as the scripts' --json files record it."""
+    return dict(draft_checkpoint=spec and spec.draft_checkpoint_path and str(spec.draft_checkpoint_path),
+                draft=spec and spec.draft, prompt_lookup=spec and spec.prompt_lookup, speculate_k=spec and spec.k)
 
 
 def vocabulary(directory: Path):
@@ -281,8 +315,10 @@ def vocabulary(directory: Path):
     return None
 
 
-def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
-    """Checks that need no weights; for a draft checkpoint, that it shares the target's vocabulary."""
+def speculation(args, config, tokenizer_vocab_size: int, world: int, batch_size: int = 1) -> Optional[Speculation]:
+    """The Speculation of the flags (add_args) of a run of batch_size sequences, each flag checked here and only
+    here, with no weights loaded (a draft checkpoint: that it shares the target's vocabulary); None when no proposer
+    is given."""
     given = [f for f, v in (("--draft_checkpoint_path", args.draft_checkpoint_path), ("--draft", args.draft),
                             ("--prompt_lookup", args.prompt_lookup)) if v is not None]
     if len(given) > 1:
@@ -290,58 +326,62 @@ def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
     if not given:
         if args.speculate_k is not None:
             raise BriskError("--speculate_k needs --draft_checkpoint_path, --draft or --prompt_lookup")
-        return
-    args.speculate_k = DEFAULT_K if args.speculate_k is None else args.speculate_k
-    if args.speculate_k < 1:
-        raise BriskError(f"--speculate_k must be at least 1, got {args.speculate_k}")
-    if args.prompt_lookup is not None and args.prompt_lookup < 1:
-        raise BriskError(f"--prompt_lookup must be at least 1, got {args.prompt_lookup}")
-    if args.batch_size != 1:
+        return None
+    spec = Speculation(args.checkpoint_path, DEFAULT_K if args.speculate_k is None else args.speculate_k,
+                       args.draft_checkpoint_path, args.draft, args.prompt_lookup)
+    if spec.k < 1:
+        raise BriskError(f"--speculate_k must be at least 1, got {spec.k}")
+    if spec.prompt_lookup is not None and spec.prompt_lookup < 1:
+        raise BriskError(f"--prompt_lookup must be at least 1, got {spec.prompt_lookup}")
+    if batch_size != 1:
         raise BriskError("speculative decoding generates one sequence at a time; leave out --batch_size")
-    if args.draft is not None:
-        check_self_draft(args, config, world)
-    path = args.draft_checkpoint_path
-    if path is None:
-        return
+    if spec.draft is not None:
+        check_self_draft(spec, config, world)
+    if spec.draft_checkpoint_path is not None:
+        check_draft(spec.draft_checkpoint_path, spec.checkpoint_path, min(config.vocab_size, tokenizer_vocab_size))
+    return spec
+
+
+def check_draft(path: Path, target: Path, needed: int) -> None:
+    """Refuse a draft checkpoint that is missing or does not share the target's vocabulary (of `needed` ids)."""
     if not path.is_file():
         raise BriskError(f"draft checkpoint not found: {path}")
-    target_vocab, draft_vocab = vocabulary(args.checkpoint_path.parent), vocabulary(path.parent)
+    target_vocab, draft_vocab = vocabulary(target.parent), vocabulary(path.parent)
     if draft_vocab is None:
         raise BriskError(f"no tokenizer.json, tokenizer.model or vocab.json beside {path}: cannot check that the "
                          "draft shares the target's vocabulary")
     if target_vocab != draft_vocab:
-        raise BriskError(f"the draft {path} and the target {args.checkpoint_path} have different vocabularies "
+        raise BriskError(f"the draft {path} and the target {target} have different vocabularies "
                          f"(compared their {draft_vocab[0]})")
-    draft_size, needed = load_config(path).vocab_size, min(config.vocab_size, tokenizer_vocab_size)
+    draft_size = load_config(path).vocab_size
     if draft_size < needed:
         raise BriskError(f"the draft's vocab_size {draft_size} is smaller than the target's vocabulary ({needed})")
 
 
-def self_draft_path(args) -> Path:
-    groupsize = quant.DEFAULT_GROUPSIZE if args.draft == "int4" else None
-    return quant.output_path(args.checkpoint_path, args.draft, groupsize)
+def self_draft_path(checkpoint_path: Path, mode: str) -> Path:
+    """Where --draft MODE's quantized copy of the target lies: beside it, named as quantize.py names it."""
+    return quant.output_path(checkpoint_path, mode, quant.DEFAULT_GROUPSIZE if mode == "int4" else None)
 
 
-def check_self_draft(args, config, world: int) -> None:
-    path = self_draft_path(args)
-    if path.resolve() == args.checkpoint_path.resolve():
-        raise BriskError(f"--draft {args.draft}: {path} is that model already; pass the float model.pth")
+def check_self_draft(spec: Speculation, config, world: int) -> None:
+    path, mode, target = spec.draft_path(), spec.draft, spec.checkpoint_path
+    if path.resolve() == target.resolve():
+        raise BriskError(f"--draft {mode}: {path} is that model already; pass the float model.pth")
     if world > 1:  # split like the target (the target's heads and width divide already): int4 groups must fit
         try:
-            tp.check_divisible(config, world, quant.DEFAULT_GROUPSIZE if args.draft == "int4" else None)
+            tp.check_divisible(config, world, quant.DEFAULT_GROUPSIZE if mode == "int4" else None)
         except BriskError as e:
-            raise BriskError(f"--draft {args.draft} across {world} processes: {e}; use --draft int8 or fewer "
+            raise BriskError(f"--draft {mode} across {world} processes: {e}; use --draft int8 or fewer "
                              "processes") from None
     if path.is_file():
         return
     if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:  # rank 0's file would be on one machine only
-        raise BriskError(f"--draft {args.draft}: {path} is missing; on several machines make it first with "
-                         f"quantize.py --mode {args.draft}")
-    if "__quant__" in load_state_dict(args.checkpoint_path):  # memory-mapped: reads no weights
-        raise BriskError(f"--draft {args.draft}: {path} is missing and {args.checkpoint_path} is quantized; pass "
-                         "the float model.pth")
+        raise BriskError(f"--draft {mode}: {path} is missing; on several machines make it first with "
+                         f"quantize.py --mode {mode}")
+    if "__quant__" in load_state_dict(target):  # memory-mapped: reads no weights
+        raise BriskError(f"--draft {mode}: {path} is missing and {target} is quantized; pass the float model.pth")
     if not os.access(path.parent, os.W_OK):
-        raise BriskError(f"--draft {args.draft}: {path} is missing and {path.parent} is not writable; make it with "
+        raise BriskError(f"--draft {mode}: {path} is missing and {path.parent} is not writable; make it with "
                          "quantize.py")
 
 
@@ -365,45 +405,3 @@ def split_refusal(path: Path, world: int) -> Optional[str]:
     except BriskError as e:
         return str(e)
     return None
-
-
-class Speculation:
-    """The checked speculation flags of a run, for engine.prepare: it reserves `k` cache positions past the last
-    token taken (a verify pass writes them) and calls build() once the target's caches are set up."""
-
-    def __init__(self, args):
-        self.args, self.k = args, args.speculate_k
-
-    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int) -> "Speculator":
-        return build(self.args, device, dtype, max_seq_length)
-
-
-def speculation(args) -> Optional[Speculation]:
-    """The Speculation of args checked by check_args; None when no proposer is given."""
-    return Speculation(args) if args.speculate_k else None
-
-
-def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int) -> Speculator:
-    """The Speculator for the checked args; a draft model is loaded (made first if --draft's file is missing:
-    by rank 0 alone under torchrun), split across the processes if it can be, and given a cache of
-    max_seq_length positions."""
-    verify_fn, decode_fn = verify, decode_one_token
-    if args.compile:  # k is fixed, so the verify pass has a static shape
-        verify_fn = compile_step(verify, device, "the verify pass")  # of the target
-        decode_fn = compile_step(decode_one_token, device, "the draft's decode step")  # set up below
-    if args.prompt_lookup is not None:
-        return Speculator(PromptLookup(args.prompt_lookup), args.speculate_k, verify_fn)
-    path = args.draft_checkpoint_path
-    if path is None:
-        path = self_draft_path(args)
-        tp.rank0_first(lambda: make_self_draft(args.checkpoint_path, args.draft, path))
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    refusal = split_refusal(path, world) if world > 1 else None
-    if refusal:
-        print(f"the draft {path} runs whole on each of the {world} processes, not split: {refusal}", file=sys.stderr)
-    t0 = time.perf_counter()
-    draft = load_model(path, device, dtype, transform=None if refusal else tp.apply_tp)
-    sync(device)
-    print(f"loaded draft {path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    draft.setup_caches(1, max_seq_length)
-    return Speculator(DraftModel(draft, decode_fn), args.speculate_k, verify_fn)
