@@ -1,5 +1,6 @@
-"""What every command line shares: the user-error exception, one-line errors, checks of common flags, and text on
-the terminal (TextStream: a sequence's text as its tokens arrive, cut at stop strings; chat: an interactive chat).
+"""What every command line shares: the user-error exception, one-line errors, checks of common
+flags, and text on the terminal (TextStream: a sequence's text as its tokens arrive, cut at stop
+strings; chat: an interactive chat).
 
 The bottom of the import graph: it imports no other module of brisk.
 """
@@ -38,8 +39,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def looks_like_path(value: str) -> bool:
-    """Whether text given to an option that takes a file or text (--context) was meant as a file: one word with a
-    path separator or a file extension (`doc.txt`, `notes/q3`), so that a mistyped path is not taken as text."""
+    """Whether text given to an option that takes a file or text (--context) was meant as a file:
+    one word with a path separator or a file extension (`doc.txt`, `notes/q3`), so that a mistyped
+    path is not taken as text."""
     return (re.fullmatch(r"\S+", value) is not None
             and ("/" in value or os.sep in value or re.search(r"\.[A-Za-z][A-Za-z0-9]{0,4}$", value) is not None))
 
@@ -80,8 +82,9 @@ def save_atomic(path: Path, write: Callable[[Path], None], force: bool = False) 
 
 
 class TextStream:
-    """The text of one sequence as its tokens arrive, cut before the first stop string. Text is written to `out`
-    (if given) once it can no longer turn into a stop string, so a stop string is never printed."""
+    """The text of one sequence as its tokens arrive, cut before the first stop string. Text is
+    written to `out` (if given) once it can no longer turn into a stop string, so a stop string is
+    never printed."""
 
     def __init__(self, tokenizer, stops=(), out=None):
         self.decoder = tokenizer.stream_decoder()
@@ -117,8 +120,8 @@ class TextStream:
 
 
 def user_messages(first: Sequence[str] = ()) -> Iterator[str]:
-    """The user's messages of an interactive chat: `first` (echoed), then lines read from stdin until Ctrl-D;
-    blank ones are skipped."""
+    """The user's messages of an interactive chat: `first` (echoed), then lines read from stdin
+    until Ctrl-D; blank ones are skipped."""
     print("chat: type a message and press Enter; Ctrl-D ends", file=sys.stderr)
     for user in first:
         print(f"> {user}")
@@ -135,8 +138,8 @@ def user_messages(first: Sequence[str] = ()) -> Iterator[str]:
 
 
 def chat(reply: Callable[[list[dict]], str], first: Sequence[str] = ()) -> None:
-    """An interactive chat: each user message (`first`, then stdin) joins the conversation, and reply(messages)
-    returns the assistant's answer, which joins it too."""
+    """An interactive chat: each user message (`first`, then stdin) joins the conversation, and
+    reply(messages) returns the assistant's answer, which joins it too."""
     messages = []
     for user in user_messages(first):
         messages.append(dict(role="user", content=user))

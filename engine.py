@@ -1,5 +1,6 @@
-"""The generation engine: the prefill and decode steps, generate(), compiled steps, the length policy of the KV
-cache, and `prepare`, which every script calls to get a model ready to generate (an Engine).
+"""The generation engine: the prefill and decode steps, generate(), compiled steps, the length
+policy of the KV cache, and `prepare`, which every script calls to get a model ready to generate
+(an Engine).
 
     engine = prepare(checkpoint_path, device, dtype, batch_size=1, max_seq_length=512, compile=True)
     rows, timing = engine.generate(prompt, max_new_tokens, temperature=0.8, top_k=200)
@@ -55,11 +56,12 @@ def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, nu
 
 
 def cache_length(requested: Optional[int], needed: Optional[int], block_size: int) -> int:
-    """The KV cache's length, one length policy for every script: `requested` (--max_seq_length) when given, at most
-    block_size; else for `needed` positions DEFAULT_SEQ_LENGTH, or the first power of two beyond it that holds them,
-    and for a conversation (needed None), whose final length is unknown, INTERACTIVE_MAX_SEQ_LENGTH; at most
-    block_size. A compiled step is made (and saved) for one cache size, so that every prompt up to that length runs
-    it: the length attended to, not the cache's, follows the prompt."""
+    """The KV cache's length, one length policy for every script: `requested` (--max_seq_length)
+    when given, at most block_size; else for `needed` positions DEFAULT_SEQ_LENGTH, or the first
+    power of two beyond it that holds them, and for a conversation (needed None), whose final length
+    is unknown, INTERACTIVE_MAX_SEQ_LENGTH; at most block_size. A compiled step is made (and saved)
+    for one cache size, so that every prompt up to that length runs it: the length attended to, not
+    the cache's, follows the prompt."""
     if requested is not None:
         if requested > block_size:
             raise BriskError(f"--max_seq_length {requested} exceeds the model's block_size {block_size}")
@@ -96,12 +98,13 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
              **sampling_kwargs):
     """Sample up to max_new_tokens after prompt [T] for batch_size copies of it.
 
-    The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below start_pos
-    are taken as already in the cache (the earlier turns of a conversation) and are not computed again.
-    A row stops as sampling.stop_reason says, on_token(row, token) telling whether a token it has just taken ends
-    it (eos ids are not passed to it); generation ends when every row has stopped.
-    A speculator (speculative.Speculator, batch_size 1) proposes tokens that the target verifies several at a time.
-    Returns (the new tokens of each row, {"ttft_s", "decode_s", "steps"}).
+    The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below
+    start_pos are taken as already in the cache (the earlier turns of a conversation) and are not
+    computed again. A row stops as sampling.stop_reason says, on_token(row, token) telling whether a
+    token it has just taken ends it (eos ids are not passed to it); generation ends when every row
+    has stopped. A speculator (speculative.Speculator, batch_size 1) proposes tokens that the target
+    verifies several at a time. Returns (the new tokens of each row,
+    {"ttft_s", "decode_s", "steps"}).
     """
     device = prompt.device
     T = prompt.size(0)
@@ -142,25 +145,29 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
 
 
 def compile_step(fn: Callable, device: torch.device, what: str = "the decode step") -> Callable:
-    """torch.compile(fn) for one model whose weights and caches keep their shapes: a decode step, a verify pass.
-    fn(model, ...) takes the model first; `what` names it in the line printed while it compiles.
+    """torch.compile(fn) for one model whose weights and caches keep their shapes: a decode step, a
+    verify pass. fn(model, ...) takes the model first; `what` names it in the line printed while it
+    compiles.
 
-    On the CPU (one process) the compiled step is saved and the next run loads it instead of compiling
-    (compile_cache.SavedStep). Inductor settings go in `options`, per compiled function, so nothing leaks into other
-    compiled code (the CPU's are cpu.INDUCTOR_OPTIONS). Dynamo's guards on the modules the step reads are dropped
-    (they cost a noticeable share of a small model's step: BENCHMARKS.md, "Compiled decode step"), which is safe
-    because every call here compiles fn afresh (isolate_recompiles) and the step refuses a model whose KV cache is
-    not the one it was traced with: make a new step after setup_caches reallocates (Engine.setup does). The number
-    of cache positions attended to (fn's `attend_len` argument) is a dynamic size from the first trace on: one graph
-    serves every length."""
+    On the CPU (one process) the compiled step is saved and the next run loads it instead of
+    compiling (compile_cache.SavedStep). Inductor settings go in `options`, per compiled function,
+    so nothing leaks into other compiled code (the CPU's are cpu.INDUCTOR_OPTIONS). Dynamo's guards
+    on the modules the step reads are dropped (they cost a noticeable share of a small model's step:
+    BENCHMARKS.md, "Compiled decode step"), which is safe because every call here compiles fn afresh
+    (isolate_recompiles) and the step refuses a model whose KV cache is not the one it was traced
+    with: make a new step after setup_caches reallocates (Engine.setup does). The number of cache
+    positions attended to (fn's `attend_len` argument) is a dynamic size from the first trace on:
+    one graph serves every length."""
     if device.type == "cuda":
-        # mode="reduce-overhead": CUDA graphs remove the per-kernel launches. Coordinate descent tuning, as gpt-fast
-        # sets it: only with it does Inductor write a one-row product as its own reduction (its decomposition of
-        # aten.mm), which reaches peak bandwidth and fuses int8's conversion into the product instead of writing a
-        # bf16 copy of each weight on every step for cuBLAS
+        # mode="reduce-overhead": CUDA graphs remove the per-kernel launches. Coordinate descent
+        # tuning, as gpt-fast sets it: only with it does Inductor write a one-row product as its own
+        # reduction (its decomposition of aten.mm), which reaches peak bandwidth and fuses int8's
+        # conversion into the product instead of writing a bf16 copy of each weight on every step
+        # for cuBLAS
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-        # a graph is recorded per attended length, as intended (attend_len keeps them few); this limit is read when
-        # a graph is recorded, not at compile time, so it cannot go in `options`: it only silences a warning
+        # a graph is recorded per attended length, as intended (attend_len keeps them few); this
+        # limit is read when a graph is recorded, not at compile time, so it cannot go in `options`:
+        # it only silences a warning
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
     else:
         options = dict(INDUCTOR_OPTIONS)
@@ -181,8 +188,9 @@ def compile_step(fn: Callable, device: torch.device, what: str = "the decode ste
         if traced_with is not None and cache is not traced_with:
             raise BriskError("a compiled step ran against a KV cache other than the one it was traced with "
                              "(setup_caches reallocated it, or another model): compile a new step")
-        # read when tracing (a patch costs ~15 us: not on every step); a trace without it would take attend_len as
-        # static, then as dynamic at its next value: one compile more, never a wrong result
+        # read when tracing (a patch costs ~15 us: not on every step); a trace without it would take
+        # attend_len as static, then as dynamic at its next value: one compile more, never a wrong
+        # result
         with torch.compiler.config.patch(dynamic_sources="L['attend_len']"):
             out = compiled(model, *args, **kwargs)
         traced_with = cache
@@ -206,8 +214,9 @@ def load(checkpoint_path, device: torch.device, dtype: torch.dtype) -> Transform
 
 
 class Engine:
-    """A loaded model with its KV caches, its prefill and decode steps (compiled or not) and, when speculating,
-    its speculator. setup() sizes it for a batch size and sequence length; generate() runs generate() with it."""
+    """A loaded model with its KV caches, its prefill and decode steps (compiled or not) and, when
+    speculating, its speculator. setup() sizes it for a batch size and sequence length; generate()
+    runs generate() with it."""
 
     def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False, speculation=None):
         self.model, self.compile, self.compile_prefill, self.speculation = model, compile, compile_prefill, speculation
@@ -217,8 +226,9 @@ class Engine:
         self.max_seq_length = 0
 
     def setup(self, batch_size: int, max_seq_length: int) -> None:
-        """Caches for batch_size sequences of max_seq_length positions (plus the k positions a verify pass writes
-        past the last token taken), new steps compiled for them, and the speculator with a cache as long."""
+        """Caches for batch_size sequences of max_seq_length positions (plus the k positions a
+        verify pass writes past the last token taken), new steps compiled for them, and the
+        speculator with a cache as long."""
         ahead = self.speculation.k if self.speculation else 0
         self.model.setup_caches(batch_size, max_seq_length + ahead)
         self.max_seq_length = max_seq_length
@@ -236,8 +246,8 @@ class Engine:
                         decode_fn=self.decode_fn, speculator=self.speculator, **kwargs)
 
     def warm_up(self, prompt: Tensor, max_new_tokens: int, batch_size: int, **sampling) -> float:
-        """Generate a few tokens after prompt so that compilation happens before anything is timed (the caches are
-        then overwritten from position 0); reports and returns the seconds it took."""
+        """Generate a few tokens after prompt so that compilation happens before anything is timed
+        (the caches are then overwritten from position 0); reports and returns the seconds it took."""
         k = self.speculation.k if self.speculation else 0
         n, t0 = min(max_new_tokens, k + 2), time.perf_counter()  # enough tokens for a verify pass too
         before = dict(TALLY)
@@ -252,10 +262,11 @@ class Engine:
 def prepare(checkpoint_path, device: torch.device, dtype: torch.dtype, batch_size: Optional[int] = None,
             max_seq_length: Optional[int] = None, compile: bool = False, compile_prefill: bool = False,
             speculation=None) -> Engine:
-    """Load the checkpoint (this rank's part under torchrun), count its weight bytes, and, given the sizes, set it
-    up for batch_size sequences of max_seq_length positions (else call Engine.setup before generating).
-    `speculation` (speculative.Speculation) has `k`, the positions a verify pass writes past the last token taken,
-    and build(device, dtype, max_seq_length, compile) -> its Speculator."""
+    """Load the checkpoint (this rank's part under torchrun), count its weight bytes, and, given the
+    sizes, set it up for batch_size sequences of max_seq_length positions (else call Engine.setup
+    before generating). `speculation` (speculative.Speculation) has `k`, the positions a verify pass
+    writes past the last token taken, and build(device, dtype, max_seq_length, compile) -> its
+    Speculator."""
     engine = Engine(load(checkpoint_path, device, dtype), compile, compile_prefill, speculation)
     if batch_size is not None:
         engine.setup(batch_size, max_seq_length)

@@ -20,13 +20,15 @@ import speculative
 from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, check_at_least_one, check_writable, run_cli,
                  save_atomic)
 from engine import Engine, cache_length, check_fits, common_prefix, load, prepare, tokens_that_fit
+from generation_cli import add_generation_args, check_generation_args, start
 from report import (BANDWIDTH_HELP, FIGURES_HELP, describe, describe_speculation, figures, speculation_figures,
                     summarize)
-from generation_cli import add_generation_args, check_generation_args, start
+
 
 def chat_in_cache(engine: Engine, tokenizer, args, first: Optional[str], sampling: dict) -> None:
-    """Multi-turn chat in the model's template. Each turn's prompt is the whole conversation; the cache still
-    holds the tokens the conversation shares with the previous turn, so only the rest is prefilled."""
+    """Multi-turn chat in the model's template. Each turn's prompt is the whole conversation; the
+    cache still holds the tokens the conversation shares with the previous turn, so only the rest is
+    prefilled."""
     cached = []  # the tokens whose keys/values are in the cache, from position 0
     max_seq_length = engine.max_seq_length
 
@@ -102,8 +104,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], int]:
 
 
 def encode_prompt(text: Optional[str], args, tokenizer, vocab_size: int) -> tuple[list[int], Optional[str]]:
-    """The tokens of prompt `text` (None: the default one), and the text to print before the generated text (None:
-    print nothing)."""
+    """The tokens of prompt `text` (None: the default one), and the text to print before the
+    generated text (None: print nothing)."""
     text = "Hello, my name is" if text is None else text
     if text.strip().isdigit():
         g = torch.Generator().manual_seed(0 if args.seed is None else args.seed)
@@ -114,8 +116,9 @@ def encode_prompt(text: Optional[str], args, tokenizer, vocab_size: int) -> tupl
 
 
 def run_batch(args: argparse.Namespace, texts: list[str], batch_size: int, config, tokenizer) -> None:
-    """Several prompts as rows of one batch (batch.generate_rows), or beam search (batch.beam_search) for each
-    prompt in turn; prints each prompt's text (or num_return_sequences beams) in prompt order."""
+    """Several prompts as rows of one batch (batch.generate_rows), or beam search
+    (batch.beam_search) for each prompt in turn; prints each prompt's text (or num_return_sequences
+    beams) in prompt order."""
     if args.chat:
         prompts = [tokenizer.encode_chat([dict(role="user", content=p)]) for p in texts]
     else:

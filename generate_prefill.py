@@ -1,5 +1,6 @@
-"""Generate with prefix caching: the keys/values of prompt beginnings seen before are copied back into the KV cache
-instead of being computed again, so a long shared context costs its prefill once (once ever, with --cache_file).
+"""Generate with prefix caching: the keys/values of prompt beginnings seen before are copied back
+into the KV cache instead of being computed again, so a long shared context costs its prefill once
+(once ever, with --cache_file).
 
     python generate_prefill.py --context doc.txt --prompt "Summarize it." --prompt "Who wrote it?" --chat \\
         --cache_file doc.cache
@@ -81,8 +82,8 @@ class Conversation:
 
 
 def open_cache(args, engine, spec, context_tokens: int, rank: int, world: int) -> tuple[PrefixCache, Optional[Path]]:
-    """The prefix cache of the target (and of a draft model, whose keys/values are cached with the target's), loaded
-    from --cache_file (this rank's part) if it exists; returns it and that file."""
+    """The prefix cache of the target (and of a draft model, whose keys/values are cached with the
+    target's), loaded from --cache_file (this rank's part) if it exists; returns it and that file."""
     models, metas = [engine.model], [model_meta(engine.model, args.checkpoint_path, rank, world)]
     if engine.speculator is not None and isinstance(engine.speculator.proposer, speculative.DraftModel):
         models.append(engine.speculator.proposer.model)

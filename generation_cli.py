@@ -1,5 +1,6 @@
-"""The flags that every generating script shares (generate.py, generate_prefill.py): the model, chat, sampling, cache
-length, device, compilation, figures file, torchrun and speculative decoding, and their checks.
+"""The flags that every generating script shares (generate.py, generate_prefill.py): the model,
+chat, sampling, cache length, device, compilation, figures file, torchrun and speculative decoding,
+and their checks.
 """
 import argparse
 from pathlib import Path
@@ -19,8 +20,9 @@ T = TypeVar("T")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """The flags of every script that generates (generate.py, generate_prefill.py): the model, chat, sampling, cache
-    length, device, compilation, figures file, torchrun and speculative decoding; check_generation_args checks them."""
+    """The flags of every script that generates (generate.py, generate_prefill.py): the model, chat,
+    sampling, cache length, device, compilation, figures file, torchrun and speculative decoding;
+    check_generation_args checks them."""
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model.pth in a checkpoint directory (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -49,8 +51,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
-    """Checks of add_generation_args's flags that need no model (speculative.speculation checks the speculative
-    ones, with the model's config)."""
+    """Checks of add_generation_args's flags that need no model (speculative.speculation checks the
+    speculative ones, with the model's config)."""
     check_at_least_one(args, "max_new_tokens", "top_k", "max_seq_length")
     if not 0 <= args.temperature < float("inf"):  # also refuses nan
         raise BriskError(f"--temperature must be >= 0 and finite, got {args.temperature}")
@@ -62,8 +64,9 @@ def check_generation_args(args: argparse.Namespace) -> None:
 
 
 def start(args: argparse.Namespace, check: Callable[[argparse.Namespace], T]) -> tuple[int, int, ModelArgs, Any, T]:
-    """What a generation script does before loading weights: join torchrun's process group, check the flags with
-    `check`, then against the model's config. Returns (rank, world, config, tokenizer, what `check` returned)."""
+    """What a generation script does before loading weights: join torchrun's process group, check
+    the flags with `check`, then against the model's config. Returns (rank, world, config,
+    tokenizer, what `check` returned)."""
     rank, world = tp.maybe_init_dist(args.dist_timeout)  # under torchrun; ranks other than 0 print nothing
     checked = check(args)
     config = load_config(args.checkpoint_path)

@@ -1,5 +1,6 @@
-"""The figures of a run and their help text: speed (time to first token, tokens/s, bandwidth, memory), speculative
-decoding's acceptance, prefix caching's cached and prefilled tokens; each with the line it is printed as.
+"""The figures of a run and their help text: speed (time to first token, tokens/s, bandwidth,
+memory), speculative decoding's acceptance, prefix caching's cached and prefilled tokens; each with
+the line it is printed as.
 """
 import resource
 import statistics
@@ -27,8 +28,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def speed_figures(new: int, tokens: int, batch: int, ttft: float, decode_s: float, prompt_len: int, weights: int,
                   kv_per_token: int, device) -> dict:
-    """The figures of one generation of `new` tokens per sequence (`tokens` in all, `batch` sequences): decode
-    steps yield the tokens after the first, each attending to the prompt and the tokens before it (BANDWIDTH_HELP)."""
+    """The figures of one generation of `new` tokens per sequence (`tokens` in all, `batch`
+    sequences): decode steps yield the tokens after the first, each attending to the prompt and the
+    tokens before it (BANDWIDTH_HELP)."""
     steps, total = new - 1, ttft + decode_s
     decode_tps = steps / decode_s if steps else None
     bandwidth = None
@@ -68,9 +70,9 @@ def describe(f: dict) -> str:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers (quantized weights and scales are buffers) but the token embedding's, of
-    which a decode step reads one row; a tied matrix counts once, as the head. Call before setup_caches so the
-    KV cache and rotary tables are not counted."""
+    """Bytes of parameters and buffers (quantized weights and scales are buffers) but the token
+    embedding's, of which a decode step reads one row; a tied matrix counts once, as the head. Call
+    before setup_caches so the KV cache and rotary tables are not counted."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     tensors = {t.data_ptr(): t for name, t in named if not name.startswith("tok_embeddings.")}
     return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -4,26 +4,29 @@
     python generate.py --draft int4                                 # the target quantized to int4 as its own draft
     python generate.py --prompt_lookup 3                            # copy what followed an earlier occurrence
 
-The output follows the target's distribution exactly, whatever the proposer (Leviathan et al. 2023, Chen et al.
-2023): draft token i, drawn from q_i, is kept with probability min(1, p_i / q_i); the first one rejected is
-replaced by a sample of normalize(max(0, p_i - q_i)); when all k are kept the target's distribution after them
-gives one more token for free. p and q are the processed distributions (temperature, top-k, top-p); at
-temperature 0 both are one-hot argmaxes and the rule keeps a draft token exactly when it is the target's argmax.
-Prompt lookup proposes deterministically (q is one-hot): a token is kept with probability p(token), else the
-replacement is drawn from p without it.
+The output follows the target's distribution exactly, whatever the proposer (Leviathan et al. 2023,
+Chen et al. 2023): draft token i, drawn from q_i, is kept with probability min(1, p_i / q_i); the
+first one rejected is replaced by a sample of normalize(max(0, p_i - q_i)); when all k are kept the
+target's distribution after them gives one more token for free. p and q are the processed
+distributions (temperature, top-k, top-p); at temperature 0 both are one-hot argmaxes and the rule
+keeps a draft token exactly when it is the target's argmax. Prompt lookup proposes deterministically
+(q is one-hot): a token is kept with probability p(token), else the replacement is drawn from p
+without it.
 
-Caches: the verify pass writes the target's keys/values for the last token taken and the k draft tokens; after
-`a` are kept, the positions beyond are stale and are overwritten before anything attends to them. The draft model
-has been fed the last token and the first k - 1 draft tokens; when all k are kept it is fed the k-th too, so both
-caches always hold every position before the last token taken (the invariant plain decoding has).
-One sequence at a time: rows of a batch would keep different numbers of tokens, hence sit at different positions.
+Caches: the verify pass writes the target's keys/values for the last token taken and the k draft
+tokens; after `a` are kept, the positions beyond are stale and are overwritten before anything
+attends to them. The draft model has been fed the last token and the first k - 1 draft tokens; when
+all k are kept it is fed the k-th too, so both caches always hold every position before the last
+token taken (the invariant plain decoding has). One sequence at a time: rows of a batch would keep
+different numbers of tokens, hence sit at different positions.
 
-Under torchrun (tp.py) the target is split as always; a draft model is split the same way when the number of
-processes divides its heads and feed-forward width (and its int4 groups), else every rank runs a whole copy.
-Every rank takes the same decisions without exchanging them: the logits are identical on all ranks after the
-all-reduces, the replicated parts compute the same on each, and the random draws (draft sampling, the acceptance
-test's uniforms, the replacement tokens) all come from the global generator, which tp.maybe_init_dist seeds alike
-on every rank and which every rank then advances through the same calls.
+Under torchrun (tp.py) the target is split as always; a draft model is split the same way when the
+number of processes divides its heads and feed-forward width (and its int4 groups), else every rank
+runs a whole copy. Every rank takes the same decisions without exchanging them: the logits are
+identical on all ranks after the all-reduces, the replicated parts compute the same on each, and the
+random draws (draft sampling, the acceptance test's uniforms, the replacement tokens) all come from
+the global generator, which tp.maybe_init_dist seeds alike on every rank and which every rank then
+advances through the same calls.
 """
 import argparse
 import json
@@ -59,8 +62,9 @@ SELF_DRAFTS = ("int4", "int8")
 def accept(draft: Tensor, q: Tensor, p: Tensor, greedy: bool = False) -> Tensor:
     """The tokens [a + 1] one verification yields: the first a draft tokens kept, then one from the target.
 
-    draft: [k] tokens drawn from q: [k, Vq]; p: [k + 1, Vp], the target's distributions after the last token taken
-    and after each draft token. Vocabularies padded to different sizes are compared with zeros in the padding."""
+    draft: [k] tokens drawn from q: [k, Vq]; p: [k + 1, Vp], the target's distributions after the
+    last token taken and after each draft token. Vocabularies padded to different sizes are compared
+    with zeros in the padding."""
     k = draft.numel()
     V = max(p.size(-1), q.size(-1))
     p, q = F.pad(p, (0, V - p.size(-1))), F.pad(q, (0, V - q.size(-1)))
@@ -93,16 +97,17 @@ def step_at(decode_fn: Callable, model: Transformer, token: Tensor, pos: int, sa
 
 
 class Proposer(Protocol):
-    """What guesses the next k tokens: a draft model (DraftModel: another model, or the target quantized) or the
-    sequence itself (PromptLookup)."""
+    """What guesses the next k tokens: a draft model (DraftModel: another model, or the target
+    quantized) or the sequence itself (PromptLookup)."""
 
     def prefill(self, x: Tensor, input_pos: Tensor) -> None:
         """Read the prompt x [1, T] at input_pos [T] (the positions before them are read already)."""
 
     def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool,
                 sampling: dict) -> Optional[tuple[Tensor, Optional[Tensor]]]:
-        """(draft [k], q [k, V], the distributions drawn from, or None: drawn deterministically) after the sequence
-        `history`, whose last token cur_token [1, 1] sits at pos; None: no proposal, a plain decode step follows."""
+        """(draft [k], q [k, V], the distributions drawn from, or None: drawn deterministically)
+        after the sequence `history`, whose last token cur_token [1, 1] sits at pos; None: no
+        proposal, a plain decode step follows."""
 
     def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
         """Feed token [1, 1] at pos, which the proposer has not seen."""
@@ -132,14 +137,15 @@ class DraftModel:
         return draft, q
 
     def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
-        # through the (compiled) decode step, as its sampled token is merely not used: a plain forward would run
-        # the draft eagerly once per fully accepted draft
+        # through the (compiled) decode step, as its sampled token is merely not used: a plain
+        # forward would run the draft eagerly once per fully accepted draft
         step_at(self.decode_fn, self.model, token, pos, sampling)
 
 
 class PromptLookup:
-    """Proposes the k tokens that followed the most recent earlier occurrence of the sequence's last n tokens,
-    trying n = max_n down to 1 (prompt-lookup decoding: cheap, and strong where the output copies its input)."""
+    """Proposes the k tokens that followed the most recent earlier occurrence of the sequence's last
+    n tokens, trying n = max_n down to 1 (prompt-lookup decoding: cheap, and strong where the output
+    copies its input)."""
 
     def __init__(self, max_n: int):
         self.max_n = max_n
@@ -159,8 +165,9 @@ class PromptLookup:
 
 
 def lookup(seq: list, max_n: int, k: int) -> Optional[list]:
-    """The k tokens after the latest j < len(seq) - 1 with seq[j-n+1..j] == seq[-n:], n from max_n down to 1,
-    or None. Past the end of seq the copy continues with its own output (seq looks periodic from j on)."""
+    """The k tokens after the latest j < len(seq) - 1 with seq[j-n+1..j] == seq[-n:], n from max_n
+    down to 1, or None. Past the end of seq the copy continues with its own output (seq looks
+    periodic from j on)."""
     L = len(seq)
     for n in range(min(max_n, L - 1), 0, -1):
         suffix, last = seq[-n:], seq[-1]
@@ -178,10 +185,10 @@ def lookup(seq: list, max_n: int, k: int) -> Optional[list]:
 
 
 class Speculator:
-    """Pass as generate(..., speculator=...): after the target's prefill, prefill(prompt, start_pos) lets the
-    proposer read the prompt; decode(...) then stands in for decode_n_tokens, yielding [1, n] tokens per step.
-    `stats` counts the current generation's verifications and kept draft tokens; `step_sizes` lists the tokens
-    each of its decode steps yielded."""
+    """Pass as generate(..., speculator=...): after the target's prefill, prefill(prompt, start_pos)
+    lets the proposer read the prompt; decode(...) then stands in for decode_n_tokens, yielding
+    [1, n] tokens per step. `stats` counts the current generation's verifications and kept draft
+    tokens; `step_sizes` lists the tokens each of its decode steps yielded."""
 
     def __init__(self, proposer: Proposer, k: int = DEFAULT_K, verify_fn: Callable = verify):
         self.proposer, self.k, self.verify_fn = proposer, k, verify_fn
@@ -250,9 +257,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Speculation:
-    """Checked speculation flags (speculation()): one proposer, and k, the tokens proposed per verification, which
-    are also the cache positions a verify pass writes past the last token taken. build() makes the Speculator once
-    the target's caches are set up (engine.Engine.setup)."""
+    """Checked speculation flags (speculation()): one proposer, and k, the tokens proposed per
+    verification, which are also the cache positions a verify pass writes past the last token taken.
+    build() makes the Speculator once the target's caches are set up (engine.Engine.setup)."""
     checkpoint_path: Path  # the target's
     k: int = DEFAULT_K
     draft_checkpoint_path: Optional[Path] = None
@@ -266,8 +273,9 @@ class Speculation:
         return self.draft_checkpoint_path
 
     def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int, compile: bool = False) -> Speculator:
-        """The Speculator: a draft model is loaded (made first if --draft's file is missing: by rank 0 alone under
-        torchrun), split across the processes if it can be, and given a cache of max_seq_length positions."""
+        """The Speculator: a draft model is loaded (made first if --draft's file is missing: by rank
+        0 alone under torchrun), split across the processes if it can be, and given a cache of
+        max_seq_length positions."""
         verify_fn, decode_fn = verify, decode_one_token
         if compile:  # k is fixed, so the verify pass has a static shape
             verify_fn = compile_step(verify, device, "the verify pass")  # of the target
@@ -297,8 +305,8 @@ def settings(spec: Optional[Speculation]) -> dict:
 
 
 def vocabulary(directory: Path):
-    """What fixes the meaning of token ids: tokenizer.json's vocabulary and added tokens, tokenizer.model or
-    vocab.json."""
+    """What fixes the meaning of token ids: tokenizer.json's vocabulary and added tokens,
+    tokenizer.model or vocab.json."""
     path = directory / "tokenizer.json"
     if path.is_file():
         try:
@@ -316,9 +324,9 @@ def vocabulary(directory: Path):
 
 
 def speculation(args, config, tokenizer_vocab_size: int, world: int, batch_size: int = 1) -> Optional[Speculation]:
-    """The Speculation of the flags (add_args) of a run of batch_size sequences, each flag checked here and only
-    here, with no weights loaded (a draft checkpoint: that it shares the target's vocabulary); None when no proposer
-    is given."""
+    """The Speculation of the flags (add_args) of a run of batch_size sequences, each flag checked
+    here and only here, with no weights loaded (a draft checkpoint: that it shares the target's
+    vocabulary); None when no proposer is given."""
     given = [f for f, v in (("--draft_checkpoint_path", args.draft_checkpoint_path), ("--draft", args.draft),
                             ("--prompt_lookup", args.prompt_lookup)) if v is not None]
     if len(given) > 1:
@@ -386,8 +394,8 @@ def check_self_draft(spec: Speculation, config, world: int) -> None:
 
 
 def make_self_draft(checkpoint_path: Path, mode: str, path: Path) -> None:
-    """Unless `path` exists, quantize the float target into it as quantize.py --mode MODE does (round-to-nearest,
-    default group size)."""
+    """Unless `path` exists, quantize the float target into it as quantize.py --mode MODE does
+    (round-to-nearest, default group size)."""
     if path.is_file():
         return
     sd = load_state_dict(checkpoint_path)
