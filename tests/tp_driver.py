@@ -49,7 +49,8 @@ def decode(checkpoint_path: Path, steps: int, compile: bool = False, loaded: boo
         all_logits.append(logits[0])
         tokens.append(int(logits.argmax()))
         on_step(i)
-        logits = step(torch.tensor([[tokens[-1]]]), torch.tensor([len(PROMPT) + i]))[:, -1]
+        pos = len(PROMPT) + i  # a compiled model reads no position on the host: it is given attend_len
+        logits = step(torch.tensor([[tokens[-1]]]), torch.tensor([pos]), attend_len=model.attend_len(pos))[:, -1]
     return dict(logits=torch.stack(all_logits), tokens=tokens)
 
 
