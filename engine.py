@@ -1,12 +1,11 @@
-"""The generation engine: the prefill and decode steps, generate(), compiled steps, the figures of a run,
-and `prepare`, which every script calls to get a model ready to generate.
+"""The generation engine: the prefill and decode steps, generate(), compiled steps, the length
+policy of the KV cache, and `prepare`, which every script calls to get a model ready to generate
+(an Engine).
 
     engine = prepare(checkpoint_path, device, dtype, batch_size=1, max_seq_length=512, compile=True)
     rows, timing = engine.generate(prompt, max_new_tokens, temperature=0.8, top_k=200)
 """
 import functools
-import resource
-import statistics
 import sys
 import time
 from typing import Callable, Iterator, Optional, Sequence
@@ -19,7 +18,8 @@ from checkpoint import load_model
 from cli import BriskError
 from compile_cache import TALLY, SavedStep
 from cpu import INDUCTOR_OPTIONS
-from model import ModelArgs, Transformer
+from model import Transformer
+from report import weight_bytes
 from sampling import sample, stop_reason
 
 INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
@@ -55,14 +55,35 @@ def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, nu
         yield cur_token
 
 
-def cache_length(needed: int, block_size: int) -> int:
-    """The KV cache's length for `needed` positions when none is asked for: DEFAULT_SEQ_LENGTH, or the first power of
-    two beyond it that holds them, at most block_size. A compiled step is made (and saved) for one cache size, so
-    that every prompt up to that length runs it: the length attended to, not the cache's, follows the prompt."""
-    n = DEFAULT_SEQ_LENGTH
-    while n < needed:
+def cache_length(requested: Optional[int], needed: Optional[int], block_size: int) -> int:
+    """The KV cache's length, one length policy for every script: `requested` (--max_seq_length)
+    when given, at most block_size; else for `needed` positions DEFAULT_SEQ_LENGTH, or the first
+    power of two beyond it that holds them, and for a conversation (needed None), whose final length
+    is unknown, INTERACTIVE_MAX_SEQ_LENGTH; at most block_size. A compiled step is made (and saved)
+    for one cache size, so that every prompt up to that length runs it: the length attended to, not
+    the cache's, follows the prompt."""
+    if requested is not None:
+        if requested > block_size:
+            raise BriskError(f"--max_seq_length {requested} exceeds the model's block_size {block_size}")
+        return requested
+    n = DEFAULT_SEQ_LENGTH if needed is not None else INTERACTIVE_MAX_SEQ_LENGTH
+    while needed is not None and n < needed:
         n *= 2
     return min(n, block_size)
+
+
+def check_fits(n: int, max_seq_length: int, block_size: Optional[int] = None, what: str = "the prompt") -> None:
+    """Refuse `what` of n tokens where the cache's max_seq_length positions (block_size's at most) cannot hold it."""
+    if n > max_seq_length:
+        limit = f"--max_seq_length {max_seq_length}"
+        if max_seq_length == block_size:
+            limit = f"the model's block_size {block_size}"
+        raise BriskError(f"{what} has {n} tokens, more than {limit}")
+
+
+def tokens_that_fit(max_new_tokens: int, prompt_len: int, max_seq_length: int) -> int:
+    """How many of max_new_tokens fit after a prompt of prompt_len tokens: the last token is never fed back."""
+    return min(max_new_tokens, max_seq_length - prompt_len + 1)
 
 
 def sync(device: torch.device) -> None:
@@ -77,12 +98,13 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
              **sampling_kwargs):
     """Sample up to max_new_tokens after prompt [T] for batch_size copies of it.
 
-    The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below start_pos
-    are taken as already in the cache (the earlier turns of a conversation) and are not computed again.
-    A row stops as sampling.stop_reason says, on_token(row, token) telling whether a token it has just taken ends
-    it (eos ids are not passed to it); generation ends when every row has stopped.
-    A speculator (speculative.Speculator, batch_size 1) proposes tokens that the target verifies several at a time.
-    Returns (the new tokens of each row, {"ttft_s", "decode_s", "steps"}).
+    The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below
+    start_pos are taken as already in the cache (the earlier turns of a conversation) and are not
+    computed again. A row stops as sampling.stop_reason says, on_token(row, token) telling whether a
+    token it has just taken ends it (eos ids are not passed to it); generation ends when every row
+    has stopped. A speculator (speculative.Speculator, batch_size 1) proposes tokens that the target
+    verifies several at a time. Returns (the new tokens of each row,
+    {"ttft_s", "decode_s", "steps"}).
     """
     device = prompt.device
     T = prompt.size(0)
@@ -102,7 +124,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
         return all(done)
 
     t0 = time.perf_counter()
-    token = prefill_fn(model, x, input_pos, attend_len=model.attend_len(T - 1), **sampling_kwargs)
+    token = prefill_fn(model, x, input_pos, attend_len=model.attend_len(T - 1, T - start_pos), **sampling_kwargs)
     finished = append(token)
     if speculator is not None:  # even when finished: in a chat the proposer's cache must keep up with the target's
         speculator.prefill(prompt, start_pos)
@@ -123,25 +145,29 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
 
 
 def compile_step(fn: Callable, device: torch.device, what: str = "the decode step") -> Callable:
-    """torch.compile(fn) for one model whose weights and caches keep their shapes: a decode step, a verify pass.
-    fn(model, ...) takes the model first; `what` names it in the line printed while it compiles.
+    """torch.compile(fn) for one model whose weights and caches keep their shapes: a decode step, a
+    verify pass. fn(model, ...) takes the model first; `what` names it in the line printed while it
+    compiles.
 
-    On the CPU (one process) the compiled step is saved and the next run loads it instead of compiling
-    (compile_cache.SavedStep). Inductor settings go in `options`, per compiled function, so nothing leaks into other
-    compiled code (the CPU's are cpu.INDUCTOR_OPTIONS). Dynamo's guards on the modules the step reads are dropped
-    (they cost a noticeable share of a small model's step: BENCHMARKS.md, "Compiled decode step"), which is safe
-    because every call here compiles fn afresh (isolate_recompiles) and the step refuses a model whose KV cache is
-    not the one it was traced with: make a new step after setup_caches reallocates (Engine.setup does). The number
-    of cache positions attended to (fn's `attend_len` argument) is a dynamic size from the first trace on: one graph
-    serves every length."""
+    On the CPU (one process) the compiled step is saved and the next run loads it instead of
+    compiling (compile_cache.SavedStep). Inductor settings go in `options`, per compiled function,
+    so nothing leaks into other compiled code (the CPU's are cpu.INDUCTOR_OPTIONS). Dynamo's guards
+    on the modules the step reads are dropped (they cost a noticeable share of a small model's step:
+    BENCHMARKS.md, "Compiled decode step"), which is safe because every call here compiles fn afresh
+    (isolate_recompiles) and the step refuses a model whose KV cache is not the one it was traced
+    with: make a new step after setup_caches reallocates (Engine.setup does). The number of cache
+    positions attended to (fn's `attend_len` argument) is a dynamic size from the first trace on:
+    one graph serves every length."""
     if device.type == "cuda":
-        # mode="reduce-overhead": CUDA graphs remove the per-kernel launches. Coordinate descent tuning, as gpt-fast
-        # sets it: only with it does Inductor write a one-row product as its own reduction (its decomposition of
-        # aten.mm), which reaches peak bandwidth and fuses int8's conversion into the product instead of writing a
-        # bf16 copy of each weight on every step for cuBLAS
+        # mode="reduce-overhead": CUDA graphs remove the per-kernel launches. Coordinate descent
+        # tuning, as gpt-fast sets it: only with it does Inductor write a one-row product as its own
+        # reduction (its decomposition of aten.mm), which reaches peak bandwidth and fuses int8's
+        # conversion into the product instead of writing a bf16 copy of each weight on every step
+        # for cuBLAS
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-        # a graph is recorded per attended length, as intended (attend_len keeps them few); this limit is read when
-        # a graph is recorded, not at compile time, so it cannot go in `options`: it only silences a warning
+        # a graph is recorded per attended length, as intended (attend_len keeps them few); this
+        # limit is read when a graph is recorded, not at compile time, so it cannot go in `options`:
+        # it only silences a warning
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
     else:
         options = dict(INDUCTOR_OPTIONS)
@@ -162,8 +188,9 @@ def compile_step(fn: Callable, device: torch.device, what: str = "the decode ste
         if traced_with is not None and cache is not traced_with:
             raise BriskError("a compiled step ran against a KV cache other than the one it was traced with "
                              "(setup_caches reallocated it, or another model): compile a new step")
-        # read when tracing (a patch costs ~15 us: not on every step); a trace without it would take attend_len as
-        # static, then as dynamic at its next value: one compile more, never a wrong result
+        # read when tracing (a patch costs ~15 us: not on every step); a trace without it would take
+        # attend_len as static, then as dynamic at its next value: one compile more, never a wrong
+        # result
         with torch.compiler.config.patch(dynamic_sources="L['attend_len']"):
             out = compiled(model, *args, **kwargs)
         traced_with = cache
@@ -186,23 +213,10 @@ def load(checkpoint_path, device: torch.device, dtype: torch.dtype) -> Transform
     return model
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers (quantized weights and scales are buffers) but the token embedding's, of
-    which a decode step reads one row; a tied matrix counts once, as the head. Call before setup_caches so the
-    KV cache and rotary tables are not counted."""
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    tensors = {t.data_ptr(): t for name, t in named if not name.startswith("tok_embeddings.")}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def kv_bytes_per_token(config: ModelArgs, element_size: int) -> int:
-    """Bytes of keys and values one position holds across the layers, for one sequence."""
-    return 2 * config.n_layer * config.n_local_heads * config.head_dim * element_size
-
-
 class Engine:
-    """A loaded model with its KV caches, its prefill and decode steps (compiled or not) and, when speculating,
-    its speculator. setup() sizes it for a batch size and sequence length; generate() runs generate() with it."""
+    """A loaded model with its KV caches, its prefill and decode steps (compiled or not) and, when
+    speculating, its speculator. setup() sizes it for a batch size and sequence length; generate()
+    runs generate() with it."""
 
     def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False, speculation=None):
         self.model, self.compile, self.compile_prefill, self.speculation = model, compile, compile_prefill, speculation
@@ -212,10 +226,11 @@ class Engine:
         self.max_seq_length = 0
 
     def setup(self, batch_size: int, max_seq_length: int) -> None:
-        """Caches for batch_size sequences of max_seq_length positions (plus the k positions a verify pass writes
-        past the last token taken), new steps compiled for them, and the speculator with a cache as long."""
-        room = self.speculation.k if self.speculation else 0
-        self.model.setup_caches(batch_size, max_seq_length + room)
+        """Caches for batch_size sequences of max_seq_length positions (plus the k positions a
+        verify pass writes past the last token taken), new steps compiled for them, and the
+        speculator with a cache as long."""
+        ahead = self.speculation.k if self.speculation else 0
+        self.model.setup_caches(batch_size, max_seq_length + ahead)
         self.max_seq_length = max_seq_length
         self.prefill_fn, self.decode_fn = prefill, decode_one_token
         if self.compile:
@@ -223,7 +238,7 @@ class Engine:
         if self.compile_prefill:  # the prompt length varies between calls
             self.prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
         if self.speculation:
-            self.speculator = self.speculation.build(self.device, self.dtype, max_seq_length + room)
+            self.speculator = self.speculation.build(self.device, self.dtype, max_seq_length + ahead, self.compile)
 
     def generate(self, prompt: Tensor, max_new_tokens: int, batch_size: int = 1, **kwargs):
         """generate() with this engine's steps and speculator."""
@@ -231,10 +246,10 @@ class Engine:
                         decode_fn=self.decode_fn, speculator=self.speculator, **kwargs)
 
     def warm_up(self, prompt: Tensor, max_new_tokens: int, batch_size: int, **sampling) -> float:
-        """Generate a few tokens after prompt so that compilation happens before anything is timed (the caches are
-        then overwritten from position 0); reports and returns the seconds it took."""
-        room = self.speculation.k if self.speculation else 0
-        n, t0 = min(max_new_tokens, room + 2), time.perf_counter()  # enough tokens for a verify pass too
+        """Generate a few tokens after prompt so that compilation happens before anything is timed
+        (the caches are then overwritten from position 0); reports and returns the seconds it took."""
+        k = self.speculation.k if self.speculation else 0
+        n, t0 = min(max_new_tokens, k + 2), time.perf_counter()  # enough tokens for a verify pass too
         before = dict(TALLY)
         self.generate(prompt, n, batch_size, **sampling)
         compile_s = time.perf_counter() - t0
@@ -247,55 +262,15 @@ class Engine:
 def prepare(checkpoint_path, device: torch.device, dtype: torch.dtype, batch_size: Optional[int] = None,
             max_seq_length: Optional[int] = None, compile: bool = False, compile_prefill: bool = False,
             speculation=None) -> Engine:
-    """Load the checkpoint (this rank's part under torchrun), count its weight bytes, and, given the sizes, set it
-    up for batch_size sequences of max_seq_length positions (else call Engine.setup before generating).
-    `speculation` (speculative.Speculation) has `k`, the positions a verify pass writes past the last token taken,
-    and build(device, dtype, max_seq_length) -> its Speculator."""
+    """Load the checkpoint (this rank's part under torchrun), count its weight bytes, and, given the
+    sizes, set it up for batch_size sequences of max_seq_length positions (else call Engine.setup
+    before generating). `speculation` (speculative.Speculation) has `k`, the positions a verify pass
+    writes past the last token taken, and build(device, dtype, max_seq_length, compile) -> its
+    Speculator."""
     engine = Engine(load(checkpoint_path, device, dtype), compile, compile_prefill, speculation)
     if batch_size is not None:
         engine.setup(batch_size, max_seq_length)
     return engine
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output: streamed text, figures
-
-
-class TextStream:
-    """The text of one sequence as its tokens arrive, cut before the first stop string. Text is written to `out`
-    (if given) once it can no longer turn into a stop string, so a stop string is never printed."""
-
-    def __init__(self, tokenizer, stops=(), out=None):
-        self.decoder = tokenizer.stream_decoder()
-        self.stops = [s for s in stops if s]
-        self.hold = max(map(len, self.stops), default=1) - 1
-        self.out, self.text, self.written, self.stopped = out, "", 0, False
-
-    def push(self, token: int) -> bool:
-        """Add a token; True once a stop string has appeared."""
-        if not self.stopped:
-            self._add(self.decoder.push(token))
-        return self.stopped
-
-    def finish(self) -> str:
-        if not self.stopped:
-            self._add(self.decoder.flush())
-        self._write(len(self.text))
-        return self.text
-
-    def _add(self, new: str) -> None:
-        start = max(0, len(self.text) - self.hold)  # an earlier stop string would have been found already
-        self.text += new
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-        self._write(len(self.text) - (0 if self.stopped else self.hold))
-
-    def _write(self, end: int) -> None:  # text[:end] is final: write what of it `out` has not had yet
-        if self.out is not None and end > self.written:
-            self.out.write(self.text[self.written:end])
-            self.out.flush()
-            self.written = end
 
 
 def common_prefix(a: Sequence, b: Sequence) -> int:
@@ -303,87 +278,3 @@ def common_prefix(a: Sequence, b: Sequence) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
-
-
-def user_messages(first: Sequence[str] = ()) -> Iterator[str]:
-    """The user's messages of an interactive chat: `first` (echoed), then lines read from stdin until Ctrl-D;
-    blank ones are skipped."""
-    print("chat: type a message and press Enter; Ctrl-D ends", file=sys.stderr)
-    for user in first:
-        print(f"> {user}")
-        if user.strip():
-            yield user
-    while True:
-        try:
-            user = input("> ")
-        except EOFError:
-            print()
-            return
-        if user.strip():
-            yield user
-
-
-def chat(reply: Callable[[list[dict]], str], first: Sequence[str] = ()) -> None:
-    """An interactive chat: each user message (`first`, then stdin) joins the conversation, and reply(messages)
-    returns the assistant's answer, which joins it too."""
-    messages = []
-    for user in user_messages(first):
-        messages.append(dict(role="user", content=user))
-        messages.append(dict(role="assistant", content=reply(messages)))
-
-
-BANDWIDTH_HELP = (
-    "achieved memory bandwidth GB/s = (bytes of weights read per decode step, i.e. the sum of parameter and buffer "
-    "bytes of the model but the token embedding's (one row of it is read), a tied matrix counted once as the head, "
-    "the KV cache excluded, + average KV cache bytes read "
-    "per step, i.e. 2 * n_layer * batch_size * n_kv_heads * head_dim * average context length * the cache's "
-    "element size (4 on the CPU, where the cache holds fp32), the average context length being prompt tokens + "
-    "(decode steps + 1) / 2) * decode tokens/s")
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
-
-
-def speed_figures(new: int, tokens: int, batch: int, ttft: float, decode_s: float, prompt_len: int, weights: int,
-                  kv_per_token: int, device) -> dict:
-    """The figures of one generation of `new` tokens per sequence (`tokens` in all, `batch` sequences): decode
-    steps yield the tokens after the first, each attending to the prompt and the tokens before it (BANDWIDTH_HELP)."""
-    steps, total = new - 1, ttft + decode_s
-    decode_tps = steps / decode_s if steps else None
-    bandwidth = None
-    if decode_tps is not None:
-        kv = kv_per_token * batch * (prompt_len + (steps + 1) / 2)  # decode step j attends to prompt_len + j
-        bandwidth = (weights + kv) * decode_tps / 1e9
-    return dict(new_tokens=new, tokens_generated=tokens, ttft_s=ttft, decode_s=decode_s, total_s=total,
-                decode_tokens_per_s=decode_tps, e2e_tokens_per_s=new / total,
-                throughput_tokens_per_s=tokens / total, bandwidth_gb_s=bandwidth, peak_memory_gb=peak_memory_gb(device))
-
-
-def figures(model: Transformer, rows: list, timing: dict, prompt_len: int, weights: int, device) -> dict:
-    """speed_figures of a generate() call: its rows of new tokens and its timing."""
-    cache = model.layers[0].attention.kv_cache.k_cache
-    return speed_figures(max(map(len, rows)), sum(map(len, rows)), len(rows), timing["ttft_s"], timing["decode_s"],
-                         prompt_len, weights, kv_bytes_per_token(model.config, cache.element_size()), device)
-
-
-def summarize(samples: list[dict]) -> dict:
-    """Medians over the samples after the first (a warm-up), or over the only one."""
-    counted = samples[1:] or samples
-    keys = [k for k, v in counted[0].items() if isinstance(v, (int, float))]
-    out = {}
-    for k in keys:
-        values = [s[k] for s in counted if s[k] is not None]
-        out[k] = statistics.median(values) if values else None
-    return out
-
-
-def describe(f: dict) -> str:
-    def num(v, unit, fmt=".1f"):
-        return "n/a" if v is None else f"{v:{fmt}} {unit}"
-    return (f"{f['new_tokens']} tokens, time to first token {num(f['ttft_s'], 's', '.3f')}, "
-            f"decode {num(f['decode_tokens_per_s'], 'tok/s')}, end-to-end {num(f['e2e_tokens_per_s'], 'tok/s')}, "
-            f"throughput {num(f['throughput_tokens_per_s'], 'tok/s')}, "
-            f"bandwidth {num(f['bandwidth_gb_s'], 'GB/s', '.2f')}, peak memory {num(f['peak_memory_gb'], 'GB', '.2f')}")

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint
-from cli import DTYPES, ArgumentParser, BriskError, check_writable, parse_device, run_cli, save_atomic
-from engine import TextStream, generate, prepare
+from cli import DTYPES, ArgumentParser, BriskError, TextStream, check_writable, parse_device, run_cli, save_atomic
+from engine import generate, prepare, tokens_that_fit
 from model import Transformer
 from quant import pydoc_text
 from tokenizer import load_tokenizer
@@ -122,9 +122,9 @@ class BriskLM(LM):
             ids = self.tok.encode(context)[-(self.max_length - max_new):] or [self.prefix]
             temperature = kwargs.get("temperature", 0.0) if kwargs.get("do_sample") else 0.0
             stream = TextStream(self.tok, until)
-            generate(self.model, torch.tensor(ids, device=self.model_device), min(max_new, self.max_length - len(ids) + 1),
-                     eos_ids=self.tok.eos_ids, on_token=lambda row, t: stream.push(t), temperature=temperature,
-                     top_k=None)
+            fit = tokens_that_fit(max_new, len(ids), self.max_length)
+            generate(self.model, torch.tensor(ids, device=self.model_device), fit, eos_ids=self.tok.eos_ids,
+                     on_token=lambda row, t: stream.push(t), temperature=temperature, top_k=None)
             out.append(stream.finish())
         return out
 
@@ -150,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model.pth, or a quantized model_*.pth (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--text_file", type=Path, default=None,
@@ -181,7 +181,6 @@ def main(argv=None) -> Optional[dict]:
         check_writable(args.json, args.force)
     if args.tasks is not None and not args.tasks:
         raise BriskError("--tasks needs at least one task name")
-    args.device = parse_device(args.device)
     model = prepare(args.checkpoint_path, args.device, DTYPES[args.dtype]).model
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     block = model.config.block_size
@@ -192,7 +191,8 @@ def main(argv=None) -> Optional[dict]:
             raise BriskError(f"--max_seq_length {args.max_seq_length} exceeds the model's block_size {block}")
         text = args.text_file.read_text() if args.text_file else pydoc_text(1)[:DEFAULT_CHARS]
         ppl, n = perplexity(model, tokenizer.encode(text), args.max_seq_length, args.stride)
-        source = str(args.text_file) if args.text_file else f"pydoc topic help, held-out half, {DEFAULT_CHARS} characters"
+        source = (str(args.text_file) if args.text_file
+                  else f"pydoc topic help, held-out half, {DEFAULT_CHARS} characters")
         report["perplexity"] = dict(perplexity=ppl, tokens=n, text=source, max_seq_length=args.max_seq_length,
                                     stride=args.stride)
         print(f"perplexity {ppl:.4f} over {n} tokens ({source}; max_seq_length {args.max_seq_length}, "

@@ -6,8 +6,8 @@ Generated text goes to stdout; timings go to stderr (and to --json).
 """
 import argparse
 import json
+import math
 import sys
-import textwrap
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,25 +17,28 @@ import torch
 
 import batch as batching
 import speculative
-from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, check_writable, run_cli, save_atomic
-from engine import (BANDWIDTH_HELP, INTERACTIVE_MAX_SEQ_LENGTH, Engine, TextStream, cache_length, chat, common_prefix,
-                    describe, figures, load, prepare, summarize)
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, check_at_least_one, check_writable, run_cli,
+                 save_atomic)
+from engine import Engine, cache_length, check_fits, common_prefix, load, prepare, tokens_that_fit
 from generation_cli import add_generation_args, check_generation_args, start
+from report import (BANDWIDTH_HELP, FIGURES_HELP, describe, describe_speculation, figures, speculation_figures,
+                    summarize)
 
-def chat_in_cache(engine: Engine, tokenizer, args, sampling: dict) -> None:
-    """Multi-turn chat in the model's template. Each turn's prompt is the whole conversation; the cache still
-    holds the tokens the conversation shares with the previous turn, so only the rest is prefilled."""
+
+def chat_in_cache(engine: Engine, tokenizer, args, first: Optional[str], sampling: dict) -> None:
+    """Multi-turn chat in the model's template. Each turn's prompt is the whole conversation; the
+    cache still holds the tokens the conversation shares with the previous turn, so only the rest is
+    prefilled."""
     cached = []  # the tokens whose keys/values are in the cache, from position 0
     max_seq_length = engine.max_seq_length
 
     def reply(messages: list[dict]) -> str:
         nonlocal cached
         ids = tokenizer.encode_chat(messages)
-        if len(ids) > max_seq_length:
-            raise BriskError(f"the conversation ({len(ids)} tokens) no longer fits --max_seq_length {max_seq_length}")
+        check_fits(len(ids), max_seq_length, what="the conversation")
         start = min(common_prefix(cached, ids), len(ids) - 1)
         stream = TextStream(tokenizer, args.stop, sys.stdout)
-        max_new_tokens = min(args.max_new_tokens, max_seq_length - len(ids) + 1)
+        max_new_tokens = tokens_that_fit(args.max_new_tokens, len(ids), max_seq_length)
         rows, timing = engine.generate(torch.tensor(ids, device=args.device), max_new_tokens,
                                        eos_ids=tokenizer.eos_ids, start_pos=start,
                                        on_token=lambda i, t: stream.push(t), **sampling)
@@ -46,20 +49,7 @@ def chat_in_cache(engine: Engine, tokenizer, args, sampling: dict) -> None:
               f"{len(rows[0]) / (timing['ttft_s'] + timing['decode_s']):.1f} tok/s]", file=sys.stderr)
         return text
 
-    chat(reply, [] if args.prompt is None else [args.prompt])
-
-
-FIGURES_HELP = f"""figures (per sample, and the median over the samples after the first, a warm-up):
-  time to first token  prefill, including sampling the first new token
-  decode tokens/s      per sequence, the tokens after the first / their decode time (with speculative decoding
-                       a target pass yields several: bandwidth below is then an effective figure per token)
-  end-to-end tokens/s  per sequence, new tokens / (prefill + decode time)
-  throughput           new tokens of all sequences / (prefill + decode time)
-  peak memory          torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on CPU
-  acceptance rate      speculative decoding: draft tokens accepted / draft tokens proposed, and the mean number
-                       of the k draft tokens accepted per verification (each verification also yields one token
-                       from the target); plain decode steps: where nothing was proposed (no prompt-lookup match)
-{textwrap.fill(BANDWIDTH_HELP, 100, initial_indent="  ", subsequent_indent="    ")}"""
+    chat(reply, [] if first is None else [first])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,12 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Also reads --prompts_file: args.prompts holds every prompt, args.prompt the only one (None: several)."""
+def check_args(args: argparse.Namespace) -> tuple[list[str], int]:
+    """Checks the flags; returns the prompts (--prompt's, then --prompts_file's lines) and the batch size."""
     check_at_least_one(args, "num_samples", "batch_size", "num_beams", "num_return_sequences")
     if args.num_return_sequences > args.num_beams:
         raise BriskError(f"--num_return_sequences {args.num_return_sequences} exceeds --num_beams {args.num_beams}")
-    args.prompts = list(args.prompt or [])
+    if not math.isfinite(args.length_penalty):
+        raise BriskError(f"--length_penalty must be finite, got {args.length_penalty}")
+    prompts = list(args.prompt or [])
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
             raise BriskError(f"--prompts_file {args.prompts_file}: no such file")
@@ -99,24 +91,22 @@ def check_args(args: argparse.Namespace) -> None:
         empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
         if empty or not lines:
             raise BriskError(f"--prompts_file {args.prompts_file}: line {empty[0] if empty else 1} is empty")
-        args.prompts += lines
-    args.prompt = args.prompts[0] if len(args.prompts) == 1 else None
-    several = len(args.prompts) > 1 or args.num_beams > 1
-    if several and args.interactive:
+        prompts += lines
+    if (len(prompts) > 1 or args.num_beams > 1) and args.interactive:
         raise BriskError("--interactive takes one first message; leave out the other prompts and --num_beams")
-    if len(args.prompts) > 1 and args.batch_size is None:
-        args.batch_size = len(args.prompts)
-    args.batch_size = args.batch_size or 1
-    if args.interactive and args.batch_size != 1:
+    batch_size = args.batch_size or (len(prompts) if len(prompts) > 1 else 1)
+    if args.interactive and batch_size != 1:
         raise BriskError("--interactive generates one sequence; leave out --batch_size")
     if args.profile is not None:
         check_writable(args.profile, args.force)
     check_generation_args(args)
+    return prompts, batch_size
 
 
-def encode_prompt(args, tokenizer, vocab_size: int) -> tuple[list[int], Optional[str]]:
-    """Prompt tokens, and the text to print before the generated text (None: print nothing)."""
-    text = "Hello, my name is" if args.prompt is None else args.prompt
+def encode_prompt(text: Optional[str], args, tokenizer, vocab_size: int) -> tuple[list[int], Optional[str]]:
+    """The tokens of prompt `text` (None: the default one), and the text to print before the
+    generated text (None: print nothing)."""
+    text = "Hello, my name is" if text is None else text
     if text.strip().isdigit():
         g = torch.Generator().manual_seed(0 if args.seed is None else args.seed)
         return torch.randint(vocab_size, (int(text),), generator=g).tolist(), None
@@ -125,36 +115,31 @@ def encode_prompt(args, tokenizer, vocab_size: int) -> tuple[list[int], Optional
     return tokenizer.encode(text), text
 
 
-def run_batch(args: argparse.Namespace, config, tokenizer) -> None:
-    """Several prompts as rows of one batch (batch.generate_rows), or beam search (batch.beam_search) for each
-    prompt in turn; prints each prompt's text (or num_return_sequences beams) in prompt order."""
-    if args.speculate_k:
-        raise BriskError("speculative decoding runs one sequence: leave out the draft or --num_beams/other prompts")
+def run_batch(args: argparse.Namespace, texts: list[str], batch_size: int, config, tokenizer) -> None:
+    """Several prompts as rows of one batch (batch.generate_rows), or beam search
+    (batch.beam_search) for each prompt in turn; prints each prompt's text (or num_return_sequences
+    beams) in prompt order."""
     if args.chat:
-        prompts = [tokenizer.encode_chat([dict(role="user", content=p)]) for p in args.prompts]
+        prompts = [tokenizer.encode_chat([dict(role="user", content=p)]) for p in texts]
     else:
-        prompts = [tokenizer.encode(p) for p in args.prompts]
+        prompts = [tokenizer.encode(p) for p in texts]
     longest = max(map(len, prompts))
-    max_seq_length = args.max_seq_length or cache_length(longest + args.max_new_tokens, config.block_size)
+    max_seq_length = cache_length(args.max_seq_length, longest + args.max_new_tokens, config.block_size)
     for i, ids in enumerate(prompts):
         if not ids:
             raise BriskError(f"prompt {i + 1} is empty")
-        if len(ids) > min(max_seq_length, config.block_size):
-            raise BriskError(f"prompt {i + 1} has {len(ids)} tokens, more than the cache's "
-                             f"{min(max_seq_length, config.block_size)} positions (--max_seq_length, block_size)")
-    if max_seq_length > config.block_size:
-        raise BriskError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}")
-    max_new_tokens = min(args.max_new_tokens, max_seq_length - longest + 1)  # the last token is never fed back
+        check_fits(len(ids), max_seq_length, config.block_size, f"prompt {i + 1}")
+    max_new_tokens = tokens_that_fit(args.max_new_tokens, longest, max_seq_length)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     device = args.device
     model = load(args.checkpoint_path, device, DTYPES[args.dtype])
-    rows = args.num_beams if args.num_beams > 1 else min(args.batch_size, len(prompts))
+    rows = args.num_beams if args.num_beams > 1 else min(batch_size, len(prompts))
     batch = batching.Batch(model, rows, max_seq_length, compile=args.compile)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.num_beams > 1:
         early = dict(false=False, true=True, never="never")[args.early_stopping]
-        for text, ids in zip(args.prompts, prompts):
+        for text, ids in zip(texts, prompts):
             t0 = time.perf_counter()
             beams = batching.beam_search(batch, ids, max_new_tokens, args.num_beams, args.length_penalty, early,
                                          args.num_return_sequences, tokenizer.eos_ids)
@@ -173,7 +158,7 @@ def run_batch(args: argparse.Namespace, config, tokenizer) -> None:
         out, timing = batching.generate_rows(batch, prompts, max_new_tokens, eos_ids=tokenizer.eos_ids,
                                              on_token=lambda r, t: streams[r].push(t), **sampling)
         total = time.perf_counter() - t0
-        for text, stream in zip(args.prompts, streams):
+        for text, stream in zip(texts, streams):
             print(("" if args.chat else text) + stream.finish())
         n = sum(map(len, out))
         decode_tps = (n - len(out)) / timing["decode_s"] if timing["steps"] else None
@@ -185,77 +170,74 @@ def run_batch(args: argparse.Namespace, config, tokenizer) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world, config, tokenizer = start(args, check_args)
-    device, dtype = args.device, DTYPES[args.dtype]
-    if len(args.prompts) > 1 or args.num_beams > 1:
-        return run_batch(args, config, tokenizer)
-    if args.interactive:
-        ids, shown = [], None
-        max_seq_length = args.max_seq_length or min(config.block_size, INTERACTIVE_MAX_SEQ_LENGTH)
-    else:
-        ids, shown = encode_prompt(args, tokenizer, min(tokenizer.vocab_size, config.vocab_size))
-        max_seq_length = args.max_seq_length or cache_length(len(ids) + args.max_new_tokens, config.block_size)
-        if len(ids) > config.block_size:
-            raise BriskError(f"the prompt has {len(ids)} tokens, more than the model's block_size {config.block_size}")
-        if len(ids) > max_seq_length:
-            raise BriskError(f"the prompt has {len(ids)} tokens, more than --max_seq_length {max_seq_length}")
-    if max_seq_length > config.block_size:
-        raise BriskError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}")
-    max_new_tokens = min(args.max_new_tokens, max_seq_length - len(ids) + 1)  # the last token is never fed back
+    rank, world, config, tokenizer, (texts, batch_size) = start(args, check_args)
+    spec = speculative.speculation(args, config, tokenizer.vocab_size, world, batch_size)
+    if len(texts) > 1 or args.num_beams > 1:
+        if spec is not None:
+            raise BriskError("speculative decoding runs one sequence: leave out the draft or --num_beams/other prompts")
+        return run_batch(args, texts, batch_size, config, tokenizer)
+    device, dtype, first = args.device, DTYPES[args.dtype], texts[0] if texts else None
+    ids, echo = [], None  # a chat has no prompt yet
+    if not args.interactive:
+        ids, echo = encode_prompt(first, args, tokenizer, min(tokenizer.vocab_size, config.vocab_size))
+    needed = None if args.interactive else len(ids) + args.max_new_tokens
+    max_seq_length = cache_length(args.max_seq_length, needed, config.block_size)
+    check_fits(len(ids), max_seq_length, config.block_size)
+    max_new_tokens = tokens_that_fit(args.max_new_tokens, len(ids), max_seq_length)
     if max_new_tokens < args.max_new_tokens and not args.interactive:
         print(f"note: at most {max_new_tokens} new tokens fit in --max_seq_length {max_seq_length}", file=sys.stderr)
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    engine = prepare(args.checkpoint_path, device, dtype, args.batch_size, max_seq_length, args.compile,
-                     args.compile_prefill, speculative.speculation(args))
+    engine = prepare(args.checkpoint_path, device, dtype, batch_size, max_seq_length, args.compile,
+                     args.compile_prefill, spec)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     prompt = torch.tensor(ids or [0, 0], device=device)  # a chat has no prompt yet: the warm-up makes one up
     compile_s = None
     if args.compile or args.compile_prefill:  # compile now, so that no sample's (or chat reply's) figures include it
-        compile_s = engine.warm_up(prompt, max_new_tokens, args.batch_size, **sampling)
+        compile_s = engine.warm_up(prompt, max_new_tokens, batch_size, **sampling)
     if args.interactive:  # its first turn prefills from position 0, over what the warm-up left in the cache
-        return chat_in_cache(engine, tokenizer, args, sampling)
+        return chat_in_cache(engine, tokenizer, args, first, sampling)
     samples = []
     for i in range(args.num_samples):
         last = i == args.num_samples - 1
-        streams = [TextStream(tokenizer, args.stop, sys.stdout if args.batch_size == 1 else None)
-                   for _ in range(args.batch_size)]
-        if args.batch_size == 1 and shown is not None:
-            sys.stdout.write(shown)
+        streams = [TextStream(tokenizer, args.stop, sys.stdout if batch_size == 1 else None)
+                   for _ in range(batch_size)]
+        if batch_size == 1 and echo is not None:
+            sys.stdout.write(echo)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         profiler = torch.profiler.profile() if args.profile and last else nullcontext()
         with profiler:
-            rows, timing = engine.generate(prompt, max_new_tokens, args.batch_size, eos_ids=tokenizer.eos_ids,
+            rows, timing = engine.generate(prompt, max_new_tokens, batch_size, eos_ids=tokenizer.eos_ids,
                                            on_token=lambda r, t: streams[r].push(t), **sampling)
-        texts = [s.finish() for s in streams]
-        if args.batch_size == 1:
+        outs = [s.finish() for s in streams]
+        if batch_size == 1:
             print()
         else:
-            for text in texts:
-                print((shown or "") + text)
+            for text in outs:
+                print((echo or "") + text)
         samples.append(figures(engine.model, rows, timing, len(ids), engine.weight_bytes, device))
         label = f"sample {i + 1}" + (" (warm-up)" if i == 0 and args.num_samples > 1 else "")
         print(f"{label}: {describe(samples[-1])}", file=sys.stderr)
-        if args.speculate_k:
-            samples[-1].update(speculative.figures(engine.speculator.stats, args.speculate_k))
-            print(f"{label}: {speculative.describe(samples[-1])}", file=sys.stderr)
+        if spec is not None:
+            samples[-1].update(speculation_figures(engine.speculator.stats, spec.k))
+            print(f"{label}: {describe_speculation(samples[-1])}", file=sys.stderr)
         if args.profile and last and rank == 0:
             save_atomic(args.profile, lambda tmp: profiler.export_chrome_trace(str(tmp)), args.force)
             print(f"wrote profiler trace {args.profile}", file=sys.stderr)
 
     summary = summarize(samples)
     over = f"median of samples 2-{args.num_samples}" if args.num_samples > 1 else "one sample"
-    print(f"summary ({over}, batch size {args.batch_size}, {len(ids)} prompt tokens): {describe(summary)}",
+    print(f"summary ({over}, batch size {batch_size}, {len(ids)} prompt tokens): {describe(summary)}",
           file=sys.stderr)
-    if args.speculate_k:
-        print(f"summary: {speculative.describe(summary)}", file=sys.stderr)
+    if spec is not None:
+        print(f"summary: {describe_speculation(summary)}", file=sys.stderr)
     if args.json is not None and rank == 0:
         cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
-                   compile_prefill=args.compile_prefill, batch_size=args.batch_size, prompt_tokens=len(ids),
+                   compile_prefill=args.compile_prefill, batch_size=batch_size, prompt_tokens=len(ids),
                    max_new_tokens=max_new_tokens, max_seq_length=max_seq_length, num_samples=args.num_samples,
-                   weight_bytes=engine.weight_bytes, **sampling, compile_s=compile_s, **speculative.settings(args))
+                   weight_bytes=engine.weight_bytes, **sampling, compile_s=compile_s, **speculative.settings(spec))
         report = dict(config=cfg, samples=samples, summary=summary, bandwidth_formula=BANDWIDTH_HELP)
         save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), args.force)
 

@@ -1,5 +1,6 @@
-"""Generate with prefix caching: the keys/values of prompt beginnings seen before are copied back into the KV cache
-instead of being computed again, so a long shared context costs its prefill once (once ever, with --cache_file).
+"""Generate with prefix caching: the keys/values of prompt beginnings seen before are copied back
+into the KV cache instead of being computed again, so a long shared context costs its prefill once
+(once ever, with --cache_file).
 
     python generate_prefill.py --context doc.txt --prompt "Summarize it." --prompt "Who wrote it?" --chat \\
         --cache_file doc.cache
@@ -13,7 +14,6 @@ its own part of the keys/values, and --cache_file c.pt becomes one file per rank
 """
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,10 +21,12 @@ from typing import Optional, Sequence
 import torch
 
 import speculative
-from cli import DTYPES, ArgumentParser, BriskError, looks_like_path, run_cli, save_atomic
-from engine import INTERACTIVE_MAX_SEQ_LENGTH, TextStream, cache_length, chat, common_prefix, figures, prepare
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, looks_like_path, parse_device, run_cli,
+                 save_atomic)
+from engine import cache_length, check_fits, common_prefix, prepare, tokens_that_fit
 from generation_cli import add_generation_args, check_generation_args, start
 from prefix_cache import PrefixCache, check_same_entries, generate_cached, model_meta, rank_file
+from report import describe_prompt, figures, prefix_summary, speculation_figures
 
 DEFAULT_BUDGET_MB = 2048
 
@@ -79,24 +81,41 @@ class Conversation:
         return common_prefix(self.context_ids, ids)
 
 
-def describe(i: int, s: dict, draft: bool = False) -> str:
-    """One prompt's figures; with a draft model, its cache is restored and prefilled exactly as the target's."""
-    tps = "n/a" if s["decode_tokens_per_s"] is None else f"{s['decode_tokens_per_s']:.1f} tok/s"
-    both = " (each for the target and the draft)" if draft else ""
-    line = (f"[prompt {i}: {s['prompt_tokens']} tokens, {s['cached_tokens']} cached, {s['prefilled_tokens']} "
-            f"prefilled{both}; time to first token {s['ttft_s']:.3f} s; {s['new_tokens']} new tokens, decode {tps}]")
-    return line if "verifications" not in s else f"{line}\n[prompt {i}: {speculative.describe(s)}]"
+def open_cache(args, engine, spec, context_tokens: int, rank: int, world: int) -> tuple[PrefixCache, Optional[Path]]:
+    """The prefix cache of the target (and of a draft model, whose keys/values are cached with the
+    target's), loaded from --cache_file (this rank's part) if it exists; returns it and that file."""
+    models, metas = [engine.model], [model_meta(engine.model, args.checkpoint_path, rank, world)]
+    if engine.speculator is not None and isinstance(engine.speculator.proposer, speculative.DraftModel):
+        models.append(engine.speculator.proposer.model)
+        metas.append(model_meta(models[1], spec.draft_path(), rank, world))
+    cache = PrefixCache(models, metas, int(args.cache_budget_mb * 2**20), args.cache_device)
+    context_bytes = context_tokens * cache.bytes_per_token()
+    if context_bytes > cache.budget:
+        raise BriskError(f"the context's keys/values take {context_bytes / 2**20:.1f} MiB, more than "
+                         f"--cache_budget_mb {args.cache_budget_mb:g}")
+    cache_file = args.cache_file and rank_file(args.cache_file, rank, world)
+    if cache_file is not None and cache_file.exists():
+        cache.load(cache_file)
+        print(f"loaded {len(cache.entries)} cached prefixes ({cache.nbytes / 2**20:.1f} MiB) from {cache_file}",
+              file=sys.stderr)
+    check_same_entries(cache)
+    return cache, cache_file
 
 
-def summary(stats: list[dict]) -> dict:
-    """Median time to first token of the prompts prefilled from scratch (cold) and of those that hit the cache."""
-    cold = [s["ttft_s"] for s in stats if s["cached_tokens"] == 0]
-    hot = [s["ttft_s"] for s in stats if s["cached_tokens"] > 0]
-    out = dict(cold_prompts=len(cold), cached_prompts=len(hot),
-               cold_ttft_s=statistics.median(cold) if cold else None,
-               cached_ttft_s=statistics.median(hot) if hot else None)
-    out["speedup"] = out["cold_ttft_s"] / out["cached_ttft_s"] if cold and hot else None
-    return out
+def close_cache(args, cache: PrefixCache, cache_file: Optional[Path], stats: list[dict], world: int) -> dict:
+    """Print the prompts' summary and the cache's size, save the cache to cache_file; returns the summary."""
+    s = prefix_summary(stats)
+    if s["cold_ttft_s"] is not None and s["cached_ttft_s"] is not None:
+        print(f"time to first token: cold {s['cold_ttft_s']:.3f} s (median of {s['cold_prompts']}), cached "
+              f"{s['cached_ttft_s']:.3f} s (median of {s['cached_prompts']}): {s['speedup']:.1f}x faster",
+              file=sys.stderr)
+    print(f"prefix cache: {len(cache.entries)} entries, {cache.nbytes / 2**20:.1f} MiB of "
+          f"{args.cache_budget_mb:g} MiB", file=sys.stderr)
+    if cache_file is not None:
+        cache.save(cache_file)
+        others = " (and the other ranks' parts beside it)" if world > 1 else ""
+        print(f"saved the prefix cache to {cache_file}{others}", file=sys.stderr)
+    return s
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,9 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_budget_mb", type=float, default=DEFAULT_BUDGET_MB,
                    help="memory for cached keys/values, MiB; least recently used entries go first "
                         f"(default {DEFAULT_BUDGET_MB})")
-    p.add_argument("--cache_device", default="cpu", help="where cached keys/values live (default cpu)")
+    p.add_argument("--cache_device", type=parse_device, default="cpu",
+                   help="where cached keys/values live (default cpu)")
     add_generation_args(p)
-    p.set_defaults(batch_size=1)  # one sequence per prompt (speculative.check_args reads it)
     return p.parse_args(argv)
 
 
@@ -125,10 +144,6 @@ def check_args(args: argparse.Namespace) -> None:
     check_generation_args(args)
     if args.cache_budget_mb <= 0:
         raise BriskError(f"--cache_budget_mb must be positive, got {args.cache_budget_mb}")
-    try:
-        args.cache_device = torch.device(args.cache_device)
-    except RuntimeError:
-        raise BriskError(f"unknown device {args.cache_device!r}") from None
     if args.cache_file is not None:
         if args.cache_file.is_dir() or not args.cache_file.parent.is_dir():
             raise BriskError(f"--cache_file {args.cache_file}: not a file in an existing directory")
@@ -136,7 +151,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world, config, tokenizer = start(args, check_args)
+    rank, world, config, tokenizer, _ = start(args, check_args)
+    spec = speculative.speculation(args, config, tokenizer.vocab_size, world)
     device, dtype = args.device, DTYPES[args.dtype]
     conv = Conversation(tokenizer, read_context(args.context), args.chat or args.interactive)
     prompts = read_prompts(args)
@@ -144,40 +160,19 @@ def main(argv=None) -> None:
         raise BriskError("nothing to do: give --prompt, --prompts_file, --context or --interactive")
     all_ids = [] if args.interactive else [conv.encode(p) for p in prompts] or [conv.context_ids]
     longest = max(map(len, all_ids), default=0)
-    if args.interactive:
-        max_seq_length = args.max_seq_length or min(config.block_size, INTERACTIVE_MAX_SEQ_LENGTH)
-    else:
-        max_seq_length = args.max_seq_length or cache_length(longest + args.max_new_tokens, config.block_size)
-    if max_seq_length > config.block_size:
-        raise BriskError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}")
+    needed = None if args.interactive else longest + args.max_new_tokens
+    max_seq_length = cache_length(args.max_seq_length, needed, config.block_size)
     if len(conv.context_ids) >= max_seq_length:
         raise BriskError(f"the context has {len(conv.context_ids)} tokens, more than the KV cache holds with "
                          f"a prompt after it (--max_seq_length {max_seq_length})")
-    if longest > max_seq_length:
-        raise BriskError(f"a prompt has {longest} tokens, more than --max_seq_length {max_seq_length}")
+    check_fits(longest, max_seq_length, config.block_size, "a prompt")
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     engine = prepare(args.checkpoint_path, device, dtype, 1, max_seq_length, args.compile, args.compile_prefill,
-                     speculative.speculation(args))
+                     spec)
     model, speculator = engine.model, engine.speculator
-    models, metas = [model], [model_meta(model, args.checkpoint_path, rank, world)]
-    if speculator is not None:
-        if isinstance(speculator.proposer, speculative.DraftModel):  # its keys/values are cached with the target's
-            models.append(speculator.proposer.model)
-            draft_path = args.draft_checkpoint_path or speculative.self_draft_path(args)
-            metas.append(model_meta(models[1], draft_path, rank, world))
-    cache = PrefixCache(models, metas, int(args.cache_budget_mb * 2**20), args.cache_device)
-    context_bytes = len(conv.context_ids) * cache.bytes_per_token()
-    if context_bytes > cache.budget:
-        raise BriskError(f"the context's keys/values take {context_bytes / 2**20:.1f} MiB, more than "
-                         f"--cache_budget_mb {args.cache_budget_mb:g}")
-    cache_file = args.cache_file and rank_file(args.cache_file, rank, world)
-    if cache_file is not None and cache_file.exists():
-        cache.load(cache_file)
-        print(f"loaded {len(cache.entries)} cached prefixes ({cache.nbytes / 2**20:.1f} MiB) from {cache_file}",
-              file=sys.stderr)
-    check_same_entries(cache)
+    cache, cache_file = open_cache(args, engine, spec, len(conv.context_ids), rank, world)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     compile_s = None
     if args.compile or args.compile_prefill:  # before the first prompt, so that its cold figures do not include it
@@ -187,11 +182,10 @@ def main(argv=None) -> None:
     def run_turn(ids: list[int], keep: Optional[int], max_new_tokens: int = args.max_new_tokens,
                  show: bool = True) -> str:
         """Generate after ids and cache their first `keep` tokens (None: the whole conversation so far)."""
-        if len(ids) > max_seq_length:
-            raise BriskError(f"the conversation ({len(ids)} tokens) no longer fits --max_seq_length {max_seq_length}")
+        check_fits(len(ids), max_seq_length, what="the conversation")
         stream = TextStream(tokenizer, args.stop, sys.stdout if show else None)
         new, timing, cached = generate_cached(
-            model, cache, ids, min(max_new_tokens, max_seq_length - len(ids) + 1), eos_ids=tokenizer.eos_ids,
+            model, cache, ids, tokens_that_fit(max_new_tokens, len(ids), max_seq_length), eos_ids=tokenizer.eos_ids,
             on_token=lambda _, t: stream.push(t), prefill_fn=engine.prefill_fn, decode_fn=engine.decode_fn,
             speculator=speculator, **sampling)
         text = stream.finish()
@@ -202,9 +196,9 @@ def main(argv=None) -> None:
         f = figures(model, [new], timing, len(ids), engine.weight_bytes, device)
         stats.append(dict(prompt_tokens=len(ids), cached_tokens=cached, prefilled_tokens=len(ids) - cached,
                           restore_s=timing["restore_s"], **f))
-        if args.speculate_k:
-            stats[-1].update(speculative.figures(speculator.stats, args.speculate_k))
-        print(describe(len(stats), stats[-1], len(models) > 1), file=sys.stderr)
+        if spec is not None:
+            stats[-1].update(speculation_figures(speculator.stats, spec.k))
+        print(describe_prompt(len(stats), stats[-1], len(cache.models) > 1), file=sys.stderr)
         return text
 
     if args.interactive:  # each turn's prompt is the whole conversation, whose cached beginning is restored
@@ -216,23 +210,13 @@ def main(argv=None) -> None:
     else:  # only a context: prefill it into the cache (and --cache_file) for later runs
         run_turn(conv.context_ids, keep=len(conv.context_ids), max_new_tokens=1, show=False)
 
-    s = summary(stats)
-    if s["cold_ttft_s"] is not None and s["cached_ttft_s"] is not None:
-        print(f"time to first token: cold {s['cold_ttft_s']:.3f} s (median of {s['cold_prompts']}), cached "
-              f"{s['cached_ttft_s']:.3f} s (median of {s['cached_prompts']}): {s['speedup']:.1f}x faster",
-              file=sys.stderr)
-    print(f"prefix cache: {len(cache.entries)} entries, {cache.nbytes / 2**20:.1f} MiB of {args.cache_budget_mb:g} MiB",
-          file=sys.stderr)
-    if cache_file is not None:
-        cache.save(cache_file)
-        others = " (and the other ranks' parts beside it)" if world > 1 else ""
-        print(f"saved the prefix cache to {cache_file}{others}", file=sys.stderr)
+    s = close_cache(args, cache, cache_file, stats, world)
     if args.json is not None and rank == 0:
         cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
                    compile_prefill=args.compile_prefill, compile_s=compile_s, context_tokens=len(conv.context_ids),
                    max_new_tokens=args.max_new_tokens, max_seq_length=max_seq_length, **sampling,
                    cache_file=str(args.cache_file) if args.cache_file else None, cache_budget_mb=args.cache_budget_mb,
-                   **speculative.settings(args), cached_models=len(models))
+                   **speculative.settings(spec), cached_models=len(cache.models))
         report = dict(config=cfg, prompts=stats, summary=s,
                       cache=dict(entries=len(cache.entries), bytes=cache.nbytes))
         save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), args.force)

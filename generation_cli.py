@@ -1,9 +1,10 @@
-"""The flags that every generating script shares (generate.py, generate_prefill.py): the model, chat, sampling, cache
-length, device, compilation, figures file, torchrun and speculative decoding, and their checks.
+"""The flags that every generating script shares (generate.py, generate_prefill.py): the model,
+chat, sampling, cache length, device, compilation, figures file, torchrun and speculative decoding,
+and their checks.
 """
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -12,12 +13,16 @@ import tp
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
 from cli import DTYPES, BriskError, check_at_least_one, check_writable, parse_device
 from engine import INTERACTIVE_MAX_SEQ_LENGTH
+from model import ModelArgs
 from tokenizer import load_tokenizer
+
+T = TypeVar("T")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """The flags of every script that generates (generate.py, generate_prefill.py): the model, chat, sampling, cache
-    length, device, compilation, figures file, torchrun and speculative decoding; check_generation_args checks them."""
+    """The flags of every script that generates (generate.py, generate_prefill.py): the model, chat,
+    sampling, cache length, device, compilation, figures file, torchrun and speculative decoding;
+    check_generation_args checks them."""
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model.pth in a checkpoint directory (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -29,7 +34,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="then from the fewest tokens whose probability reaches p, in (0, 1] (default: off)")
     p.add_argument("--stop", nargs="+", default=[], help="stop when one of these strings is generated")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling and random prompts")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--max_seq_length", type=int, default=None,
@@ -46,8 +51,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
-    """Checks of add_generation_args's flags that need no model (speculative.check_args does the speculative ones);
-    turns args.device into a torch.device."""
+    """Checks of add_generation_args's flags that need no model (speculative.speculation checks the
+    speculative ones, with the model's config)."""
     check_at_least_one(args, "max_new_tokens", "top_k", "max_seq_length")
     if not 0 <= args.temperature < float("inf"):  # also refuses nan
         raise BriskError(f"--temperature must be >= 0 and finite, got {args.temperature}")
@@ -56,18 +61,16 @@ def check_generation_args(args: argparse.Namespace) -> None:
     if args.json is not None:
         check_writable(args.json, args.force)
     check_checkpoint(args.checkpoint_path)
-    args.device = parse_device(args.device)
 
 
-def start(args: argparse.Namespace, check: Callable[[argparse.Namespace], None]):
-    """What a generation script does before loading weights: join torchrun's process group, check the flags with
-    `check`, then check them against the model's config and tokenizer. Returns (rank, world, config, tokenizer)."""
+def start(args: argparse.Namespace, check: Callable[[argparse.Namespace], T]) -> tuple[int, int, ModelArgs, Any, T]:
+    """What a generation script does before loading weights: join torchrun's process group, check
+    the flags with `check`, then against the model's config. Returns (rank, world, config,
+    tokenizer, what `check` returned)."""
     rank, world = tp.maybe_init_dist(args.dist_timeout)  # under torchrun; ranks other than 0 print nothing
-    check(args)
+    checked = check(args)
     config = load_config(args.checkpoint_path)
     tp.check_divisible(config, world)
     if args.interactive and world > 1:
         raise BriskError("--interactive reads stdin in a single process; run it without torchrun")
-    tokenizer = load_tokenizer(args.checkpoint_path.parent)
-    speculative.check_args(args, config, tokenizer.vocab_size, world)  # sets args.speculate_k when speculating
-    return rank, world, config, tokenizer
+    return rank, world, config, load_tokenizer(args.checkpoint_path.parent), checked

@@ -144,41 +144,38 @@ class Transformer(nn.Module):
         probe = [torch.empty(1, c.head_dim, device=device), torch.empty(0, dtype=cache_dtype),
                  torch.empty(0, dtype=self.alibi_slopes.dtype if c.positions == "alibi" else torch.bool)]
         for b in self.layers:  # few rows (decode, verify: with a mask always) attend in brisk's kernel, else `attend`
-            b.attention.kernel = kernel_attends(*probe)
+            b.attention.kernel, b.attention.attend_dtype = kernel_attends(*probe), attend_dtype(device, dtype)
 
-    def attend_len(self, last_pos: int) -> int:
-        """How many cache positions a compiled pass whose last input sits at last_pos attends to: last_pos + 1
-        rounded up to a block of 64 positions (from 1024 on, 1/16 of the position's power of two), at most
-        max_seq_length. A compiled step takes it as its one dynamic size, so it reads the cache written so far
-        (at most ~6% more) instead of all of it, and CUDA graphs, recorded once per length, stay few."""
+    def attend_len(self, last_pos: int, T: int = 1) -> int:
+        """How many cache positions T inputs whose last sits at last_pos attend to (forward's attend_len), decided on
+        the host, where the positions are known. A few inputs (FEW_ROWS: a decode step, a verify pass, a batch's
+        rows) attend to last_pos + 1 rounded up to a block of 64 positions (from 1024 on, 1/16 of the position's
+        power of two), at most max_seq_length: a compiled step takes it as its one dynamic size, so it reads the
+        cache written so far (at most ~6% more) instead of all of it, CUDA graphs, recorded once per length, stay
+        few, and brisk's kernel gives a row the same result whatever the length. More inputs (a prompt) attend to
+        exactly last_pos + 1, which from position 0 is T: plain causal attention (forward)."""
         n = last_pos + 1
+        if T > FEW_ROWS:
+            return n
         block = max(64, 1 << max(0, n.bit_length() - 5))
         return min(-(-n // block) * block, self.max_seq_length)
 
-    def forward(self, idx: Tensor, input_pos: Tensor, logits_to_keep: int = 0, attend_len: Optional[int] = None,
-                row: int = 0) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, attend_len: Optional[int] = None,
+                logits_to_keep: Optional[int] = None, row: int = 0) -> Tensor:
         # idx: [B, T] token ids at positions input_pos: [T], or [B, T] where each row sits at its own positions,
         # using the cache's rows row..row+B-1; returns logits [B, T, V], or [B, logits_to_keep, V] for the last
-        # positions only: a prefill needs one row of the head's product, not T
+        # positions only (None: all): a prefill needs one row of the head's product, not T.
+        # The (ascending) positions attend to the cache's first attend_len positions under a causal mask; attending
+        # to exactly their own T positions (a prompt from position 0) is plain causal attention, which SDPA does
+        # without a mask in half the work. A compiled step passes attend_len (it cannot read input_pos on the host);
+        # an eager call may leave it to self.attend_len of the last position.
         assert self.max_seq_length > 0, "call setup_caches() first"
-        # The positions (ascending) attend to the cache up to the last of them only, as the keys past it are masked
-        # out. Compiled code cannot read input_pos on the host: it attends to attend_len positions (self.attend_len
-        # of the last position, a dynamic size of its graph), or to the whole cache when none is given. Eagerly a
-        # few rows (FEW_ROWS: decode and verify steps) attend to self.attend_len positions too, for results that do
-        # not depend on the other rows (attend); longer inputs to exactly input_pos[-1] + 1, and a prompt from
-        # position 0 is plain causal attention, which SDPA does without a mask in half the work.
         T = idx.shape[1]
-        if torch.compiler.is_compiling():
-            end = self.max_seq_length if attend_len is None else attend_len
-        else:
-            last = int(input_pos.max())
-            end = last + 1
-            if T <= FEW_ROWS:  # and with one masked key at least (the spare one at worst): eager attend's results
-                end = self.attend_len(last) + (self.attend_len(last) == end)  # differ when none is masked
-        keys, pos = torch.arange(end, device=idx.device), input_pos[..., None]  # the spare position: key 0 alone
-        mask = causal = ((keys <= pos) & ((pos < self.max_seq_length) | (keys == 0))).unsqueeze(-3)  # [1|B, 1, T, end]
-        if input_pos.dim() == 1 and end == T and not torch.compiler.is_compiling():
-            mask = None  # causal
+        if attend_len is None:
+            attend_len = self.attend_len(int(input_pos.max()), T)
+        keys, pos = torch.arange(attend_len, device=idx.device), input_pos[..., None]  # the spare position: key 0
+        causal = ((keys <= pos) & ((pos < self.max_seq_length) | (keys == 0))).unsqueeze(-3)  # [1|B, 1, T, S']
+        mask = causal if attend_len > T else None
         cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)  # [1|B, 1, T, R/2]
         x = self.tok_embeddings(idx)  # [B, T, dim]
         if self.pos_embeddings is not None:
@@ -186,11 +183,13 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         if self.config.positions == "alibi":  # a per-head bias slope * (key pos - query pos) on causal scores
-            rel = (torch.arange(end, device=idx.device) - input_pos[..., None]).unsqueeze(-3)  # [1|B, 1, T, end]
-            mask = (self.alibi_slopes[:, None, None] * rel).masked_fill(~causal, float("-inf"))  # [1|B, H, T, end]
+            rel = (keys - pos).unsqueeze(-3)  # [1|B, 1, T, S']
+            mask = (self.alibi_slopes[:, None, None] * rel).masked_fill(~causal, float("-inf"))  # [1|B, H, T, S']
         for layer in self.layers:
             x = layer(x, input_pos, cos, sin, mask, row)
-        return self.output(self.norm(x[:, -logits_to_keep:]))
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
+        return self.output(self.norm(x))
 
 
 class TransformerBlock(nn.Module):
@@ -221,7 +220,7 @@ class Attention(nn.Module):
         self.wo = Linear(config.n_head * config.head_dim, config.dim, bias=config.wo_bias)
         self.rotary = config.positions == "rope"
         self.kv_cache: Optional[KVCache] = None
-        self.kernel = False  # set by Transformer.setup_caches
+        self.kernel, self.attend_dtype = False, torch.float32  # set by setup_caches
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
                 row: int = 0) -> Tensor:
@@ -237,12 +236,12 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(input_pos, k, v, row)  # [B, Hkv, S, D]
         end = T if mask is None else mask.shape[-1]  # the cache positions attended to
         k, v = k[:, :, :end], v[:, :, :end]
-        if T <= FEW_ROWS and self.kernel:
+        few = T <= FEW_ROWS and mask is not None  # a step's queries, each reduced alone (attend's contract)
+        if few and self.kernel:
             y = torch.ops.brisk.attend(q.float(), k, v, mask, self.kv_cache.prefix[row:row + B], kernel_isa())
         else:
-            dt = attend_dtype(x.device, x.dtype)  # fp32 on the CPU
-            q, k, v = q.to(dt), k.to(dt), v.to(dt)
-            y = attend(q, k, v, mask) if T <= FEW_ROWS else F.scaled_dot_product_attention(
+            q, k, v = q.to(self.attend_dtype), k.to(self.attend_dtype), v.to(self.attend_dtype)
+            y = attend(q, k, v, mask) if few else F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
         return self.wo(y)

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from batch import Batch
 from cli import BriskError, save_atomic
-from engine import common_prefix, generate, kv_bytes_per_token
+from engine import common_prefix, generate
+from report import kv_bytes_per_token
 from model import Transformer
 
 CACHE_FORMAT = "brisk-prefix-cache/2"

@@ -29,8 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "int4 in the blocks' groups (int4 modes only; CPU decode ~15%% faster, perplexity ~5%% higher; "
                    "written to model_int4.gN.int4-head.pth)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.add_argument("--device", default="cpu", help="where the weights are rounded and GPTQ runs the model (cuda is "
-                   "much faster)")
+    p.add_argument("--device", type=parse_device, default="cpu",
+                   help="where the weights are rounded and GPTQ runs the model (cuda is much faster)")
     g = p.add_argument_group("GPTQ (--mode int4-gptq)")
     g.add_argument("--calibration_file", type=Path, default=None,
                    help="UTF-8 text to calibrate on (default: the first half of CPython's pydoc topic help)")
@@ -62,7 +62,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise BriskError(f"--percdamp must be in (0, 1), got {args.percdamp}")
     if args.calibration_file is not None and not args.calibration_file.is_file():
         raise BriskError(f"calibration file not found: {args.calibration_file}")
-    args.device = parse_device(args.device)
 
 
 def main(argv=None) -> None:

@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException
 import engine
 import structured
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
-from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, parse_device, run_cli
+from cli import DTYPES, ArgumentParser, BriskError, TextStream, check_at_least_one, parse_device, run_cli
 from prefix_cache import PrefixBatch, PrefixCache, model_meta
 from sampling import Penalties, logprobs, sample, stop_reason
 from tokenizer import load_tokenizer
@@ -157,7 +157,7 @@ class Seq:
     tokens: list[int] = field(default_factory=list)
     cached: int = 0  # prompt tokens restored from the prefix cache
     cancelled: bool = False
-    stream: Optional[engine.TextStream] = None
+    stream: Optional[TextStream] = None
     unsent: list[TokenLogprob] = field(default_factory=list)  # logprobs not sent with an event yet
     last: float = 0.0  # time.monotonic() at its latest token
 
@@ -290,7 +290,7 @@ class Scheduler:
                 seq.emit(Failed(ServeError(400, str(e), "context_length_exceeded")))
                 continue
             self.active[row], seq.cached = seq, self.batch.cached[row]
-            seq.stream = engine.TextStream(self.tokenizer, seq.stops, Emitter(seq))
+            seq.stream = TextStream(self.tokenizer, seq.stops, Emitter(seq))
             self.metrics.admitted(seq)
             self.advance(row, seq, self.batch.last_logits(row))
         with self.wake:  # the rest wait; those that waited too long are told so now, not when a row frees up
@@ -780,9 +780,10 @@ class Server:
         """A request's sequences, choice i * n + j for prompt i, each with its own generator, processors and
         constraint."""
         for ids in prompts:
-            if len(ids) > self.max_seq_length:
-                raise ServeError(400, f"the prompt has {len(ids)} tokens, more than this server's context of "
-                                      f"{self.max_seq_length} (--max_seq_length)", "context_length_exceeded")
+            try:
+                engine.check_fits(len(ids), self.max_seq_length)
+            except BriskError as e:
+                raise ServeError(400, f"{e}, this server's context", "context_length_exceeded") from None
         if len(prompts) * body.n > MAX_CHOICES:
             raise ServeError(400, f"prompts times n must be at most {MAX_CHOICES}", "invalid_value", "n")
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
@@ -793,14 +794,14 @@ class Server:
                         min_p=body.min_p or None)
         seqs = []
         for i, ids in enumerate(prompts):
-            room = self.max_seq_length - len(ids) + 1  # the last token is never fed back
+            fit = engine.tokens_that_fit(max_tokens or self.max_seq_length, len(ids), self.max_seq_length)
             for j in range(body.n):
                 seed = secrets.randbits(63) if body.seed is None else hash((body.seed, j)) & (2**63 - 1)
                 processors = []
                 if bias or body.presence_penalty or body.frequency_penalty:
                     processors.append(Penalties(body.presence_penalty, body.frequency_penalty, bias))
                 generator = torch.Generator(self.scheduler.batch.device).manual_seed(seed)
-                seqs.append(Seq(ids, i * body.n + j, min(max_tokens or room, room), emit, sampling=sampling,
+                seqs.append(Seq(ids, i * body.n + j, fit, emit, sampling=sampling,
                                 generator=generator, processors=processors, stops=stops, ignore_eos=body.ignore_eos,
                                 logprobs=alternatives, constraint=None if spec is None else spec.constraint()))
         return seqs
@@ -844,7 +845,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_seq_length", type=int, default=None,
                    help=f"positions of each row's KV cache: prompt + reply (default: the model's block_size, at most "
                         f"{engine.INTERACTIVE_MAX_SEQ_LENGTH})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--cache_budget_mb", type=float, default=DEFAULT_BUDGET_MB,
@@ -867,7 +868,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.api_key is not None and not args.api_key:
         raise BriskError("--api_key must not be empty")
     check_checkpoint(args.checkpoint_path)
-    args.device = parse_device(args.device)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -887,9 +887,7 @@ def main(argv=None) -> None:
     check_args(args)
     sock = listen(args.host, args.port)
     config = load_config(args.checkpoint_path)
-    max_seq_length = args.max_seq_length or min(config.block_size, engine.INTERACTIVE_MAX_SEQ_LENGTH)
-    if max_seq_length > config.block_size:
-        raise BriskError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}")
+    max_seq_length = engine.cache_length(args.max_seq_length, None, config.block_size)  # a conversation's
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     model = engine.load(args.checkpoint_path, args.device, DTYPES[args.dtype])
     batch = PrefixBatch(model, args.max_batch_size, max_seq_length, compile=args.compile)

@@ -4,34 +4,38 @@
     python generate.py --draft int4                                 # the target quantized to int4 as its own draft
     python generate.py --prompt_lookup 3                            # copy what followed an earlier occurrence
 
-The output follows the target's distribution exactly, whatever the proposer (Leviathan et al. 2023, Chen et al.
-2023): draft token i, drawn from q_i, is kept with probability min(1, p_i / q_i); the first one rejected is
-replaced by a sample of normalize(max(0, p_i - q_i)); when all k are kept the target's distribution after them
-gives one more token for free. p and q are the processed distributions (temperature, top-k, top-p); at
-temperature 0 both are one-hot argmaxes and the rule keeps a draft token exactly when it is the target's argmax.
-Prompt lookup proposes deterministically (q is one-hot): a token is kept with probability p(token), else the
-replacement is drawn from p without it.
+The output follows the target's distribution exactly, whatever the proposer (Leviathan et al. 2023,
+Chen et al. 2023): draft token i, drawn from q_i, is kept with probability min(1, p_i / q_i); the
+first one rejected is replaced by a sample of normalize(max(0, p_i - q_i)); when all k are kept the
+target's distribution after them gives one more token for free. p and q are the processed
+distributions (temperature, top-k, top-p); at temperature 0 both are one-hot argmaxes and the rule
+keeps a draft token exactly when it is the target's argmax. Prompt lookup proposes deterministically
+(q is one-hot): a token is kept with probability p(token), else the replacement is drawn from p
+without it.
 
-Caches: the verify pass writes the target's keys/values for the last token taken and the k draft tokens; after
-`a` are kept, the positions beyond are stale and are overwritten before anything attends to them. The draft model
-has been fed the last token and the first k - 1 draft tokens; when all k are kept it is fed the k-th too, so both
-caches always hold every position before the last token taken (the invariant plain decoding has).
-One sequence at a time: rows of a batch would keep different numbers of tokens, hence sit at different positions.
+Caches: the verify pass writes the target's keys/values for the last token taken and the k draft
+tokens; after `a` are kept, the positions beyond are stale and are overwritten before anything
+attends to them. The draft model has been fed the last token and the first k - 1 draft tokens; when
+all k are kept it is fed the k-th too, so both caches always hold every position before the last
+token taken (the invariant plain decoding has). One sequence at a time: rows of a batch would keep
+different numbers of tokens, hence sit at different positions.
 
-Under torchrun (tp.py) the target is split as always; a draft model is split the same way when the number of
-processes divides its heads and feed-forward width (and its int4 groups), else every rank runs a whole copy.
-Every rank takes the same decisions without exchanging them: the logits are identical on all ranks after the
-all-reduces, the replicated parts compute the same on each, and the random draws (draft sampling, the acceptance
-test's uniforms, the replacement tokens) all come from the global generator, which tp.maybe_init_dist seeds alike
-on every rank and which every rank then advances through the same calls.
+Under torchrun (tp.py) the target is split as always; a draft model is split the same way when the
+number of processes divides its heads and feed-forward width (and its int4 groups), else every rank
+runs a whole copy. Every rank takes the same decisions without exchanging them: the logits are
+identical on all ranks after the all-reduces, the replicated parts compute the same on each, and the
+random draws (draft sampling, the acceptance test's uniforms, the replacement tokens) all come from
+the global generator, which tp.maybe_init_dist seeds alike on every rank and which every rank then
+advances through the same calls.
 """
 import argparse
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -58,8 +62,9 @@ SELF_DRAFTS = ("int4", "int8")
 def accept(draft: Tensor, q: Tensor, p: Tensor, greedy: bool = False) -> Tensor:
     """The tokens [a + 1] one verification yields: the first a draft tokens kept, then one from the target.
 
-    draft: [k] tokens drawn from q: [k, Vq]; p: [k + 1, Vp], the target's distributions after the last token taken
-    and after each draft token. Vocabularies padded to different sizes are compared with zeros in the padding."""
+    draft: [k] tokens drawn from q: [k, Vq]; p: [k + 1, Vp], the target's distributions after the
+    last token taken and after each draft token. Vocabularies padded to different sizes are compared
+    with zeros in the padding."""
     k = draft.numel()
     V = max(p.size(-1), q.size(-1))
     p, q = F.pad(p, (0, V - p.size(-1))), F.pad(q, (0, V - q.size(-1)))
@@ -88,8 +93,24 @@ def step_at(decode_fn: Callable, model: Transformer, token: Tensor, pos: int, sa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Proposers: propose(history, cur_token, pos, k, greedy, sampling) -> (draft [k], q [k, V]) or None (no proposal:
-# a plain decode step follows); catch_up(token [1, 1], pos, sampling) feeds a token the proposer has not seen.
+# Proposers
+
+
+class Proposer(Protocol):
+    """What guesses the next k tokens: a draft model (DraftModel: another model, or the target
+    quantized) or the sequence itself (PromptLookup)."""
+
+    def prefill(self, x: Tensor, input_pos: Tensor) -> None:
+        """Read the prompt x [1, T] at input_pos [T] (the positions before them are read already)."""
+
+    def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool,
+                sampling: dict) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        """(draft [k], q [k, V], the distributions drawn from, or None: drawn deterministically)
+        after the sequence `history`, whose last token cur_token [1, 1] sits at pos; None: no
+        proposal, a plain decode step follows."""
+
+    def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
+        """Feed token [1, 1] at pos, which the proposer has not seen."""
 
 
 class DraftModel:
@@ -116,14 +137,15 @@ class DraftModel:
         return draft, q
 
     def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
-        # through the (compiled) decode step, as its sampled token is merely not used: a plain forward would run
-        # the draft eagerly once per fully accepted draft
+        # through the (compiled) decode step, as its sampled token is merely not used: a plain
+        # forward would run the draft eagerly once per fully accepted draft
         step_at(self.decode_fn, self.model, token, pos, sampling)
 
 
 class PromptLookup:
-    """Proposes the k tokens that followed the most recent earlier occurrence of the sequence's last n tokens,
-    trying n = max_n down to 1 (prompt-lookup decoding: cheap, and strong where the output copies its input)."""
+    """Proposes the k tokens that followed the most recent earlier occurrence of the sequence's last
+    n tokens, trying n = max_n down to 1 (prompt-lookup decoding: cheap, and strong where the output
+    copies its input)."""
 
     def __init__(self, max_n: int):
         self.max_n = max_n
@@ -143,8 +165,9 @@ class PromptLookup:
 
 
 def lookup(seq: list, max_n: int, k: int) -> Optional[list]:
-    """The k tokens after the latest j < len(seq) - 1 with seq[j-n+1..j] == seq[-n:], n from max_n down to 1,
-    or None. Past the end of seq the copy continues with its own output (seq looks periodic from j on)."""
+    """The k tokens after the latest j < len(seq) - 1 with seq[j-n+1..j] == seq[-n:], n from max_n
+    down to 1, or None. Past the end of seq the copy continues with its own output (seq looks
+    periodic from j on)."""
     L = len(seq)
     for n in range(min(max_n, L - 1), 0, -1):
         suffix, last = seq[-n:], seq[-1]
@@ -162,14 +185,12 @@ def lookup(seq: list, max_n: int, k: int) -> Optional[list]:
 
 
 class Speculator:
-    """Pass as generate(..., speculator=...): after the target's prefill, prefill(prompt, start_pos) lets the
-    proposer read the prompt; decode(...) then stands in for decode_n_tokens, yielding [1, n] tokens per step.
-    `stats` counts the current generation's verifications and kept draft tokens; `step_sizes` lists the tokens
-    each of its decode steps yielded."""
+    """Pass as generate(..., speculator=...): after the target's prefill, prefill(prompt, start_pos)
+    lets the proposer read the prompt; decode(...) then stands in for decode_n_tokens, yielding
+    [1, n] tokens per step. `stats` counts the current generation's verifications and kept draft
+    tokens; `step_sizes` lists the tokens each of its decode steps yielded."""
 
-    def __init__(self, proposer, k: int = DEFAULT_K, verify_fn: Callable = verify):
-        if k < 1:
-            raise BriskError(f"--speculate_k must be at least 1, got {k}")
+    def __init__(self, proposer: Proposer, k: int = DEFAULT_K, verify_fn: Callable = verify):
         self.proposer, self.k, self.verify_fn = proposer, k, verify_fn
         self.history: list = []
         self.stats: dict = {}
@@ -185,8 +206,6 @@ class Speculator:
 
     def decode(self, model: Transformer, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
                decode_fn: Callable = decode_one_token, **sampling) -> Iterator[Tensor]:
-        if cur_token.size(0) != 1:
-            raise BriskError("speculative decoding generates one sequence at a time; leave out --batch_size")
         greedy, k, device = sampling.get("temperature", 1.0) == 0, self.k, cur_token.device
         pos, left = int(input_pos), num_new_tokens
         self.history.append(int(cur_token))
@@ -219,22 +238,6 @@ class Speculator:
             yield new.view(1, -1)
 
 
-def figures(stats: dict, k: int) -> dict:
-    """acceptance_rate: draft tokens kept / proposed; accepted_per_verification: of k, kept per target pass."""
-    v = stats["verifications"]
-    return dict(speculate_k=k, verifications=v, plain_steps=stats["plain_steps"],
-                acceptance_rate=stats["accepted"] / (k * v) if v else None,
-                accepted_per_verification=stats["accepted"] / v if v else None)
-
-
-def describe(f: dict) -> str:
-    if not f["verifications"]:
-        return f"speculation: no verifications, {f['plain_steps']:g} plain decode steps"
-    return (f"speculation: acceptance rate {f['acceptance_rate']:.2f}, {f['accepted_per_verification']:.2f} of "
-            f"{f['speculate_k']:g} draft tokens accepted per verification, {f['verifications']:g} verifications, "
-            f"{f['plain_steps']:g} plain decode steps")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Command line: generate.py's --draft_checkpoint_path, --draft, --prompt_lookup, --speculate_k
 
@@ -252,19 +255,58 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"tokens proposed per verification (default {DEFAULT_K})")
 
 
-def settings(args) -> dict:
-    """The speculation flags as the scripts' --json files record them."""
-    return dict(draft_checkpoint=args.draft_checkpoint_path and str(args.draft_checkpoint_path), draft=args.draft,
-                prompt_lookup=args.prompt_lookup, speculate_k=args.speculate_k)
+@dataclass(frozen=True)
+class Speculation:
+    """Checked speculation flags (speculation()): one proposer, and k, the tokens proposed per
+    verification, which are also the cache positions a verify pass writes past the last token taken.
+    build() makes the Speculator once the target's caches are set up (engine.Engine.setup)."""
+    checkpoint_path: Path  # the target's
+    k: int = DEFAULT_K
+    draft_checkpoint_path: Optional[Path] = None
+    draft: Optional[str] = None  # SELF_DRAFTS: the target quantized
+    prompt_lookup: Optional[int] = None
+
+    def draft_path(self) -> Optional[Path]:
+        """The draft model's checkpoint (a self-draft's beside the target's); None for prompt lookup."""
+        if self.draft is not None:
+            return self_draft_path(self.checkpoint_path, self.draft)
+        return self.draft_checkpoint_path
+
+    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int, compile: bool = False) -> Speculator:
+        """The Speculator: a draft model is loaded (made first if --draft's file is missing: by rank
+        0 alone under torchrun), split across the processes if it can be, and given a cache of
+        max_seq_length positions."""
+        verify_fn, decode_fn = verify, decode_one_token
+        if compile:  # k is fixed, so the verify pass has a static shape
+            verify_fn = compile_step(verify, device, "the verify pass")  # of the target
+            decode_fn = compile_step(decode_one_token, device, "the draft's decode step")  # set up below
+        if self.prompt_lookup is not None:
+            return Speculator(PromptLookup(self.prompt_lookup), self.k, verify_fn)
+        path = self.draft_path()
+        if self.draft is not None:
+            tp.rank0_first(lambda: make_self_draft(self.checkpoint_path, self.draft, path))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        refusal = split_refusal(path, world) if world > 1 else None
+        if refusal:
+            print(f"the draft {path} runs whole on each of the {world} processes, not split: {refusal}",
+                  file=sys.stderr)
+        t0 = time.perf_counter()
+        draft = load_model(path, device, dtype, transform=None if refusal else tp.apply_tp)
+        sync(device)
+        print(f"loaded draft {path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+        draft.setup_caches(1, max_seq_length)
+        return Speculator(DraftModel(draft, decode_fn), self.k, verify_fn)
 
 
-def requested(args) -> bool:
-    return any(x is not None for x in (args.draft_checkpoint_path, args.draft, args.prompt_lookup))
+def settings(spec: Optional[Speculation]) -> dict:
+    """The speculation as the scripts' --json files record it."""
+    return dict(draft_checkpoint=spec and spec.draft_checkpoint_path and str(spec.draft_checkpoint_path),
+                draft=spec and spec.draft, prompt_lookup=spec and spec.prompt_lookup, speculate_k=spec and spec.k)
 
 
 def vocabulary(directory: Path):
-    """What fixes the meaning of token ids: tokenizer.json's vocabulary and added tokens, tokenizer.model or
-    vocab.json."""
+    """What fixes the meaning of token ids: tokenizer.json's vocabulary and added tokens,
+    tokenizer.model or vocab.json."""
     path = directory / "tokenizer.json"
     if path.is_file():
         try:
@@ -281,8 +323,10 @@ def vocabulary(directory: Path):
     return None
 
 
-def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
-    """Checks that need no weights; for a draft checkpoint, that it shares the target's vocabulary."""
+def speculation(args, config, tokenizer_vocab_size: int, world: int, batch_size: int = 1) -> Optional[Speculation]:
+    """The Speculation of the flags (add_args) of a run of batch_size sequences, each flag checked
+    here and only here, with no weights loaded (a draft checkpoint: that it shares the target's
+    vocabulary); None when no proposer is given."""
     given = [f for f, v in (("--draft_checkpoint_path", args.draft_checkpoint_path), ("--draft", args.draft),
                             ("--prompt_lookup", args.prompt_lookup)) if v is not None]
     if len(given) > 1:
@@ -290,64 +334,68 @@ def check_args(args, config, tokenizer_vocab_size: int, world: int) -> None:
     if not given:
         if args.speculate_k is not None:
             raise BriskError("--speculate_k needs --draft_checkpoint_path, --draft or --prompt_lookup")
-        return
-    args.speculate_k = DEFAULT_K if args.speculate_k is None else args.speculate_k
-    if args.speculate_k < 1:
-        raise BriskError(f"--speculate_k must be at least 1, got {args.speculate_k}")
-    if args.prompt_lookup is not None and args.prompt_lookup < 1:
-        raise BriskError(f"--prompt_lookup must be at least 1, got {args.prompt_lookup}")
-    if args.batch_size != 1:
+        return None
+    spec = Speculation(args.checkpoint_path, DEFAULT_K if args.speculate_k is None else args.speculate_k,
+                       args.draft_checkpoint_path, args.draft, args.prompt_lookup)
+    if spec.k < 1:
+        raise BriskError(f"--speculate_k must be at least 1, got {spec.k}")
+    if spec.prompt_lookup is not None and spec.prompt_lookup < 1:
+        raise BriskError(f"--prompt_lookup must be at least 1, got {spec.prompt_lookup}")
+    if batch_size != 1:
         raise BriskError("speculative decoding generates one sequence at a time; leave out --batch_size")
-    if args.draft is not None:
-        check_self_draft(args, config, world)
-    path = args.draft_checkpoint_path
-    if path is None:
-        return
+    if spec.draft is not None:
+        check_self_draft(spec, config, world)
+    if spec.draft_checkpoint_path is not None:
+        check_draft(spec.draft_checkpoint_path, spec.checkpoint_path, min(config.vocab_size, tokenizer_vocab_size))
+    return spec
+
+
+def check_draft(path: Path, target: Path, needed: int) -> None:
+    """Refuse a draft checkpoint that is missing or does not share the target's vocabulary (of `needed` ids)."""
     if not path.is_file():
         raise BriskError(f"draft checkpoint not found: {path}")
-    target_vocab, draft_vocab = vocabulary(args.checkpoint_path.parent), vocabulary(path.parent)
+    target_vocab, draft_vocab = vocabulary(target.parent), vocabulary(path.parent)
     if draft_vocab is None:
         raise BriskError(f"no tokenizer.json, tokenizer.model or vocab.json beside {path}: cannot check that the "
                          "draft shares the target's vocabulary")
     if target_vocab != draft_vocab:
-        raise BriskError(f"the draft {path} and the target {args.checkpoint_path} have different vocabularies "
+        raise BriskError(f"the draft {path} and the target {target} have different vocabularies "
                          f"(compared their {draft_vocab[0]})")
-    draft_size, needed = load_config(path).vocab_size, min(config.vocab_size, tokenizer_vocab_size)
+    draft_size = load_config(path).vocab_size
     if draft_size < needed:
         raise BriskError(f"the draft's vocab_size {draft_size} is smaller than the target's vocabulary ({needed})")
 
 
-def self_draft_path(args) -> Path:
-    groupsize = quant.DEFAULT_GROUPSIZE if args.draft == "int4" else None
-    return quant.output_path(args.checkpoint_path, args.draft, groupsize)
+def self_draft_path(checkpoint_path: Path, mode: str) -> Path:
+    """Where --draft MODE's quantized copy of the target lies: beside it, named as quantize.py names it."""
+    return quant.output_path(checkpoint_path, mode, quant.DEFAULT_GROUPSIZE if mode == "int4" else None)
 
 
-def check_self_draft(args, config, world: int) -> None:
-    path = self_draft_path(args)
-    if path.resolve() == args.checkpoint_path.resolve():
-        raise BriskError(f"--draft {args.draft}: {path} is that model already; pass the float model.pth")
+def check_self_draft(spec: Speculation, config, world: int) -> None:
+    path, mode, target = spec.draft_path(), spec.draft, spec.checkpoint_path
+    if path.resolve() == target.resolve():
+        raise BriskError(f"--draft {mode}: {path} is that model already; pass the float model.pth")
     if world > 1:  # split like the target (the target's heads and width divide already): int4 groups must fit
         try:
-            tp.check_divisible(config, world, quant.DEFAULT_GROUPSIZE if args.draft == "int4" else None)
+            tp.check_divisible(config, world, quant.DEFAULT_GROUPSIZE if mode == "int4" else None)
         except BriskError as e:
-            raise BriskError(f"--draft {args.draft} across {world} processes: {e}; use --draft int8 or fewer "
+            raise BriskError(f"--draft {mode} across {world} processes: {e}; use --draft int8 or fewer "
                              "processes") from None
     if path.is_file():
         return
     if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:  # rank 0's file would be on one machine only
-        raise BriskError(f"--draft {args.draft}: {path} is missing; on several machines make it first with "
-                         f"quantize.py --mode {args.draft}")
-    if "__quant__" in load_state_dict(args.checkpoint_path):  # memory-mapped: reads no weights
-        raise BriskError(f"--draft {args.draft}: {path} is missing and {args.checkpoint_path} is quantized; pass "
-                         "the float model.pth")
+        raise BriskError(f"--draft {mode}: {path} is missing; on several machines make it first with "
+                         f"quantize.py --mode {mode}")
+    if "__quant__" in load_state_dict(target):  # memory-mapped: reads no weights
+        raise BriskError(f"--draft {mode}: {path} is missing and {target} is quantized; pass the float model.pth")
     if not os.access(path.parent, os.W_OK):
-        raise BriskError(f"--draft {args.draft}: {path} is missing and {path.parent} is not writable; make it with "
+        raise BriskError(f"--draft {mode}: {path} is missing and {path.parent} is not writable; make it with "
                          "quantize.py")
 
 
 def make_self_draft(checkpoint_path: Path, mode: str, path: Path) -> None:
-    """Unless `path` exists, quantize the float target into it as quantize.py --mode MODE does (round-to-nearest,
-    default group size)."""
+    """Unless `path` exists, quantize the float target into it as quantize.py --mode MODE does
+    (round-to-nearest, default group size)."""
     if path.is_file():
         return
     sd = load_state_dict(checkpoint_path)
@@ -365,45 +413,3 @@ def split_refusal(path: Path, world: int) -> Optional[str]:
     except BriskError as e:
         return str(e)
     return None
-
-
-class Speculation:
-    """The checked speculation flags of a run, for engine.prepare: it reserves `k` cache positions past the last
-    token taken (a verify pass writes them) and calls build() once the target's caches are set up."""
-
-    def __init__(self, args):
-        self.args, self.k = args, args.speculate_k
-
-    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int) -> "Speculator":
-        return build(self.args, device, dtype, max_seq_length)
-
-
-def speculation(args) -> Optional[Speculation]:
-    """The Speculation of args checked by check_args; None when no proposer is given."""
-    return Speculation(args) if args.speculate_k else None
-
-
-def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int) -> Speculator:
-    """The Speculator for the checked args; a draft model is loaded (made first if --draft's file is missing:
-    by rank 0 alone under torchrun), split across the processes if it can be, and given a cache of
-    max_seq_length positions."""
-    verify_fn, decode_fn = verify, decode_one_token
-    if args.compile:  # k is fixed, so the verify pass has a static shape
-        verify_fn = compile_step(verify, device, "the verify pass")  # of the target
-        decode_fn = compile_step(decode_one_token, device, "the draft's decode step")  # set up below
-    if args.prompt_lookup is not None:
-        return Speculator(PromptLookup(args.prompt_lookup), args.speculate_k, verify_fn)
-    path = args.draft_checkpoint_path
-    if path is None:
-        path = self_draft_path(args)
-        tp.rank0_first(lambda: make_self_draft(args.checkpoint_path, args.draft, path))
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    refusal = split_refusal(path, world) if world > 1 else None
-    if refusal:
-        print(f"the draft {path} runs whole on each of the {world} processes, not split: {refusal}", file=sys.stderr)
-    t0 = time.perf_counter()
-    draft = load_model(path, device, dtype, transform=None if refusal else tp.apply_tp)
-    sync(device)
-    print(f"loaded draft {path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    draft.setup_caches(1, max_seq_length)
-    return Speculator(DraftModel(draft, decode_fn), args.speculate_k, verify_fn)

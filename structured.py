@@ -278,7 +278,7 @@ class ToolParser:
     "parameters": ...}: Llama 3). Streamed, text that may begin a call is held back until it is known."""
 
     def __init__(self, names: set):
-        self.names, self.text, self.shown, self.calls = names, "", 0, []
+        self.names, self.text, self.emitted, self.calls = names, "", 0, []
         self.json = None  # whether the reply is all JSON: known from its first non-blank character
 
     def push(self, text: str) -> tuple:
@@ -290,21 +290,21 @@ class ToolParser:
             return "", []
         content, calls = "", []
         while True:
-            start = self.text.find(CALL_OPEN, self.shown)
+            start = self.text.find(CALL_OPEN, self.emitted)
             end = self.text.find(CALL_CLOSE, start) if start >= 0 else -1
             if end < 0:
                 break
             found = self.read(self.text[start + len(CALL_OPEN):end])
-            content += self.text[self.shown:start if found else end + len(CALL_CLOSE)]  # a broken call is text
-            calls, self.shown = calls + found, end + len(CALL_CLOSE)
+            content += self.text[self.emitted:start if found else end + len(CALL_CLOSE)]  # a broken call is text
+            calls, self.emitted = calls + found, end + len(CALL_CLOSE)
         hold = start if start >= 0 else len(self.text) - partial_marker(self.text)
-        if hold > self.shown:
-            content, self.shown = content + self.text[self.shown:hold], hold
+        if hold > self.emitted:
+            content, self.emitted = content + self.text[self.emitted:hold], hold
         return content, calls
 
     def finish(self) -> tuple:
         """(content, calls) left at the end of the reply: a call not closed is still read, if its JSON is whole."""
-        rest = self.text[self.shown:]
+        rest = self.text[self.emitted:]
         if self.json:
             calls = self.read(rest)
             return ("", calls) if calls else (rest, [])

@@ -14,8 +14,7 @@ A row-wise linear's bias is added once, by rank 0.
 The embedding, the norms and the output head are replicated. An embedding lookup reads a few rows, so splitting
 it saves memory but no time. Splitting the head's vocabulary would cut what each rank reads per decode step (on a
 GPU node the head is a large part of a rank's share: Llama-3-8B at 8 ranks reads 1 GB of head against 1.75 GB of
-blocks), but the logits must then be gathered, and model.forward returns the logits of every prompt position:
-left for when prefill computes the last position only.
+blocks), at the cost of gathering each step's logits from the ranks: not done yet.
 
 The split happens while loading: `load_model(path, device, dtype, transform=apply_tp)` hands apply_tp the
 memory-mapped state dict before any copy, so each rank reads and copies only its slices and never holds the whole

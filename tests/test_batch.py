@@ -9,74 +9,14 @@ import cpu
 import engine
 import generate as gen
 from batch import Batch, beam_search, generate_rows, rows_step
-from conftest import TOLERANCE, make_checkpoint
+from conftest import make_checkpoint
+from helpers import check_rows_equal_alone, make_hf_model, prompts
 from checkpoint import load_model
 from cli import BriskError
-
-LENGTHS = (5, 17, 40, 9, 70)  # prompt lengths: rows sit at positions up to ~110, over two attended lengths
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("batch") / "tiny")
-
-
-def prompts(vocab_size: int, lengths=LENGTHS) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(vocab_size, (n,), generator=g).tolist() for n in lengths]
-
-
-@torch.no_grad()
-def alone(model, ids: list[int], tokens: list[int], step) -> list[torch.Tensor]:
-    """The logits after ids and after each of tokens, fed one at a time as generate() does with a batch of one."""
-    model.setup_caches(1, 128)
-    T = len(ids)
-    logits = [model(torch.tensor([ids]), torch.arange(T), logits_to_keep=1)[0, -1].float()]
-    for i, t in enumerate(tokens):
-        pos = T + i
-        logits.append(step(model, torch.tensor([[t]]), torch.tensor([pos]), attend_len=model.attend_len(pos))[0])
-    return logits
-
-
-def alone_in(batch: Batch, ids: list[int], tokens: list[int]) -> list[torch.Tensor]:
-    """As alone, with the prompt by itself in a batch."""
-    row = batch.add(ids)
-    logits = [batch.last_logits(row)] + [batch.step({row: t})[row] for t in tokens]
-    batch.remove(row)
-    return logits
-
-
-def check_rows_equal_alone(model, compile: bool, n_steps: int = 12, alone_in_batch: bool = False):
-    """Three rows decode five prompts; rows join as others finish (at different steps), so every row meets
-    different neighbours at different positions. Every row's logits must equal its prompt's alone: bitwise
-    eagerly, and compiled where every product is brisk's kernel (cpu.two_rows_cost_one); else within the dtype's
-    rounding (the alone run is fed the batch's tokens, so a flipped near tie does not end the comparison).
-    alone_in_batch: alone is the prompt by itself in the same batch rather than in a one-row cache."""
-    batch = Batch(model, 3, 128, compile=compile)
-    assert batch.min_rows == 2 or not alone_in_batch
-    ps = prompts(model.config.vocab_size)
-    got = {i: [] for i in range(len(ps))}  # prompt -> logits after its prompt and each token fed
-    waiting, running = list(range(len(ps))), {}
-    while waiting or running:
-        if waiting and batch.free_rows():
-            i = waiting.pop(0)
-            row = batch.add(ps[i])
-            running[row] = i
-            got[i].append(batch.last_logits(row))
-        feed = {r: int(got[i][-1].argmax()) for r, i in running.items()}
-        for row, logits in batch.step(feed).items():
-            got[running[row]].append(logits)
-            if len(got[running[row]]) == n_steps - 2 * (running[row] % 2):  # rows of different lengths
-                batch.remove(row)
-                del running[row]
-    step = engine.compile_step(rows_step, torch.device("cpu")) if compile else rows_step
-    for i, p in enumerate(ps):
-        tokens = [int(l.argmax()) for l in got[i][:-1]]
-        want = alone_in(batch, p, tokens) if alone_in_batch else alone(model, p, tokens, step)
-        assert len(want) == len(got[i])
-        for j, (a, b) in enumerate(zip(want, got[i])):
-            tol = TOLERANCE[model.norm.weight.dtype] if compile and not cpu.two_rows_cost_one(model) else 0
-            assert torch.allclose(a, b, atol=tol, rtol=tol), f"prompt {i}, step {j}: max diff {(a - b).abs().max()}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -250,7 +190,6 @@ def check_beams(ours, hf, ids, n_new, eos_from_greedy: bool):
 @pytest.mark.parametrize("eos", [False, True])
 def test_beam_search_gives_transformers_sequences(tmp_path, family, eos):
     from scripts import convert_hf_checkpoint as convert_hf
-    from test_convert import make_hf_model
     hf = make_hf_model(tmp_path, family)
     convert_hf.convert(tmp_path)
     ours = load_model(tmp_path / "model.pth", dtype=torch.float32)

@@ -1,7 +1,6 @@
 """bench.py and eval.py: benchmark figures that agree with each other, perplexity equal to transformers' on the same
 weights and text, and the lm-evaluation-harness adapter on a model that continues a sentence with certainty."""
 import json
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,10 +10,10 @@ import torch
 import bench
 import eval as brisk_eval
 from conftest import make_checkpoint, write_tiny_tokenizer
+from helpers import hf_perplexity, noisy_copy
 from checkpoint import load_model
 from cli import BriskError
 from scripts import convert_hf_checkpoint as convert_hf
-from test_speculative import noisy_copy
 from tokenizer import load_tokenizer
 
 SENTENCE = "the quick brown fox jumps over a lazy dog. "  # each word of it is a distinct token of the tiny tokenizer
@@ -227,24 +226,6 @@ def test_bench_rejects_bad_arguments(argv, message, tiny_checkpoint):
 
 # ---------------------------------------------------------------------------------------------------------------
 # eval.py: perplexity
-
-
-def hf_perplexity(model, ids: list, max_length: int, stride: int) -> float:
-    """The sliding-window recipe of the transformers perplexity guide."""
-    ids = torch.tensor([ids])
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, ids.size(1), stride):
-        end = min(begin + max_length, ids.size(1))
-        x = ids[:, begin:end]
-        labels = x.clone()
-        labels[:, :-(end - prev_end)] = -100  # only the tokens no earlier window scored
-        with torch.no_grad():
-            loss = model(x, labels=labels).loss
-        n = (labels[:, 1:] != -100).sum().item()  # the first position has nothing to predict it
-        nll, count, prev_end = nll + loss.item() * n, count + n, end
-        if end == ids.size(1):
-            break
-    return math.exp(nll / count)
 
 
 def test_perplexity_equals_transformers_on_the_same_weights(random_hf, tmp_path):

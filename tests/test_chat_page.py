@@ -6,7 +6,7 @@ import shutil
 import openai
 import pytest
 
-from test_serve import start_server
+from helpers import start_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

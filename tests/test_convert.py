@@ -8,92 +8,26 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub.utils import filter_repo_objects
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import ROOT, assert_one_line_error, run_script
+from helpers import HF_FAMILIES, HF_L31, HF_TINY, make_hf_model
 from checkpoint import CONFIG_NAME, load_model, load_state_dict
 from cli import BriskError
 from scripts import convert_hf_checkpoint as convert_hf
 from scripts import download
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=256, max_position_embeddings=256)
-# Llama 3.1 rope scaling, with original_max_position_embeddings shrunk so that it changes angles within 24 positions
-L31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-           original_max_position_embeddings=64)
-
-# family: (config class, model class, config overrides, how the weights are saved)
-FAMILIES = {
-    "llama2-mha": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4, rms_norm_eps=1e-5), "safetensors"),
-    "llama3-gqa": (LlamaConfig, LlamaForCausalLM, dict(rope_theta=500000.0), "safetensors-sharded"),
-    "llama3.1-rope-scaling": (LlamaConfig, LlamaForCausalLM, dict(rope_parameters=dict(rope_theta=500000.0, **L31)),
-                              "bin-sharded"),
-    "llama3.2-tied": (LlamaConfig, LlamaForCausalLM,
-                      dict(rope_parameters=dict(rope_theta=500000.0, **{**L31, "factor": 32.0}),
-                           tie_word_embeddings=True), "safetensors-bf16"),
-    "qwen2-bias-tied": (Qwen2Config, Qwen2ForCausalLM, dict(rope_theta=1000000.0, tie_word_embeddings=True), "bin"),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(head_dim=32), "safetensors-sharded"),
-    "llama-68m-like": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=12,
-                                                           intermediate_size=384), "bin-old"),
-}
-
-
-def make_hf_model(directory: Path, family: str, seed: int = 0):
-    """A tiny random transformers model of `family`, saved to `directory`; returns it in fp32 for reference."""
-    config_cls, model_cls, overrides, layout = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**TINY, **overrides})).eval()
-    with torch.no_grad():  # wider than the default init so logits are far from flat; norms random so a swap shows
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.1)
-    if layout == "safetensors":
-        model.save_pretrained(directory)
-    elif layout == "safetensors-sharded":
-        model.save_pretrained(directory, max_shard_size="60KB")
-    elif layout == "safetensors-bf16":  # bf16 weights (not buffers: rope stays fp32); the reference upcasts them
-        for p in model.parameters():
-            p.data = p.data.bfloat16()
-        model.save_pretrained(directory)
-        for p in model.parameters():
-            p.data = p.data.float()
-    else:  # transformers 5 writes only safetensors; write pytorch_model*.bin as older releases did
-        model.config.architectures = [model_cls.__name__]
-        model.config.save_pretrained(directory)
-        save_bin(model.state_dict(), directory, n_shards=3 if layout == "bin-sharded" else 1,
-                 old=layout == "bin-old")
-    return model
-
-
-def save_bin(sd: dict, directory: Path, n_shards: int, old: bool) -> None:
-    if old:  # checkpoints from transformers < 4.31 also saved a rotary buffer
-        sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
-    if n_shards == 1:
-        torch.save(sd, directory / "pytorch_model.bin")
-        return
-    # round robin puts the q, k and v of a layer in different shards
-    weight_map = {k: f"pytorch_model-{i % n_shards + 1:05d}-of-{n_shards:05d}.bin" for i, k in enumerate(sd)}
-    for file in set(weight_map.values()):
-        torch.save({k: v for k, v in sd.items() if weight_map[k] == file}, directory / file)
-    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
 def run_convert(*args) -> subprocess.CompletedProcess:
     return run_script("scripts/convert_hf_checkpoint.py", *args)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
 def test_converted_model_matches_transformers(tmp_path, family, device, dtype, tol):
     hf = make_hf_model(tmp_path, family).to(device, dtype)
     convert_hf.convert(tmp_path)
     ours = load_model(tmp_path / "model.pth", device, dtype)
     T = 24
     ours.setup_caches(2, T)
-    idx = torch.randint(0, TINY["vocab_size"], (2, T), device=device)
+    idx = torch.randint(0, HF_TINY["vocab_size"], (2, T), device=device)
     pos = torch.arange(T, device=device)
     with torch.no_grad():
         ref = hf(idx).logits.float()
@@ -117,8 +51,8 @@ def test_conversion_keeps_stored_dtype_and_config(tmp_path):
 
 @pytest.mark.parametrize("hf_config, expected", [
     # transformers < 5: rope_theta and rope_scaling at the top level
-    (dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", **{k: v for k, v in L31.items() if k != "rope_type"})),
-     dict(rope_base=500000.0, rope_scaling={k: v for k, v in L31.items() if k != "rope_type"})),
+    (dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", **{k: v for k, v in HF_L31.items() if k != "rope_type"})),
+     dict(rope_base=500000.0, rope_scaling={k: v for k, v in HF_L31.items() if k != "rope_type"})),
     (dict(rope_theta=1e6, rope_scaling=None), dict(rope_base=1e6, rope_scaling=None)),
     # Mistral 7B v0.1: a 4096-token sliding window caps the context brisk (full attention) can serve exactly
     (dict(architectures=["MistralForCausalLM"], max_position_embeddings=32768, sliding_window=4096),
@@ -128,7 +62,7 @@ def test_conversion_keeps_stored_dtype_and_config(tmp_path):
      dict(block_size=256, qkv_bias=True)),
 ])
 def test_config_variants(hf_config, expected):
-    cfg = {**TINY, "architectures": ["LlamaForCausalLM"], **hf_config}
+    cfg = {**HF_TINY, "architectures": ["LlamaForCausalLM"], **hf_config}
     args = convert_hf.config_from_hf(cfg).to_dict()
     assert {k: args[k] for k in expected} == expected
 
@@ -140,7 +74,7 @@ def test_config_variants(hf_config, expected):
 ])
 def test_unsupported_configs_are_refused(hf_config, match):
     with pytest.raises(BriskError, match=match):
-        convert_hf.config_from_hf({**TINY, "architectures": ["LlamaForCausalLM"], **hf_config})
+        convert_hf.config_from_hf({**HF_TINY, "architectures": ["LlamaForCausalLM"], **hf_config})
 
 
 def test_without_config_json_the_preset_is_used(tmp_path):

@@ -13,7 +13,9 @@ import generate
 import quant
 import quantize
 from checkpoint import load_config, load_model, load_state_dict, save_checkpoint
-from conftest import write_tiny_tokenizer
+from conftest import _CORPUS, assert_one_line_error, run_script, write_tiny_tokenizer
+from helpers import (add_vocab, byte_level_vocab, check_rows_equal_alone, hf_perplexity, noisy_copy, quantized,
+                     run_and_compare, save_bin)
 from model import ModelArgs, Transformer, rope_tables
 from scripts import convert_hf_checkpoint as convert_hf
 from tokenizer import load_tokenizer
@@ -90,7 +92,6 @@ def hf_model(family: str, seed: int = 0, **overrides):
 
 def build(directory, family: str, seed: int = 0):
     """A tiny random transformers model of `family`, saved to `directory` with a tiny tokenizer and converted."""
-    from test_convert import save_bin
     _, model_cls, _, layout = FAMILIES[family]
     model = hf_model(family, seed)
     if layout.startswith("safetensors"):
@@ -187,7 +188,6 @@ def test_greedy_text_through_generate_py_matches_transformers(converted, family,
     ("pythia", dict(hidden_act="gelu_10"), "unsupported activation hidden_act='gelu_10'"),
 ])
 def test_what_the_switches_cannot_express_is_refused_in_one_line(tmp_path, family, overrides, match):
-    from conftest import assert_one_line_error, run_script
     config_cls, model_cls, base, _ = FAMILIES[family]
     config = config_cls(**{**COMMON, **base, **overrides})
     config.architectures = [model_cls.__name__]
@@ -257,7 +257,6 @@ def generate_text(path, *flags) -> str:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_speculative_decoding_with_a_draft_of_the_family_equals_plain_greedy(converted, family, tmp_path):
-    from test_speculative import noisy_copy
     _, path = converted(family)
     draft = noisy_copy(path, tmp_path / "draft", noise=0.02)
     assert generate_text(path, "--draft_checkpoint_path", draft, "--speculate_k", 3) == generate_text(path)
@@ -265,7 +264,6 @@ def test_speculative_decoding_with_a_draft_of_the_family_equals_plain_greedy(con
 
 @pytest.mark.parametrize("family", ["bloom", "pythia"])  # ALiBi's per-row bias; partial rotary, parallel residual
 def test_rows_of_a_batch_give_the_logits_of_each_prompt_alone(converted, family):
-    from test_batch import check_rows_equal_alone
     check_rows_equal_alone(load_model(converted(family)[1], dtype=torch.float32), compile=False)
 
 
@@ -285,7 +283,6 @@ def test_a_reused_prefix_in_the_cache_gives_the_fresh_result(converted, family):
 def test_two_processes_match_one_for_every_family(converted, tmp_path):
     """One torchrun of 2 gloo ranks: each family split (ALiBi slopes with their heads, a multi-query key/value
     head kept whole by both ranks, row-wise biases added once), int8 and int4 too for two of them."""
-    from test_tp import quantized, run_and_compare
     paths = [converted(f)[1] for f in FAMILIES]
     paths += [quantized(converted(f)[1], q) for f in ("bloom", "starcoder")
               for q in ({"mode": "int8"}, {"mode": "int4", "groupsize": 32})]
@@ -306,7 +303,6 @@ def write_family_gguf(path, family: str, hf, qtype=None) -> None:
     bloom's per-head q/k/v reordered to q, k, v; gpt2's Conv1D weights transposed to [out, in]."""
     import gguf
 
-    from test_gguf import add_vocab, byte_level_vocab
     c, n_layer = hf.config, hf.config.num_hidden_layers
     w = gguf.GGUFWriter(str(path), family)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.upper()), n_layer)
@@ -392,7 +388,6 @@ def test_vocab_and_merges_tokenizer_matches_transformers(tmp_path, name):
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from conftest import _CORPUS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<|endoftext|>"],
@@ -413,7 +408,6 @@ def test_vocab_and_merges_tokenizer_matches_transformers(tmp_path, name):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_eval_gives_transformers_perplexity_and_bench_times_every_family(converted, family, tmp_path, capsys):
-    from test_bench_eval import hf_perplexity
     hf, path = converted(family)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 3)

@@ -13,8 +13,9 @@ import compile_cache
 import engine
 import generate as gen
 from conftest import ROOT, make_checkpoint, run_script
+from helpers import compiled_steps
 from checkpoint import load_model
-from cli import BriskError, run_cli
+from cli import BriskError, TextStream, run_cli
 from tokenizer import load_tokenizer
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
@@ -24,13 +25,6 @@ def tiny_model(path: Path, batch_size: int = 1, max_seq_length: int = 64, device
     model = load_model(path, device, dtype)
     model.setup_caches(batch_size, max_seq_length)
     return model
-
-
-def compiled_steps(model, compile_prefill: bool = False) -> dict:
-    """The steps engine.Engine compiles for model, whose caches are set up already."""
-    e = engine.Engine(model, compile=True, compile_prefill=compile_prefill)
-    e.setup(model.max_batch_size, model.max_seq_length)
-    return dict(prefill_fn=e.prefill_fn, decode_fn=e.decode_fn)
 
 
 def greedy(model, n: int, batch_size: int = 1, prompt=PROMPT, **kwargs) -> list:
@@ -186,7 +180,7 @@ class LetterTokenizer:
 def test_text_stream_cuts_before_a_stop_string_and_never_prints_it():
     tok = LetterTokenizer("abcdefgh")
     out = io.StringIO()
-    stream = engine.TextStream(tok, ["def", "zz"], out)
+    stream = TextStream(tok, ["def", "zz"], out)
     stopped = [stream.push(i) for i in [0, 1, 2, 3, 4, 5, 6]]  # a b c d e f g
     assert stopped == [False, False, False, False, False, True, True]
     assert stream.finish() == "abc" and out.getvalue() == "abc"
@@ -195,7 +189,7 @@ def test_text_stream_cuts_before_a_stop_string_and_never_prints_it():
 def test_text_stream_prints_everything_without_a_stop():
     tok = LetterTokenizer("abcdefgh")
     out = io.StringIO()
-    stream = engine.TextStream(tok, ["hx"], out)
+    stream = TextStream(tok, ["hx"], out)
     for i in [7, 0, 7]:
         assert not stream.push(i)
     assert out.getvalue() == "ha"  # the last "h" might start "hx"
@@ -208,7 +202,7 @@ def test_streaming_multibyte_text_is_exact(tiny_checkpoint):
     ids = tok.encode(text)
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # some characters span several tokens
     out = io.StringIO()
-    stream = engine.TextStream(tok, [], out)
+    stream = TextStream(tok, [], out)
     pieces = []
     for i in ids:
         stream.push(i)
@@ -314,6 +308,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
     (["--max_seq_length", "1000"], "exceeds the model's block_size 256"),
     (["--num_beams", "0"], "--num_beams must be at least 1"),
     (["--num_beams", "2", "--num_return_sequences", "3"], "--num_return_sequences 3 exceeds --num_beams 2"),
+    (["--num_beams", "2", "--length_penalty", "nan"], "--length_penalty must be finite, got nan"),
     (["--num_beams", "2", "--prompt_lookup", "2"], "speculative decoding runs one sequence"),
     (["--prompt", "a", "--prompt", "b", "--interactive"], "--interactive takes one first message"),
     (["--prompt", "a", "--prompt", "a b c d e f g h i j", "--max_seq_length", "4"], "prompt 2 has"),

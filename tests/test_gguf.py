@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import _CORPUS, CHATML, run_script, write_tiny_tokenizer
+from conftest import _CORPUS, run_script
+from helpers import add_vocab, byte_level_vocab
 from checkpoint import load_model
 from cli import BriskError
 from scripts import convert_gguf, gguf_retype
@@ -56,34 +57,6 @@ def sentencepiece_vocab(directory) -> dict:
     types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
     return dict(model="llama", tokens=[sp.id_to_piece(i) for i in range(n)],
                 scores=[sp.get_score(i) for i in range(n)], types=types, bos=1, eos=2, add_bos=True)
-
-
-def byte_level_vocab(directory) -> dict:
-    write_tiny_tokenizer(directory)
-    spec = json.loads((directory / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    specials = {t["content"] for t in spec["added_tokens"] if t["special"]}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return dict(model="gpt2", pre="qwen2", tokens=tokens, merges=merges, bos=1, eos=2, add_bos=False,
-                types=[3 if t in specials else 1 for t in tokens], chat_template=CHATML)
-
-
-def add_vocab(w, vocab: dict) -> None:
-    """The tokenizer metadata of `vocab` (sentencepiece_vocab or byte_level_vocab) on GGUFWriter w."""
-    w.add_tokenizer_model(vocab["model"])
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["types"])
-    if "scores" in vocab:
-        w.add_token_scores(vocab["scores"])
-    if "merges" in vocab:
-        w.add_tokenizer_pre(vocab["pre"])
-        w.add_token_merges(vocab["merges"])
-    w.add_bos_token_id(vocab["bos"])
-    w.add_eos_token_id(vocab["eos"])
-    w.add_add_bos_token(vocab["add_bos"])
-    if "chat_template" in vocab:
-        w.add_chat_template(vocab["chat_template"])
 
 
 def write_gguf(path, arch: str, hf_model, vocab: dict, qtype=None) -> None:

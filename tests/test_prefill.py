@@ -16,7 +16,7 @@ import prefix_cache
 import speculative as spec
 import tp
 from conftest import ROOT, make_checkpoint
-from test_generate import compiled_steps
+from helpers import compiled_steps, torchrun
 from checkpoint import load_model
 from cli import BriskError, looks_like_path, run_cli
 
@@ -431,7 +431,6 @@ def test_cli_bad_input_is_one_line_and_the_cache_file_is_kept(ckpt, tmp_path, ma
 
 
 def test_two_processes_print_the_single_process_text_and_reuse_their_own_cache_files(ckpt, tmp_path, capsys):
-    from test_tp import torchrun
     args = ["--checkpoint_path", ckpt, "--device", "cpu", "--dtype", "float32", "--temperature", 0,
             "--max_new_tokens", 6, "--context", "The quick brown fox jumps over the lazy dog. Once upon a time",
             "--prompt", " there was", "--prompt", " a little model"]

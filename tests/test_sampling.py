@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sampling
+from helpers import chi_square
 
 
 def test_temperature_zero_is_argmax():
@@ -32,14 +33,6 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
 def test_top_p_keeps_the_most_likely_token_even_when_it_alone_exceeds_p():
     probs = sampling.logits_to_probs(torch.tensor([[5.0, 0.0, 0.0]]), temperature=1.0, top_p=0.01)
     assert probs.tolist() == [[1.0, 0.0, 0.0]]
-
-
-def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
-    counts = torch.bincount(tokens, minlength=probs.numel()).double()
-    expected = probs.double() * tokens.numel()
-    allowed = expected > 0
-    assert counts[~allowed].sum() == 0, "sampled a token outside the allowed set"
-    return float(((counts[allowed] - expected[allowed]) ** 2 / expected[allowed]).sum())
 
 
 def test_samples_follow_the_truncated_distribution():

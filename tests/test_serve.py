@@ -5,8 +5,6 @@ import json
 import math
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from typing import Literal
@@ -20,8 +18,10 @@ import torch
 import serve
 import structured
 from checkpoint import load_model
-from conftest import ROOT, assert_one_line_error, make_checkpoint, run_script
-from engine import TextStream, generate
+from conftest import assert_one_line_error, make_checkpoint, run_script
+from helpers import start_server
+from cli import TextStream
+from engine import generate
 from prefix_cache import PrefixBatch, PrefixCache, model_meta
 from tokenizer import load_tokenizer
 
@@ -32,12 +32,6 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "def forward(self, x):", "
            "numbers 0123", "a little model", "jumps over the lazy dog", "emoji 🙂 and"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
@@ -46,23 +40,6 @@ def rss_bytes(pid: int) -> int:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", block_size=CONTEXT)
-
-
-def start_server(args: list, log) -> subprocess.Popen:
-    """serve.py with args on a free port, once its /health answers; .url is its address, .log its output file."""
-    port = free_port()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port), *map(str, args)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    proc.url, proc.log, deadline = f"http://127.0.0.1:{port}", log, time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{proc.url}/health").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +15,10 @@ import generate as gen
 import quantize
 import speculative as spec
 from conftest import ROOT, make_checkpoint
+from helpers import chi_square, noisy_copy
 from checkpoint import CONFIG_NAME, load_config, load_model
 from cli import BriskError, run_cli
 from sampling import logits_to_probs
-from test_sampling import chi_square
 from tokenizer import load_tokenizer
 
 PROMPTS = [[5, 17, 42, 99, 7, 250, 3], [1, 2, 3, 1, 2, 3, 1, 2], [300, 8, 8, 8, 64, 19]]
@@ -62,17 +61,6 @@ def pair(tmp_path_factory):
     target = make_checkpoint(d / "target", seed=0)
     draft = make_checkpoint(d / "draft", seed=1, n_layer=1, dim=32, n_head=2, n_local_heads=1, intermediate_size=64)
     return target, draft
-
-
-def noisy_copy(checkpoint: Path, directory: Path, noise: float = 0.08) -> Path:
-    """The checkpoint (and its tokenizer) with noise of this std on its matrices (whose entries have std 0.15): a
-    draft that sometimes agrees with it (0.02: more often than not)."""
-    shutil.copytree(checkpoint.parent, directory, dirs_exist_ok=True)
-    sd = torch.load(checkpoint, weights_only=True)
-    torch.manual_seed(0)
-    path = directory / "model.pth"
-    torch.save({k: v + noise * torch.randn_like(v) if v.dim() == 2 else v for k, v in sd.items()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -238,9 +226,7 @@ def test_an_int4_self_draft_of_the_real_model_gives_the_plain_greedy_tokens(real
     target_path = tmp_path / "model.pth"
     target_path.symlink_to(real_checkpoint)
     shutil.copy(real_checkpoint.parent / CONFIG_NAME, tmp_path / CONFIG_NAME)
-    args = argparse.Namespace(checkpoint_path=target_path, draft="int4", draft_checkpoint_path=None,
-                              prompt_lookup=None, speculate_k=4, compile=False)
-    speculator = spec.build(args, torch.device("cpu"), torch.float32, 64)
+    speculator = spec.Speculation(target_path, 4, draft="int4").build(torch.device("cpu"), torch.float32, 64)
     assert (tmp_path / "model_int4.g32.pth").is_file() and "model_int4.g32.pth not found" in capsys.readouterr().err
     target = loaded(target_path, 64)
     prompt = load_tokenizer(real_checkpoint.parent).encode("The quick brown fox jumps over the")
@@ -252,9 +238,8 @@ def test_an_int4_self_draft_of_the_real_model_gives_the_plain_greedy_tokens(real
 @pytest.mark.slow
 def test_compiled_speculation_gives_the_plain_greedy_tokens(pair, fp32_device):
     target_path, draft_path = pair
-    args = argparse.Namespace(checkpoint_path=target_path, draft=None, draft_checkpoint_path=draft_path,
-                              prompt_lookup=None, speculate_k=3, compile=True)
-    speculator = spec.build(args, fp32_device, torch.float32, 96)
+    speculation = spec.Speculation(target_path, 3, draft_checkpoint_path=draft_path)
+    speculator = speculation.build(fp32_device, torch.float32, 96, compile=True)
     target = loaded(target_path, device=fp32_device)
     for prompt in PROMPTS[:2]:  # the second prompt replays the compiled code
         assert greedy(target, prompt, 30, speculator) == greedy(target, prompt, 30)
@@ -357,8 +342,8 @@ def test_a_self_draft_across_processes_must_split_like_the_target(tmp_path, monk
 
     def check(draft: str, world: int) -> None:
         args = argparse.Namespace(checkpoint_path=path, draft=draft, draft_checkpoint_path=None, prompt_lookup=None,
-                                  speculate_k=None, batch_size=1)
-        spec.check_args(args, config, config.vocab_size, world)
+                                  speculate_k=None)
+        spec.speculation(args, config, config.vocab_size, world)
 
     check("int4", 2)  # 32 inputs of wo per rank
     check("int8", 4)

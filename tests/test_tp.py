@@ -1,64 +1,18 @@
 """Tensor parallelism (tp.py) in real processes: torchrun starts 2 or 3 CPU ranks talking over gloo, each running
 tests/tp_driver.py, whose greedy decoding must match a single process's."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import quant as brisk_quant
 import tp
 from conftest import ROOT, make_checkpoint
-from checkpoint import load_config, load_state_dict, save_checkpoint
+from helpers import noisy_copy, quantized, run_and_compare, torchrun
 from cli import BriskError
 from model import ModelArgs
-from test_speculative import noisy_copy
 
-DRIVER = Path(__file__).resolve().parent / "tp_driver.py"
-ATOL = 1e-4
-# the CPU int4 kernel rounds its output to bf16, per rank before the sum and once after it in a single process
-INT4_ATOL = 0.05
 # 6 query heads in 3 GQA groups: splits across 3 processes (and dim 96 / 3 keeps int4's groups of 32 whole)
 TINY3 = dict(n_head=6, n_local_heads=3, dim=96, intermediate_size=192, qkv_bias=True)
-
-
-def quantized(float_path: Path, quant: dict) -> Path:
-    out = brisk_quant.output_path(float_path, quant["mode"], quant.get("groupsize"))
-    sd = brisk_quant.quantize_state_dict(load_state_dict(float_path), load_config(float_path), quant)
-    save_checkpoint(sd, out)
-    return out
-
-
-def torchrun(nproc: int, *args, script: Path = DRIVER, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *map(str, args)]
-    r = subprocess.run(cmd, env=env, capture_output=True, timeout=timeout)
-    # decoded here rather than with text=True, which would turn a generated "\r" into "\n"
-    return subprocess.CompletedProcess(cmd, r.returncode, r.stdout.decode(), r.stderr.decode())
-
-
-def run_and_compare(nproc: int, tmp_path: Path, checkpoints: list[Path], *flags) -> dict:
-    """Run the driver on nproc ranks; check each checkpoint it decoded against one process. Returns the refusals
-    {checkpoint: message}."""
-    from tp_driver import decode
-    out = tmp_path / "tp.pt"
-    r = torchrun(nproc, "--out", out, *flags, *checkpoints)
-    assert r.returncode == 0, r.stderr[-3000:]
-    results, refused = torch.load(out), {}
-    for c in checkpoints:
-        got = results[str(c)]
-        if "error" in got:
-            refused[c] = got["error"]
-            continue
-        want = decode(c, steps=8)
-        atol = INT4_ATOL if "int4" in c.name else ATOL
-        assert got["tokens"] == want["tokens"], c.name
-        torch.testing.assert_close(got["logits"], want["logits"], atol=atol, rtol=0, msg=c.name)
-    return refused
 
 
 def test_two_processes_match_one_float_int8_int4(tmp_path):
@@ -85,7 +39,8 @@ def test_three_processes_match_one_after_loading(tmp_path):
 @pytest.mark.slow
 def test_compiled_decode_matches_one_process(tmp_path):
     """The all-reduces trace into the compiled graph (fullgraph=True: no graph break)."""
-    run_and_compare(2, tmp_path, [make_checkpoint(tmp_path / "tiny", tokenizer=False)], "--compile")
+    refused = run_and_compare(2, tmp_path, [make_checkpoint(tmp_path / "tiny", tokenizer=False)], "--compile")
+    assert not refused, f"the driver decoded nothing to compare: {refused}"
 
 
 def test_generate_under_torchrun_prints_the_single_process_text_once(tmp_path, capsys):

@@ -49,7 +49,8 @@ def decode(checkpoint_path: Path, steps: int, compile: bool = False, loaded: boo
         all_logits.append(logits[0])
         tokens.append(int(logits.argmax()))
         on_step(i)
-        logits = step(torch.tensor([[tokens[-1]]]), torch.tensor([len(PROMPT) + i]))[:, -1]
+        pos = len(PROMPT) + i  # a compiled model reads no position on the host: it is given attend_len
+        logits = step(torch.tensor([[tokens[-1]]]), torch.tensor([pos]), attend_len=model.attend_len(pos))[:, -1]
     return dict(logits=torch.stack(all_logits), tokens=tokens)
 
 
@@ -68,13 +69,13 @@ def speculation_flags(text: str) -> argparse.Namespace:
 def speculate(checkpoint_path: Path, text: str, steps: int, world: int) -> dict:
     """`steps` tokens after PROMPT from engine.generate with the speculator built as generate.py builds it."""
     args = speculation_flags(text)
-    args.checkpoint_path, args.batch_size, args.compile = checkpoint_path, 1, False
+    args.checkpoint_path = checkpoint_path
     config = load_config(checkpoint_path)
-    speculative.check_args(args, config, config.vocab_size, world)
+    speculation = speculative.speculation(args, config, config.vocab_size, world)
     model = load_model(checkpoint_path, "cpu", torch.float32, transform=tp.apply_tp)
-    max_seq_length = len(PROMPT) + steps + args.speculate_k
+    max_seq_length = len(PROMPT) + steps + speculation.k
     model.setup_caches(1, max_seq_length)
-    speculator = speculative.build(args, torch.device("cpu"), torch.float32, max_seq_length)
+    speculator = speculation.build(torch.device("cpu"), torch.float32, max_seq_length)
     torch.manual_seed(args.seed)
     rows, _ = engine.generate(model, torch.tensor(PROMPT), steps, speculator=speculator,
                               temperature=args.temperature, top_k=None)
