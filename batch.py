@@ -2,6 +2,8 @@
 
     batch = Batch(model, max_rows=4, max_seq_length=512, compile=True)
     row = batch.add(prompt_ids)            # prefilled alone, as a batch of one
+    row = batch.add(prompt_ids, n=256)     # chunked: its first 256 tokens now, then fill(row, prompt_ids, 256)
+                                           # between steps until it returns True (the row is then ready)
     logits = batch.last_logits(row)        # fp32 [V]
     out = batch.step({row: token, ...})    # one decode step of these rows -> {row: fp32 logits [V]}
     batch.remove(row)                      # frees the row; the others are unaffected
@@ -64,17 +66,32 @@ class Batch:
         return row
 
     @torch.no_grad()
-    def add(self, ids: list[int], start: int = 0, row: Optional[int] = None) -> int:
+    def add(self, ids: list[int], start: int = 0, row: Optional[int] = None, n: Optional[int] = None) -> int:
         """Prefill a free row (the lowest, or `row`) with ids alone (as a batch of one would be); returns the row.
-        The row's cache already holds the first `start` positions (a restored prefix): only the rest is computed."""
+        The row's cache already holds the first `start` positions (a restored prefix): only the rest is computed.
+        n: only the next n positions now (chunked prefill), fill() computes the rest; the row steps once ready."""
         if not ids:
             raise BriskError("empty prompt")
         check_fits(len(ids), self.max_seq_length)
         row = self.free_row() if row is None else row
-        x = torch.tensor([ids[start:]], device=self.device)  # [1, T - start]
-        logits = self.model(x, torch.arange(start, len(ids), device=self.device), logits_to_keep=1, row=row)
-        self.pos[row], self.logits[row] = len(ids), logits[0, -1].float()
+        self.pos[row] = start
+        self.fill(row, ids, n)
         return row
+
+    @torch.no_grad()
+    def fill(self, row: int, ids: list[int], n: Optional[int] = None) -> bool:
+        """Prefill the next n positions of row's prompt ids (None: all the rest) after the self.pos[row] its cache
+        holds; True once the whole prompt is in: the row then has its logits and is ready to step. Between two
+        fills the row may sit in steps of other rows: those write only its spare position."""
+        start = self.pos[row]
+        end = len(ids) if n is None else min(len(ids), start + n)
+        if end > start:
+            x = torch.tensor([ids[start:end]], device=self.device)  # [1, end - start]
+            logits = self.model(x, torch.arange(start, end, device=self.device), logits_to_keep=1, row=row)
+            self.pos[row] = end
+            if end == len(ids):
+                self.logits[row] = logits[0, -1].float()
+        return row in self.logits
 
     def fork(self, row: int) -> int:
         """A free row holding what row holds (its cache and logits); returns the new row."""
@@ -138,7 +155,8 @@ class Batch:
         return self.logits[row]
 
     def remove(self, row: int) -> None:
-        del self.pos[row], self.logits[row]
+        del self.pos[row]
+        self.logits.pop(row, None)  # absent while its prompt is being prefilled
         for r, (s, _) in list(self.shares.items()):  # a row that shared this one's positions reads its own
             if row in (r, s):
                 self.share(r, r, 0)

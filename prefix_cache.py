@@ -215,23 +215,33 @@ class PrefixBatch(Batch):
     its row and only the rest is prefilled; each prompt is then cached in turn.
 
         row = batch.add(ids, prefix=cache)   # batch.cached[row]: the prompt tokens restored
+        row = batch.add(ids, prefix=cache, n=256)   # chunked: batch.fill(row, ids, 256) until True; then cached
     """
 
     def __init__(self, model: Transformer, max_rows: int, max_seq_length: int, compile: bool = False):
         super().__init__(model, max_rows, max_seq_length, compile)
         self.cached: dict[int, int] = {}  # row -> prompt tokens restored from the prefix cache
+        self.storing: dict[int, PrefixCache] = {}  # row -> the cache its prompt goes to once prefilled whole
 
     @torch.no_grad()
-    def add(self, ids: list[int], prefix: Optional[PrefixCache] = None) -> int:
+    def add(self, ids: list[int], prefix: Optional[PrefixCache] = None, n: Optional[int] = None) -> int:
+        """Batch.add after restoring the longest cached beginning of ids; n: chunked, as there (fill does the rest)."""
         row, start = self.free_row(), 0
         if prefix is not None and 0 < len(ids) <= self.max_seq_length:
             start = prefix.restore(ids, len(ids) - 1, row)  # the last token is prefilled: it gives the logits
-        super().add(ids, start, row)
-        if prefix is not None:
-            prefix.store(ids, row)
+            self.storing[row] = prefix
+        super().add(ids, start, row, n)
         self.cached[row] = start
         return row
+
+    @torch.no_grad()
+    def fill(self, row: int, ids: list[int], n: Optional[int] = None) -> bool:
+        ready = super().fill(row, ids, n)
+        if ready and row in self.storing:
+            self.storing.pop(row).store(ids, row)
+        return ready
 
     def remove(self, row: int) -> None:
         super().remove(row)
         del self.cached[row]
+        self.storing.pop(row, None)  # there while its prompt is not all in

@@ -6,12 +6,14 @@ and prefix caching, and a chat page at /.
         -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
 
 The main thread owns the model (uvicorn runs in another). Requests join the running batch between decode steps,
-up to --max_batch_size rows, and leave when done; the rest wait in a queue. Every prompt's beginning found in the
-prefix cache is restored instead of prefilled again. Sampling is per request (sampling.py: temperature, top_k,
-top_p, min_p, penalties, logit_bias, seed), so a greedy request gets the tokens it would get alone, whatever runs
-beside it (with --compile, bitwise where bf16 takes brisk's CPU kernel, else logits within rounding of alone: a near
-tie can go the other way). /metrics: the server's figures for Prometheus. A chat request's response_format or
-required tool call holds its own rows to a grammar, and its tool calls are parsed out of its replies (structured.py).
+up to --max_batch_size rows, and leave when done; the rest wait in a queue. While rows decode, prompts go in
+--prefill_chunk tokens between two steps, so that a long one does not stall the rows streaming. Every prompt's
+beginning found in the prefix cache is restored instead of prefilled again. Sampling is per request (sampling.py:
+temperature, top_k, top_p, min_p, penalties, logit_bias, seed), so a greedy request gets the tokens it would get
+alone, whatever runs beside it (with --compile, bitwise where bf16 takes brisk's CPU kernel, else logits within
+rounding of alone: a near tie can go the other way; so too for a prompt prefilled in pieces, chunked or restored).
+/metrics: the server's figures for Prometheus. A chat request's response_format or required tool call holds its own
+rows to a grammar, and its tool calls are parsed out of its replies (structured.py).
 
 A request is a recipe: its route checks and tokenizes it, Server.rows makes a Seq per choice, the Scheduler's loop
 sends each Seq's events (Text, Done, Failed; CallEvents adds Calls), and a Reply shapes them as the request's Kind
@@ -58,6 +60,7 @@ MAX_CHOICES = 64  # prompts times n, per request
 MAX_STOPS = 4
 MAX_BODY = 16 * 2**20  # bytes of a request's body
 DEFAULT_BUDGET_MB = 2048  # the prefix cache's
+DEFAULT_PREFILL_CHUNK = 256  # tokens: BENCHMARKS.md, "Chunked prefill"
 # OpenAI parameters this server does not implement: refused when given a value that asks for them, not ignored
 # (tools, tool_choice and response_format are chat requests' fields: a completion's are refused)
 UNSUPPORTED = ("echo", "suffix", "best_of", "tools", "tool_choice", "functions", "response_format")
@@ -207,11 +210,12 @@ class Scheduler:
     out and frees a row when its sequence ends (sampling.stop_reason) or its client has gone."""
 
     def __init__(self, batch: PrefixBatch, tokenizer, max_rows: int, prefix: Optional[PrefixCache],
-                 queue_timeout: float):
+                 queue_timeout: float, prefill_chunk: int = 0):
         self.batch, self.tokenizer, self.max_rows, self.prefix = batch, tokenizer, max_rows, prefix
-        self.queue_timeout = queue_timeout
+        self.queue_timeout, self.prefill_chunk = queue_timeout, prefill_chunk
         self.pending: deque[Seq] = deque()
         self.active: dict[int, Seq] = {}  # row -> sequence
+        self.filling: dict[int, Seq] = {}  # the rows of active whose prompt is not all in yet, oldest first
         self.wake = threading.Condition()
         self.accepting, self.running = True, True
         self.cancelled = 0  # rows freed because their client went away
@@ -268,36 +272,57 @@ class Scheduler:
                 self.cancelled += 1
                 self.finish(row, seq, reason=None)
         self.admit()
-        if self.active:
-            tokens = {row: seq.tokens[-1] for row, seq in self.active.items()}
+        tokens = {row: seq.tokens[-1] for row, seq in self.active.items() if row not in self.filling}
+        if tokens:
             for row, logits in self.batch.step(tokens).items():
                 self.advance(row, self.active[row], logits)
 
     def admit(self) -> None:
-        while len(self.active) < self.max_rows:
+        """Prefill the prompts that have a row, then give the queued sequences free rows and prefill theirs, oldest
+        first. While other rows decode, at most prefill_chunk prompt tokens in all (0: no limit): those rows then
+        wait for no more than a chunk between two steps, and a long prompt goes in over several iterations."""
+        decoding = len(self.active) > len(self.filling)
+        budget = self.prefill_chunk if self.prefill_chunk and decoding else None  # None: no limit
+        for row, seq in list(self.filling.items()):
+            if budget == 0:
+                break
+            budget = self.fill(row, seq, budget)
+        while len(self.active) < self.max_rows and budget != 0:
             with self.wake:
                 if not self.pending:
-                    return
+                    break
                 seq = self.pending.popleft()
             if seq.cancelled:
                 continue
             if time.monotonic() - seq.enqueued > self.queue_timeout:
                 seq.emit(queue_timeout_error(self.queue_timeout))
                 continue
-            try:
-                row = self.batch.add(seq.ids, prefix=self.prefix)
+            try:  # the row is taken and its cached beginning restored: its prompt goes in with fill
+                row = self.batch.add(seq.ids, prefix=self.prefix, n=0)
             except BriskError as e:
                 seq.emit(Failed(ServeError(400, str(e), "context_length_exceeded")))
                 continue
-            self.active[row], seq.cached = seq, self.batch.cached[row]
+            self.active[row] = self.filling[row] = seq
+            seq.cached = self.batch.cached[row]
             seq.stream = TextStream(self.tokenizer, seq.stops, Emitter(seq))
             self.metrics.admitted(seq)
-            self.advance(row, seq, self.batch.last_logits(row))
+            budget = self.fill(row, seq, budget)
         with self.wake:  # the rest wait; those that waited too long are told so now, not when a row frees up
             late = [s for s in self.pending if time.monotonic() - s.enqueued > self.queue_timeout]
             for seq in late:
                 self.pending.remove(seq)
                 seq.emit(queue_timeout_error(self.queue_timeout))
+
+    def fill(self, row: int, seq: Seq, budget: Optional[int]) -> Optional[int]:
+        """Prefill up to budget more tokens of row's prompt (None: all); once it is all in, sample the first token.
+        Returns the budget left."""
+        before = self.batch.pos[row]
+        ready = self.batch.fill(row, seq.ids, budget)
+        left = None if budget is None else budget - (self.batch.pos[row] - before)
+        if ready:
+            del self.filling[row]
+            self.advance(row, seq, self.batch.last_logits(row))
+        return left
 
     def advance(self, row: int, seq: Seq, logits: torch.Tensor) -> None:
         """Sample the next token of row's sequence from its fp32 logits [V]; end the sequence if it stops there.
@@ -324,6 +349,7 @@ class Scheduler:
     def finish(self, row: int, seq: Seq, reason: Optional[str] = None, error: Optional[ServeError] = None) -> None:
         self.batch.remove(row)
         del self.active[row]
+        self.filling.pop(row, None)
         if error is not None:
             seq.emit(Failed(error))
         elif reason is not None:  # None: cancelled, nobody listens
@@ -851,6 +877,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_budget_mb", type=float, default=DEFAULT_BUDGET_MB,
                    help=f"memory for the prefix cache's keys/values, MiB (default {DEFAULT_BUDGET_MB}; 0: no cache)")
     p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens prefilled between two decode steps while other rows decode, so that a long "
+                        f"prompt does not stall them (default {DEFAULT_PREFILL_CHUNK}; 0: each prompt at once)")
     p.add_argument("--queue_timeout", type=float, default=60.0,
                    help="seconds a request may wait for a free row before it gets an error (default 60)")
     p.add_argument("--model_name", default=None, help="the model's id in the API (default: the checkpoint's directory)")
@@ -863,6 +892,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise BriskError(f"--port must be in 1..65535, got {args.port}")
     if not args.cache_budget_mb >= 0:
         raise BriskError(f"--cache_budget_mb must be >= 0, got {args.cache_budget_mb}")
+    if args.prefill_chunk < 0:
+        raise BriskError(f"--prefill_chunk must be >= 0, got {args.prefill_chunk}")
     if not (args.queue_timeout > 0 and math.isfinite(args.queue_timeout)):
         raise BriskError(f"--queue_timeout must be positive, got {args.queue_timeout}")
     if args.api_key is not None and not args.api_key:
@@ -898,7 +929,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         batch.warm_up()
         print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    scheduler = Scheduler(batch, tokenizer, args.max_batch_size, prefix, args.queue_timeout)
+    scheduler = Scheduler(batch, tokenizer, args.max_batch_size, prefix, args.queue_timeout, args.prefill_chunk)
     model_id = args.model_name or args.checkpoint_path.parent.name
     server = Server(scheduler, tokenizer, model_id, max_seq_length, min(config.vocab_size, tokenizer.vocab_size),
                     args.api_key)

@@ -72,6 +72,40 @@ def test_a_step_runs_the_rows_up_to_the_highest_one_fed(tiny):
     assert seen == [1, 2, 3] and batch.pos == {0: 5, 2: 6}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_prefilled_in_chunks_between_steps_has_the_logits_of_one_prefilled_at_once(tiny, dtype):
+    """Chunked prefill (serve.py's --prefill_chunk): a 70-token prompt goes into row 0 16 positions at a time while
+    row 1 steps between the chunks (row 0 running at the spare position). The prompt's logits, and those after each
+    token fed after it, are the prompt's prefilled at once within the dtype's rounding, not bitwise: a chunk's
+    products and attention (SDPA with a mask instead of causal) have other shapes, so other roundings. Row 1's stay
+    bitwise its prompt's alone."""
+    model = load_model(tiny, dtype=dtype)
+    short, long = prompts(model.config.vocab_size, (9, 70))
+    batch = Batch(model, 2, 128)
+    a = batch.add(short, row=1)
+    got_a = [batch.last_logits(a)]
+
+    def step_a():
+        got_a.append(batch.step({a: int(got_a[-1].argmax())})[a])
+    b = batch.add(long, n=16)
+    chunks = [batch.pos[b]]
+    step_a()
+    while not batch.fill(b, long, 16):
+        chunks.append(batch.pos[b])
+        step_a()
+    chunks.append(batch.pos[b])
+    assert (b, chunks, len(got_a)) == (0, [16, 32, 48, 64, 70], 5)
+    got_b = [batch.last_logits(b)]
+    for _ in range(6):
+        out = batch.step({a: int(got_a[-1].argmax()), b: int(got_b[-1].argmax())})
+        got_a.append(out[a])
+        got_b.append(out[b])
+    for ids, got, tol in ((short, got_a, 0), (long, got_b, TOLERANCE[dtype])):
+        want = alone(model, ids, [int(x.argmax()) for x in got[:-1]], rows_step)
+        for j, (w, g) in enumerate(zip(want, got)):
+            assert torch.allclose(w, g, atol=tol, rtol=0), f"{len(ids)} tokens, step {j}: {(w - g).abs().max()}"
+
+
 def test_a_verify_pass_gives_the_logits_of_the_decode_steps_it_stands_for(tiny):
     """Speculative decoding's verify pass (k + 1 positions of one row) in bf16: each position's logits are
     bitwise those of a decode step, so greedy speculation is exact in any dtype. Eagerly only: compiled, Inductor

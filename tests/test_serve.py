@@ -130,6 +130,19 @@ def test_a_conversations_next_turn_restores_its_prompt_from_the_prefix_cache(cli
     assert second.choices[0].message.content == reference(reference.tok.encode_chat(messages), 5)[0]
 
 
+def test_a_long_prompt_joining_a_streamed_request_answers_as_alone(client, reference):
+    """The default --prefill_chunk (256) puts a 700-token prompt in over three iterations while a streamed request
+    decodes (in-process, test_a_long_prompt_goes_in_chunk_by_chunk_...): each gets the answer it gets alone."""
+    ids = torch.randint(3, 320, (700,), generator=torch.Generator().manual_seed(0)).tolist()
+    kw = dict(model="tiny", prompt=PROMPTS[3], max_tokens=100, temperature=0, extra_body=dict(ignore_eos=True))
+    stream = client.completions.create(stream=True, **kw)
+    text = next(stream).choices[0].text
+    got = client.completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0).choices[0].text
+    text += "".join(c.choices[0].text for c in stream)
+    assert got == reference(ids, 10)[0]
+    assert text == client.completions.create(**kw).choices[0].text
+
+
 def test_eight_concurrent_requests_each_get_their_sequential_answer(client, server, reference):
     def ask(i: int) -> str:
         kw = dict(model="tiny", prompt=PROMPTS[i], max_tokens=20 + 5 * i, temperature=0)
@@ -361,6 +374,7 @@ def test_metrics_count_requests_tokens_latencies_and_cache_hits(server, client, 
     (["--max_seq_length", "5000"], "exceeds the model's block_size 1024"),
     (["--cache_budget_mb", "-1"], "--cache_budget_mb must be >= 0"),
     (["--queue_timeout", "0"], "--queue_timeout must be positive"),
+    (["--prefill_chunk", "-1"], "--prefill_chunk must be >= 0"),
     (["--api_key", ""], "--api_key must not be empty"),
     (["--device", "tpu9"], "unknown device"),
     (["--host", "256.1.1.1"], "cannot listen on 256.1.1.1:"),
@@ -543,6 +557,56 @@ def test_a_request_that_waits_too_long_for_a_row_gets_an_error(tiny_checkpoint):
     errors = [e.error for e in events if isinstance(e, serve.Failed)]
     assert len(errors) == 1 and errors[0].status == 503 and errors[0].code == "queue_timeout"
     assert [(e.index, e.reason) for e in events if isinstance(e, serve.Done)] == [(0, "length")]
+
+
+@pytest.mark.parametrize("chunk", [16, 0])
+def test_a_long_prompt_goes_in_chunk_by_chunk_between_the_steps_of_a_streaming_row(tiny_checkpoint, chunk):
+    """--prefill_chunk 16: a 100-token prompt joins a row that streams and goes into its own row 16 tokens an
+    iteration, the streaming row taking a token between every two chunks; its row decodes once it is all in. A
+    prompt extending it is restored from the prefix cache: only its last 40 tokens go in, chunked too. One cancelled
+    after its first chunk frees its row and is not cached. 0: each prompt at once. The scheduler is driven one
+    iteration at a time; greedy answers are generate() alone's (chunks round differently, within fp32 rounding:
+    test_batch.py, and move no argmax of this model's peaked logits)."""
+    model, tok = load_model(tiny_checkpoint, "cpu", torch.float32), load_tokenizer(tiny_checkpoint.parent)
+    g = torch.Generator().manual_seed(0)
+    short, long, more, other = (torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 100, 40, 100))
+    prompts = [short, long, long + more, other]
+    model.setup_caches(1, 256)
+    alone = [generate(model, torch.tensor(ids), 12 if i else 90, temperature=0)[0][0] for i, ids in enumerate(prompts)]
+    batch, cache = PrefixBatch(model, 3, 256), PrefixCache([model], [model_meta(model, tiny_checkpoint)], 2**20)
+    scheduler = serve.Scheduler(batch, tok, 3, cache, queue_timeout=60, prefill_chunk=chunk)
+    seqs = [serve.Seq(ids, i, 12 if i else 90, lambda e: None, dict(temperature=0.0), ignore_eos=True)
+            for i, ids in enumerate(prompts)]
+    fills = []  # (prompt, first position computed, end, tokens the streaming row has then)
+    fill = batch.fill
+
+    def logged(row, ids, n=None):
+        start, ready = batch.pos[row], fill(row, ids, n)
+        if batch.pos[row] > start:
+            fills.append((prompts.index(ids), start, batch.pos[row], len(seqs[0].tokens)))
+        return ready
+    batch.fill = logged
+
+    def run(until):
+        while not until():
+            scheduler.iteration()
+    for i, until in enumerate([lambda: len(seqs[0].tokens) == 3, lambda: len(seqs[1].tokens) == 12,
+                               lambda: len(seqs[2].tokens) == 12, lambda: any(f[0] == 3 for f in fills)]):
+        scheduler.submit([seqs[i]])
+        run(until)
+    seqs[3].cancelled = True
+    run(lambda: len(seqs[0].tokens) == 90)
+    spans = [[f[1:3] for f in fills if f[0] == i] for i in range(4)]
+    assert spans[0] == [(0, 5)] and [s.cached for s in seqs] == [0, 0, 100, 0] and scheduler.cancelled == 1
+    assert [s.tokens for s in seqs[:3]] == alone[:3] and len(batch) == 0
+    if chunk:
+        assert spans[1:] == [[(s, min(s + 16, 100)) for s in range(0, 100, 16)], [(100, 116), (116, 132), (132, 140)],
+                             [(0, 16)]]
+        streamed = [[f[3] for f in fills if f[0] == i] for i in (1, 2)]
+        assert all(t == list(range(t[0], t[0] + len(t))) for t in streamed)  # one token between two chunks
+        assert not seqs[3].tokens and cache.longest_prefix(other)[1] < 16  # the cancelled prompt is not cached
+    else:
+        assert spans[1:] == [[(0, 100)], [(100, 140)], [(0, 100)]]
 
 
 def test_call_events_turn_a_choices_text_into_content_and_calls():
