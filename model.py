@@ -175,8 +175,8 @@ class Transformer(nn.Module):
             end = last + 1
             if T <= FEW_ROWS:  # and with one masked key at least (the spare one at worst): eager attend's results
                 end = self.attend_len(last) + (self.attend_len(last) == end)  # differ when none is masked
-        keys, pos = torch.arange(end, device=idx.device), input_pos[..., None]  # the spare position: key 0 alone
-        mask = causal = ((keys <= pos) & ((pos < self.max_seq_length) | (keys == 0))).unsqueeze(-3)  # [1|B, 1, T, end]
+        keys, pos = torch.arange(end, device=idx.device), input_pos.view(-1, 1, T, 1)  # the spare position: key 0 alone
+        mask = causal = (keys <= pos) & ((pos < self.max_seq_length) | (keys == 0))  # [1|B, 1, T, end]: 4-D for flash
         if input_pos.dim() == 1 and end == T and not torch.compiler.is_compiling():
             mask = None  # causal
         cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)  # [1|B, 1, T, R/2]
