@@ -173,8 +173,8 @@ class Transformer(nn.Module):
         T = idx.shape[1]
         if attend_len is None:
             attend_len = self.attend_len(int(input_pos.max()), T)
-        keys, pos = torch.arange(attend_len, device=idx.device), input_pos[..., None]  # the spare position: key 0
-        causal = ((keys <= pos) & ((pos < self.max_seq_length) | (keys == 0))).unsqueeze(-3)  # [1|B, 1, T, S']
+        keys, pos = torch.arange(attend_len, device=idx.device), input_pos.view(-1, 1, T, 1)  # spare position: key 0
+        causal = (keys <= pos) & ((pos < self.max_seq_length) | (keys == 0))  # [1|B, 1, T, S']: 4-D for SDPA's flash
         mask = causal if attend_len > T else None
         cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)  # [1|B, 1, T, R/2]
         x = self.tok_embeddings(idx)  # [B, T, dim]
@@ -183,7 +183,7 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         if self.config.positions == "alibi":  # a per-head bias slope * (key pos - query pos) on causal scores
-            rel = (keys - pos).unsqueeze(-3)  # [1|B, 1, T, S']
+            rel = keys - pos  # [1|B, 1, T, S']
             mask = (self.alibi_slopes[:, None, None] * rel).masked_fill(~causal, float("-inf"))  # [1|B, H, T, S']
         for layer in self.layers:
             x = layer(x, input_pos, cos, sin, mask, row)
