@@ -10,7 +10,7 @@ import engine
 import generate as gen
 from batch import Batch, beam_search, generate_rows, rows_step
 from conftest import TOLERANCE, make_checkpoint
-from helpers import check_rows_equal_alone, make_hf_model, prompts
+from helpers import alone, check_rows_equal_alone, make_hf_model, prompts
 from checkpoint import load_model
 from cli import BriskError
 
