@@ -60,7 +60,7 @@ MAX_CHOICES = 64  # prompts times n, per request
 MAX_STOPS = 4
 MAX_BODY = 16 * 2**20  # bytes of a request's body
 DEFAULT_BUDGET_MB = 2048  # the prefix cache's
-DEFAULT_PREFILL_CHUNK = 256  # tokens: BENCHMARKS.md, "Chunked prefill"
+DEFAULT_PREFILL_CHUNK = 512  # tokens: BENCHMARKS.md, "Chunked prefill"
 # OpenAI parameters this server does not implement: refused when given a value that asks for them, not ignored
 # (tools, tool_choice and response_format are chat requests' fields: a completion's are refused)
 UNSUPPORTED = ("echo", "suffix", "best_of", "tools", "tool_choice", "functions", "response_format")

@@ -131,7 +131,7 @@ def test_a_conversations_next_turn_restores_its_prompt_from_the_prefix_cache(cli
 
 
 def test_a_long_prompt_joining_a_streamed_request_answers_as_alone(client, reference):
-    """The default --prefill_chunk (256) puts a 700-token prompt in over three iterations while a streamed request
+    """The default --prefill_chunk (512) puts a 700-token prompt in over two iterations while a streamed request
     decodes (in-process, test_a_long_prompt_goes_in_chunk_by_chunk_...): each gets the answer it gets alone."""
     ids = torch.randint(3, 320, (700,), generator=torch.Generator().manual_seed(0)).tolist()
     kw = dict(model="tiny", prompt=PROMPTS[3], max_tokens=100, temperature=0, extra_body=dict(ignore_eos=True))
@@ -440,6 +440,15 @@ def test_the_load_script_reports_each_level(server, tmp_path):
     assert [(f["clients"], f["requests"]) for f in levels] == [(1, 2), (3, 6)]
     assert all(r["tokens"] == 5 and r["ttft_s"] > 0 for f in levels for r in f["results"])  # ignore_eos: all 5
     assert len(proc.stdout.splitlines()) == 2 and "req/s" in proc.stdout
+
+
+def test_the_prefill_latency_script_compares_chunk_sizes(ckpt):
+    proc = run_script("scripts/prefill_latency.py", "--chunks", 64, 0, "--repeats", 1, "--prompt_tokens", 300,
+                      "--window", 8, "--long_tokens", 2, "--", "--checkpoint_path", ckpt, "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == [f"round 1, --prefill_chunk {c:>4}" for c in (64, 0)]
+    assert "(32 gaps)" in lines[0] and lines[2].startswith("--prefill_chunk 64 / 0: p50_ms ")
 
 
 def test_a_constrained_row_leaves_the_plain_rows_beside_it_as_they_were(client, reference):
