@@ -18,7 +18,7 @@ import tp
 from checkpoint import load_model
 from cli import BriskError
 from compile_cache import TALLY, SavedStep
-from cpu import INDUCTOR_OPTIONS
+from cpu import INDUCTOR_OPTIONS, kv_width
 from model import ModelArgs, Transformer
 from sampling import sample, stop_reason
 
@@ -177,10 +177,13 @@ def compile_step(fn: Callable, device: torch.device, what: str = "the decode ste
 # A model ready to generate
 
 
-def load(checkpoint_path, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """load_model under torchrun (this rank's part, tp.py) or alone, reporting the time it took."""
+def load(checkpoint_path, device: torch.device, dtype: torch.dtype,
+         kv_cache_dtype: Optional[torch.dtype] = None) -> Transformer:
+    """load_model under torchrun (this rank's part, tp.py) or alone, reporting the time it took; its KV cache will
+    hold kv_cache_dtype (torch.int8), or by default the model's dtype (model.Transformer.kv_cache_dtype)."""
     t0 = time.perf_counter()
     model = load_model(checkpoint_path, device, dtype, transform=tp.apply_tp)
+    model.kv_cache_dtype = kv_cache_dtype
     sync(device)
     print(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return model
@@ -195,9 +198,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def kv_bytes_per_token(config: ModelArgs, element_size: int) -> int:
-    """Bytes of keys and values one position holds across the layers, for one sequence."""
-    return 2 * config.n_layer * config.n_local_heads * config.head_dim * element_size
+def kv_bytes_per_token(config: ModelArgs, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one position holds across the layers, for one sequence, in a cache of dtype (int8:
+    with its scales)."""
+    return 2 * config.n_layer * config.n_local_heads * kv_width(config.head_dim, dtype) * dtype.itemsize
 
 
 class Engine:
@@ -223,7 +227,8 @@ class Engine:
         if self.compile_prefill:  # the prompt length varies between calls
             self.prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
         if self.speculation:
-            self.speculator = self.speculation.build(self.device, self.dtype, max_seq_length + room)
+            self.speculator = self.speculation.build(self.device, self.dtype, max_seq_length + room,
+                                                     self.model.kv_cache_dtype)
 
     def generate(self, prompt: Tensor, max_new_tokens: int, batch_size: int = 1, **kwargs):
         """generate() with this engine's steps and speculator."""
@@ -246,12 +251,12 @@ class Engine:
 
 def prepare(checkpoint_path, device: torch.device, dtype: torch.dtype, batch_size: Optional[int] = None,
             max_seq_length: Optional[int] = None, compile: bool = False, compile_prefill: bool = False,
-            speculation=None) -> Engine:
+            speculation=None, kv_cache_dtype: Optional[torch.dtype] = None) -> Engine:
     """Load the checkpoint (this rank's part under torchrun), count its weight bytes, and, given the sizes, set it
     up for batch_size sequences of max_seq_length positions (else call Engine.setup before generating).
     `speculation` (speculative.Speculation) has `k`, the positions a verify pass writes past the last token taken,
-    and build(device, dtype, max_seq_length) -> its Speculator."""
-    engine = Engine(load(checkpoint_path, device, dtype), compile, compile_prefill, speculation)
+    and build(device, dtype, max_seq_length, kv_cache_dtype) -> its Speculator. kv_cache_dtype: see load."""
+    engine = Engine(load(checkpoint_path, device, dtype, kv_cache_dtype), compile, compile_prefill, speculation)
     if batch_size is not None:
         engine.setup(batch_size, max_seq_length)
     return engine
@@ -366,7 +371,7 @@ def figures(model: Transformer, rows: list, timing: dict, prompt_len: int, weigh
     """speed_figures of a generate() call: its rows of new tokens and its timing."""
     cache = model.layers[0].attention.kv_cache.k_cache
     return speed_figures(max(map(len, rows)), sum(map(len, rows)), len(rows), timing["ttft_s"], timing["decode_s"],
-                         prompt_len, weights, kv_bytes_per_token(model.config, cache.element_size()), device)
+                         prompt_len, weights, kv_bytes_per_token(model.config, cache.dtype), device)
 
 
 def summarize(samples: list[dict]) -> dict:

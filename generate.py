@@ -17,7 +17,8 @@ import torch
 
 import batch as batching
 import speculative
-from cli import DTYPES, ArgumentParser, BriskError, check_at_least_one, check_writable, run_cli, save_atomic
+from cli import (DTYPES, ArgumentParser, BriskError, check_at_least_one, check_writable, kv_cache_dtype, run_cli,
+                 save_atomic)
 from engine import (BANDWIDTH_HELP, INTERACTIVE_MAX_SEQ_LENGTH, Engine, TextStream, cache_length, chat, common_prefix,
                     describe, figures, load, prepare, summarize)
 from generation_cli import add_generation_args, check_generation_args, start
@@ -148,7 +149,7 @@ def run_batch(args: argparse.Namespace, config, tokenizer) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     device = args.device
-    model = load(args.checkpoint_path, device, DTYPES[args.dtype])
+    model = load(args.checkpoint_path, device, DTYPES[args.dtype], kv_cache_dtype(args))
     rows = args.num_beams if args.num_beams > 1 else min(args.batch_size, len(prompts))
     batch = batching.Batch(model, rows, max_seq_length, compile=args.compile)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -208,7 +209,7 @@ def main(argv=None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     engine = prepare(args.checkpoint_path, device, dtype, args.batch_size, max_seq_length, args.compile,
-                     args.compile_prefill, speculative.speculation(args))
+                     args.compile_prefill, speculative.speculation(args), kv_cache_dtype(args))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     prompt = torch.tensor(ids or [0, 0], device=device)  # a chat has no prompt yet: the warm-up makes one up
     compile_s = None

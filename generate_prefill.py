@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 import speculative
-from cli import DTYPES, ArgumentParser, BriskError, looks_like_path, run_cli, save_atomic
+from cli import DTYPES, ArgumentParser, BriskError, kv_cache_dtype, looks_like_path, run_cli, save_atomic
 from engine import INTERACTIVE_MAX_SEQ_LENGTH, TextStream, cache_length, chat, common_prefix, figures, prepare
 from generation_cli import add_generation_args, check_generation_args, start
 from prefix_cache import PrefixCache, check_same_entries, generate_cached, model_meta, rank_file
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     engine = prepare(args.checkpoint_path, device, dtype, 1, max_seq_length, args.compile, args.compile_prefill,
-                     speculative.speculation(args))
+                     speculative.speculation(args), kv_cache_dtype(args))
     model, speculator = engine.model, engine.speculator
     models, metas = [model], [model_meta(model, args.checkpoint_path, rank, world)]
     if speculator is not None:

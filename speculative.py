@@ -374,8 +374,9 @@ class Speculation:
     def __init__(self, args):
         self.args, self.k = args, args.speculate_k
 
-    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int) -> "Speculator":
-        return build(self.args, device, dtype, max_seq_length)
+    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int,
+              kv_cache_dtype: Optional[torch.dtype] = None) -> "Speculator":
+        return build(self.args, device, dtype, max_seq_length, kv_cache_dtype)
 
 
 def speculation(args) -> Optional[Speculation]:
@@ -383,10 +384,11 @@ def speculation(args) -> Optional[Speculation]:
     return Speculation(args) if args.speculate_k else None
 
 
-def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int) -> Speculator:
+def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int,
+          kv_cache_dtype: Optional[torch.dtype] = None) -> Speculator:
     """The Speculator for the checked args; a draft model is loaded (made first if --draft's file is missing:
     by rank 0 alone under torchrun), split across the processes if it can be, and given a cache of
-    max_seq_length positions."""
+    max_seq_length positions in kv_cache_dtype (the target's: engine.load)."""
     verify_fn, decode_fn = verify, decode_one_token
     if args.compile:  # k is fixed, so the verify pass has a static shape
         verify_fn = compile_step(verify, device, "the verify pass")  # of the target
@@ -405,5 +407,6 @@ def build(args, device: torch.device, dtype: torch.dtype, max_seq_length: int) -
     draft = load_model(path, device, dtype, transform=None if refusal else tp.apply_tp)
     sync(device)
     print(f"loaded draft {path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    draft.kv_cache_dtype = kv_cache_dtype
     draft.setup_caches(1, max_seq_length)
     return Speculator(DraftModel(draft, decode_fn), args.speculate_k, verify_fn)
