@@ -359,7 +359,7 @@ AVX512 static inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-// A [position, head] vector of an int8 cache (cpu.kv_quantize): D = 16 NC values q in -127..127, then their fp32
+// A [position, head] vector of an int8 cache (cpu.kv_store): D = 16 NC values q in -127..127, then their fp32
 // scale d (max |x| / 127): x = q * d. As llama.cpp's block_q8_0, a block per vector, its scale after the values.
 template <int NC>
 struct block_kv8 {
@@ -369,7 +369,7 @@ struct block_kv8 {
 static_assert(sizeof(block_kv8<4>) == 68, "no padding: the cache's rows are D + 4 bytes");
 
 // The value i of a position p, in the scalar reference (attend_query_ref): int8 ones as torch dequantizes them
-// (cpu.kv_dequantize), one fp32 product each, which the SIMD loads below compute alike
+// (cpu.kv_load), one fp32 product each, which the SIMD loads below compute alike
 static inline float value(const float* p, int i) { return p[i]; }
 static inline float value(const at::BFloat16* p, int i) { return (float)p[i]; }
 template <int NC>
