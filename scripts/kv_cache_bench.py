@@ -5,8 +5,9 @@
 
 --agreement N: N prompts (the first lines of N pydoc topics, quant.pydoc_text), each continued greedily by
 --new_tokens tokens with each cache: the fraction of identical continuations and the mean length of their common
-beginning; also the error of the keys and values of those prompts stored with an fp32 scale (brisk's) and with a
-bf16 one (2 bytes less per position and head).
+beginning (--against "int8,fp32 weights": also the fp32 model's, a baseline: how often bf16 rounding flips one);
+also the error of the keys and values of those prompts stored with an fp32 scale (brisk's) and with a bf16 one (2
+bytes less per position and head).
 --lengths: a cache of each length filled with random keys and values (no prefill: any length runs in seconds), then
 eager decode steps of one token at its last position, which attend to the whole cache; the two caches alternate
 in --rounds rounds of --steps steps (a shared machine drifts alike for both): median ms per step and the caches'
@@ -28,14 +29,17 @@ from engine import generate  # noqa: E402
 from quant import pydoc_text  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
-CACHES = {"model dtype": None, "int8": torch.int8}
+# the kinds of run compared: the model's own cache, the int8 one, and (a baseline of agreement) fp32 weights and cache
+CACHES = {"model dtype": None, "int8": torch.int8, "fp32 weights": None}
 
 
-def models(args) -> dict:
-    """One model per cache kind (the same weights), caches not yet set up."""
+def models(args, names: list) -> dict:
+    """One model per cache kind of names (the same weights), caches not yet set up."""
     out = {}
-    for name, kv_cache_dtype in CACHES.items():
-        out[name] = load_model(args.checkpoint_path, "cpu", DTYPES[args.dtype])
+    for name in names:
+        kv_cache_dtype = CACHES[name]
+        dtype = torch.float32 if name == "fp32 weights" else DTYPES[args.dtype]
+        out[name] = load_model(args.checkpoint_path, "cpu", dtype)
         out[name].kv_cache_dtype = kv_cache_dtype
     return out
 
@@ -63,26 +67,28 @@ def scale_error(model, n: int) -> dict:
 
 def agreement(args) -> None:
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
-    ms = models(args)
+    ms = models(args, ["model dtype", *args.against])
     for m in ms.values():
         m.setup_caches(1, 256)
-    same, common, errors = 0, [], []
+    same, common, errors = dict.fromkeys(args.against, 0), {name: [] for name in args.against}, []
     for text in prompts(args.agreement):
         ids = tokenizer.encode(text)[:48]
         rows = {name: generate(m, torch.tensor(ids), args.new_tokens, temperature=0.0)[0][0] for name, m in ms.items()}
-        a, b = rows.values()
-        same += a == b
-        common.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
+        a = rows["model dtype"]
+        for name in args.against:
+            same[name] += a == rows[name]
+            common[name].append(next((i for i, (x, y) in enumerate(zip(a, rows[name])) if x != y), len(a)))
         errors.append(scale_error(ms["model dtype"], len(ids)))
     n = args.agreement
-    print(f"greedy agreement over {n} prompts, {args.new_tokens} new tokens: {same}/{n} identical "
-          f"({100 * same / n:.0f}%), common beginning {statistics.mean(common):.1f} tokens on average")
+    for name in args.against:
+        print(f"greedy agreement of {name} with the model dtype's cache over {n} prompts, {args.new_tokens} new "
+              f"tokens: {same[name]}/{n} identical, common beginning {statistics.mean(common[name]):.1f} tokens")
     for name in errors[0]:
         print(f"keys/values in int8 with a {name}: relative RMS error {statistics.mean(e[name] for e in errors):.5f}")
 
 
 def speed(args) -> None:
-    ms = models(args)
+    ms = models(args, ["model dtype", "int8"])
     print("| positions | cache | cache MiB | ms / step | int8 vs model dtype |")
     print("|---|---|---|---|---|")
     for S in args.lengths:
@@ -118,6 +124,9 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--agreement", type=int, default=None, help="this many prompts for greedy agreement")
+    p.add_argument("--against", type=lambda s: s.split(","), default=["int8"],
+                   help="agreement: runs compared with the model dtype's, comma-separated: int8, fp32 weights "
+                        "(default int8)")
     p.add_argument("--new_tokens", type=int, default=32, help="agreement: tokens per continuation (default 32)")
     p.add_argument("--lengths", type=lambda s: [int(n) for n in s.split(",")], default=None,
                    help="comma-separated cache lengths for memory and speed")
@@ -126,6 +135,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.agreement is None and args.lengths is None:
         raise BriskError("give --agreement N and/or --lengths")
+    if set(args.against) - set(CACHES) - {"model dtype"}:
+        raise BriskError(f"--against takes int8 and 'fp32 weights', got {','.join(args.against)}")
     if args.agreement:
         agreement(args)
     if args.lengths:
