@@ -32,7 +32,8 @@ from tqdm import tqdm
 import speculative
 from batch import Batch, beam_search
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
-from cli import DTYPES, ArgumentParser, BriskError, check_writable, parse_device, run_cli, save_atomic
+from cli import (DTYPES, ArgumentParser, BriskError, add_kv_cache_dtype, check_writable, kv_cache_dtype, parse_device,
+                 run_cli, save_atomic)
 from engine import Engine, cache_length, check_fits, prepare, sync
 from report import (BANDWIDTH_HELP, figures, kv_bytes_per_token, speculation_figures,
                     speed_figures, weight_bytes)
@@ -146,7 +147,8 @@ class Brisk:
             self.name = f"brisk ({self.num_beams} beams)"
         self.speculation = None if spec is None else dict(proposer=proposer(spec), speculate_k=spec.k)
         self.engine = prepare(checkpoint, args.device, DTYPES[args.dtype], compile=args.compile,
-                              compile_prefill=args.compile_prefill, speculation=spec)
+                              compile_prefill=args.compile_prefill, speculation=spec,
+                              kv_cache_dtype=kv_cache_dtype(args))
         self.weights = self.engine.weight_bytes
 
     def eager(self) -> "Brisk":
@@ -197,8 +199,8 @@ class Brisk:
         beam_search(self.beams, prompt.tolist(), max_new_tokens, self.num_beams,
                     on_step=lambda: stamps.append(time.perf_counter()))
         sync(self.device)
-        cache = self.engine.model.layers[0].attention.kv_cache.k_cache  # the beams' (cpu.kv_cache_dtype)
-        kv = kv_bytes_per_token(self.engine.model.config, cache.element_size())
+        cache = self.engine.model.layers[0].attention.kv_cache.k_cache  # the beams' (cpu.kv_cache_dtype, or int8)
+        kv = kv_bytes_per_token(self.engine.model.config, cache.dtype)
         return dict(stamp_figures(t0, stamps, len(stamps) * self.num_beams, len(stamps), prompt.numel(),
                                   self.weights, kv, self.device), **latency_figures(stamps))
 
@@ -219,7 +221,7 @@ class Transformers:
         self.dtype, self.device, self.compiles = args.dtype, args.device, compiled
         self.model, self.checkpoint = model, str(source)
         self.weights = weight_bytes(self.model)
-        self.kv_per_token = kv_bytes_per_token(config, DTYPES[args.dtype].itemsize)
+        self.kv_per_token = kv_bytes_per_token(config, DTYPES[args.dtype])
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
         if self.compiles:  # the recipe of the transformers documentation (LLM optimization: static cache), on the
@@ -271,7 +273,7 @@ class LlamaCpp:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.llm.model))
         self.ctx = self.batch = None
         self.weights = gguf.stat().st_size  # approximately its tensors' bytes
-        self.kv_per_token = kv_bytes_per_token(config, 2)  # llama.cpp keeps K and V in fp16 by default
+        self.kv_per_token = kv_bytes_per_token(config, torch.float16)  # llama.cpp keeps K and V in fp16 by default
 
     def prepare(self, batch_size: int, max_seq_length: int) -> Optional[str]:
         lc = self.lc
@@ -432,6 +434,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
+    add_kv_cache_dtype(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
     p.add_argument("--noise", type=float, default=1.15,
                    help="flag a configuration whose decode tok/s max / min exceeds this (default 1.15)")

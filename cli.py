@@ -19,6 +19,18 @@ class BriskError(Exception):
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # --dtype's choices
+KV_CACHE_DTYPES = {"int8": torch.int8}  # --kv_cache_dtype's choices; without it the cache holds the model's dtype
+
+
+def add_kv_cache_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default=None,
+                   help="int8: keys and values in int8 with a scale per position and head, about half the memory of "
+                        "bf16 (default: the model's dtype)")
+
+
+def kv_cache_dtype(args: argparse.Namespace):
+    """--kv_cache_dtype as a torch dtype; None for the model's own."""
+    return args.kv_cache_dtype and KV_CACHE_DTYPES[args.kv_cache_dtype]
 
 
 def run_cli(main: Callable[[], None]) -> None:

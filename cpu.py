@@ -7,6 +7,7 @@
 - gemm_dtype: on AVX2 CPUs many bf16 rows are multiplied in fp32.
 - kv_cache_dtype, attend_dtype: the KV cache and attention in fp32 on the CPU (bf16 where brisk's kernel
   attends: kernel_attends).
+- kv_store, kv_load: an int8 KV cache (--kv_cache_dtype int8, on any device): a scale per position and head.
 - int8_rows_product: brisk's int8 kernel for quant.WeightOnlyInt8Linear.
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
 - cache_dir: where compiled steps are kept, Inductor's C++ beside them (one folder per CPU capability).
@@ -159,10 +160,10 @@ ATTEND_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # those cpu_kernels.cpp's
 
 def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
     """True where brisk's kernel computes a few queries' attention (model.attend's contract, a tile of keys loaded
-    once for the queries that read it): a cache in fp32 or bf16 on a CPU with the kernel, a head size in
-    ATTEND_HEAD_DIMS, a bool or fp32 mask."""
+    once for the queries that read it): a cache in fp32, bf16 or int8 (kv_store) on a CPU with the kernel, a head
+    size in ATTEND_HEAD_DIMS, a bool or fp32 mask."""
     return (mask is not None and mask.dtype in (torch.bool, torch.float32) and q.device.type == "cpu"
-            and k.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] in ATTEND_HEAD_DIMS and kernel_isa() > 0)
+            and k.dtype in KV_DTYPES.values() and q.shape[-1] in ATTEND_HEAD_DIMS and kernel_isa() > 0)
 
 
 def two_rows_cost_one(model: nn.Module) -> bool:
@@ -264,6 +265,34 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype, head_dim: int) -> t
     if device.type == "cpu" and dtype == torch.bfloat16 and head_dim in ATTEND_HEAD_DIMS and kernel_isa() > 0:
         return dtype
     return attend_dtype(device, dtype)
+
+
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}  # the caches the kernel reads
+KV_SCALE_BYTES = 4  # an int8 cache's fp32 scale, after each vector's values (cpu_kernels.cpp's block_kv8)
+
+
+def kv_width(head_dim: int, dtype: torch.dtype) -> int:
+    """The last dimension of a KV cache of dtype: head_dim values, and an int8 cache's scale in 4 more bytes."""
+    return head_dim + KV_SCALE_BYTES * (dtype == torch.int8)
+
+
+def kv_store(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Keys or values x [..., D] as a KV cache of dtype holds them. int8: [..., D + 4], round(x / d) in -127..127
+    then the 4 bytes of d = max |x| / 127 (fp32), one scale per vector of D (a position's head), as llama.cpp's Q8_0
+    has one per 32 values; an fp32 scale costs 2 bytes a vector more than a bf16 one (3% at D 64) and rounds nothing."""
+    if dtype != torch.int8:
+        return x.to(dtype)
+    xf = x.float()
+    d = xf.abs().amax(-1, keepdim=True) / 127  # [..., 1]
+    q = torch.where(d > 0, xf / d, 0).round().to(torch.int8)
+    return torch.cat([q, d.view(torch.int8)], dim=-1)
+
+
+def kv_load(c: Tensor, dtype: torch.dtype) -> Tensor:
+    # a KV cache's keys or values [..., D (int8: D + 4)] -> [..., D] in dtype; int8: q * d, one fp32 product each
+    if c.dtype != torch.int8:
+        return c.to(dtype)
+    return (c[..., :-KV_SCALE_BYTES].float() * c[..., -KV_SCALE_BYTES:].view(torch.float32)).to(dtype)
 
 
 def int8_kernel(device: torch.device, in_features: int) -> Optional[str]:

@@ -195,10 +195,12 @@ struct QuantRows {
   int64_t Kp;
 };
 
-// 8 fp32 lanes from 8 activations: fp32, or bf16 widened (exactly)
-AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-AVX2 static inline __m256 load8(const at::BFloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+// 8 fp32 lanes from the values c * 8 .. c * 8 + 7 of p (activations, or a cache position's): fp32, or bf16 widened
+// (exactly)
+AVX2 static inline __m256 load8(const float* p, int c) { return _mm256_loadu_ps(p + 8 * c); }
+AVX2 static inline __m256 load8(const at::BFloat16* p, int c) {
+  const __m128i v = _mm_loadu_si128((const __m128i*)(p + 8 * c));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 
 // One block of 32 activations into xq, xa and se (8 lanes), both paths: x / s divided and rounded to nearest even,
@@ -208,7 +210,7 @@ AVX2 static inline void quantize_block(const X* x, int8_t* xq, uint8_t* xa, floa
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 v[4], mx = _mm256_setzero_ps();
   for (int i = 0; i < 4; i++) {
-    v[i] = load8(x + 8 * i);
+    v[i] = load8(x, i);
     mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
   }
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
@@ -387,7 +389,7 @@ at::Tensor int8_rows_product(const at::Tensor& x_, const at::Tensor& w_, const a
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Decode attention: AVX-512 (below), AVX2 (attend_query_avx2)
+// Decode attention: AVX-512 (below), AVX2 (attend_query_avx2), the scalar reference (attend_query_ref)
 
 // e^x, 16 lanes (Cephes' expf: x = n ln2 + r, e^r by a polynomial, scaled by 2^n); e^-inf = 0
 AVX512 static inline __m512 exp16(__m512 x) {
@@ -404,10 +406,33 @@ AVX512 static inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-// 16 fp32 lanes from 16 cache values: fp32, or bf16 widened (exactly)
-AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-AVX512 static inline __m512 load16(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+// A [position, head] vector of an int8 cache (cpu.kv_store): D = 16 NC values q in -127..127, then their fp32
+// scale d (max |x| / 127): x = q * d. As llama.cpp's block_q8_0, a block per vector, its scale after the values.
+template <int NC>
+struct block_kv8 {
+  int8_t q[16 * NC];
+  float d;
+};
+static_assert(sizeof(block_kv8<4>) == 68, "no padding: the cache's rows are D + 4 bytes");
+
+// The value i of a position p, in the scalar reference (attend_query_ref): int8 ones as torch dequantizes them
+// (cpu.kv_load), one fp32 product each, which the SIMD loads below compute alike
+static inline float value(const float* p, int i) { return p[i]; }
+static inline float value(const at::BFloat16* p, int i) { return (float)p[i]; }
+template <int NC>
+static inline float value(const block_kv8<NC>* p, int i) { return (float)p->q[i] * p->d; }
+
+// 16 fp32 lanes from the cache values c * 16 .. c * 16 + 15 of a position p: fp32, bf16 widened (exactly), or int8
+// times the vector's scale (value)
+AVX512 static inline __m512 load16(const float* p, int c) { return _mm512_loadu_ps(p + 16 * c); }
+AVX512 static inline __m512 load16(const at::BFloat16* p, int c) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 16 * c));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+template <int NC>
+AVX512 static inline __m512 load16(const block_kv8<NC>* p, int c) {
+  const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p->q + 16 * c))));
+  return _mm512_mul_ps(q, _mm512_set1_ps(p->d));
 }
 
 // Where a row's keys (or values) are: positions below n in row src (beams that share a prompt read it from one row,
@@ -429,6 +454,10 @@ struct Query {
   float* y;
 };
 
+// the bytes of one position of a head, D = 16 NC values of C (an int8 block holds them all)
+template <int NC, typename C>
+constexpr int64_t row_bytes() { return std::is_same_v<C, block_kv8<NC>> ? sizeof(C) : 16 * NC * sizeof(C); }
+
 constexpr int64_t TILES_AHEAD = 2;  // prefetched: the memory of one key/value head is read in one stream
 
 // positions j0..j0+15 of keys (or values) as fp32 t [16, 16 NC]; those past S repeat position S - 1 (they weigh 0)
@@ -437,9 +466,9 @@ AVX512 static inline void load_tile(const Keys<C>& k, int64_t j0, int64_t S, flo
   for (int j = 0; j < 16; j++) {
     const C* kj = k.at(std::min(j0 + j, S - 1));
     const char* ahead = (const char*)k.at(std::min(j0 + j + TILES_AHEAD * 16, S - 1));
-    for (int64_t b = 0; b < 16 * NC * (int64_t)sizeof(C); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < row_bytes<NC, C>(); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
 #pragma GCC unroll 16
-    for (int c = 0; c < NC; c++) _mm512_storeu_ps(t + (j * NC + c) * 16, load16(kj + 16 * c));
+    for (int c = 0; c < NC; c++) _mm512_storeu_ps(t + (j * NC + c) * 16, load16(kj, c));
   }
 }
 
@@ -589,6 +618,14 @@ AVX2 static inline __m256 exp8(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), live);
 }
 
+// 8 fp32 lanes from an int8 cache position's values c * 8 .. c * 8 + 7, times its scale (load8 for fp32 and bf16
+// caches: above)
+template <int NC>
+AVX2 static inline __m256 load8(const block_kv8<NC>* p, int c) {
+  const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p->q + 8 * c))));
+  return _mm256_mul_ps(q, _mm256_set1_ps(p->d));
+}
+
 // one query (head size 16 NC) against S positions; s: [S rounded up to 16], scratch
 template <int NC, typename C, typename Mask>
 AVX2 static void attend_query_avx2(const Query<C, Mask>& q, int64_t S, float* s) {
@@ -606,9 +643,9 @@ AVX2 static void attend_query_avx2(const Query<C, Mask>& q, int64_t S, float* s)
       continue;
     }
     const C* kj = q.k.at(j);
-    __m256 acc = _mm256_mul_ps(qv[0], load8(kj));
+    __m256 acc = _mm256_mul_ps(qv[0], load8(kj, 0));
 #pragma GCC unroll 32
-    for (int c = 1; c < NV; c++) acc = _mm256_fmadd_ps(qv[c], load8(kj + 8 * c), acc);
+    for (int c = 1; c < NV; c++) acc = _mm256_fmadd_ps(qv[c], load8(kj, c), acc);
     s[j] = sum8(acc) * scale + add;
     mx = std::max(mx, s[j]);
   }
@@ -629,22 +666,47 @@ AVX2 static void attend_query_avx2(const Query<C, Mask>& q, int64_t S, float* s)
     const __m256 pj = _mm256_set1_ps(s[j]);
     const C* vj = q.v.at(j);
 #pragma GCC unroll 32
-    for (int c = 0; c < NV; c++) a[c] = _mm256_fmadd_ps(pj, load8(vj + 8 * c), a[c]);
+    for (int c = 0; c < NV; c++) a[c] = _mm256_fmadd_ps(pj, load8(vj, c), a[c]);
   }
   const __m256 total = _mm256_set1_ps(sum8(sum));
 #pragma GCC unroll 32
   for (int c = 0; c < NV; c++) _mm256_storeu_ps(q.y + 8 * c, _mm256_div_ps(a[c], total));
 }
 
+// The scalar reference (isa 0): one query against S positions, one value at a time, e^x from std::exp; s: [S]
+template <int NC, typename C, typename Mask>
+static void attend_query_ref(const Query<C, Mask>& q, int64_t S, float* s) {
+  constexpr int D = 16 * NC;
+  const float scale = 1.0f / std::sqrt((float)D);
+  float mx = -INFINITY, total = 0.0f;
+  for (int64_t j = 0; j < S; j++) {
+    const Mask mj = q.m[j * q.ms];
+    const float add = std::is_same_v<Mask, bool> ? 0.0f : (float)mj;
+    s[j] = -INFINITY;
+    if (std::is_same_v<Mask, bool> ? !mj : add == -INFINITY) continue;
+    float dot = 0.0f;
+    for (int i = 0; i < D; i++) dot += q.q[i] * value(q.k.at(j), i);
+    s[j] = dot * scale + add;
+    mx = std::max(mx, s[j]);
+  }
+  for (int64_t j = 0; j < S; j++) total += s[j] = std::exp(s[j] - mx);
+  for (int i = 0; i < D; i++) q.y[i] = 0.0f;
+  for (int64_t j = 0; j < S; j++)
+    for (int i = 0; i < D; i++) q.y[i] += s[j] * value(q.v.at(j), i);
+  for (int i = 0; i < D; i++) q.y[i] /= total;
+}
+
 // Every query of attend's arguments, in runs that the threads share out: queries in the order (key/value head, row,
 // head of its group, position), cut into runs within a key/value head, of a length that gives each thread two runs
-template <int NC, typename C, typename Mask, bool Wide>
+template <int NC, typename C, typename Mask, int Isa>
 static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
                        const int64_t* prefix, at::Tensor& y) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Hkv = k.size(1), S = k.size(2), D = 16 * NC;
   const int64_t G = H / Hkv, per = B * G * T;  // queries per key/value head
   const int64_t cuts = std::max<int64_t>(1, (2 * at::get_num_threads() + Hkv - 1) / Hkv);
   const int64_t run = (per + cuts - 1) / cuts, runs = (per + run - 1) / run;  // runs per key/value head
+  const int64_t unit = sizeof(C) / k.element_size();  // elements of the cache per C: an int8 block's D + 4, else 1
+  const C *kp = (const C*)k.data_ptr(), *vp = (const C*)v.data_ptr();
   at::parallel_for(0, Hkv * runs, 1, [&](int64_t begin, int64_t end) {
     const int64_t S16 = (S + 15) / 16 * 16;
     std::vector<float> s(run * S16), t(16 * D), total(run);
@@ -655,51 +717,61 @@ static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const int64_t b = (first + i) / (G * T), h = hk * G + (first + i) / T % G, pos = (first + i) % T;
         const int64_t other = prefix ? b + prefix[2 * b] : b;
         const int64_t src = other >= 0 && other < B ? other : b, n = src == b ? 0 : prefix[2 * b + 1];
-        const int64_t ko = b * k.stride(0) + hk * k.stride(1), ks = src * k.stride(0) + hk * k.stride(1);
+        const int64_t ko = (b * k.stride(0) + hk * k.stride(1)) / unit;
+        const int64_t ks = (src * k.stride(0) + hk * k.stride(1)) / unit;
         const int64_t qi = ((b * H + h) * T + pos) * D;
         qs[i] = {q.data_ptr<float>() + qi,
-                 {k.data_ptr<C>() + ks, k.data_ptr<C>() + ko, n, k.stride(2)},
-                 {v.data_ptr<C>() + ks, v.data_ptr<C>() + ko, n, v.stride(2)},
+                 {kp + ks, kp + ko, n, k.stride(2) / unit},
+                 {vp + ks, vp + ko, n, v.stride(2) / unit},
                  m.data_ptr<Mask>() + b * m.stride(0) + h * m.stride(1) + pos * m.stride(2), m.stride(3),
                  y.data_ptr<float>() + qi};
       }
-      if constexpr (Wide) attend_queries<NC>(qs.data(), Q, S, s.data(), t.data(), total.data());
-      else for (int64_t i = 0; i < Q; i++) attend_query_avx2<NC>(qs[i], S, s.data() + i * S16);
+      if constexpr (Isa == 2) attend_queries<NC>(qs.data(), Q, S, s.data(), t.data(), total.data());
+      else if constexpr (Isa == 1) for (int64_t i = 0; i < Q; i++) attend_query_avx2<NC>(qs[i], S, s.data() + i * S16);
+      else for (int64_t i = 0; i < Q; i++) attend_query_ref<NC>(qs[i], S, s.data() + i * S16);
     }
   });
 }
 
-template <int NC, bool Wide>
+template <int NC, typename C, int Isa>
+static void attend_masks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
+                         const int64_t* prefix, at::Tensor& y) {
+  if (m.scalar_type() == at::kBool) attend_all<NC, C, bool, Isa>(q, k, v, m, prefix, y);
+  else attend_all<NC, C, float, Isa>(q, k, v, m, prefix, y);
+}
+
+template <int NC, int Isa>
 static void attend_types(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
                          const int64_t* prefix, at::Tensor& y) {
-  const bool bf16 = k.scalar_type() == at::kBFloat16, flags = m.scalar_type() == at::kBool;
-  if (bf16 && flags) attend_all<NC, at::BFloat16, bool, Wide>(q, k, v, m, prefix, y);
-  else if (bf16) attend_all<NC, at::BFloat16, float, Wide>(q, k, v, m, prefix, y);
-  else if (flags) attend_all<NC, float, bool, Wide>(q, k, v, m, prefix, y);
-  else attend_all<NC, float, float, Wide>(q, k, v, m, prefix, y);
+  if (k.scalar_type() == at::kBFloat16) attend_masks<NC, at::BFloat16, Isa>(q, k, v, m, prefix, y);
+  else if (k.scalar_type() == at::kChar) attend_masks<NC, block_kv8<NC>, Isa>(q, k, v, m, prefix, y);
+  else attend_masks<NC, float, Isa>(q, k, v, m, prefix, y);
 }
 
 template <int NC>
 static void attend_nc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
                       const int64_t* prefix, at::Tensor& y, int64_t isa) {
-  if (isa == 2) attend_types<NC, true>(q, k, v, m, prefix, y);
-  else attend_types<NC, false>(q, k, v, m, prefix, y);
+  if (isa == 2) attend_types<NC, 2>(q, k, v, m, prefix, y);
+  else if (isa == 1) attend_types<NC, 1>(q, k, v, m, prefix, y);
+  else attend_types<NC, 0>(q, k, v, m, prefix, y);
 }
 
-// Decode attention: q [B, H, T, D] fp32, k v [B, Hkv, S, D] fp32 or bf16 (D contiguous; D 16, 32, 48, 64, 80, 96, 128
-// or 256), a mask that broadcasts to [B, H, T, S], bool or float -> [B, H, T, D] fp32. As model.attend: each (row,
-// head, query) alone, in one order. prefix: none, or [B, 2] ints: row b's first prefix[b, 1] positions are alike in
-// row b + prefix[b, 0] (a hint: where that row is outside 0..B-1 the row's own are read).
+// Decode attention: q [B, H, T, D] fp32, k v [B, Hkv, S, D] fp32 or bf16, or [B, Hkv, S, D + 4] int8 (block_kv8) (D
+// contiguous; D 16, 32, 48, 64, 80, 96, 128 or 256), a mask that broadcasts to [B, H, T, S], bool or float -> [B, H,
+// T, D] fp32. As model.attend: each (row, head, query) alone, in one order. prefix: none, or [B, 2] ints: row b's
+// first prefix[b, 1] positions are alike in row b + prefix[b, 0] (a hint: where that row is outside 0..B-1 the row's
+// own are read). isa: 2 AVX-512, 1 AVX2, 0 the scalar reference.
 at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                   const std::optional<at::Tensor>& prefix_, int64_t isa) {
-  check_isa(isa, "attend");
+  if (isa != 0) check_isa(isa, "attend");
   const at::Tensor q = q_.contiguous();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), S = k.size(2);
+  const bool int8 = k.scalar_type() == at::kChar;
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type()
-              && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16)
+              && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16 || int8)
               && (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat)
-              && k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides(),
-              "attend: fp32 queries, an fp32 or bf16 cache, a bool or fp32 mask");
+              && k.size(3) == D + (int8 ? 4 : 0) && k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides(),
+              "attend: fp32 queries, an fp32, bf16 or int8 (D + 4 per position) cache, a bool or fp32 mask");
   at::Tensor prefix;
   if (prefix_.has_value()) {
     prefix = prefix_->to(at::kLong).contiguous();

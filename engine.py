@@ -204,10 +204,14 @@ def compile_step(fn: Callable, device: torch.device, what: str = "the decode ste
 # A model ready to generate
 
 
-def load(checkpoint_path, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """load_model under torchrun (this rank's part, tp.py) or alone, reporting the time it took."""
+def load(checkpoint_path, device: torch.device, dtype: torch.dtype,
+         kv_cache_dtype: Optional[torch.dtype] = None) -> Transformer:
+    """load_model under torchrun (this rank's part, tp.py) or alone, reporting the time it took; its
+    KV cache will hold kv_cache_dtype (torch.int8), or by default the model's dtype
+    (model.Transformer.kv_cache_dtype)."""
     t0 = time.perf_counter()
     model = load_model(checkpoint_path, device, dtype, transform=tp.apply_tp)
+    model.kv_cache_dtype = kv_cache_dtype
     sync(device)
     print(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return model
@@ -238,7 +242,8 @@ class Engine:
         if self.compile_prefill:  # the prompt length varies between calls
             self.prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
         if self.speculation:
-            self.speculator = self.speculation.build(self.device, self.dtype, max_seq_length + ahead, self.compile)
+            self.speculator = self.speculation.build(self.device, self.dtype, max_seq_length + ahead, self.compile,
+                                                     self.model.kv_cache_dtype)
 
     def generate(self, prompt: Tensor, max_new_tokens: int, batch_size: int = 1, **kwargs):
         """generate() with this engine's steps and speculator."""
@@ -261,13 +266,13 @@ class Engine:
 
 def prepare(checkpoint_path, device: torch.device, dtype: torch.dtype, batch_size: Optional[int] = None,
             max_seq_length: Optional[int] = None, compile: bool = False, compile_prefill: bool = False,
-            speculation=None) -> Engine:
+            speculation=None, kv_cache_dtype: Optional[torch.dtype] = None) -> Engine:
     """Load the checkpoint (this rank's part under torchrun), count its weight bytes, and, given the
     sizes, set it up for batch_size sequences of max_seq_length positions (else call Engine.setup
     before generating). `speculation` (speculative.Speculation) has `k`, the positions a verify pass
-    writes past the last token taken, and build(device, dtype, max_seq_length, compile) -> its
-    Speculator."""
-    engine = Engine(load(checkpoint_path, device, dtype), compile, compile_prefill, speculation)
+    writes past the last token taken, and build(device, dtype, max_seq_length, compile, kv_cache_dtype)
+    -> its Speculator. kv_cache_dtype: see load."""
+    engine = Engine(load(checkpoint_path, device, dtype, kv_cache_dtype), compile, compile_prefill, speculation)
     if batch_size is not None:
         engine.setup(batch_size, max_seq_length)
     return engine

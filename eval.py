@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint
-from cli import DTYPES, ArgumentParser, BriskError, TextStream, check_writable, parse_device, run_cli, save_atomic
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, add_kv_cache_dtype, check_writable, kv_cache_dtype,
+                 parse_device, run_cli, save_atomic)
 from engine import generate, prepare, tokens_that_fit
 from model import Transformer
 from quant import pydoc_text
@@ -153,6 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
+    add_kv_cache_dtype(p)
     p.add_argument("--text_file", type=Path, default=None,
                    help=f"UTF-8 text for perplexity (default: {DEFAULT_CHARS} characters of pydoc topic help)")
     p.add_argument("--max_seq_length", type=int, default=512, help="perplexity: tokens per window (default 512)")
@@ -181,10 +183,11 @@ def main(argv=None) -> Optional[dict]:
         check_writable(args.json, args.force)
     if args.tasks is not None and not args.tasks:
         raise BriskError("--tasks needs at least one task name")
-    model = prepare(args.checkpoint_path, args.device, DTYPES[args.dtype]).model
+    model = prepare(args.checkpoint_path, args.device, DTYPES[args.dtype], kv_cache_dtype=kv_cache_dtype(args)).model
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     block = model.config.block_size
-    report = dict(checkpoint=str(args.checkpoint_path), dtype=args.dtype, device=str(args.device))
+    report = dict(checkpoint=str(args.checkpoint_path), dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                  device=str(args.device))
 
     if args.tasks is None or args.perplexity:
         if args.max_seq_length > block:

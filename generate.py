@@ -17,8 +17,8 @@ import torch
 
 import batch as batching
 import speculative
-from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, check_at_least_one, check_writable, run_cli,
-                 save_atomic)
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, check_at_least_one, check_writable,
+                 kv_cache_dtype, run_cli, save_atomic)
 from engine import Engine, cache_length, check_fits, common_prefix, load, prepare, tokens_that_fit
 from generation_cli import add_generation_args, check_generation_args, start
 from report import (BANDWIDTH_HELP, FIGURES_HELP, describe, describe_speculation, figures, speculation_figures,
@@ -133,7 +133,7 @@ def run_batch(args: argparse.Namespace, texts: list[str], batch_size: int, confi
     if args.seed is not None:
         torch.manual_seed(args.seed)
     device = args.device
-    model = load(args.checkpoint_path, device, DTYPES[args.dtype])
+    model = load(args.checkpoint_path, device, DTYPES[args.dtype], kv_cache_dtype(args))
     rows = args.num_beams if args.num_beams > 1 else min(batch_size, len(prompts))
     batch = batching.Batch(model, rows, max_seq_length, compile=args.compile)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     engine = prepare(args.checkpoint_path, device, dtype, batch_size, max_seq_length, args.compile,
-                     args.compile_prefill, spec)
+                     args.compile_prefill, spec, kv_cache_dtype(args))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     prompt = torch.tensor(ids or [0, 0], device=device)  # a chat has no prompt yet: the warm-up makes one up
     compile_s = None

@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 
 import speculative
-from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, looks_like_path, parse_device, run_cli,
-                 save_atomic)
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, kv_cache_dtype, looks_like_path, parse_device,
+                 run_cli, save_atomic)
 from engine import cache_length, check_fits, common_prefix, prepare, tokens_that_fit
 from generation_cli import add_generation_args, check_generation_args, start
 from prefix_cache import PrefixCache, check_same_entries, generate_cached, model_meta, rank_file
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     engine = prepare(args.checkpoint_path, device, dtype, 1, max_seq_length, args.compile, args.compile_prefill,
-                     spec)
+                     spec, kv_cache_dtype(args))
     model, speculator = engine.model, engine.speculator
     cache, cache_file = open_cache(args, engine, spec, len(conv.context_ids), rank, world)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cli import BriskError
-from cpu import FEW_ROWS, Linear, attend_dtype, kernel_attends, kernel_isa, kv_cache_dtype  # GPU only: nn.Linear, dtype
+from cpu import FEW_ROWS, Linear, attend_dtype, kernel_attends, kernel_isa, kv_cache_dtype, kv_load, kv_store, kv_width
 from presets import find_preset, transformer_configs
 
 
@@ -82,7 +82,7 @@ class ModelArgs:
 class KVCache(nn.Module):
     def __init__(self, max_batch_size: int, max_seq_length: int, n_heads: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
-        shape = (max_batch_size, n_heads, max_seq_length, head_dim)  # [B, Hkv, S, D]
+        shape = (max_batch_size, n_heads, max_seq_length, kv_width(head_dim, dtype))  # [B, Hkv, S, D (int8: D + 4)]
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         # [B, 2]: (r, n): row b's first n positions equal row b + r's, which brisk's kernel reads instead (beams)
@@ -93,8 +93,8 @@ class KVCache(nn.Module):
         # row..row+B-1; writes in place so compiled graphs keep their buffers
         B = k.shape[0]
         rows = torch.arange(row, row + B, device=k.device)[:, None]  # [B, 1]
-        self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)  # [B, T, Hkv, D]
-        self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+        self.k_cache[rows, :, input_pos] = kv_store(k.transpose(1, 2), self.k_cache.dtype)  # [B, T, Hkv, D]
+        self.v_cache[rows, :, input_pos] = kv_store(v.transpose(1, 2), self.v_cache.dtype)
         return self.k_cache[row:row + B], self.v_cache[row:row + B]
 
 
@@ -111,8 +111,8 @@ class Transformer(nn.Module):
         self.output = Linear(config.dim, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.max_batch_size = -1
-        self.max_seq_length = -1
+        self.max_batch_size = self.max_seq_length = -1
+        self.kv_cache_dtype: Optional[torch.dtype] = None  # the KV cache's: None cpu.kv_cache_dtype's, or torch.int8
         # ALiBi: this model's heads among all heads (tp.apply_tp gives each rank its own)
         self.alibi_heads = (0, config.n_head, config.n_head)  # (first, count, of all)
 
@@ -132,7 +132,7 @@ class Transformer(nn.Module):
         # One spare position, never written: a compiled step's attended prefix (attend_len) is then never the
         # whole cache, whose view would be contiguous where every shorter one is not: a second graph.
         S = max_seq_length + 1
-        cache_dtype = kv_cache_dtype(device, dtype, c.head_dim)
+        cache_dtype = self.kv_cache_dtype or kv_cache_dtype(device, dtype, c.head_dim)
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch_size, S, c.n_local_heads, c.head_dim, cache_dtype).to(device)
         cos, sin = rope_tables(S, c.rope_dim, c.rope_base, c.rope_scaling, max_seq_length)
@@ -240,7 +240,8 @@ class Attention(nn.Module):
         if few and self.kernel:
             y = torch.ops.brisk.attend(q.float(), k, v, mask, self.kv_cache.prefix[row:row + B], kernel_isa())
         else:
-            q, k, v = q.to(self.attend_dtype), k.to(self.attend_dtype), v.to(self.attend_dtype)
+            dt = self.attend_dtype
+            q, k, v = q.to(dt), kv_load(k, dt), kv_load(v, dt)
             y = attend(q, k, v, mask) if few else F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]

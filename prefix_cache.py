@@ -14,6 +14,7 @@ from torch import Tensor
 
 from batch import Batch
 from cli import BriskError, save_atomic
+from cpu import kv_width
 from engine import common_prefix, generate
 from report import kv_bytes_per_token
 from model import Transformer
@@ -56,13 +57,14 @@ class PrefixCache:
     """Keys/values of token prefixes, for one or more models that share a tokenizer (say a model and its draft).
 
     An entry maps a prefix (a tuple of token ids, BOS included) to one tensor per model [n_layer, 2, Hkv, n, D]:
-    k and v of batch row 0 at positions 0..n-1, only that slice of the KV cache. Entries are kept in
+    k and v of batch row 0 at positions 0..n-1, only that slice of the KV cache, as it holds them (an int8 cache:
+    [n_layer, 2, Hkv, n, D + 4], values and scales, cpu.kv_store). Entries are kept in
     least-recently-used order and evicted beyond `budget_bytes`; they live on `device` (CPU memory by default).
     """
 
     def __init__(self, models: Sequence[Transformer], metas: Sequence[dict], budget_bytes: int, device="cpu"):
         self.models, self.metas = list(models), list(metas)
-        self.dtype = models[0].norm.weight.dtype
+        self.dtype = models[0].kv_cache_dtype or models[0].norm.weight.dtype  # the draft's is the target's
         self.budget, self.device = budget_bytes, torch.device(device)
         # copies from pinned memory to the GPU run asynchronously
         self.pin = self.device.type == "cpu" and models[0].norm.weight.device.type == "cuda"
@@ -71,10 +73,10 @@ class PrefixCache:
 
     def shape(self, model: Transformer, n: int) -> tuple:
         c = model.config
-        return (c.n_layer, 2, c.n_local_heads, n, c.head_dim)  # [L, 2, Hkv, n, D]
+        return (c.n_layer, 2, c.n_local_heads, n, kv_width(c.head_dim, self.dtype))  # [L, 2, Hkv, n, D (int8: D + 4)]
 
     def bytes_per_token(self) -> int:
-        return sum(kv_bytes_per_token(m.config, self.dtype.itemsize) for m in self.models)
+        return sum(kv_bytes_per_token(m.config, self.dtype) for m in self.models)
 
     def longest_prefix(self, ids: Sequence[int]) -> tuple[Optional[tuple], int]:
         """The entry sharing the most leading tokens with ids, and how many it shares."""
@@ -150,8 +152,9 @@ class PrefixCache:
         if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
             raise BriskError(f"{path} is not a prefix cache file of this version ({CACHE_FORMAT})")
         if state.get("dtype") != dtype_name(self.dtype):
+            flag = "--kv_cache_dtype int8" if state.get("dtype") == "int8" else f"--dtype {state.get('dtype')}"
             raise BriskError(f"cache file {path} holds {state.get('dtype')} keys/values, this run uses "
-                             f"{dtype_name(self.dtype)}: pass --dtype {state.get('dtype')} or another --cache_file")
+                             f"{dtype_name(self.dtype)}: pass {flag} or another --cache_file")
         metas = state.get("models")
         if not (isinstance(metas, list) and all(isinstance(m, dict) and isinstance(m.get("config"), dict)
                                                 for m in metas)):

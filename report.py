@@ -8,6 +8,7 @@ import textwrap
 
 import torch
 
+from cpu import kv_width
 from model import ModelArgs, Transformer
 
 BANDWIDTH_HELP = (
@@ -16,8 +17,8 @@ BANDWIDTH_HELP = (
     "the KV cache excluded, + average KV cache bytes read "
     "per step, i.e. 2 * n_layer * batch_size * n_kv_heads * head_dim * average context length * the cache's "
     "element size (that of its dtype: on the CPU fp32, or a bf16 model's bf16 where brisk's kernel attends; the "
-    "model's dtype on a GPU), the average context length being prompt tokens + (decode steps + 1) / 2) * decode "
-    "tokens/s")
+    "model's dtype on a GPU; --kv_cache_dtype int8: 1 byte, and a 4-byte scale per position and head), the "
+    "average context length being prompt tokens + (decode steps + 1) / 2) * decode tokens/s")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -46,7 +47,7 @@ def figures(model: Transformer, rows: list, timing: dict, prompt_len: int, weigh
     """speed_figures of a generate() call: its rows of new tokens and its timing."""
     cache = model.layers[0].attention.kv_cache.k_cache
     return speed_figures(max(map(len, rows)), sum(map(len, rows)), len(rows), timing["ttft_s"], timing["decode_s"],
-                         prompt_len, weights, kv_bytes_per_token(model.config, cache.element_size()), device)
+                         prompt_len, weights, kv_bytes_per_token(model.config, cache.dtype), device)
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -78,9 +79,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def kv_bytes_per_token(config: ModelArgs, element_size: int) -> int:
-    """Bytes of keys and values one position holds across the layers, for one sequence."""
-    return 2 * config.n_layer * config.n_local_heads * config.head_dim * element_size
+def kv_bytes_per_token(config: ModelArgs, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one position holds across the layers, for one sequence, in a cache
+    of dtype (int8: with its scales, cpu.kv_width)."""
+    return 2 * config.n_layer * config.n_local_heads * kv_width(config.head_dim, dtype) * dtype.itemsize
 
 
 def speculation_figures(stats: dict, k: int) -> dict:

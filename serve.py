@@ -49,7 +49,8 @@ from starlette.exceptions import HTTPException
 import engine
 import structured
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
-from cli import DTYPES, ArgumentParser, BriskError, TextStream, check_at_least_one, parse_device, run_cli
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, add_kv_cache_dtype, check_at_least_one, kv_cache_dtype,
+                 parse_device, run_cli)
 from prefix_cache import PrefixBatch, PrefixCache, model_meta
 from sampling import Penalties, logprobs, sample, stop_reason
 from tokenizer import load_tokenizer
@@ -874,6 +875,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
+    add_kv_cache_dtype(p)
     p.add_argument("--cache_budget_mb", type=float, default=DEFAULT_BUDGET_MB,
                    help=f"memory for the prefix cache's keys/values, MiB (default {DEFAULT_BUDGET_MB}; 0: no cache)")
     p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
@@ -920,7 +922,7 @@ def main(argv=None) -> None:
     config = load_config(args.checkpoint_path)
     max_seq_length = engine.cache_length(args.max_seq_length, None, config.block_size)  # a conversation's
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
-    model = engine.load(args.checkpoint_path, args.device, DTYPES[args.dtype])
+    model = engine.load(args.checkpoint_path, args.device, DTYPES[args.dtype], kv_cache_dtype(args))
     batch = PrefixBatch(model, args.max_batch_size, max_seq_length, compile=args.compile)
     prefix = None
     if args.cache_budget_mb > 0:

@@ -272,10 +272,11 @@ class Speculation:
             return self_draft_path(self.checkpoint_path, self.draft)
         return self.draft_checkpoint_path
 
-    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int, compile: bool = False) -> Speculator:
+    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int, compile: bool = False,
+              kv_cache_dtype: Optional[torch.dtype] = None) -> Speculator:
         """The Speculator: a draft model is loaded (made first if --draft's file is missing: by rank
         0 alone under torchrun), split across the processes if it can be, and given a cache of
-        max_seq_length positions."""
+        max_seq_length positions in kv_cache_dtype (the target's: engine.load)."""
         verify_fn, decode_fn = verify, decode_one_token
         if compile:  # k is fixed, so the verify pass has a static shape
             verify_fn = compile_step(verify, device, "the verify pass")  # of the target
@@ -294,6 +295,7 @@ class Speculation:
         draft = load_model(path, device, dtype, transform=None if refusal else tp.apply_tp)
         sync(device)
         print(f"loaded draft {path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+        draft.kv_cache_dtype = kv_cache_dtype
         draft.setup_caches(1, max_seq_length)
         return Speculator(DraftModel(draft, decode_fn), self.k, verify_fn)
 

@@ -19,9 +19,13 @@ def tiny(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("batch") / "tiny")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_joining_and_leaving_give_the_logits_of_each_prompt_alone(tiny, dtype):
-    check_rows_equal_alone(load_model(tiny, dtype=dtype), compile=False)
+@pytest.mark.parametrize("dtype, kv_cache_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                   (torch.bfloat16, torch.int8)])
+def test_rows_joining_and_leaving_give_the_logits_of_each_prompt_alone(tiny, dtype, kv_cache_dtype):
+    """In the model's dtype or an int8 KV cache (--kv_cache_dtype int8)."""
+    model = load_model(tiny, dtype=dtype)
+    model.kv_cache_dtype = kv_cache_dtype
+    check_rows_equal_alone(model, compile=False)
 
 
 @pytest.mark.slow

@@ -86,7 +86,7 @@ def test_bench_figures_are_consistent(tmp_path, capsys):
     results = report["results"]
     assert [(r["input_tokens"], r["batch_size"]) for r in results] == [(4, 1), (4, 2), (9, 1), (9, 2)]
     config = load_model(ckpt, "cpu", torch.float32).config
-    kv_per_token = bench.kv_bytes_per_token(config, 4)
+    kv_per_token = bench.kv_bytes_per_token(config, torch.float32)
     for r in results:
         assert len(r["iterations"]) == 2 and r["compile_s"] is None
         for it in r["iterations"]:

@@ -309,15 +309,61 @@ def test_the_kernel_reads_a_bf16_cache_as_the_same_values_in_fp32(D, isa):
     torch.testing.assert_close(y, model.attend(q, k.float(), v.float(), mask), rtol=1e-5, atol=1e-5)
 
 
+def test_an_int8_cache_holds_each_vector_as_int8_values_and_an_fp32_scale():
+    """--kv_cache_dtype int8: each [position, head] vector x of D values is stored as q = round(x / d) and the 4
+    bytes of d = max |x| / 127 (cpu.kv_store), and read as q * d (cpu.kv_load): within half a step d of x, a
+    vector of zeros exactly."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 64, generator=g) * torch.logspace(-3, 3, 5)[:, None]  # [B, Hkv, S, D], any magnitude
+    x[0, 0, 0] = 0
+    c = cpu.kv_store(x, torch.int8)
+    assert c.dtype == torch.int8 and c.shape == (2, 3, 5, 64 + 4)
+    q, d = c[..., :64], c[..., 64:].view(torch.float32)  # [..., D], [..., 1]
+    assert torch.equal(d, x.abs().amax(-1, keepdim=True) / 127)
+    assert torch.equal(q.abs().amax(-1).flatten()[1:], torch.full((29,), 127, dtype=torch.int8))
+    y = cpu.kv_load(c, torch.float32)
+    assert torch.equal(y, q.float() * d) and not y[0, 0, 0].any()
+    assert ((y - x).abs() <= d * 0.5001).all()
+    assert cpu.kv_load(c, torch.bfloat16).dtype == torch.bfloat16
+
+
+# every path of brisk's attention: the SIMD ones this process may take and the scalar reference (isa 0)
+each_attend_path = pytest.mark.parametrize("isa", [pytest.param(i, id=name if i else "scalar")
+                                                   for name, i in cpu.ISAS.items() if i <= cpu.kernel_isa()])
+
+
+@needs_kernel
+@each_attend_path
+@pytest.mark.parametrize("D, alibi", [(16, True), (64, False), (96, True), (128, False), (256, False)])
+def test_the_kernel_reads_an_int8_cache_as_its_dequantized_values(D, alibi, isa):
+    """An int8 cache (cpu.kv_store: values and a scale per position and head, D + 4 bytes) is read as the values
+    plain torch dequantizes (cpu.kv_load): bitwise the result of those values held in fp32, and model.attend's over
+    them within fp32 rounding, on each SIMD path and in the scalar reference (isa 0), for a view of fewer positions
+    than the cache holds, a causal (bool) or ALiBi (float) mask."""
+    g = torch.Generator().manual_seed(0)
+    rows, H, Hkv, T, S = 3, 6, 2, 2, 70
+    k, v = (cpu.kv_store(torch.randn(rows, Hkv, S + 9, D, generator=g), torch.int8)[:, :, :S] for _ in range(2))
+    q = torch.randn(rows, H, T, D, generator=g)
+    mask = (torch.arange(S) <= 60 + torch.arange(T)[:, None])[None, None]  # [1, 1, T, S]: the last keys masked
+    if alibi:
+        mask = torch.where(mask, -0.1 * (S - torch.arange(S)).float(), -float("inf"))
+    kf, vf = cpu.kv_load(k, torch.float32), cpu.kv_load(v, torch.float32)
+    y = attend(isa, q, k, v, mask)
+    assert torch.equal(y, attend(isa, q, kf, vf, mask))
+    torch.testing.assert_close(y, model.attend(q, kf, vf, mask), rtol=1e-5, atol=1e-5)
+
+
 @needs_kernel
 @each_isa
-def test_rows_that_share_a_prompt_read_it_from_one_row(isa):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_rows_that_share_a_prompt_read_it_from_one_row(isa, dtype):
     """model.KVCache.prefix (set by Batch.fork for beams): a row whose first n positions equal row src's reads them
     from there, so that they come from memory once for all beams; bitwise the result of reading its own copy, which
-    spoiling that copy shows is not read. A hint to a row outside the call's rows is ignored."""
+    spoiling that copy shows is not read. A hint to a row outside the call's rows is ignored. In a bf16 or an int8
+    cache alike."""
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, T, D, S, n = 4, 6, 2, 2, 64, 77, 50
-    k, v = (torch.randn(B, Hkv, S, D, generator=g).bfloat16() for _ in range(2))
+    k, v = (cpu.kv_store(torch.randn(B, Hkv, S, D, generator=g), dtype) for _ in range(2))
     k[1:, :, :n], v[1:, :, :n] = k[:1, :, :n], v[:1, :, :n]  # rows 1-3 forked from row 0 after n positions
     q = torch.randn(B, H, T, D, generator=g)
     mask = (torch.arange(S) < 70 + torch.arange(T)[:, None])[None, None]  # [1, 1, T, S]

@@ -327,6 +327,8 @@ def test_bad_input_is_rejected_before_loading_the_model(tiny_checkpoint, capsys,
     ("generate.py", ["--max_new_tokens", "many"], "argument --max_new_tokens: invalid int value: 'many'"),
     ("bench.py", ["--input-tokens", "0"], "argument --input-tokens/--input_tokens: expected positive integers, got '0'"),
     ("quantize.py", [], "the following arguments are required: --mode"),
+    *[(script, ["--kv_cache_dtype", "int4"], "argument --kv_cache_dtype: invalid choice: 'int4' (choose from 'int8')")
+      for script in ("generate.py", "generate_prefill.py", "serve.py", "bench.py")],
 ])
 def test_a_malformed_flag_is_one_line_that_points_to_help(script, args, message):
     proc = run_script(script, *args)

@@ -19,13 +19,15 @@ from conftest import ROOT, make_checkpoint
 from helpers import compiled_steps, torchrun
 from checkpoint import load_model
 from cli import BriskError, looks_like_path, run_cli
+from cpu import kv_store
 
 SHARED = [5, 17, 42, 99, 7, 250, 3, 61, 8, 140, 33, 2]
 TAIL_A, TAIL_B = [77, 12, 90, 6], [201, 45, 9]
 
 
-def tiny(path: Path, dtype=torch.float32, max_seq_length: int = 64, device="cpu"):
+def tiny(path: Path, dtype=torch.float32, max_seq_length: int = 64, device="cpu", kv_cache_dtype=None):
     model = load_model(path, device, dtype)
+    model.kv_cache_dtype = kv_cache_dtype
     model.setup_caches(1, max_seq_length)
     return model
 
@@ -44,8 +46,8 @@ def prefill_logits(model, ids: list, start: int = 0) -> torch.Tensor:
 def scribble(model) -> None:
     """Fill the KV cache with noise, so that only restored positions can be right."""
     for layer in model.layers:
-        layer.attention.kv_cache.k_cache.normal_()
-        layer.attention.kv_cache.v_cache.normal_()
+        for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
+            c.copy_(kv_store(torch.randn(*c.shape[:-1], model.config.head_dim, device=c.device), c.dtype))
 
 
 def greedy(model, cache, ids: list, n: int = 8, **kwargs) -> tuple[list, int]:
@@ -89,6 +91,30 @@ def test_the_cache_stores_only_the_prefix_slice(ckpt):
     (kv,) = cache.entries[tuple(SHARED)]
     assert kv.shape == (c.n_layer, 2, c.n_local_heads, len(SHARED), c.head_dim)
     assert cache.nbytes == kv.numel() * 4 == len(SHARED) * cache.bytes_per_token()
+
+
+def test_an_int8_cache_is_stored_and_restored_as_it_holds_its_keys_and_values(ckpt, tmp_path):
+    """--kv_cache_dtype int8: an entry holds the cache's int8 values and scales ([L, 2, Hkv, n, D + 4] bytes, about
+    half of bf16's), a hit restores them bitwise and the rest's prefill then gives the logits of a full prefill; a
+    file of them is refused by a run with the model's dtype."""
+    model = tiny(ckpt, kv_cache_dtype=torch.int8)
+    full = prefill_logits(model, SHARED + TAIL_B)
+    cache = new_cache(model, ckpt)
+    prefill_logits(model, SHARED + TAIL_A)
+    assert cache.store(SHARED + TAIL_A)
+    written = model.layers[-1].attention.kv_cache.v_cache[0, :, :len(SHARED)].clone()
+    c, n = model.config, len(SHARED + TAIL_A)
+    (kv,) = cache.entries[tuple(SHARED + TAIL_A)]
+    assert kv.dtype == torch.int8 and kv.shape == (c.n_layer, 2, c.n_local_heads, n, c.head_dim + 4)
+    assert cache.nbytes == kv.numel() == n * cache.bytes_per_token()
+    scribble(model)
+    assert cache.restore(SHARED + TAIL_B, len(SHARED + TAIL_B) - 1) == len(SHARED)
+    assert torch.equal(model.layers[-1].attention.kv_cache.v_cache[0, :, :len(SHARED)], written)
+    torch.testing.assert_close(prefill_logits(model, SHARED + TAIL_B, len(SHARED)), full[len(SHARED):], atol=1e-5,
+                               rtol=0)
+    cache.save(tmp_path / "int8.pt")
+    with pytest.raises(BriskError, match="holds int8 keys/values, this run uses float32: pass --kv_cache_dtype int8"):
+        new_cache(tiny(ckpt), ckpt).load(tmp_path / "int8.pt")
 
 
 def test_greedy_output_with_a_cached_prefix_is_token_identical(ckpt, device, dtype):
@@ -139,9 +165,10 @@ def draft_ckpt(ckpt) -> Path:
                            intermediate_size=64)
 
 
-def with_draft(target_path: Path, draft_path: Path, k: int = 3):
+def with_draft(target_path: Path, draft_path: Path, k: int = 3, kv_cache_dtype=None):
     """A target, a draft proposing k tokens, and a prefix cache holding both."""
-    target, draft = tiny(target_path, max_seq_length=64 + k), tiny(draft_path, max_seq_length=64 + k)
+    target = tiny(target_path, max_seq_length=64 + k, kv_cache_dtype=kv_cache_dtype)
+    draft = tiny(draft_path, max_seq_length=64 + k, kv_cache_dtype=kv_cache_dtype)
     cache = prefix_cache.PrefixCache([target, draft], [prefix_cache.model_meta(target, target_path), prefix_cache.model_meta(draft, draft_path)],
                            1 << 30)
     return target, cache, spec.Speculator(spec.DraftModel(draft), k)
@@ -166,23 +193,26 @@ def test_the_draft_cache_after_restore_and_prefill_equals_a_full_prefill(ckpt, d
         torch.testing.assert_close(got.v_cache[:, :, :len(prompt)], want.v_cache[:, :, :len(prompt)], atol=1e-5, rtol=0)
 
 
-def test_with_a_draft_greedy_output_is_that_of_no_draft_and_of_plain_generation(ckpt, draft_ckpt):
-    target, cache, speculator = with_draft(ckpt, draft_ckpt)
-    alone = tiny(ckpt)
+@pytest.mark.parametrize("kv_cache_dtype", [None, torch.int8])
+def test_with_a_draft_greedy_output_is_that_of_no_draft_and_of_plain_generation(ckpt, draft_ckpt, kv_cache_dtype):
+    """In the model's dtype or an int8 KV cache (--kv_cache_dtype int8, the draft's as the target's)."""
+    target, cache, speculator = with_draft(ckpt, draft_ckpt, kv_cache_dtype=kv_cache_dtype)
+    alone = tiny(ckpt, kv_cache_dtype=kv_cache_dtype)
     no_draft = new_cache(alone, ckpt)
     for prompt, hit in [(SHARED + TAIL_A, 0), (SHARED + TAIL_B, len(SHARED))]:
         new, cached = greedy(target, cache, prompt, 20, speculator=speculator)
         assert cached == hit and speculator.stats["verifications"] > 0
         assert new == greedy(alone, no_draft, prompt, 20)[0]
-        rows, _ = engine.generate(tiny(ckpt), torch.tensor(prompt), 20, temperature=0.0)
+        rows, _ = engine.generate(tiny(ckpt, kv_cache_dtype=kv_cache_dtype), torch.tensor(prompt), 20, temperature=0.0)
         assert new == rows[0]
         cache.store(prompt)
         no_draft.store(prompt)
 
 
-def test_the_target_as_its_own_draft_accepts_everything_after_a_restore(ckpt):
-    """Only a draft cache restored right proposes exactly the target's tokens."""
-    target, cache, speculator = with_draft(ckpt, ckpt, k=4)
+@pytest.mark.parametrize("kv_cache_dtype", [None, torch.int8])
+def test_the_target_as_its_own_draft_accepts_everything_after_a_restore(ckpt, kv_cache_dtype):
+    """Only a draft cache restored right proposes exactly the target's tokens (in an int8 cache too)."""
+    target, cache, speculator = with_draft(ckpt, ckpt, k=4, kv_cache_dtype=kv_cache_dtype)
     greedy(target, cache, SHARED + TAIL_A, 17, speculator=speculator)
     cache.store(SHARED + TAIL_A)
     scribble(target)
