@@ -245,6 +245,20 @@ def test_compiled_speculation_gives_the_plain_greedy_tokens(pair, fp32_device):
         assert greedy(target, prompt, 30, speculator) == greedy(target, prompt, 30)
 
 
+def test_the_draft_cache_holds_what_the_targets_holds(pair):
+    """--kv_cache_dtype int8: engine.prepare gives the draft (Speculation.build) the target's int8 KV cache, and
+    speculation then gives the greedy tokens of the target alone with that cache."""
+    target_path, draft_path = pair
+    speculation = spec.Speculation(target_path, 3, draft_checkpoint_path=draft_path)
+    e = engine.prepare(target_path, torch.device("cpu"), torch.float32, 1, 64, speculation=speculation,
+                       kv_cache_dtype=torch.int8)
+    draft = e.speculator.proposer.model
+    assert [m.layers[0].attention.kv_cache.k_cache.dtype for m in (e.model, draft)] == [torch.int8, torch.int8]
+    for prompt in PROMPTS[:2]:
+        assert greedy(e.model, prompt, 24, e.speculator) == greedy(e.model, prompt, 24)
+    assert e.speculator.stats["verifications"] > 0
+
+
 def logits(model, x, input_pos, attend_len=None):
     return model(x, input_pos, attend_len=attend_len)  # [B, T, V]
 
