@@ -32,7 +32,7 @@ from tqdm import tqdm
 import speculative
 from batch import Batch, beam_search
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
-from cli import (DTYPES, ArgumentParser, BriskError, add_kv_cache_dtype, check_writable, kv_cache_dtype, parse_device,
+from cli import (DTYPES, ArgumentParser, BriskError, add_device_flags, check_writable, kv_cache_dtype,
                  run_cli, save_atomic)
 from engine import Engine, cache_length, check_fits, prepare, sync
 from report import (BANDWIDTH_HELP, figures, kv_bytes_per_token, speculation_figures,
@@ -431,10 +431,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations before them (default 1)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (generate.py's settings)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
-    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
-    add_kv_cache_dtype(p)
+    add_device_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
     p.add_argument("--noise", type=float, default=1.15,
                    help="flag a configuration whose decode tok/s max / min exceeds this (default 1.15)")

@@ -22,7 +22,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 KV_CACHE_DTYPES = {"int8": torch.int8}  # --kv_cache_dtype's choices; without it the cache holds the model's dtype
 
 
-def add_kv_cache_dtype(p: argparse.ArgumentParser) -> None:
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --kv_cache_dtype, alike in every script that runs a model."""
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default=None,
                    help="int8: keys and values in int8 with a scale per position and head, about half the memory of "
                         "bf16 (default: the model's dtype)")

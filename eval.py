@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint
-from cli import (DTYPES, ArgumentParser, BriskError, TextStream, add_kv_cache_dtype, check_writable, kv_cache_dtype,
-                 parse_device, run_cli, save_atomic)
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, add_device_flags, check_writable, kv_cache_dtype,
+                 run_cli, save_atomic)
 from engine import generate, prepare, tokens_that_fit
 from model import Transformer
 from quant import pydoc_text
@@ -151,10 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model.pth, or a quantized model_*.pth (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
-    add_kv_cache_dtype(p)
+    add_device_flags(p)
     p.add_argument("--text_file", type=Path, default=None,
                    help=f"UTF-8 text for perplexity (default: {DEFAULT_CHARS} characters of pydoc topic help)")
     p.add_argument("--max_seq_length", type=int, default=512, help="perplexity: tokens per window (default 512)")

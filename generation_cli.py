@@ -6,12 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import torch
 
 import speculative
 import tp
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
-from cli import DTYPES, BriskError, add_kv_cache_dtype, check_at_least_one, check_writable, parse_device
+from cli import BriskError, add_device_flags, check_at_least_one, check_writable
 from engine import INTERACTIVE_MAX_SEQ_LENGTH
 from model import ModelArgs
 from tokenizer import load_tokenizer
@@ -34,10 +33,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="then from the fewest tokens whose probability reaches p, in (0, 1] (default: off)")
     p.add_argument("--stop", nargs="+", default=[], help="stop when one of these strings is generated")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling and random prompts")
-    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
-    add_kv_cache_dtype(p)
+    add_device_flags(p)
     p.add_argument("--max_seq_length", type=int, default=None,
                    help=f"KV cache length (default: the longest prompt + max_new_tokens, or "
                         f"{INTERACTIVE_MAX_SEQ_LENGTH} with --interactive; at most the model's block_size)")

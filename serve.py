@@ -49,8 +49,8 @@ from starlette.exceptions import HTTPException
 import engine
 import structured
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
-from cli import (DTYPES, ArgumentParser, BriskError, TextStream, add_kv_cache_dtype, check_at_least_one, kv_cache_dtype,
-                 parse_device, run_cli)
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, add_device_flags, check_at_least_one, kv_cache_dtype,
+                 run_cli)
 from prefix_cache import PrefixBatch, PrefixCache, model_meta
 from sampling import Penalties, logprobs, sample, stop_reason
 from tokenizer import load_tokenizer
@@ -872,10 +872,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_seq_length", type=int, default=None,
                    help=f"positions of each row's KV cache: prompt + reply (default: the model's block_size, at most "
                         f"{engine.INTERACTIVE_MAX_SEQ_LENGTH})")
-    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
-    add_kv_cache_dtype(p)
+    add_device_flags(p)
     p.add_argument("--cache_budget_mb", type=float, default=DEFAULT_BUDGET_MB,
                    help=f"memory for the prefix cache's keys/values, MiB (default {DEFAULT_BUDGET_MB}; 0: no cache)")
     p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
