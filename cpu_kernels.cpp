@@ -236,10 +236,10 @@ static const QuantRows& quantize_rows(const X* x, int64_t M, int64_t K, int64_t 
   thread_local QuantRows q;
   q.Kp = (K + QPAD - 1) / QPAD * QPAD;
   q.xq.assign(M * q.Kp, 0), q.xa.assign(M * q.Kp, isa == 2 ? 128 : 0), q.se.assign(M * q.Kp / 4, 0.0f);
+  X tail[QBLOCK] = {};  // a short last block copied over its front (the same length in every row): zeros past K
   for (int64_t m = 0; m < M; m++)
     for (int64_t b = 0; b < K; b += QBLOCK) {
       const int64_t at = m * q.Kp + b;
-      X tail[QBLOCK] = {};
       const X* xb = x + m * K + b;
       if (K - b < QBLOCK) xb = (const X*)std::memcpy(tail, xb, (K - b) * sizeof(X));
       quantize_block(xb, q.xq.data() + at, q.xa.data() + at, q.se.data() + at / 4, isa == 2);
