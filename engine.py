@@ -24,6 +24,7 @@ from sampling import sample, stop_reason
 
 INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
 DEFAULT_SEQ_LENGTH = 1024  # the shortest default cache: see cache_length
+PREFILL_CHUNK = 2048  # generate() prefills a longer prompt in pieces of this many positions: bounded memory
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generation
@@ -108,8 +109,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
     """
     device = prompt.device
     T = prompt.size(0)
-    x = prompt[start_pos:].view(1, -1).repeat(batch_size, 1)  # [B, T - start_pos]
-    input_pos = torch.arange(start_pos, T, device=device)
+    input_pos = torch.arange(T, device=device)
     rows = [[] for _ in range(batch_size)]
     done = [False] * batch_size
     stops = [on_token and functools.partial(on_token, i) for i in range(batch_size)]  # row i's on_token(token)
@@ -124,7 +124,13 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
         return all(done)
 
     t0 = time.perf_counter()
-    token = prefill_fn(model, x, input_pos, attend_len=model.attend_len(T - 1, T - start_pos), **sampling_kwargs)
+    starts, C = range(start_pos, T, PREFILL_CHUNK), PREFILL_CHUNK
+    for s in starts[:-1]:  # a long prompt in pieces: the activations' memory does not grow with its length
+        x = prompt[s:s + C].repeat(batch_size, 1)  # [B, C]
+        model(x, input_pos[s:s + C], attend_len=model.attend_len(s + C - 1, C), logits_to_keep=1)
+    s = starts[-1]
+    x = prompt[s:].repeat(batch_size, 1)  # [B, T - s]
+    token = prefill_fn(model, x, input_pos[s:], attend_len=model.attend_len(T - 1, T - s), **sampling_kwargs)
     finished = append(token)
     if speculator is not None:  # even when finished: in a chat the proposer's cache must keep up with the target's
         speculator.prefill(prompt, start_pos)

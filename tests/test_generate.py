@@ -88,6 +88,20 @@ def test_generation_stops_at_the_requested_length(tiny_checkpoint):
     assert len(rows[0]) == 9 and timing["steps"] == 8
 
 
+@pytest.mark.parametrize("chunk", [3, 4, 7])
+def test_a_prompt_longer_than_prefill_chunk_is_prefilled_in_pieces_with_the_same_answer(tiny_checkpoint, monkeypatch,
+                                                                                       device, dtype, chunk):
+    # pieces of PREFILL_CHUNK positions (the last may be shorter, or the prompt one piece): memory stays bounded
+    whole = greedy(tiny_model(tiny_checkpoint, device=device, dtype=dtype), 10)
+    calls = []
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", chunk)
+    model = tiny_model(tiny_checkpoint, batch_size=2, device=device, dtype=dtype)
+    model.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[1]))
+    assert greedy(model, 10, batch_size=2) == whole * 2
+    pieces = [chunk] * (len(PROMPT) // chunk) + [len(PROMPT) % chunk] * (len(PROMPT) % chunk > 0)
+    assert calls[:len(pieces)] == pieces and set(calls[len(pieces):]) == {1}
+
+
 def test_reusing_the_cached_prefix_matches_a_full_prefill(tiny_checkpoint, device, dtype):
     # a conversation's second turn: the first turn's tokens are already in the cache
     model = tiny_model(tiny_checkpoint, device=device, dtype=dtype)
