@@ -3,6 +3,7 @@ code generation (torch.compile's aot_compile, whose result saves and loads; why 
 
     step = SavedStep(fn, options, "the decode step", dynamic=("attend_len",))
     step(model, *args, **kwargs)   # loads DIR/<key>.bin, else compiles fn for these inputs and saves it there
+    step.saved(model, *args, **kwargs)    # True where DIR holds the step for these inputs: a warm start
 
 DIR is $BRISK_CACHE_DIR, else ~/.cache/brisk/compiled. The key hashes everything that changes the compiled code:
 torch's and Python's versions, the CPU's capability and whether brisk's kernels load, the step's function and
@@ -98,25 +99,42 @@ class SavedStep:
         self.fn, self.what, self.dynamic = fn, what, dynamic
         self.options = dict(options, guard_filter_fn=keep_guard)
         self.graphs: dict[tuple, Callable] = {}
+        self.load_s = 0.0  # seconds spent loading saved steps
         self.names = list(inspect.signature(fn).parameters)[1:]
 
     def __call__(self, model, *args, **kwargs):
         inputs = describe(self.names, args, kwargs, self.dynamic)
         graph = self.graphs.get(inputs)
         if graph is None:
-            graph = self.graphs[inputs] = self.get(model, args, kwargs, inputs)
+            t0 = time.perf_counter()
+            graph = self.graphs[inputs] = self.load_saved(model, inputs)
+            self.load_s += time.perf_counter() - t0
+        if graph is None:
+            graph = self.graphs[inputs] = self.compile(model, args, kwargs, inputs)
         return graph(model, *args, **kwargs)
 
-    def get(self, model, args: tuple, kwargs: dict, inputs: tuple) -> Callable:
+    def saved(self, model, *args, **kwargs) -> bool:
+        """True where a step for these inputs is saved (or already loaded): a call will load it, not compile."""
+        inputs = describe(self.names, args, kwargs, self.dynamic)
+        return inputs in self.graphs or self.path(model, inputs)[0].exists()
+
+    def path(self, model, inputs: tuple) -> tuple[Path, str]:
         key = step_key(self.fn, self.options, model, inputs)
-        path = cpu.cache_dir() / f"{self.fn.__name__}-{key[:40]}.bin"
+        return cpu.cache_dir() / f"{self.fn.__name__}-{key[:40]}.bin", key
+
+    def load_saved(self, model, inputs: tuple):
+        """The step saved for these inputs, or None where none is (or it is stale or corrupt: load says so)."""
+        path, key = self.path(model, inputs)
         graph = self.load(path, key) if path.exists() else None
         if graph is not None:
             # the key, which holds every input's dtype and shape (dynamic sizes as such), stands for Dynamo's saved
             # guards: those refuse a tensor marked dynamic (maybe_mark_dynamic) as it was at compile time (torch 2.13)
             graph.disable_guard_check()
             TALLY["loaded"] += 1
-            return graph
+        return graph
+
+    def compile(self, model, args: tuple, kwargs: dict, inputs: tuple) -> Callable:
+        path, key = self.path(model, inputs)
         size = "x".join(map(str, model.layers[0].attention.kv_cache.k_cache.shape[::2]))
         ticker = Ticker(f"brisk: compiling {self.what} for a {size} cache, once: the next run loads it from "
                         f"{path.parent}")

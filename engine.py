@@ -20,7 +20,7 @@ from compile_cache import TALLY, SavedStep
 from cpu import INDUCTOR_OPTIONS
 from model import Transformer
 from report import weight_bytes
-from sampling import sample, stop_reason
+from sampling import TOKEN_DTYPE, sample, stop_reason
 
 INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
 DEFAULT_SEQ_LENGTH = 1024  # the shortest default cache: see cache_length
@@ -104,8 +104,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
     computed again. A row stops as sampling.stop_reason says, on_token(row, token) telling whether a
     token it has just taken ends it (eos ids are not passed to it); generation ends when every row
     has stopped. A speculator (speculative.Speculator, batch_size 1) proposes tokens that the target
-    verifies several at a time. Returns (the new tokens of each row,
-    {"ttft_s", "decode_s", "steps"}).
+    verifies several at a time. Returns (the new tokens of each row, {"ttft_s", "decode_s", "steps",
+    "load_s": the seconds the decode step took to load, left out of decode_s}).
     """
     device = prompt.device
     T = prompt.size(0)
@@ -123,7 +123,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
                 done[i] = bool(stop_reason(t, len(rows[i]), max_new_tokens, eos_ids, stops[i]))
         return all(done)
 
-    t0 = time.perf_counter()
+    saved = getattr(decode_fn, "compiled", None)  # a SavedStep (CPU) loads a saved step at its first call
+    load_s, t0 = getattr(saved, "load_s", 0.0), time.perf_counter()
     starts, C = range(start_pos, T, PREFILL_CHUNK), PREFILL_CHUNK
     for s in starts[:-1]:  # a long prompt in pieces: the activations' memory does not grow with its length
         x = prompt[s:s + C].repeat(batch_size, 1)  # [B, C]
@@ -143,7 +144,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
             steps += 1
             if append(token):
                 break
-    return rows, {"ttft_s": t1 - t0, "decode_s": time.perf_counter() - t1, "steps": steps}
+    load_s = getattr(saved, "load_s", 0.0) - load_s  # not decode time (Engine.warm_up)
+    return rows, {"ttft_s": t1 - t0, "decode_s": time.perf_counter() - t1 - load_s, "load_s": load_s, "steps": steps}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,7 +260,12 @@ class Engine:
 
     def warm_up(self, prompt: Tensor, max_new_tokens: int, batch_size: int, **sampling) -> float:
         """Generate a few tokens after prompt so that compilation happens before anything is timed
-        (the caches are then overwritten from position 0); reports and returns the seconds it took."""
+        (the caches are then overwritten from position 0); reports and returns the seconds it took.
+        A plain generation whose decode step is saved (a warm start) skips it: the step loads at its
+        first call, after the first token, which then comes without waiting for it."""
+        if self.saved_step(prompt, batch_size, **sampling):
+            print("brisk: the compiled decode step is saved: it loads after the first token", file=sys.stderr)
+            return 0.0
         k = self.speculation.k if self.speculation else 0
         n, t0 = min(max_new_tokens, k + 2), time.perf_counter()  # enough tokens for a verify pass too
         before = dict(TALLY)
@@ -268,6 +275,17 @@ class Engine:
         saved = f"{loaded} step{'s' * (loaded != 1)} loaded, {built} compiled; " if loaded + built else ""
         print(f"compiled in {compile_s:.1f} s ({saved}a {n}-token generation, not counted below)", file=sys.stderr)
         return compile_s
+
+    def saved_step(self, prompt: Tensor, batch_size: int, **sampling) -> bool:
+        """True where every step a plain generation compiles is saved: the decode step (SavedStep.saved),
+        and no speculator's or compiled prefill."""
+        saved = getattr(self.decode_fn, "compiled", None)
+        if not isinstance(saved, SavedStep) or self.speculator is not None or self.compile_prefill:
+            return False
+        T = prompt.numel()
+        x = torch.zeros(batch_size, 1, dtype=TOKEN_DTYPE, device=self.device)  # [B, 1], as drawn
+        pos = torch.tensor([T], device=self.device)  # [1]
+        return saved.saved(self.model, x, pos, attend_len=self.model.attend_len(T), **sampling)
 
 
 def prepare(checkpoint_path, device: torch.device, dtype: torch.dtype, batch_size: Optional[int] = None,

@@ -44,14 +44,17 @@ def processed_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[in
     return logits_to_probs(logits, temperature, top_k, top_p, min_p)
 
 
+TOKEN_DTYPE = torch.int  # of the tokens drawn: a decode step's input (engine.Engine.preload)
+
+
 def draw(probs: Tensor, greedy: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
     """One token per row [B, 1] from probs [B, V], which need not be normalized; greedy: the argmax, without random
     numbers. argmax(p / E) with E ~ Exponential(1) draws index i with probability p_i, without the host sync of
     torch.multinomial."""
     if greedy:
-        return torch.argmax(probs, dim=-1, keepdim=True).to(torch.int)
+        return torch.argmax(probs, dim=-1, keepdim=True).to(TOKEN_DTYPE)
     q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return torch.argmax(probs / q, dim=-1, keepdim=True).to(torch.int)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(TOKEN_DTYPE)
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,

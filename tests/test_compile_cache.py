@@ -144,3 +144,21 @@ def test_a_foreign_artifact_is_detected_and_rebuilt(cold, tmp_path, monkeypatch,
     tokens, counts = run(tiny_model(path), cache, monkeypatch)
     assert counts == dict(loaded=0, compiled=1) and tokens == eager
     assert "stale or foreign" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_warm_start_prints_the_first_token_before_it_loads_the_saved_step(cold, tmp_path, monkeypatch):
+    """generate.py's warm-up generation is skipped where the decode step is saved: the prompt's (eager) prefill
+    gives the first token at once, the step loads at its first call, and the decode time leaves the loading out."""
+    path, eager, cache = cold
+    monkeypatch.setenv("BRISK_CACHE_DIR", str(copy_of(cache, tmp_path)))
+    torch._dynamo.reset()
+    e = engine.Engine(tiny_model(path), compile=True)
+    e.setup(1, 64)
+    events = []
+    load_saved = e.decode_fn.compiled.load_saved
+    monkeypatch.setattr(e.decode_fn.compiled, "load_saved", lambda *a: events.append("load") or load_saved(*a))
+    assert e.warm_up(torch.tensor(PROMPT), 6, 1, temperature=0.0) == 0.0 and events == []
+    rows, timing = e.generate(torch.tensor(PROMPT), 6, temperature=0.0, on_token=lambda r, t: events.append(t) and 0)
+    assert rows[0] == eager and events == [eager[0], "load", *eager[1:]]
+    assert 0 < timing["decode_s"] and 0 < timing["load_s"]
