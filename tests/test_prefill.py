@@ -378,8 +378,10 @@ def test_cli_reuses_the_context_within_a_run_and_across_runs(ckpt, tmp_path):
     second = run_prefill(ckpt, *args, "--json", tmp_path / "2.json", "--compile")
     assert second.returncode == 0, second.stderr
     runs = [json.loads((tmp_path / f"{i}.json").read_text()) for i in (1, 2)]
-    # compiled before the first prompt, which then restores the cached context over what the warm-up wrote
-    assert "compiled in" in second.stderr and runs[1]["config"]["compile_s"] > 0
+    # compiled before the first prompt, which then restores the cached context over what the warm-up wrote; or
+    # saved by an earlier run (a warm start), loaded at the first decode step without a warm-up
+    warm = "decode step is saved" in second.stderr
+    assert warm or ("compiled in" in second.stderr and runs[1]["config"]["compile_s"] > 0)
     n = runs[0]["config"]["context_tokens"]
     assert [p["cached_tokens"] for p in runs[0]["prompts"]] == [0, n]
     assert [p["cached_tokens"] for p in runs[1]["prompts"]] == [n, n]  # the new process loaded the cache file
