@@ -372,7 +372,7 @@ def convert(checkpoint_dir: Path, model_name: str | None = None, force: bool = F
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint_dir", type=Path, required=True,
                    help="directory holding the Hugging Face files")
     p.add_argument("--model_name", default=None,
