@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import httpx
+import pydantic
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 import cpu
 import engine
@@ -21,6 +24,14 @@ from checkpoint import load_config, load_state_dict, save_checkpoint
 from conftest import CHATML, ROOT, TOLERANCE, write_tiny_tokenizer
 
 
+class Person(pydantic.BaseModel):
+    # additionalProperties: false, as OpenAI's strict schemas (test_structured, test_serve)
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: str
+    age: int
+    role: Literal["admin", "user"]
+
+
 def noisy_copy(checkpoint: Path, directory: Path, noise: float = 0.08) -> Path:
     """The checkpoint (and its tokenizer) with noise of this std on its matrices (whose entries have
     std 0.15): a draft that sometimes agrees with it (0.02: more often than not)."""
@@ -28,8 +39,8 @@ def noisy_copy(checkpoint: Path, directory: Path, noise: float = 0.08) -> Path:
     sd = torch.load(checkpoint, weights_only=True)
     torch.manual_seed(0)
     path = directory / "model.pth"
-    torch.save({k: v + noise * torch.randn_like(v) if v.dim() == 2 else v for k, v in sd.items()},
-               path)
+    noisy = {k: v + noise * torch.randn_like(v) if v.dim() == 2 else v for k, v in sd.items()}
+    torch.save(noisy, path)
     return path
 
 

@@ -20,7 +20,7 @@ import serve
 import structured
 from checkpoint import load_model
 from conftest import assert_one_line_error, make_checkpoint, run_script
-from helpers import start_server
+from helpers import Person, start_server
 from cli import TextStream
 from engine import generate
 from prefix_cache import PrefixBatch, PrefixCache, model_meta
@@ -715,13 +715,6 @@ def test_the_listening_socket_is_tcp_so_each_connection_sends_without_delay():
 
 # --------------------------------------------------------------------------------------------------
 # Structured output and tool calls with the real model, through the official client
-
-class Person(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
-    name: str
-    age: int
-    role: Literal["admin", "user"]
-
 
 class Weather(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")

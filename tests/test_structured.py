@@ -11,15 +11,8 @@ import torch
 import structured as st
 from batch import Batch
 from checkpoint import load_model
+from helpers import Person
 from tokenizer import load_tokenizer
-
-
-class Person(pydantic.BaseModel):
-    # additionalProperties: false, as OpenAI's strict schemas
-    model_config = pydantic.ConfigDict(extra="forbid")
-    name: str
-    age: int
-    role: Literal["admin", "user"]
 
 
 class Badge(pydantic.BaseModel):
