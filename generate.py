@@ -204,11 +204,9 @@ def main(argv=None) -> None:
     engine = prepare(args.checkpoint_path, device, dtype, batch_size, max_seq_length, args.compile,
                      args.compile_prefill, spec, kv_cache_dtype(args))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    # a chat has no prompt yet: the warm-up makes one up
-    prompt = torch.tensor(ids or [0, 0], device=device)
+    prompt = torch.tensor(ids or [0, 0], device=device)  # a chat's warm-up makes one up
     compile_s = None
-    # compile now, so that no sample's (or chat reply's) figures include it
-    if args.compile or args.compile_prefill:
+    if args.compile or args.compile_prefill:  # now, so that no sample's or reply's figures include it
         compile_s = engine.warm_up(prompt, max_new_tokens, batch_size, **sampling)
     # its first turn prefills from position 0, over what the warm-up left in the cache
     if args.interactive:
@@ -231,8 +229,7 @@ def main(argv=None) -> None:
         if batch_size == 1:
             print()
         else:
-            for text in outs:
-                print((echo or "") + text)
+            print("\n".join((echo or "") + text for text in outs))
         samples.append(figures(engine.model, rows, timing, len(ids), engine.weight_bytes, device))
         label = f"sample {i + 1}" + (" (warm-up)" if i == 0 and args.num_samples > 1 else "")
         print(f"{label}: {describe(samples[-1])}", file=sys.stderr)
