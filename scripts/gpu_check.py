@@ -377,6 +377,24 @@ def main(argv=None) -> None:
         raise BriskError(f"not everything passed: {', '.join(bad)} (see {out / 'logs'})")
 
 
+def make_weights(a: argparse.Namespace, device: torch.device, weights: Path, hf_dir: Path,
+                 stages: Stages) -> None:
+    """The stages that make what is missing of: random weights in the preset's shape, their
+    quantized copies, and transformers' copy in hf_dir."""
+    py, float_ckpt = sys.executable, weights / "model.pth"
+    if not float_ckpt.is_file():
+        stages.run("random-weights",
+                   [py, "scripts/random_checkpoint.py", "--model", a.preset, "--out", weights,
+                    "--device", device, "--force"], CAPS["random"])
+    for label, name, quant in PRECISIONS[1:]:
+        if float_ckpt.is_file() and not (weights / name).is_file():
+            cmd = [py, "quantize.py", "--checkpoint_path", float_ckpt, *quant, "--device", device]
+            stages.run(f"quantize-{label.replace(' ', '-')}", cmd, CAPS["quantize"])
+    if float_ckpt.is_file() and not (hf_dir / "model.safetensors").is_file():
+        stages.record("transformers-weights", lambda: write_hf_checkpoint(float_ckpt, hf_dir),
+                      CAPS["hf"])
+
+
 def check(a: argparse.Namespace, device: torch.device, out: Path, weights: Path,
           stages: Stages) -> dict:
     """Run the stages; returns the report, also written to out/gpu_check.json."""
@@ -395,19 +413,8 @@ def check(a: argparse.Namespace, device: torch.device, out: Path, weights: Path,
                                                  BRISK_TEST_DTYPE=dtype))
 
     # 2. weights
-    float_ckpt, hf_dir = weights / "model.pth", weights / "hf"
-    if not float_ckpt.is_file():
-        stages.run("random-weights",
-                   [py, "scripts/random_checkpoint.py", "--model", a.preset, "--out", weights,
-                    "--device", device, "--force"], CAPS["random"])
-    for label, name, quant in PRECISIONS[1:]:
-        if float_ckpt.is_file() and not (weights / name).is_file():
-            stages.run(f"quantize-{label.replace(' ', '-')}",
-                       [py, "quantize.py", "--checkpoint_path", float_ckpt,
-                        *quant, "--device", device], CAPS["quantize"])
-    if float_ckpt.is_file() and not (hf_dir / "model.safetensors").is_file():
-        stages.record("transformers-weights", lambda: write_hf_checkpoint(float_ckpt, hf_dir),
-                      CAPS["hf"])
+    hf_dir = weights / "hf"
+    make_weights(a, device, weights, hf_dir, stages)
     for dtype, stage in tests.items():  # the benchmarks run alone on the device
         stages.finish(stage)
         tests[dtype] = test_counts(out / f"tests-{dtype}.xml")
