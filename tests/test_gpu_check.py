@@ -15,8 +15,9 @@ from scripts.gpu_check import write_hf_checkpoint
 @pytest.mark.parametrize("overrides", [
     {},  # Llama with grouped-query attention
     dict(qkv_bias=True, tie_embeddings=True, rope_base=1e6),  # Qwen2-like
+    # Llama 3.1 rope, changing 16 positions
     dict(rope_base=5e5, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                          original_max_position_embeddings=64)),  # Llama 3.1 rope, changing 16 positions
+                                          original_max_position_embeddings=64)),
 ])
 def test_the_transformers_copy_of_the_weights_gives_brisks_logits(tmp_path, overrides):
     from transformers import AutoModelForCausalLM

@@ -18,7 +18,8 @@ from helpers import compiled_steps
     ("codellama/CodeLlama-34b-Python-hf", "CodeLlama-34b"),
     ("meta-llama/Llama-3.2-1B-Instruct", "Llama-3.2-1B"),
     ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B"),  # longest match wins over Qwen2-0.5B? no: Qwen2-0.5B is not a substring
+    # the longest match, Qwen2-0.5B not being a substring
+    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B"),
     ("JackFram/llama-160m", "llama-160m"),
 ])
 def test_preset_lookup(name, preset):
