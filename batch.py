@@ -8,11 +8,12 @@
     out = batch.step({row: token, ...})    # one decode step of these rows -> {row: fp32 logits [V]}
     batch.remove(row)                      # frees the row; the others are unaffected
 
-A row's logits do not depend on what else is in the batch (cpu.FEW_ROWS, model.attend): rows can join and leave
-between steps (continuous batching), and eager greedy rows give exactly the tokens of their prompts run alone.
-Compiled, exactly too where bf16 takes brisk's kernel on a CPU (a lone row runs as two there: Batch.min_rows; and
-cpu.INDUCTOR_OPTIONS keeps eager's roundings), else within rounding (BENCHMARKS.md, "A kernel for bf16 rows").
-Sampling happens outside, with sampling.sample, per row.
+A row's logits do not depend on what else is in the batch (cpu.FEW_ROWS, model.attend): rows can
+join and leave between steps (continuous batching), and eager greedy rows give exactly the tokens of
+their prompts run alone. Compiled, exactly too where bf16 takes brisk's kernel on a CPU (a lone row
+runs as two there: Batch.min_rows; and cpu.INDUCTOR_OPTIONS keeps eager's roundings), else within
+rounding (BENCHMARKS.md, "A kernel for bf16 rows"). Sampling happens outside, with sampling.sample,
+per row.
 """
 import functools
 import time
@@ -28,27 +29,34 @@ from model import Transformer
 from sampling import sample, stop_reason
 
 
-def rows_step(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None) -> Tensor:
+def rows_step(model: Transformer, x: Tensor, input_pos: Tensor,
+              attend_len: Optional[int] = None) -> Tensor:
     # x: [B, 1] tokens at input_pos: [B, 1] -> fp32 logits [B, V]
     return model(x, input_pos, attend_len=attend_len)[:, -1].float()
 
 
 class Batch:
-    def __init__(self, model: Transformer, max_rows: int, max_seq_length: int, compile: bool = False):
-        """Set up model's caches for max_rows rows of up to max_seq_length positions each. compile: one compiled
-        decode step (engine.compile_step) serves every mix of rows and positions; where two rows cost no more than
-        one (cpu.two_rows_cost_one), a lone row steps beside a spare one, so that a single graph serves every count
-        and a row's logits never depend on the others (bitwise)."""
+    def __init__(self, model: Transformer, max_rows: int, max_seq_length: int,
+                 compile: bool = False):
+        """Set up model's caches for max_rows rows of up to max_seq_length positions each. compile:
+        one compiled decode step (engine.compile_step) serves every mix of rows and positions; where
+        two rows cost no more than one (cpu.two_rows_cost_one), a lone row steps beside a spare one,
+        so that a single graph serves every count and a row's logits never depend on the others
+        (bitwise)."""
         model.setup_caches(max_rows, max_seq_length)
         self.model, self.max_rows, self.max_seq_length = model, max_rows, max_seq_length
         self.device = model.norm.weight.device
-        self.caches = [c for layer in model.layers  # every layer's keys, then values: [max_rows, H, S, D] each
-                       for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache)]
+        # every layer's keys, then values: [max_rows, H, S, D] each
+        self.caches = [c for layer in model.layers
+                       for c in (layer.attention.kv_cache.k_cache,
+                                 layer.attention.kv_cache.v_cache)]
         self.step_fn = compile_step(rows_step, self.device, "the batch step") if compile else rows_step
-        self.min_rows = 2 if compile and max_rows > 1 and two_rows_cost_one(model) else 1  # rows a step runs
+        # rows a step runs
+        self.min_rows = 2 if compile and max_rows > 1 and two_rows_cost_one(model) else 1
         self.pos: dict[int, int] = {}  # row -> tokens in its cache, the position of its next token
         self.logits: dict[int, Tensor] = {}  # row -> fp32 logits [V] after its last token
-        self.shares: dict[int, tuple[int, int]] = {}  # row -> (src, n): its first n positions equal row src's
+        # row -> (src, n): its first n positions equal row src's
+        self.shares: dict[int, tuple[int, int]] = {}
         self.views: dict[int, list[Tensor]] = {}  # row -> self.views_of(row, self.views_span)
         self.views_span = (0, 0)
 
@@ -66,10 +74,12 @@ class Batch:
         return row
 
     @torch.no_grad()
-    def add(self, ids: list[int], start: int = 0, row: Optional[int] = None, n: Optional[int] = None) -> int:
-        """Prefill a free row (the lowest, or `row`) with ids alone (as a batch of one would be); returns the row.
-        The row's cache already holds the first `start` positions (a restored prefix): only the rest is computed.
-        n: only the next n positions now (chunked prefill), fill() computes the rest; the row steps once ready."""
+    def add(self, ids: list[int], start: int = 0, row: Optional[int] = None,
+            n: Optional[int] = None) -> int:
+        """Prefill a free row (the lowest, or `row`) with ids alone (as a batch of one would be);
+        returns the row. The row's cache already holds the first `start` positions (a restored
+        prefix): only the rest is computed. n: only the next n positions now (chunked prefill),
+        fill() computes the rest; the row steps once ready."""
         if not ids:
             raise BriskError("empty prompt")
         check_fits(len(ids), self.max_seq_length)
@@ -80,14 +90,16 @@ class Batch:
 
     @torch.no_grad()
     def fill(self, row: int, ids: list[int], n: Optional[int] = None) -> bool:
-        """Prefill the next n positions of row's prompt ids (None: all the rest) after the self.pos[row] its cache
-        holds; True once the whole prompt is in: the row then has its logits and is ready to step. Between two
-        fills the row may sit in steps of other rows: those write only its spare position."""
+        """Prefill the next n positions of row's prompt ids (None: all the rest) after the
+        self.pos[row] its cache holds; True once the whole prompt is in: the row then has its logits
+        and is ready to step. Between two fills the row may sit in steps of other rows: those write
+        only its spare position."""
         start = self.pos[row]
         end = len(ids) if n is None else min(len(ids), start + n)
         if end > start:
             x = torch.tensor([ids[start:end]], device=self.device)  # [1, end - start]
-            logits = self.model(x, torch.arange(start, end, device=self.device), logits_to_keep=1, row=row)
+            logits = self.model(x, torch.arange(start, end, device=self.device), logits_to_keep=1,
+                                row=row)
             self.pos[row] = end
             if end == len(ids):
                 self.logits[row] = logits[0, -1].float()
@@ -102,8 +114,9 @@ class Batch:
         return new
 
     def share(self, row: int, src: int, n: int) -> None:
-        """Note that row's first n positions equal row src's (n = 0: none). Beams forked from one prompt then read
-        it from one row in brisk's kernel (model.KVCache.prefix), so from memory once for all of them."""
+        """Note that row's first n positions equal row src's (n = 0: none). Beams forked from one
+        prompt then read it from one row in brisk's kernel (model.KVCache.prefix), so from memory
+        once for all of them."""
         if n:
             self.shares[row] = (src, n)
         else:
@@ -113,18 +126,21 @@ class Batch:
 
     @torch.no_grad()
     def reorder(self, parents: dict[int, int], start: int = 0) -> None:
-        """Each row r in parents takes the cache positions from start on and the state of row parents[r], all at
-        once (beam search; positions before start must already be alike, as a shared prompt is). In place: a
-        compiled step keeps its buffers."""
+        """Each row r in parents takes the cache positions from start on and the state of row
+        parents[r], all at once (beam search; positions before start must already be alike, as a
+        shared prompt is). In place: a compiled step keeps its buffers."""
         dst, src = list(parents), list(parents.values())
         end = max(self.pos[r] for r in src)
-        if set(dst).isdisjoint(src):  # no row written is read: plain copies, in one call (a beam step's)
-            span = (start, self.model.attend_len(end - 1))  # up to a block past end: views made once per block
+        # no row written is read: plain copies, in one call (a beam step's)
+        if set(dst).isdisjoint(src):
+            # up to a block past end: views made once per block
+            span = (start, self.model.attend_len(end - 1))
             torch._foreach_copy_([v for r in dst for v in self.views_of(r, span)],
                                  [v for r in src for v in self.views_of(r, span)])
         else:
             for cache in self.caches:
-                cache[dst, :, start:end] = cache[src, :, start:end]  # the right side is gathered first
+                # the right side is gathered first
+                cache[dst, :, start:end] = cache[src, :, start:end]
         for r, (s, n) in list(self.shares.items()):  # positions from start on may now differ
             if (r in parents or s in parents) and n > start:
                 self.share(r, s, start)
@@ -133,8 +149,9 @@ class Batch:
             self.pos[r], self.logits[r] = pos, logits
 
     def views_of(self, row: int, span: tuple[int, int]) -> list[Tensor]:
-        """Views of row's cache positions span[0]..span[1]-1, keys and values of every layer, kept while the span
-        stays (a beam search's copies at each step: making 60 views took longer than copying through them)."""
+        """Views of row's cache positions span[0]..span[1]-1, keys and values of every layer, kept
+        while the span stays (a beam search's copies at each step: making 60 views took longer than
+        copying through them)."""
         if self.views_span != span:
             self.views, self.views_span = {}, span
         if row not in self.views:
@@ -142,8 +159,9 @@ class Batch:
         return self.views[row]
 
     def warm_up(self) -> None:
-        """Step one row, then two, twice each (a CUDA graph is recorded on its second run), in an empty batch: a
-        compiled step then has both its graphs before the first real step needs them."""
+        """Step one row, then two, twice each (a CUDA graph is recorded on its second run), in an
+        empty batch: a compiled step then has both its graphs before the first real step needs
+        them."""
         rows = [self.add([0, 0]) for _ in range(min(2, self.max_rows))]
         for n in range(1, len(rows) + 1):
             for _ in range(2):
@@ -157,17 +175,19 @@ class Batch:
     def remove(self, row: int) -> None:
         del self.pos[row]
         self.logits.pop(row, None)  # absent while its prompt is being prefilled
-        for r, (s, _) in list(self.shares.items()):  # a row that shared this one's positions reads its own
+        # a row that shared this one's positions reads its own
+        for r, (s, _) in list(self.shares.items()):
             if row in (r, s):
                 self.share(r, r, 0)
 
     @torch.no_grad()
     def step(self, tokens: dict[int, int]) -> dict[int, Tensor]:
-        """Feed each row its next token; returns each row's fp32 logits [V] after it. Only rows 0 up to the highest
-        row in tokens run (add takes the lowest free row, so busy rows sit low): the others cost nothing. Rows below
-        it but not in tokens (free ones too) run at the cache's spare position, which nothing attends to, and keep
-        their state. Compiled, one graph serves one row and one every other count (a dynamic size), or one every
-        count where a lone row runs as two (min_rows)."""
+        """Feed each row its next token; returns each row's fp32 logits [V] after it. Only rows 0 up
+        to the highest row in tokens run (add takes the lowest free row, so busy rows sit low): the
+        others cost nothing. Rows below it but not in tokens (free ones too) run at the cache's
+        spare position, which nothing attends to, and keep their state. Compiled, one graph serves
+        one row and one every other count (a dynamic size), or one every count where a lone row runs
+        as two (min_rows)."""
         spare = self.model.max_seq_length  # setup_caches's never-attended position
         B = max(max(tokens) + 1, self.min_rows)
         x = torch.zeros(B, 1, dtype=torch.int, device=self.device)  # [B, 1]
@@ -177,27 +197,31 @@ class Batch:
                 raise BriskError(f"row {row} has filled its {self.max_seq_length} positions")
             x[row, 0], pos[row, 0] = token, self.pos[row]
         attend_len = self.model.attend_len(max(self.pos[r] for r in tokens))
-        torch._dynamo.maybe_mark_dynamic(x, 0)  # compiled: one graph for 2 rows and more, whichever comes first
+        # compiled: one graph for 2 rows and more, whichever comes first
+        torch._dynamo.maybe_mark_dynamic(x, 0)
         torch._dynamo.maybe_mark_dynamic(pos, 0)
         logits = self.step_fn(self.model, x, pos, attend_len=attend_len)  # [B, V]
         for row in tokens:
             self.pos[row] += 1
-            self.logits[row] = logits[row].clone()  # a CUDA graph's output is overwritten by its next replay
+            # a CUDA graph's output is overwritten by its next replay
+            self.logits[row] = logits[row].clone()
         return {row: self.logits[row] for row in tokens}
 
 
 def generate_rows(batch: Batch, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(),
                   on_token: Optional[Callable[[int, int], bool]] = None, **sampling_kwargs):
-    """Sample up to max_new_tokens after each prompt, as many at once as the batch has rows: a prompt takes a
-    row as soon as one is free. A row stops as sampling.stop_reason says, on_token(prompt index, token) telling
-    whether a token it has just taken ends it. Returns (the new tokens of each prompt, in prompt order,
-    {"prefill_s", "decode_s", "steps"}): the seconds spent prefilling prompts and in decode steps."""
+    """Sample up to max_new_tokens after each prompt, as many at once as the batch has rows: a
+    prompt takes a row as soon as one is free. A row stops as sampling.stop_reason says,
+    on_token(prompt index, token) telling whether a token it has just taken ends it. Returns (the
+    new tokens of each prompt, in prompt order, {"prefill_s", "decode_s", "steps"}): the seconds
+    spent prefilling prompts and in decode steps."""
     out = [[] for _ in prompts]
     timing = dict(prefill_s=0.0, decode_s=0.0, steps=0)
     waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompt order
     running: dict[int, int] = {}  # row -> prompt index
 
-    def advance(row: int, logits: Tensor) -> None:  # samples row's next token; frees the row if it stops there
+    # samples row's next token; frees the row if it stops there
+    def advance(row: int, logits: Tensor) -> None:
         i = running[row]
         token = int(sample(logits[None], **sampling_kwargs)[0])
         out[i].append(token)
@@ -224,17 +248,20 @@ def generate_rows(batch: Batch, prompts: list[list[int]], max_new_tokens: int, *
 
 
 @torch.no_grad()
-def beam_search(batch: Batch, ids: list[int], max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
-                early_stopping=False, num_return_sequences: int = 1, eos_ids=(),
-                on_step: Optional[Callable[[], None]] = None) -> list[tuple[list[int], float]]:
-    """Beam search as transformers' generate(num_beams=..., do_sample=False) does it, for one prompt, in num_beams
-    rows of an empty batch: the best num_return_sequences (new tokens, score) by score. A finished hypothesis
-    (ended by an eos id, kept, or by the length) scores its log-probability / its length ** length_penalty.
-    early_stopping: True stops once num_beams hypotheses are finished; False stops when no running beam could
-    beat the worst finished one at its current length; "never" at the best length length_penalty allows.
-    on_step() is called as each position's tokens are chosen (first-token and next-token latency)."""
+def beam_search(batch: Batch, ids: list[int], max_new_tokens: int, num_beams: int,
+                length_penalty: float = 1.0, early_stopping=False, num_return_sequences: int = 1,
+                eos_ids=(), on_step: Optional[Callable[[], None]] = None
+                ) -> list[tuple[list[int], float]]:
+    """Beam search as transformers' generate(num_beams=..., do_sample=False) does it, for one
+    prompt, in num_beams rows of an empty batch: the best num_return_sequences (new tokens, score)
+    by score. A finished hypothesis (ended by an eos id, kept, or by the length) scores its
+    log-probability / its length ** length_penalty. early_stopping: True stops once num_beams
+    hypotheses are finished; False stops when no running beam could beat the worst finished one at
+    its current length; "never" at the best length length_penalty allows. on_step() is called as
+    each position's tokens are chosen (first-token and next-token latency)."""
     n, eos = num_beams, torch.tensor(sorted(eos_ids), dtype=torch.long)
-    K = max(2, 1 + len(eos)) * n  # candidates kept per step: enough to leave n running beyond the eos ones
+    # candidates kept per step: enough to leave n running beyond the eos ones
+    K = max(2, 1 + len(eos)) * n
     rows = [batch.add(ids)]
     rows += [batch.fork(rows[0]) for _ in range(n - 1)]
     running = torch.zeros(n, max_new_tokens, dtype=torch.long)  # the beams' new tokens
@@ -282,13 +309,14 @@ def beam_search(batch: Batch, ids: list[int], max_new_tokens: int, num_beams: in
         logits = torch.stack([out[r] for r in rows])
     for r in rows:
         batch.remove(r)
-    return [(done[i, :done_len[i]].tolist(), float(done_scores[i])) for i in range(num_return_sequences)]
+    return [(done[i, :done_len[i]].tolist(), float(done_scores[i]))
+            for i in range(num_return_sequences)]
 
 
 def follow(rows: list[int], parents: list[int]) -> tuple[list[int], dict[int, int]]:
-    """The rows of the next beams, beam j the child of beam parents[j] (in rows[parents[j]]): a parent's first child
-    takes its row as it is, another takes the row of a beam without children and a copy of its parent's. Returns
-    (the new beams' rows, {row: row to copy from})."""
+    """The rows of the next beams, beam j the child of beam parents[j] (in rows[parents[j]]): a
+    parent's first child takes its row as it is, another takes the row of a beam without children
+    and a copy of its parent's. Returns (the new beams' rows, {row: row to copy from})."""
     new: list[Optional[int]] = [None] * len(parents)
     for j, p in enumerate(parents):
         if rows[p] not in new:

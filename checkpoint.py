@@ -1,4 +1,5 @@
-"""Checkpoints: `model.pth` (a state dict, float or quantized) with `model_config.json` (ModelArgs) beside it.
+"""Checkpoints: `model.pth` (a state dict, float or quantized) with `model_config.json` (ModelArgs)
+beside it.
 
 Everything that reads or writes one is here; the weights load with weights_only=True, memory-mapped.
 """
@@ -14,12 +15,14 @@ from cli import BriskError, save_atomic
 from model import ModelArgs, Transformer
 
 CONFIG_NAME = "model_config.json"
-# the embedded default model, as ./scripts/prepare.sh writes it: every script's default --checkpoint_path
+# the embedded default model, as ./scripts/prepare.sh writes it: every script's default
+# --checkpoint_path
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
 
 
 def load_config(checkpoint_path: Path) -> ModelArgs:
-    """The config written by the converter beside the weights, else the preset matching the directory name."""
+    """The config written by the converter beside the weights, else the preset matching the
+    directory name."""
     cfg = Path(checkpoint_path).parent / CONFIG_NAME
     if cfg.is_file():
         try:
@@ -49,12 +52,14 @@ Transform = Callable[[nn.Module, dict], dict]
 
 def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16,
                transform: Optional[Transform] = None) -> Transformer:
-    """Build the model on the meta device and assign the checkpoint's tensors, cast once to dtype/device.
+    """Build the model on the meta device and assign the checkpoint's tensors, cast once to
+    dtype/device.
 
-    Quantized checkpoints (written by quantize.py) carry a `__quant__` entry; their linears are swapped for
-    quantized modules before loading, and packed for the device afterwards. `transform(model, state_dict)`, if
-    given, may reshape the unloaded model and returns the state dict to load (tp.apply_tp keeps one rank's slices
-    of the memory-mapped checkpoint, before anything is copied).
+    Quantized checkpoints (written by quantize.py) carry a `__quant__` entry; their linears are
+    swapped for quantized modules before loading, and packed for the device afterwards.
+    `transform(model, state_dict)`, if given, may reshape the unloaded model and returns the state
+    dict to load (tp.apply_tp keeps one rank's slices of the memory-mapped checkpoint, before
+    anything is copied).
     """
     sd = load_state_dict(checkpoint_path)
     config = load_config(checkpoint_path)
@@ -65,7 +70,8 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16,
         quant.swap_in_quantized(model, quantization)
     if transform is not None:
         sd = transform(model, sd)
-    sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
+    sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+          for k, v in sd.items()}
     if config.tie_embeddings:  # the file holds the shared matrix once
         sd["output.weight"] = sd["tok_embeddings.weight"]
     try:

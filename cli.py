@@ -5,6 +5,7 @@ strings; chat: an interactive chat).
 The bottom of the import graph: it imports no other module of brisk.
 """
 import argparse
+import json
 import os
 import re
 import sys
@@ -18,13 +19,16 @@ class BriskError(Exception):
     """A problem with the user's input: scripts print it as one line and exit with status 1."""
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # --dtype's choices
-KV_CACHE_DTYPES = {"int8": torch.int8}  # --kv_cache_dtype's choices; without it the cache holds the model's dtype
+# --dtype's choices
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# --kv_cache_dtype's choices; without it the cache holds the model's dtype
+KV_CACHE_DTYPES = {"int8": torch.int8}
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
     """--device, --dtype and --kv_cache_dtype, alike in every script that runs a model."""
-    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=parse_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default=None,
@@ -38,7 +42,8 @@ def kv_cache_dtype(args: argparse.Namespace):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(); a BriskError or Ctrl-C becomes one line on stderr and exit status 1."""
+    """Run a script's main(); a BriskError or Ctrl-C becomes one line on stderr and exit status
+    1."""
     try:
         main()
     except BriskError as e:
@@ -59,7 +64,8 @@ def looks_like_path(value: str) -> bool:
     one word with a path separator or a file extension (`doc.txt`, `notes/q3`), so that a mistyped
     path is not taken as text."""
     return (re.fullmatch(r"\S+", value) is not None
-            and ("/" in value or os.sep in value or re.search(r"\.[A-Za-z][A-Za-z0-9]{0,4}$", value) is not None))
+            and ("/" in value or os.sep in value
+                 or re.search(r"\.[A-Za-z][A-Za-z0-9]{0,4}$", value) is not None))
 
 
 def parse_device(name: str) -> torch.device:
@@ -86,7 +92,8 @@ def check_writable(path: Path, force: bool) -> None:
 
 
 def save_atomic(path: Path, write: Callable[[Path], None], force: bool = False) -> None:
-    """Call write(tmp) and rename tmp to path, so an interrupted run never leaves a half-written file."""
+    """Call write(tmp) and rename tmp to path, so an interrupted run never leaves a half-written
+    file."""
     path = Path(path)
     check_writable(path, force)
     tmp = path.with_name(path.name + ".tmp")
@@ -95,6 +102,10 @@ def save_atomic(path: Path, write: Callable[[Path], None], force: bool = False) 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_json(path: Path, obj, force: bool = False) -> None:
+    save_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)), force)
 
 
 class TextStream:
@@ -121,14 +132,16 @@ class TextStream:
         return self.text
 
     def _add(self, new: str) -> None:
-        start = max(0, len(self.text) - self.hold)  # an earlier stop string would have been found already
+        # an earlier stop string would have been found already
+        start = max(0, len(self.text) - self.hold)
         self.text += new
         hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
             self.text, self.stopped = self.text[:min(hits)], True
         self._write(len(self.text) - (0 if self.stopped else self.hold))
 
-    def _write(self, end: int) -> None:  # text[:end] is final: write what of it `out` has not had yet
+    # text[:end] is final: write what of it `out` has not had yet
+    def _write(self, end: int) -> None:
         if self.out is not None and end > self.written:
             self.out.write(self.text[self.written:end])
             self.out.flush()

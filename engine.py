@@ -22,23 +22,26 @@ from model import Transformer
 from report import weight_bytes
 from sampling import TOKEN_DTYPE, sample, stop_reason
 
-INTERACTIVE_MAX_SEQ_LENGTH = 4096  # default cache length for a conversation, whose final length is unknown
+# default cache length for a conversation, whose final length is unknown
+INTERACTIVE_MAX_SEQ_LENGTH = 4096
 DEFAULT_SEQ_LENGTH = 1024  # the shortest default cache: see cache_length
-PREFILL_CHUNK = 2048  # generate() prefills a longer prompt in pieces of this many positions: bounded memory
+# generate() prefills a longer prompt in pieces of this many positions: bounded memory
+PREFILL_CHUNK = 2048
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generation
 
 
 def prefill(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None,
             **sampling_kwargs) -> Tensor:
-    # x: [B, T] at positions input_pos: [T] -> first new token [B, 1]; attend_len: see Transformer.forward
+    # x: [B, T] at positions input_pos: [T] -> first new token [B, 1]; attend_len: see
+    # Transformer.forward
     logits = model(x, input_pos, logits_to_keep=1, attend_len=attend_len)
     return sample(logits[:, -1], **sampling_kwargs)[0]
 
 
-def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None,
-                     **sampling_kwargs) -> tuple[Tensor, Optional[Tensor]]:
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor,
+                     attend_len: Optional[int] = None, **sampling_kwargs) -> tuple[Tensor, Optional[Tensor]]:
     # x: [B, 1] at input_pos: [1] -> (next token [B, 1], probs [B, V] or None when greedy)
     logits = model(x, input_pos, attend_len=attend_len)
     return sample(logits[:, -1], **sampling_kwargs)
@@ -46,10 +49,12 @@ def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, attend_le
 
 def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
                     decode_fn: Callable = decode_one_token, **sampling_kwargs) -> Iterator[Tensor]:
-    """Feed each sampled token back in, yielding the next one [B, 1]; the caller stops early by not asking."""
+    """Feed each sampled token back in, yielding the next one [B, 1]; the caller stops early by not
+    asking."""
     pos = int(input_pos[-1])  # read once; the host counts the positions after it
     for _ in range(num_new_tokens):
-        next_token, _ = decode_fn(model, cur_token, input_pos, attend_len=model.attend_len(pos), **sampling_kwargs)
+        next_token, _ = decode_fn(model, cur_token, input_pos, attend_len=model.attend_len(pos),
+                                  **sampling_kwargs)
         input_pos += 1
         pos += 1
         cur_token = next_token.clone()  # a CUDA graph's output is overwritten by its next replay
@@ -73,8 +78,10 @@ def cache_length(requested: Optional[int], needed: Optional[int], block_size: in
     return min(n, block_size)
 
 
-def check_fits(n: int, max_seq_length: int, block_size: Optional[int] = None, what: str = "the prompt") -> None:
-    """Refuse `what` of n tokens where the cache's max_seq_length positions (block_size's at most) cannot hold it."""
+def check_fits(n: int, max_seq_length: int, block_size: Optional[int] = None,
+               what: str = "the prompt") -> None:
+    """Refuse `what` of n tokens where the cache's max_seq_length positions (block_size's at most)
+    cannot hold it."""
     if n > max_seq_length:
         limit = f"--max_seq_length {max_seq_length}"
         if max_seq_length == block_size:
@@ -83,7 +90,8 @@ def check_fits(n: int, max_seq_length: int, block_size: Optional[int] = None, wh
 
 
 def tokens_that_fit(max_new_tokens: int, prompt_len: int, max_seq_length: int) -> int:
-    """How many of max_new_tokens fit after a prompt of prompt_len tokens: the last token is never fed back."""
+    """How many of max_new_tokens fit after a prompt of prompt_len tokens: the last token is never
+    fed back."""
     return min(max_new_tokens, max_seq_length - prompt_len + 1)
 
 
@@ -95,8 +103,8 @@ def sync(device: torch.device) -> None:
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size: int = 1, *,
              eos_ids=(), start_pos: int = 0, on_token: Optional[Callable[[int, int], bool]] = None,
-             prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token, speculator=None,
-             **sampling_kwargs):
+             prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token,
+             speculator=None, **sampling_kwargs):
     """Sample up to max_new_tokens after prompt [T] for batch_size copies of it.
 
     The caches must already hold max_seq_length >= T + max_new_tokens - 1 positions; positions below
@@ -112,7 +120,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
     input_pos = torch.arange(T, device=device)
     rows = [[] for _ in range(batch_size)]
     done = [False] * batch_size
-    stops = [on_token and functools.partial(on_token, i) for i in range(batch_size)]  # row i's on_token(token)
+    # row i's on_token(token)
+    stops = [on_token and functools.partial(on_token, i) for i in range(batch_size)]
 
     def append(tokens: Tensor) -> bool:  # tokens: [B, n] -> rows; True when every row has stopped
         for i, new in enumerate(tokens.tolist()):  # the host sync that streaming and stopping need
@@ -123,17 +132,21 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
                 done[i] = bool(stop_reason(t, len(rows[i]), max_new_tokens, eos_ids, stops[i]))
         return all(done)
 
-    saved = getattr(decode_fn, "compiled", None)  # a SavedStep (CPU) loads a saved step at its first call
+    # a SavedStep (CPU) loads a saved step at its first call
+    saved = getattr(decode_fn, "compiled", None)
     load_s, t0 = getattr(saved, "load_s", 0.0), time.perf_counter()
     starts, C = range(start_pos, T, PREFILL_CHUNK), PREFILL_CHUNK
-    for s in starts[:-1]:  # a long prompt in pieces: the activations' memory does not grow with its length
+    # a long prompt in pieces: the activations' memory does not grow with its length
+    for s in starts[:-1]:
         x = prompt[s:s + C].repeat(batch_size, 1)  # [B, C]
         model(x, input_pos[s:s + C], attend_len=model.attend_len(s + C - 1, C), logits_to_keep=1)
     s = starts[-1]
     x = prompt[s:].repeat(batch_size, 1)  # [B, T - s]
-    token = prefill_fn(model, x, input_pos[s:], attend_len=model.attend_len(T - 1, T - s), **sampling_kwargs)
+    token = prefill_fn(model, x, input_pos[s:], attend_len=model.attend_len(T - 1, T - s),
+                       **sampling_kwargs)
     finished = append(token)
-    if speculator is not None:  # even when finished: in a chat the proposer's cache must keep up with the target's
+    # even when finished: in a chat the proposer's cache must keep up with the target's
+    if speculator is not None:
         speculator.prefill(prompt, start_pos)
     t1 = time.perf_counter()
     steps = 0
@@ -145,10 +158,11 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, batch_size
             if append(token):
                 break
     load_s = getattr(saved, "load_s", 0.0) - load_s  # not decode time (Engine.warm_up)
-    return rows, {"ttft_s": t1 - t0, "decode_s": time.perf_counter() - t1 - load_s, "load_s": load_s, "steps": steps}
+    return rows, {"ttft_s": t1 - t0, "decode_s": time.perf_counter() - t1 - load_s,
+                  "load_s": load_s, "steps": steps}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Compiled steps
 
 
@@ -179,7 +193,8 @@ def compile_step(fn: Callable, device: torch.device, what: str = "the decode ste
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
     else:
         options = dict(INDUCTOR_OPTIONS)
-    if device.type == "cpu" and not torch.distributed.is_initialized():  # ranks' collectives are not saved
+    # ranks' collectives are not saved
+    if device.type == "cpu" and not torch.distributed.is_initialized():
         compiled = SavedStep(fn, options, what, dynamic=("attend_len",))
     else:
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
@@ -208,7 +223,7 @@ def compile_step(fn: Callable, device: torch.device, what: str = "the decode ste
     return step
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A model ready to generate
 
 
@@ -230,7 +245,8 @@ class Engine:
     speculating, its speculator. setup() sizes it for a batch size and sequence length; generate()
     runs generate() with it."""
 
-    def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False, speculation=None):
+    def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False,
+                 speculation=None):
         self.model, self.compile, self.compile_prefill, self.speculation = model, compile, compile_prefill, speculation
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
         self.weight_bytes = weight_bytes(model)  # before the caches exist, so they are not counted
@@ -250,7 +266,8 @@ class Engine:
         if self.compile_prefill:  # the prompt length varies between calls
             self.prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
         if self.speculation:
-            self.speculator = self.speculation.build(self.device, self.dtype, max_seq_length + ahead, self.compile,
+            self.speculator = self.speculation.build(self.device, self.dtype,
+                                                     max_seq_length + ahead, self.compile,
                                                      self.model.kv_cache_dtype)
 
     def generate(self, prompt: Tensor, max_new_tokens: int, batch_size: int = 1, **kwargs):
@@ -264,21 +281,24 @@ class Engine:
         A plain generation whose decode step is saved (a warm start) skips it: the step loads at its
         first call, after the first token, which then comes without waiting for it."""
         if self.saved_step(prompt, batch_size, **sampling):
-            print("brisk: the compiled decode step is saved: it loads after the first token", file=sys.stderr)
+            print("brisk: the compiled decode step is saved: it loads after the first token",
+                  file=sys.stderr)
             return 0.0
         k = self.speculation.k if self.speculation else 0
-        n, t0 = min(max_new_tokens, k + 2), time.perf_counter()  # enough tokens for a verify pass too
+        # enough tokens for a verify pass too
+        n, t0 = min(max_new_tokens, k + 2), time.perf_counter()
         before = dict(TALLY)
         self.generate(prompt, n, batch_size, **sampling)
         compile_s = time.perf_counter() - t0
         loaded, built = (TALLY[k] - before[k] for k in ("loaded", "compiled"))
         saved = f"{loaded} step{'s' * (loaded != 1)} loaded, {built} compiled; " if loaded + built else ""
-        print(f"compiled in {compile_s:.1f} s ({saved}a {n}-token generation, not counted below)", file=sys.stderr)
+        print(f"compiled in {compile_s:.1f} s ({saved}a {n}-token generation, not counted below)",
+              file=sys.stderr)
         return compile_s
 
     def saved_step(self, prompt: Tensor, batch_size: int, **sampling) -> bool:
-        """True where every step a plain generation compiles is saved: the decode step (SavedStep.saved),
-        and no speculator's or compiled prefill."""
+        """True where every step a plain generation compiles is saved: the decode step
+        (SavedStep.saved), and no speculator's or compiled prefill."""
         saved = getattr(self.decode_fn, "compiled", None)
         if not isinstance(saved, SavedStep) or self.speculator is not None or self.compile_prefill:
             return False
@@ -288,15 +308,17 @@ class Engine:
         return saved.saved(self.model, x, pos, attend_len=self.model.attend_len(T), **sampling)
 
 
-def prepare(checkpoint_path, device: torch.device, dtype: torch.dtype, batch_size: Optional[int] = None,
-            max_seq_length: Optional[int] = None, compile: bool = False, compile_prefill: bool = False,
+def prepare(checkpoint_path, device: torch.device, dtype: torch.dtype,
+            batch_size: Optional[int] = None, max_seq_length: Optional[int] = None,
+            compile: bool = False, compile_prefill: bool = False,
             speculation=None, kv_cache_dtype: Optional[torch.dtype] = None) -> Engine:
     """Load the checkpoint (this rank's part under torchrun), count its weight bytes, and, given the
     sizes, set it up for batch_size sequences of max_seq_length positions (else call Engine.setup
     before generating). `speculation` (speculative.Speculation) has `k`, the positions a verify pass
-    writes past the last token taken, and build(device, dtype, max_seq_length, compile, kv_cache_dtype)
-    -> its Speculator. kv_cache_dtype: see load."""
-    engine = Engine(load(checkpoint_path, device, dtype, kv_cache_dtype), compile, compile_prefill, speculation)
+    writes past the last token taken, and build(device, dtype, max_seq_length, compile,
+    kv_cache_dtype) -> its Speculator. kv_cache_dtype: see load."""
+    engine = Engine(load(checkpoint_path, device, dtype, kv_cache_dtype), compile, compile_prefill,
+                    speculation)
     if batch_size is not None:
         engine.setup(batch_size, max_seq_length)
     return engine

@@ -1,11 +1,11 @@
-"""Generate text with a static KV cache, optionally compiled: completion, chat, interactive chat, benchmarking.
+"""Generate text with a static KV cache, optionally compiled: completion, chat, interactive chat,
+benchmarking.
 
     python generate.py --checkpoint_path checkpoints/ORG/NAME/model.pth --prompt "Hello, my name is"
 
 Generated text goes to stdout; timings go to stderr (and to --json).
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -17,12 +17,12 @@ import torch
 
 import batch as batching
 import speculative
-from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, check_at_least_one, check_writable,
-                 kv_cache_dtype, run_cli, save_atomic)
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, check_at_least_one,
+                 check_writable, kv_cache_dtype, run_cli, save_atomic, save_json)
 from engine import Engine, cache_length, check_fits, common_prefix, load, prepare, tokens_that_fit
 from generation_cli import add_generation_args, check_generation_args, start
-from report import (BANDWIDTH_HELP, FIGURES_HELP, describe, describe_speculation, figures, speculation_figures,
-                    summarize)
+from report import (BANDWIDTH_HELP, FIGURES_HELP, describe, describe_speculation, figures,
+                    speculation_figures, summarize)
 
 
 def chat_in_cache(engine: Engine, tokenizer, args, first: Optional[str], sampling: dict) -> None:
@@ -46,7 +46,8 @@ def chat_in_cache(engine: Engine, tokenizer, args, first: Optional[str], samplin
         print()
         cached = ids + rows[0][:-1]  # the last token was sampled but never fed through the model
         print(f"[{len(ids) - start} prompt tokens prefilled, {start} reused; {len(rows[0])} tokens, "
-              f"{len(rows[0]) / (timing['ttft_s'] + timing['decode_s']):.1f} tok/s]", file=sys.stderr)
+              f"{len(rows[0]) / (timing['ttft_s'] + timing['decode_s']):.1f} tok/s]",
+              file=sys.stderr)
         return text
 
     chat(reply, [] if first is None else [first])
@@ -58,12 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=None,
                    help='text to continue (default "Hello, my name is"); an integer N: a random N-token prompt. '
                         'Repeated: the prompts run as rows of one batch, each as it would alone')
-    p.add_argument("--prompts_file", type=Path, default=None, help="prompts, one a line, run as rows of one batch")
-    p.add_argument("--num_samples", type=int, default=1, help="times to generate (default 1; the first is a warm-up)")
+    p.add_argument("--prompts_file", type=Path, default=None,
+                   help="prompts, one a line, run as rows of one batch")
+    p.add_argument("--num_samples", type=int, default=1,
+                   help="times to generate (default 1; the first is a warm-up)")
     p.add_argument("--batch_size", type=int, default=None,
                    help="copies of the prompt generated at once (default 1); with several prompts, the most rows "
                         "run at once (default: all of them; a row frees for the next prompt when it ends)")
-    p.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (default 1: off)")
+    p.add_argument("--num_beams", type=int, default=1,
+                   help="beam search with this many beams (default 1: off)")
     p.add_argument("--length_penalty", type=float, default=1.0,
                    help="beam search: a finished beam scores log-probability / length ** this (default 1.0)")
     p.add_argument("--early_stopping", choices=["false", "true", "never"], default="false",
@@ -71,13 +75,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "running beam can beat them at its current length; never at its best length (default false)")
     p.add_argument("--num_return_sequences", type=int, default=1,
                    help="beam search: the best beams printed per prompt, at most --num_beams (default 1)")
-    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="write a torch.profiler trace of the last sample")
     add_generation_args(p)
     return p.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], int]:
-    """Checks the flags; returns the prompts (--prompt's, then --prompts_file's lines) and the batch size."""
+    """Checks the flags; returns the prompts (--prompt's, then --prompts_file's lines) and the batch
+    size."""
     check_at_least_one(args, "num_samples", "batch_size", "num_beams", "num_return_sequences")
     if args.num_return_sequences > args.num_beams:
         raise BriskError(f"--num_return_sequences {args.num_return_sequences} exceeds --num_beams {args.num_beams}")
@@ -115,7 +121,8 @@ def encode_prompt(text: Optional[str], args, tokenizer, vocab_size: int) -> tupl
     return tokenizer.encode(text), text
 
 
-def run_batch(args: argparse.Namespace, texts: list[str], batch_size: int, config, tokenizer) -> None:
+def run_batch(args: argparse.Namespace, texts: list[str], batch_size: int, config,
+              tokenizer) -> None:
     """Several prompts as rows of one batch (batch.generate_rows), or beam search
     (batch.beam_search) for each prompt in turn; prints each prompt's text (or num_return_sequences
     beams) in prompt order."""
@@ -124,7 +131,8 @@ def run_batch(args: argparse.Namespace, texts: list[str], batch_size: int, confi
     else:
         prompts = [tokenizer.encode(p) for p in texts]
     longest = max(map(len, prompts))
-    max_seq_length = cache_length(args.max_seq_length, longest + args.max_new_tokens, config.block_size)
+    max_seq_length = cache_length(args.max_seq_length, longest + args.max_new_tokens,
+                                  config.block_size)
     for i, ids in enumerate(prompts):
         if not ids:
             raise BriskError(f"prompt {i + 1} is empty")
@@ -141,8 +149,9 @@ def run_batch(args: argparse.Namespace, texts: list[str], batch_size: int, confi
         early = dict(false=False, true=True, never="never")[args.early_stopping]
         for text, ids in zip(texts, prompts):
             t0 = time.perf_counter()
-            beams = batching.beam_search(batch, ids, max_new_tokens, args.num_beams, args.length_penalty, early,
-                                         args.num_return_sequences, tokenizer.eos_ids)
+            beams = batching.beam_search(batch, ids, max_new_tokens, args.num_beams,
+                                         args.length_penalty, early, args.num_return_sequences,
+                                         tokenizer.eos_ids)
             for tokens, score in beams:
                 stream = TextStream(tokenizer, args.stop)
                 for t in tokens:
@@ -155,7 +164,8 @@ def run_batch(args: argparse.Namespace, texts: list[str], batch_size: int, confi
     for i in range(args.num_samples):
         streams = [TextStream(tokenizer, args.stop) for _ in prompts]
         t0 = time.perf_counter()
-        out, timing = batching.generate_rows(batch, prompts, max_new_tokens, eos_ids=tokenizer.eos_ids,
+        out, timing = batching.generate_rows(batch, prompts, max_new_tokens,
+                                             eos_ids=tokenizer.eos_ids,
                                              on_token=lambda r, t: streams[r].push(t), **sampling)
         total = time.perf_counter() - t0
         for text, stream in zip(texts, streams):
@@ -179,24 +189,27 @@ def main(argv=None) -> None:
     device, dtype, first = args.device, DTYPES[args.dtype], texts[0] if texts else None
     ids, echo = [], None  # a chat has no prompt yet
     if not args.interactive:
-        ids, echo = encode_prompt(first, args, tokenizer, min(tokenizer.vocab_size, config.vocab_size))
+        ids, echo = encode_prompt(first, args, tokenizer,
+                                  min(tokenizer.vocab_size, config.vocab_size))
     needed = None if args.interactive else len(ids) + args.max_new_tokens
     max_seq_length = cache_length(args.max_seq_length, needed, config.block_size)
     check_fits(len(ids), max_seq_length, config.block_size)
     max_new_tokens = tokens_that_fit(args.max_new_tokens, len(ids), max_seq_length)
     if max_new_tokens < args.max_new_tokens and not args.interactive:
-        print(f"note: at most {max_new_tokens} new tokens fit in --max_seq_length {max_seq_length}", file=sys.stderr)
+        print(f"note: at most {max_new_tokens} new tokens fit in --max_seq_length {max_seq_length}",
+              file=sys.stderr)
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     engine = prepare(args.checkpoint_path, device, dtype, batch_size, max_seq_length, args.compile,
                      args.compile_prefill, spec, kv_cache_dtype(args))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    prompt = torch.tensor(ids or [0, 0], device=device)  # a chat has no prompt yet: the warm-up makes one up
+    prompt = torch.tensor(ids or [0, 0], device=device)  # a chat's warm-up makes one up
     compile_s = None
-    if args.compile or args.compile_prefill:  # compile now, so that no sample's (or chat reply's) figures include it
+    if args.compile or args.compile_prefill:  # now, so that no sample's or reply's figures include it
         compile_s = engine.warm_up(prompt, max_new_tokens, batch_size, **sampling)
-    if args.interactive:  # its first turn prefills from position 0, over what the warm-up left in the cache
+    # its first turn prefills from position 0, over what the warm-up left in the cache
+    if args.interactive:
         return chat_in_cache(engine, tokenizer, args, first, sampling)
     samples = []
     for i in range(args.num_samples):
@@ -209,14 +222,14 @@ def main(argv=None) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         profiler = torch.profiler.profile() if args.profile and last else nullcontext()
         with profiler:
-            rows, timing = engine.generate(prompt, max_new_tokens, batch_size, eos_ids=tokenizer.eos_ids,
+            rows, timing = engine.generate(prompt, max_new_tokens, batch_size,
+                                           eos_ids=tokenizer.eos_ids,
                                            on_token=lambda r, t: streams[r].push(t), **sampling)
         outs = [s.finish() for s in streams]
         if batch_size == 1:
             print()
         else:
-            for text in outs:
-                print((echo or "") + text)
+            print("\n".join((echo or "") + text for text in outs))
         samples.append(figures(engine.model, rows, timing, len(ids), engine.weight_bytes, device))
         label = f"sample {i + 1}" + (" (warm-up)" if i == 0 and args.num_samples > 1 else "")
         print(f"{label}: {describe(samples[-1])}", file=sys.stderr)
@@ -224,7 +237,8 @@ def main(argv=None) -> None:
             samples[-1].update(speculation_figures(engine.speculator.stats, spec.k))
             print(f"{label}: {describe_speculation(samples[-1])}", file=sys.stderr)
         if args.profile and last and rank == 0:
-            save_atomic(args.profile, lambda tmp: profiler.export_chrome_trace(str(tmp)), args.force)
+            save_atomic(args.profile, lambda tmp: profiler.export_chrome_trace(str(tmp)),
+                        args.force)
             print(f"wrote profiler trace {args.profile}", file=sys.stderr)
 
     summary = summarize(samples)
@@ -234,12 +248,15 @@ def main(argv=None) -> None:
     if spec is not None:
         print(f"summary: {describe_speculation(summary)}", file=sys.stderr)
     if args.json is not None and rank == 0:
-        cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
-                   compile_prefill=args.compile_prefill, batch_size=batch_size, prompt_tokens=len(ids),
-                   max_new_tokens=max_new_tokens, max_seq_length=max_seq_length, num_samples=args.num_samples,
-                   weight_bytes=engine.weight_bytes, **sampling, compile_s=compile_s, **speculative.settings(spec))
-        report = dict(config=cfg, samples=samples, summary=summary, bandwidth_formula=BANDWIDTH_HELP)
-        save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), args.force)
+        cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype,
+                   compile=args.compile, compile_prefill=args.compile_prefill,
+                   batch_size=batch_size, prompt_tokens=len(ids),
+                   max_new_tokens=max_new_tokens, max_seq_length=max_seq_length,
+                   num_samples=args.num_samples, weight_bytes=engine.weight_bytes, **sampling,
+                   compile_s=compile_s, **speculative.settings(spec))
+        report = dict(config=cfg, samples=samples, summary=summary,
+                      bandwidth_formula=BANDWIDTH_HELP)
+        save_json(args.json, report, args.force)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,15 @@ into the KV cache instead of being computed again, so a long shared context cost
     python generate_prefill.py --context doc.txt --prompt "Summarize it." --prompt "Who wrote it?" --chat \\
         --cache_file doc.cache
 
-Each prompt is the context followed by the prompt text (with --chat: the context is the system message). Without
---context the cache still serves the longest cached beginning of each prompt. Generated text goes to stdout; per
-prompt, the cached and prefilled token counts and the time to first token go to stderr (and to --json).
-The other flags are generate.py's. With a draft model (--draft_checkpoint_path, --draft) its keys/values are cached
-and restored with the target's, so neither prefills a cached prefix again. Under torchrun (tp.py) each rank caches
-its own part of the keys/values, and --cache_file c.pt becomes one file per rank (c.rank0-of-2.pt, ...).
+Each prompt is the context followed by the prompt text (with --chat: the context is the system
+message). Without --context the cache still serves the longest cached beginning of each prompt.
+Generated text goes to stdout; per prompt, the cached and prefilled token counts and the time to
+first token go to stderr (and to --json). The other flags are generate.py's. With a draft model
+(--draft_checkpoint_path, --draft) its keys/values are cached and restored with the target's, so
+neither prefills a cached prefix again. Under torchrun (tp.py) each rank caches its own part of the
+keys/values, and --cache_file c.pt becomes one file per rank (c.rank0-of-2.pt, ...).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 
 import speculative
-from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, kv_cache_dtype, looks_like_path, parse_device,
-                 run_cli, save_atomic)
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, chat, kv_cache_dtype,
+                 looks_like_path, parse_device, run_cli, save_json)
 from engine import cache_length, check_fits, common_prefix, prepare, tokens_that_fit
 from generation_cli import add_generation_args, check_generation_args, start
 from prefix_cache import PrefixCache, check_same_entries, generate_cached, model_meta, rank_file
@@ -70,23 +70,27 @@ class Conversation:
     def encode(self, text: str, history: Sequence[dict] = ()) -> list[int]:
         if self.chat:
             return self.encode_chat([*history, dict(role="user", content=text)])
-        return self.context_ids + self.tokenizer.encode(text, bos=False if self.context_ids else None)
+        return self.context_ids + self.tokenizer.encode(text,
+                                                        bos=False if self.context_ids else None)
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         """A conversation after the context's system message."""
         return self.tokenizer.encode_chat([*self.messages, *messages])
 
     def shared(self, ids: Sequence[int]) -> int:
-        """Leading tokens of ids that belong to the context (a chat template may render them slightly apart)."""
+        """Leading tokens of ids that belong to the context (a chat template may render them
+        slightly apart)."""
         return common_prefix(self.context_ids, ids)
 
 
 def open_cache(args, engine, spec, context_tokens: int, rank: int, world: int) -> tuple[PrefixCache, Optional[Path]]:
     """The prefix cache of the target (and of a draft model, whose keys/values are cached with the
-    target's), loaded from --cache_file (this rank's part) if it exists; returns it and that file."""
+    target's), loaded from --cache_file (this rank's part) if it exists; returns it and that
+    file."""
     models, metas = [engine.model], [model_meta(engine.model, args.checkpoint_path, rank, world)]
-    if engine.speculator is not None and isinstance(engine.speculator.proposer, speculative.DraftModel):
-        models.append(engine.speculator.proposer.model)
+    proposer = engine.speculator and engine.speculator.proposer
+    if isinstance(proposer, speculative.DraftModel):
+        models.append(proposer.model)
         metas.append(model_meta(models[1], spec.draft_path(), rank, world))
     cache = PrefixCache(models, metas, int(args.cache_budget_mb * 2**20), args.cache_device)
     context_bytes = context_tokens * cache.bytes_per_token()
@@ -102,8 +106,10 @@ def open_cache(args, engine, spec, context_tokens: int, rank: int, world: int) -
     return cache, cache_file
 
 
-def close_cache(args, cache: PrefixCache, cache_file: Optional[Path], stats: list[dict], world: int) -> dict:
-    """Print the prompts' summary and the cache's size, save the cache to cache_file; returns the summary."""
+def close_cache(args, cache: PrefixCache, cache_file: Optional[Path], stats: list[dict],
+                world: int) -> dict:
+    """Print the prompts' summary and the cache's size, save the cache to cache_file; returns the
+    summary."""
     s = prefix_summary(stats)
     if s["cold_ttft_s"] is not None and s["cached_ttft_s"] is not None:
         print(f"time to first token: cold {s['cold_ttft_s']:.3f} s (median of {s['cold_prompts']}), cached "
@@ -118,7 +124,7 @@ def close_cache(args, cache: PrefixCache, cache_file: Optional[Path], stats: lis
     return s
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -128,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a file, or text: the shared beginning of every prompt (with --chat: the system message); "
                         "one word with a / or a file extension is a file, and an error if there is none")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    p.add_argument("--prompts_file", type=Path, default=None, help="a file with one prompt per line")
+    p.add_argument("--prompts_file", type=Path, default=None,
+                   help="a file with one prompt per line")
     p.add_argument("--cache_file", type=Path, default=None,
                    help="load the prefix cache from this file if it exists, and save it there at the end")
     p.add_argument("--cache_budget_mb", type=float, default=DEFAULT_BUDGET_MB,
@@ -169,39 +176,46 @@ def main(argv=None) -> None:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    engine = prepare(args.checkpoint_path, device, dtype, 1, max_seq_length, args.compile, args.compile_prefill,
-                     spec, kv_cache_dtype(args))
+    engine = prepare(args.checkpoint_path, device, dtype, 1, max_seq_length, args.compile,
+                     args.compile_prefill, spec, kv_cache_dtype(args))
     model, speculator = engine.model, engine.speculator
     cache, cache_file = open_cache(args, engine, spec, len(conv.context_ids), rank, world)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     compile_s = None
-    if args.compile or args.compile_prefill:  # before the first prompt, so that its cold figures do not include it
-        compile_s = engine.warm_up(torch.tensor([0, 0], device=device), max_seq_length - 1, 1, **sampling)
+    # before the first prompt, so that its cold figures do not include it
+    if args.compile or args.compile_prefill:
+        compile_s = engine.warm_up(torch.tensor([0, 0], device=device), max_seq_length - 1, 1,
+                                   **sampling)
     stats = []
 
     def run_turn(ids: list[int], keep: Optional[int], max_new_tokens: int = args.max_new_tokens,
                  show: bool = True) -> str:
-        """Generate after ids and cache their first `keep` tokens (None: the whole conversation so far)."""
+        """Generate after ids and cache their first `keep` tokens (None: the whole conversation so
+        far)."""
         check_fits(len(ids), max_seq_length, what="the conversation")
         stream = TextStream(tokenizer, args.stop, sys.stdout if show else None)
         new, timing, cached = generate_cached(
-            model, cache, ids, tokens_that_fit(max_new_tokens, len(ids), max_seq_length), eos_ids=tokenizer.eos_ids,
-            on_token=lambda _, t: stream.push(t), prefill_fn=engine.prefill_fn, decode_fn=engine.decode_fn,
+            model, cache, ids, tokens_that_fit(max_new_tokens, len(ids), max_seq_length),
+            eos_ids=tokenizer.eos_ids, on_token=lambda _, t: stream.push(t),
+            prefill_fn=engine.prefill_fn, decode_fn=engine.decode_fn,
             speculator=speculator, **sampling)
         text = stream.finish()
         if show:
             print()
-        if not cache.store(ids + new[:-1] if keep is None else ids[:keep]):  # the last token never went through
-            print("warning: this prompt's keys/values exceed --cache_budget_mb; not cached", file=sys.stderr)
+        # the last token never went through
+        if not cache.store(ids + new[:-1] if keep is None else ids[:keep]):
+            print("warning: this prompt's keys/values exceed --cache_budget_mb; not cached",
+                  file=sys.stderr)
         f = figures(model, [new], timing, len(ids), engine.weight_bytes, device)
-        stats.append(dict(prompt_tokens=len(ids), cached_tokens=cached, prefilled_tokens=len(ids) - cached,
-                          restore_s=timing["restore_s"], **f))
+        stats.append(dict(prompt_tokens=len(ids), cached_tokens=cached,
+                          prefilled_tokens=len(ids) - cached, restore_s=timing["restore_s"], **f))
         if spec is not None:
             stats[-1].update(speculation_figures(speculator.stats, spec.k))
         print(describe_prompt(len(stats), stats[-1], len(cache.models) > 1), file=sys.stderr)
         return text
 
-    if args.interactive:  # each turn's prompt is the whole conversation, whose cached beginning is restored
+    # each turn's prompt is the whole conversation, whose cached beginning is restored
+    if args.interactive:
         chat(lambda messages: run_turn(conv.encode_chat(messages), keep=None), prompts)
     elif prompts:
         for text, ids in zip(prompts, all_ids):
@@ -212,14 +226,16 @@ def main(argv=None) -> None:
 
     s = close_cache(args, cache, cache_file, stats, world)
     if args.json is not None and rank == 0:
-        cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype, compile=args.compile,
-                   compile_prefill=args.compile_prefill, compile_s=compile_s, context_tokens=len(conv.context_ids),
-                   max_new_tokens=args.max_new_tokens, max_seq_length=max_seq_length, **sampling,
-                   cache_file=str(args.cache_file) if args.cache_file else None, cache_budget_mb=args.cache_budget_mb,
-                   **speculative.settings(spec), cached_models=len(cache.models))
+        cfg = dict(checkpoint=str(args.checkpoint_path), device=str(device), dtype=args.dtype,
+                   compile=args.compile, compile_prefill=args.compile_prefill, compile_s=compile_s,
+                   context_tokens=len(conv.context_ids), max_new_tokens=args.max_new_tokens,
+                   max_seq_length=max_seq_length, **sampling,
+                   cache_file=str(args.cache_file) if args.cache_file else None,
+                   cache_budget_mb=args.cache_budget_mb, **speculative.settings(spec),
+                   cached_models=len(cache.models))
         report = dict(config=cfg, prompts=stats, summary=s,
                       cache=dict(entries=len(cache.entries), bytes=cache.nbytes))
-        save_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), args.force)
+        save_json(args.json, report, args.force)
 
 
 if __name__ == "__main__":

@@ -24,21 +24,28 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     check_generation_args checks them."""
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model.pth in a checkpoint directory (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (--prompt: first message)")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="per sample, prompt or turn (default 200)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template")
+    p.add_argument("--interactive", action="store_true",
+                   help="multi-turn chat on stdin (--prompt: first message)")
+    p.add_argument("--max_new_tokens", type=int, default=200,
+                   help="per sample, prompt or turn (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
-    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (default 200)")
+    p.add_argument("--top_k", type=int, default=200,
+                   help="sample from the k most likely tokens (default 200)")
     p.add_argument("--top_p", type=float, default=None,
                    help="then from the fewest tokens whose probability reaches p, in (0, 1] (default: off)")
-    p.add_argument("--stop", nargs="+", default=[], help="stop when one of these strings is generated")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling and random prompts")
+    p.add_argument("--stop", nargs="+", default=[],
+                   help="stop when one of these strings is generated")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for sampling and random prompts")
     add_device_flags(p)
     p.add_argument("--max_seq_length", type=int, default=None,
                    help=f"KV cache length (default: the longest prompt + max_new_tokens, or "
                         f"{INTERACTIVE_MAX_SEQ_LENGTH} with --interactive; at most the model's block_size)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
-    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    p.add_argument("--compile_prefill", action="store_true",
+                   help="compile prefill too (dynamic shapes)")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     p.add_argument("--dist_timeout", type=float, default=None,
                    help=f"under torchrun: seconds a rank waits for the others before failing "
@@ -64,7 +71,8 @@ def start(args: argparse.Namespace, check: Callable[[argparse.Namespace], T]) ->
     """What a generation script does before loading weights: join torchrun's process group, check
     the flags with `check`, then against the model's config. Returns (rank, world, config,
     tokenizer, what `check` returned)."""
-    rank, world = tp.maybe_init_dist(args.dist_timeout)  # under torchrun; ranks other than 0 print nothing
+    # under torchrun; ranks other than 0 print nothing
+    rank, world = tp.maybe_init_dist(args.dist_timeout)
     checked = check(args)
     config = load_config(args.checkpoint_path)
     tp.check_divisible(config, world)

@@ -1,6 +1,7 @@
-"""A prefix cache: the keys/values of prompt beginnings seen before, copied back into the KV cache instead of being
-computed again, kept in memory within a budget and saved to a file. generate_prefill.py is its command line
-(generate_cached); a server keeps one across requests, for the rows of its batch (PrefixBatch).
+"""A prefix cache: the keys/values of prompt beginnings seen before, copied back into the KV cache
+instead of being computed again, kept in memory within a budget and saved to a file.
+generate_prefill.py is its command line (generate_cached); a server keeps one across requests, for
+the rows of its batch (PrefixBatch).
 """
 import hashlib
 import time
@@ -23,7 +24,8 @@ CACHE_FORMAT = "brisk-prefix-cache/2"
 
 
 def fingerprint(checkpoint_path: Path) -> str:
-    """sha256 of the checkpoint's size and first and last MiB: tells checkpoints apart without reading them whole."""
+    """sha256 of the checkpoint's size and first and last MiB: tells checkpoints apart without
+    reading them whole."""
     path, mib = Path(checkpoint_path), 1 << 20
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
@@ -35,7 +37,8 @@ def fingerprint(checkpoint_path: Path) -> str:
 
 
 def model_meta(model: Transformer, checkpoint_path: Path, rank: int = 0, world: int = 1) -> dict:
-    """What a cache file's keys/values belong to: the model (under torchrun: this rank's part) and its weights."""
+    """What a cache file's keys/values belong to: the model (under torchrun: this rank's part) and
+    its weights."""
     return dict(config=model.config.to_dict(), fingerprint=fingerprint(checkpoint_path),
                 split=dict(rank=rank, world=world))
 
@@ -45,7 +48,8 @@ def split_name(split: dict) -> str:
 
 
 def rank_file(path: Path, rank: int, world: int) -> Path:
-    """Under torchrun each rank caches its own part of the keys/values, in its own file: c.pt -> c.rank0-of-2.pt."""
+    """Under torchrun each rank caches its own part of the keys/values, in its own file: c.pt ->
+    c.rank0-of-2.pt."""
     return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}-of-{world}{path.suffix}")
 
 
@@ -54,17 +58,21 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class PrefixCache:
-    """Keys/values of token prefixes, for one or more models that share a tokenizer (say a model and its draft).
+    """Keys/values of token prefixes, for one or more models that share a tokenizer (say a model and
+    its draft).
 
-    An entry maps a prefix (a tuple of token ids, BOS included) to one tensor per model [n_layer, 2, Hkv, n, D]:
-    k and v of batch row 0 at positions 0..n-1, only that slice of the KV cache, as it holds them (an int8 cache:
-    [n_layer, 2, Hkv, n, D + 4], values and scales, cpu.kv_store). Entries are kept in
-    least-recently-used order and evicted beyond `budget_bytes`; they live on `device` (CPU memory by default).
+    An entry maps a prefix (a tuple of token ids, BOS included) to one tensor per model [n_layer, 2,
+    Hkv, n, D]: k and v of batch row 0 at positions 0..n-1, only that slice of the KV cache, as it
+    holds them (an int8 cache: [n_layer, 2, Hkv, n, D + 4], values and scales, cpu.kv_store).
+    Entries are kept in least-recently-used order and evicted beyond `budget_bytes`; they live on
+    `device` (CPU memory by default).
     """
 
-    def __init__(self, models: Sequence[Transformer], metas: Sequence[dict], budget_bytes: int, device="cpu"):
+    def __init__(self, models: Sequence[Transformer], metas: Sequence[dict], budget_bytes: int,
+                 device="cpu"):
         self.models, self.metas = list(models), list(metas)
-        self.dtype = models[0].kv_cache_dtype or models[0].norm.weight.dtype  # the draft's is the target's
+        # the draft's is the target's
+        self.dtype = models[0].kv_cache_dtype or models[0].norm.weight.dtype
         self.budget, self.device = budget_bytes, torch.device(device)
         # copies from pinned memory to the GPU run asynchronously
         self.pin = self.device.type == "cpu" and models[0].norm.weight.device.type == "cuda"
@@ -73,7 +81,8 @@ class PrefixCache:
 
     def shape(self, model: Transformer, n: int) -> tuple:
         c = model.config
-        return (c.n_layer, 2, c.n_local_heads, n, kv_width(c.head_dim, self.dtype))  # [L, 2, Hkv, n, D (int8: D + 4)]
+        # [L, 2, Hkv, n, D (int8: D + 4)]
+        return (c.n_layer, 2, c.n_local_heads, n, kv_width(c.head_dim, self.dtype))
 
     def bytes_per_token(self) -> int:
         return sum(kv_bytes_per_token(m.config, self.dtype) for m in self.models)
@@ -88,9 +97,9 @@ class PrefixCache:
         return best, m
 
     def restore(self, ids: Sequence[int], limit: int, row: int = 0) -> int:
-        """Copy the keys/values of the longest cached prefix of ids, at most `limit` tokens, into batch row `row` of
-        the models' KV caches in place (compiled code and CUDA graphs keep their buffers); returns the number of
-        positions."""
+        """Copy the keys/values of the longest cached prefix of ids, at most `limit` tokens, into
+        batch row `row` of the models' KV caches in place (compiled code and CUDA graphs keep their
+        buffers); returns the number of positions."""
         key, m = self.longest_prefix(ids)
         m = min(m, limit)
         if m == 0:
@@ -104,8 +113,9 @@ class PrefixCache:
         return m
 
     def store(self, ids: Sequence[int], row: int = 0) -> bool:
-        """Keep the keys/values of ids, which batch row `row` of the models' KV caches holds at positions
-        0..len(ids)-1. An entry that ids extends is replaced; False if they alone exceed the budget."""
+        """Keep the keys/values of ids, which batch row `row` of the models' KV caches holds at
+        positions 0..len(ids)-1. An entry that ids extends is replaced; False if they alone exceed
+        the budget."""
         key, n = tuple(ids), len(ids)
         for k in self.entries:
             if len(k) >= n and k[:n] == key:  # already cached
@@ -117,7 +127,8 @@ class PrefixCache:
             self._drop(k)
         kv = []
         for model in self.models:
-            t = torch.empty(self.shape(model, n), dtype=self.dtype, device=self.device, pin_memory=self.pin)
+            t = torch.empty(self.shape(model, n), dtype=self.dtype, device=self.device,
+                            pin_memory=self.pin)
             for i, layer in enumerate(model.layers):
                 t[i, 0].copy_(layer.attention.kv_cache.k_cache[row, :, :n])
                 t[i, 1].copy_(layer.attention.kv_cache.v_cache[row, :, :n])
@@ -156,19 +167,23 @@ class PrefixCache:
             raise BriskError(f"cache file {path} holds {state.get('dtype')} keys/values, this run uses "
                              f"{dtype_name(self.dtype)}: pass {flag} or another --cache_file")
         metas = state.get("models")
-        if not (isinstance(metas, list) and all(isinstance(m, dict) and isinstance(m.get("config"), dict)
-                                                for m in metas)):
+        if not (isinstance(metas, list)
+                and all(isinstance(m, dict) and isinstance(m.get("config"), dict)
+                        for m in metas)):
             raise BriskError(f"cache file {path} is corrupt (no model metadata)")
         if len(metas) != len(self.metas):
             raise BriskError(f"cache file {path} holds the keys/values of {len(metas)} model(s), this run caches "
                              f"{len(self.metas)} (a draft model's are cached with the target's): use another "
                              "--cache_file")
         for theirs, ours in zip(metas, self.metas):
-            if theirs.get("split") != ours["split"]:  # another rank's part, or another split of the model
-                made = split_name(theirs["split"]) if isinstance(theirs.get("split"), dict) else "unknown processes"
+            # another rank's part, or another split of the model
+            if theirs.get("split") != ours["split"]:
+                split = theirs.get("split")
+                made = split_name(split) if isinstance(split, dict) else "unknown processes"
                 raise BriskError(f"cache file {path} was made by {made}, this is {split_name(ours['split'])}")
             if theirs["config"] != ours["config"]:
-                diff = sorted(k for k in ours["config"] if ours["config"][k] != theirs["config"].get(k))
+                diff = sorted(k for k in ours["config"]
+                              if ours["config"][k] != theirs["config"].get(k))
                 raise BriskError(f"cache file {path} was made for another model (config differs in {', '.join(diff)})")
             if theirs.get("fingerprint") != ours["fingerprint"]:
                 raise BriskError(f"cache file {path} was made from another checkpoint (same config, other weights)")
@@ -179,7 +194,8 @@ class PrefixCache:
             tokens, kv = e.get("tokens"), e.get("kv")
             if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens)
                     and isinstance(kv, list) and len(kv) == len(self.models)
-                    and all(isinstance(t, Tensor) and t.dtype == self.dtype and t.shape == self.shape(m, len(tokens))
+                    and all(isinstance(t, Tensor) and t.dtype == self.dtype
+                            and t.shape == self.shape(m, len(tokens))
                             for m, t in zip(self.models, kv))):
                 raise BriskError(f"cache file {path} is corrupt (an entry does not match the model)")
             key = tuple(tokens)
@@ -188,8 +204,8 @@ class PrefixCache:
 
 
 def check_same_entries(cache: PrefixCache) -> None:
-    """Under torchrun every rank must restore the same prefixes (and evict alike), or the ranks would run different
-    computations: their caches must hold the same keys in the same order."""
+    """Under torchrun every rank must restore the same prefixes (and evict alike), or the ranks
+    would run different computations: their caches must hold the same keys in the same order."""
     if not dist.is_initialized():
         return
     digest = int(hashlib.sha256(repr(list(cache.entries)).encode()).hexdigest()[:15], 16)
@@ -200,38 +216,47 @@ def check_same_entries(cache: PrefixCache) -> None:
                          "delete them or use another --cache_file")
 
 
-def generate_cached(model: Transformer, cache: PrefixCache, ids: list[int], max_new_tokens: int, **kwargs):
-    """engine.generate after restoring the longest cached prefix of ids, so only the rest is prefilled. Returns
-    (new tokens, timing with time to first token including the restore, number of cached tokens)."""
+def generate_cached(model: Transformer, cache: PrefixCache, ids: list[int], max_new_tokens: int,
+                    **kwargs):
+    """engine.generate after restoring the longest cached prefix of ids, so only the rest is
+    prefilled. Returns (new tokens, timing with time to first token including the restore, number of
+    cached tokens)."""
     t0 = time.perf_counter()
-    cached = cache.restore(ids, len(ids) - 1)  # the last prompt token is always prefilled: it gives the logits
+    # the last prompt token is always prefilled: it gives the logits
+    cached = cache.restore(ids, len(ids) - 1)
     restore_s = time.perf_counter() - t0
     device = model.norm.weight.device
-    rows, timing = generate(model, torch.tensor(ids, device=device), max_new_tokens, start_pos=cached, **kwargs)
+    rows, timing = generate(model, torch.tensor(ids, device=device), max_new_tokens,
+                            start_pos=cached, **kwargs)
     timing["ttft_s"] += restore_s
     timing["restore_s"] = restore_s
     return rows[0], timing, cached
 
 
 class PrefixBatch(Batch):
-    """batch.Batch whose rows start from the prefix cache: the longest cached beginning of a prompt is copied into
-    its row and only the rest is prefilled; each prompt is then cached in turn.
+    """batch.Batch whose rows start from the prefix cache: the longest cached beginning of a prompt
+    is copied into its row and only the rest is prefilled; each prompt is then cached in turn.
 
         row = batch.add(ids, prefix=cache)   # batch.cached[row]: the prompt tokens restored
         row = batch.add(ids, prefix=cache, n=256)   # chunked: batch.fill(row, ids, 256) until True; then cached
     """
 
-    def __init__(self, model: Transformer, max_rows: int, max_seq_length: int, compile: bool = False):
+    def __init__(self, model: Transformer, max_rows: int, max_seq_length: int,
+                 compile: bool = False):
         super().__init__(model, max_rows, max_seq_length, compile)
         self.cached: dict[int, int] = {}  # row -> prompt tokens restored from the prefix cache
-        self.storing: dict[int, PrefixCache] = {}  # row -> the cache its prompt goes to once prefilled whole
+        # row -> the cache its prompt goes to once prefilled whole
+        self.storing: dict[int, PrefixCache] = {}
 
     @torch.no_grad()
-    def add(self, ids: list[int], prefix: Optional[PrefixCache] = None, n: Optional[int] = None) -> int:
-        """Batch.add after restoring the longest cached beginning of ids; n: chunked, as there (fill does the rest)."""
+    def add(self, ids: list[int], prefix: Optional[PrefixCache] = None,
+            n: Optional[int] = None) -> int:
+        """Batch.add after restoring the longest cached beginning of ids; n: chunked, as there (fill
+        does the rest)."""
         row, start = self.free_row(), 0
         if prefix is not None and 0 < len(ids) <= self.max_seq_length:
-            start = prefix.restore(ids, len(ids) - 1, row)  # the last token is prefilled: it gives the logits
+            # the last token is prefilled: it gives the logits
+            start = prefix.restore(ids, len(ids) - 1, row)
             self.storing[row] = prefix
         super().add(ids, start, row, n)
         self.cached[row] = start

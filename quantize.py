@@ -4,8 +4,8 @@
     python quantize.py --checkpoint_path ... --mode int4 --groupsize 32                   # -> model_int4.g32.pth
     python quantize.py --checkpoint_path ... --mode int4-gptq --groupsize 128             # -> model_int4-gptq.g128.pth
 
-The file is written beside the input and shares its model_config.json and tokenizer; every script loads it like
-any checkpoint. What is quantized, and how, is quant.py's docstring.
+The file is written beside the input and shares its model_config.json and tokenizer; every script
+loads it like any checkpoint. What is quantized, and how, is quant.py's docstring.
 """
 import argparse
 from pathlib import Path
@@ -14,8 +14,8 @@ import torch
 
 from checkpoint import DEFAULT_CHECKPOINT, load_config, load_model, load_state_dict, save_checkpoint
 from cli import ArgumentParser, BriskError, check_writable, parse_device, run_cli
-from quant import (DEFAULT_GROUPSIZE, GROUPSIZES, HEADS, MODES, calibration_samples, gptq_model, output_path,
-                   pydoc_text, quantize_state_dict)
+from quant import (DEFAULT_GROUPSIZE, GROUPSIZES, HEADS, MODES, calibration_samples, gptq_model,
+                   output_path, pydoc_text, quantize_state_dict)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", required=True, help=f"one of {', '.join(MODES)}")
     p.add_argument("--groupsize", type=int, default=None,
                    help=f"int4 inputs per scale/zero point, one of {GROUPSIZES} (default {DEFAULT_GROUPSIZE})")
-    p.add_argument("--head", default="int8", help="the output head (and a tied embedding): int8 (default), or "
+    p.add_argument("--head", default="int8",
+                   help="the output head (and a tied embedding): int8 (default), or "
                    "int4 in the blocks' groups (int4 modes only; CPU decode ~15%% faster, perplexity ~5%% higher; "
                    "written to model_int4.gN.int4-head.pth)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -34,10 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("GPTQ (--mode int4-gptq)")
     g.add_argument("--calibration_file", type=Path, default=None,
                    help="UTF-8 text to calibrate on (default: the first half of CPython's pydoc topic help)")
-    g.add_argument("--calibration_samples", type=int, default=32, help="windows of calibration text")
+    g.add_argument("--calibration_samples", type=int, default=32,
+                   help="windows of calibration text")
     g.add_argument("--calibration_seq_length", type=int, default=256, help="tokens per window")
     g.add_argument("--blocksize", type=int, default=128, help="columns updated together")
-    g.add_argument("--percdamp", type=float, default=0.01, help="diagonal damping, as a fraction of its mean")
+    g.add_argument("--percdamp", type=float, default=0.01,
+                   help="diagonal damping, as a fraction of its mean")
     return p.parse_args(argv)
 
 
@@ -77,18 +80,20 @@ def main(argv=None) -> None:
     if args.mode == "int8":
         quant = {"mode": "int8"}
     else:
-        quant = {"mode": "int4", "groupsize": args.groupsize, "method": "rtn" if args.mode == "int4" else "gptq",
-                 "head": args.head}
+        quant = {"mode": "int4", "groupsize": args.groupsize,
+                 "method": "rtn" if args.mode == "int4" else "gptq", "head": args.head}
     int4_fn = None
     if args.mode == "int4-gptq":
         text = args.calibration_file.read_text() if args.calibration_file else pydoc_text(0)
         samples = calibration_samples(args.checkpoint_path.parent, text, args.calibration_samples,
                                       args.calibration_seq_length)
         model = load_model(args.checkpoint_path, args.device, torch.float32)
-        results = gptq_model(model, samples.to(args.device), args.groupsize, args.blocksize, args.percdamp)
+        results = gptq_model(model, samples.to(args.device), args.groupsize, args.blocksize,
+                             args.percdamp)
         del model
         int4_fn = lambda name, w: tuple(t.cpu() for t in results[name])  # noqa: E731
-    save_checkpoint(quantize_state_dict(sd, config, quant, int4_fn, args.device), out_path, force=args.force)
+    save_checkpoint(quantize_state_dict(sd, config, quant, int4_fn, args.device), out_path,
+                    force=args.force)
     mib = out_path.stat().st_size / 2**20
     print(f"wrote {out_path} ({mib:.1f} MiB)")
 

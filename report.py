@@ -27,8 +27,8 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
-def speed_figures(new: int, tokens: int, batch: int, ttft: float, decode_s: float, prompt_len: int, weights: int,
-                  kv_per_token: int, device) -> dict:
+def speed_figures(new: int, tokens: int, batch: int, ttft: float, decode_s: float, prompt_len: int,
+                  weights: int, kv_per_token: int, device) -> dict:
     """The figures of one generation of `new` tokens per sequence (`tokens` in all, `batch`
     sequences): decode steps yield the tokens after the first, each attending to the prompt and the
     tokens before it (BANDWIDTH_HELP)."""
@@ -36,18 +36,22 @@ def speed_figures(new: int, tokens: int, batch: int, ttft: float, decode_s: floa
     decode_tps = steps / decode_s if steps else None
     bandwidth = None
     if decode_tps is not None:
-        kv = kv_per_token * batch * (prompt_len + (steps + 1) / 2)  # decode step j attends to prompt_len + j
+        # decode step j attends to prompt_len + j
+        kv = kv_per_token * batch * (prompt_len + (steps + 1) / 2)
         bandwidth = (weights + kv) * decode_tps / 1e9
-    return dict(new_tokens=new, tokens_generated=tokens, ttft_s=ttft, decode_s=decode_s, total_s=total,
-                decode_tokens_per_s=decode_tps, e2e_tokens_per_s=new / total,
-                throughput_tokens_per_s=tokens / total, bandwidth_gb_s=bandwidth, peak_memory_gb=peak_memory_gb(device))
+    return dict(new_tokens=new, tokens_generated=tokens, ttft_s=ttft, decode_s=decode_s,
+                total_s=total, decode_tokens_per_s=decode_tps, e2e_tokens_per_s=new / total,
+                throughput_tokens_per_s=tokens / total, bandwidth_gb_s=bandwidth,
+                peak_memory_gb=peak_memory_gb(device))
 
 
-def figures(model: Transformer, rows: list, timing: dict, prompt_len: int, weights: int, device) -> dict:
+def figures(model: Transformer, rows: list, timing: dict, prompt_len: int, weights: int,
+            device) -> dict:
     """speed_figures of a generate() call: its rows of new tokens and its timing."""
     cache = model.layers[0].attention.kv_cache.k_cache
-    return speed_figures(max(map(len, rows)), sum(map(len, rows)), len(rows), timing["ttft_s"], timing["decode_s"],
-                         prompt_len, weights, kv_bytes_per_token(model.config, cache.dtype), device)
+    return speed_figures(max(map(len, rows)), sum(map(len, rows)), len(rows), timing["ttft_s"],
+                         timing["decode_s"], prompt_len, weights,
+                         kv_bytes_per_token(model.config, cache.dtype), device)
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -74,7 +78,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers (quantized weights and scales are buffers) but the token
     embedding's, of which a decode step reads one row; a tied matrix counts once, as the head. Call
     before setup_caches so the KV cache and rotary tables are not counted."""
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]
     tensors = {t.data_ptr(): t for name, t in named if not name.startswith("tok_embeddings.")}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -82,11 +87,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def kv_bytes_per_token(config: ModelArgs, dtype: torch.dtype) -> int:
     """Bytes of keys and values one position holds across the layers, for one sequence, in a cache
     of dtype (int8: with its scales, cpu.kv_width)."""
-    return 2 * config.n_layer * config.n_local_heads * kv_width(config.head_dim, dtype) * dtype.itemsize
+    width = kv_width(config.head_dim, dtype)
+    return 2 * config.n_layer * config.n_local_heads * width * dtype.itemsize
 
 
 def speculation_figures(stats: dict, k: int) -> dict:
-    """acceptance_rate: draft tokens kept / proposed; accepted_per_verification: of k, kept per target pass."""
+    """acceptance_rate: draft tokens kept / proposed; accepted_per_verification: of k, kept per
+    target pass."""
     v = stats["verifications"]
     return dict(speculate_k=k, verifications=v, plain_steps=stats["plain_steps"],
                 acceptance_rate=stats["accepted"] / (k * v) if v else None,
@@ -102,7 +109,8 @@ def describe_speculation(f: dict) -> str:
 
 
 def describe_prompt(i: int, s: dict, draft: bool = False) -> str:
-    """One prompt's figures; with a draft model, its cache is restored and prefilled exactly as the target's."""
+    """One prompt's figures; with a draft model, its cache is restored and prefilled exactly as the
+    target's."""
     tps = "n/a" if s["decode_tokens_per_s"] is None else f"{s['decode_tokens_per_s']:.1f} tok/s"
     both = " (each for the target and the draft)" if draft else ""
     line = (f"[prompt {i}: {s['prompt_tokens']} tokens, {s['cached_tokens']} cached, {s['prefilled_tokens']} "
@@ -111,7 +119,8 @@ def describe_prompt(i: int, s: dict, draft: bool = False) -> str:
 
 
 def prefix_summary(stats: list[dict]) -> dict:
-    """Median time to first token of the prompts prefilled from scratch (cold) and of those that hit the cache."""
+    """Median time to first token of the prompts prefilled from scratch (cold) and of those that hit
+    the cache."""
     cold = [s["ttft_s"] for s in stats if s["cached_tokens"] == 0]
     hot = [s["ttft_s"] for s in stats if s["cached_tokens"] > 0]
     out = dict(cold_prompts=len(cold), cached_prompts=len(hot),

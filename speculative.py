@@ -1,4 +1,5 @@
-"""Speculative decoding: a cheap proposer guesses k tokens, the target checks all of them in one forward pass.
+"""Speculative decoding: a cheap proposer guesses k tokens, the target checks all of them in one
+forward pass.
 
     python generate.py --draft_checkpoint_path checkpoints/ORG/SMALL/model.pth --speculate_k 5   # a draft model
     python generate.py --draft int4                                 # the target quantized to int4 as its own draft
@@ -55,12 +56,13 @@ DEFAULT_K = 5
 SELF_DRAFTS = ("int4", "int8")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The acceptance rule
 
 
 def accept(draft: Tensor, q: Tensor, p: Tensor, greedy: bool = False) -> Tensor:
-    """The tokens [a + 1] one verification yields: the first a draft tokens kept, then one from the target.
+    """The tokens [a + 1] one verification yields: the first a draft tokens kept, then one from the
+    target.
 
     draft: [k] tokens drawn from q: [k, Vq]; p: [k + 1, Vp], the target's distributions after the
     last token taken and after each draft token. Vocabularies padded to different sizes are compared
@@ -70,29 +72,33 @@ def accept(draft: Tensor, q: Tensor, p: Tensor, greedy: bool = False) -> Tensor:
     p, q = F.pad(p, (0, V - p.size(-1))), F.pad(q, (0, V - q.size(-1)))
     i = torch.arange(k, device=p.device)
     ratio = p[i, draft] / q[i, draft]  # q > 0 where the draft drew from
-    rejected = (torch.rand(k, device=p.device) >= ratio).nonzero()  # u < ratio: kept with probability min(1, ratio)
+    # u < ratio: kept with probability min(1, ratio)
+    rejected = (torch.rand(k, device=p.device) >= ratio).nonzero()
     if rejected.numel() == 0:
         return torch.cat([draft, draw(p[k:], greedy).view(1)])  # the bonus token
     a = int(rejected[0])
     residual = (p[a] - q[a]).clamp(min=0)
-    # a rejection implies p(d) < q(d), so the residual has mass; the fallback only guards against rounding
+    # a rejection implies p(d) < q(d), so the residual has mass; the fallback only guards against
+    # rounding
     residual = torch.where(residual.sum() > 0, residual, p[a])
     return torch.cat([draft[:a], draw(residual[None], greedy).view(1)])
 
 
 def verify(model: Transformer, x: Tensor, input_pos: Tensor, attend_len: Optional[int] = None,
            **sampling) -> Tensor:
-    # x: [1, k + 1] (the last token taken, then the k draft tokens) at input_pos: [k + 1] -> p: [k + 1, V]
+    # x: [1, k + 1] (the last token taken, then the k draft tokens) at input_pos: [k + 1] -> p: [k +
+    # 1, V]
     return processed_probs(model(x, input_pos, attend_len=attend_len)[0], **sampling)
 
 
 def step_at(decode_fn: Callable, model: Transformer, token: Tensor, pos: int, sampling: dict):
-    # one decode step of token [1, 1] at host position pos, attending to the cache as far as a compiled step should
-    return decode_fn(model, token, torch.tensor([pos], device=token.device), attend_len=model.attend_len(pos),
-                     **sampling)
+    # one decode step of token [1, 1] at host position pos, attending to the cache as far as a
+    # compiled step should
+    return decode_fn(model, token, torch.tensor([pos], device=token.device),
+                     attend_len=model.attend_len(pos), **sampling)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Proposers
 
 
@@ -101,7 +107,8 @@ class Proposer(Protocol):
     quantized) or the sequence itself (PromptLookup)."""
 
     def prefill(self, x: Tensor, input_pos: Tensor) -> None:
-        """Read the prompt x [1, T] at input_pos [T] (the positions before them are read already)."""
+        """Read the prompt x [1, T] at input_pos [T] (the positions before them are read
+        already)."""
 
     def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool,
                 sampling: dict) -> Optional[tuple[Tensor, Optional[Tensor]]]:
@@ -114,7 +121,8 @@ class Proposer(Protocol):
 
 
 class DraftModel:
-    """A smaller model (or the target quantized) drafts k tokens one by one with its own KV cache."""
+    """A smaller model (or the target quantized) drafts k tokens one by one with its own KV
+    cache."""
 
     def __init__(self, model: Transformer, decode_fn: Callable = decode_one_token):
         self.model, self.decode_fn = model, decode_fn
@@ -122,13 +130,15 @@ class DraftModel:
     def prefill(self, x: Tensor, input_pos: Tensor) -> None:
         self.model(x, input_pos, logits_to_keep=1)  # only the cache is wanted
 
-    def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool, sampling: dict):
+    def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool,
+                sampling: dict):
         if pos + k >= self.model.max_seq_length:  # room for the k draft tokens and a catch-up
             return None
         tokens, qs = [], []
         for i in range(k):
             cur_token, q = step_at(self.decode_fn, self.model, cur_token, pos + i, sampling)
-            cur_token = cur_token.clone()  # a CUDA graph's outputs are overwritten by its next replay
+            # a CUDA graph's outputs are overwritten by its next replay
+            cur_token = cur_token.clone()
             tokens.append(cur_token.view(1))
             if not greedy:
                 qs.append(q.clone())
@@ -153,12 +163,14 @@ class PromptLookup:
     def prefill(self, x: Tensor, input_pos: Tensor) -> None:
         pass
 
-    def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool, sampling: dict):
+    def propose(self, history: list, cur_token: Tensor, pos: int, k: int, greedy: bool,
+                sampling: dict):
         draft = lookup(history, self.max_n, k)
         if draft is None:
             return None
         draft = torch.tensor(draft, dtype=torch.int, device=cur_token.device)
-        return draft, None  # deterministic: Speculator makes q one-hot at the target's vocabulary size
+        # deterministic: Speculator makes q one-hot at the target's vocabulary size
+        return draft, None
 
     def catch_up(self, token: Tensor, pos: int, sampling: dict) -> None:
         pass
@@ -174,13 +186,14 @@ def lookup(seq: list, max_n: int, k: int) -> Optional[list]:
         for j in range(L - 2, n - 2, -1):
             if seq[j] == last and seq[j - n + 1:j + 1] == suffix:
                 out = seq[j + 1:j + 1 + k]
-                while len(out) < k:  # (seq + out)[j + 1 + len(out)]: past the end, out repeats with period L-1-j
+                # (seq + out)[j + 1 + len(out)]: past the end, out repeats with period L-1-j
+                while len(out) < k:
                     out.append(out[j + 1 + len(out) - L])
                 return out
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The decode loop
 
 
@@ -238,7 +251,7 @@ class Speculator:
             yield new.view(1, -1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line: generate.py's --draft_checkpoint_path, --draft, --prompt_lookup, --speculate_k
 
 
@@ -267,20 +280,22 @@ class Speculation:
     prompt_lookup: Optional[int] = None
 
     def draft_path(self) -> Optional[Path]:
-        """The draft model's checkpoint (a self-draft's beside the target's); None for prompt lookup."""
+        """The draft model's checkpoint (a self-draft's beside the target's); None for prompt
+        lookup."""
         if self.draft is not None:
             return self_draft_path(self.checkpoint_path, self.draft)
         return self.draft_checkpoint_path
 
-    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int, compile: bool = False,
-              kv_cache_dtype: Optional[torch.dtype] = None) -> Speculator:
+    def build(self, device: torch.device, dtype: torch.dtype, max_seq_length: int,
+              compile: bool = False, kv_cache_dtype: Optional[torch.dtype] = None) -> Speculator:
         """The Speculator: a draft model is loaded (made first if --draft's file is missing: by rank
         0 alone under torchrun), split across the processes if it can be, and given a cache of
         max_seq_length positions in kv_cache_dtype (the target's: engine.load)."""
         verify_fn, decode_fn = verify, decode_one_token
         if compile:  # k is fixed, so the verify pass has a static shape
             verify_fn = compile_step(verify, device, "the verify pass")  # of the target
-            decode_fn = compile_step(decode_one_token, device, "the draft's decode step")  # set up below
+            # set up below
+            decode_fn = compile_step(decode_one_token, device, "the draft's decode step")
         if self.prompt_lookup is not None:
             return Speculator(PromptLookup(self.prompt_lookup), self.k, verify_fn)
         path = self.draft_path()
@@ -302,8 +317,9 @@ class Speculation:
 
 def settings(spec: Optional[Speculation]) -> dict:
     """The speculation as the scripts' --json files record it."""
-    return dict(draft_checkpoint=spec and spec.draft_checkpoint_path and str(spec.draft_checkpoint_path),
-                draft=spec and spec.draft, prompt_lookup=spec and spec.prompt_lookup, speculate_k=spec and spec.k)
+    return dict(draft_checkpoint=spec and spec.draft_checkpoint_path
+                and str(spec.draft_checkpoint_path), draft=spec and spec.draft,
+                prompt_lookup=spec and spec.prompt_lookup, speculate_k=spec and spec.k)
 
 
 def vocabulary(directory: Path):
@@ -318,7 +334,8 @@ def vocabulary(directory: Path):
         vocab = d.get("model", {}).get("vocab")
         if isinstance(vocab, list):  # Unigram: [piece, score] pairs
             vocab = [v[0] for v in vocab]
-        return "tokenizer.json", vocab, sorted((t["id"], t["content"]) for t in d.get("added_tokens", []))
+        return "tokenizer.json", vocab, sorted((t["id"], t["content"])
+                                               for t in d.get("added_tokens", []))
     for name in ("tokenizer.model", "vocab.json"):  # vocab.json: GPT-2-style, with merges.txt (OPT)
         if (directory / name).is_file():
             return name, (directory / name).read_bytes()
@@ -329,7 +346,8 @@ def speculation(args, config, tokenizer_vocab_size: int, world: int, batch_size:
     """The Speculation of the flags (add_args) of a run of batch_size sequences, each flag checked
     here and only here, with no weights loaded (a draft checkpoint: that it shares the target's
     vocabulary); None when no proposer is given."""
-    given = [f for f, v in (("--draft_checkpoint_path", args.draft_checkpoint_path), ("--draft", args.draft),
+    given = [f for f, v in (("--draft_checkpoint_path", args.draft_checkpoint_path),
+                            ("--draft", args.draft),
                             ("--prompt_lookup", args.prompt_lookup)) if v is not None]
     if len(given) > 1:
         raise BriskError(f"choose one proposer: {' or '.join(given)}")
@@ -337,7 +355,8 @@ def speculation(args, config, tokenizer_vocab_size: int, world: int, batch_size:
         if args.speculate_k is not None:
             raise BriskError("--speculate_k needs --draft_checkpoint_path, --draft or --prompt_lookup")
         return None
-    spec = Speculation(args.checkpoint_path, DEFAULT_K if args.speculate_k is None else args.speculate_k,
+    spec = Speculation(args.checkpoint_path,
+                       DEFAULT_K if args.speculate_k is None else args.speculate_k,
                        args.draft_checkpoint_path, args.draft, args.prompt_lookup)
     if spec.k < 1:
         raise BriskError(f"--speculate_k must be at least 1, got {spec.k}")
@@ -348,12 +367,14 @@ def speculation(args, config, tokenizer_vocab_size: int, world: int, batch_size:
     if spec.draft is not None:
         check_self_draft(spec, config, world)
     if spec.draft_checkpoint_path is not None:
-        check_draft(spec.draft_checkpoint_path, spec.checkpoint_path, min(config.vocab_size, tokenizer_vocab_size))
+        check_draft(spec.draft_checkpoint_path, spec.checkpoint_path,
+                    min(config.vocab_size, tokenizer_vocab_size))
     return spec
 
 
 def check_draft(path: Path, target: Path, needed: int) -> None:
-    """Refuse a draft checkpoint that is missing or does not share the target's vocabulary (of `needed` ids)."""
+    """Refuse a draft checkpoint that is missing or does not share the target's vocabulary (of
+    `needed` ids)."""
     if not path.is_file():
         raise BriskError(f"draft checkpoint not found: {path}")
     target_vocab, draft_vocab = vocabulary(target.parent), vocabulary(path.parent)
@@ -369,15 +390,18 @@ def check_draft(path: Path, target: Path, needed: int) -> None:
 
 
 def self_draft_path(checkpoint_path: Path, mode: str) -> Path:
-    """Where --draft MODE's quantized copy of the target lies: beside it, named as quantize.py names it."""
-    return quant.output_path(checkpoint_path, mode, quant.DEFAULT_GROUPSIZE if mode == "int4" else None)
+    """Where --draft MODE's quantized copy of the target lies: beside it, named as quantize.py names
+    it."""
+    return quant.output_path(checkpoint_path, mode,
+                             quant.DEFAULT_GROUPSIZE if mode == "int4" else None)
 
 
 def check_self_draft(spec: Speculation, config, world: int) -> None:
     path, mode, target = spec.draft_path(), spec.draft, spec.checkpoint_path
     if path.resolve() == target.resolve():
         raise BriskError(f"--draft {mode}: {path} is that model already; pass the float model.pth")
-    if world > 1:  # split like the target (the target's heads and width divide already): int4 groups must fit
+    # split like the target (the target's heads and width divide already): int4 groups must fit
+    if world > 1:
         try:
             tp.check_divisible(config, world, quant.DEFAULT_GROUPSIZE if mode == "int4" else None)
         except BriskError as e:
@@ -385,7 +409,8 @@ def check_self_draft(spec: Speculation, config, world: int) -> None:
                              "processes") from None
     if path.is_file():
         return
-    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:  # rank 0's file would be on one machine only
+    # rank 0's file would be on one machine only
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:
         raise BriskError(f"--draft {mode}: {path} is missing; on several machines make it first with "
                          f"quantize.py --mode {mode}")
     if "__quant__" in load_state_dict(target):  # memory-mapped: reads no weights
@@ -401,14 +426,17 @@ def make_self_draft(checkpoint_path: Path, mode: str, path: Path) -> None:
     if path.is_file():
         return
     sd = load_state_dict(checkpoint_path)
-    print(f"{path} not found: writing it for --draft {mode} (as quantize.py --mode {mode} does)", file=sys.stderr)
-    settings = {"mode": "int8"} if mode == "int8" else {"mode": "int4", "groupsize": quant.DEFAULT_GROUPSIZE,
+    print(f"{path} not found: writing it for --draft {mode} (as quantize.py --mode {mode} does)",
+          file=sys.stderr)
+    settings = {"mode": "int8"} if mode == "int8" else {"mode": "int4",
+                                                        "groupsize": quant.DEFAULT_GROUPSIZE,
                                                         "method": "rtn"}
     save_checkpoint(quant.quantize_state_dict(sd, load_config(checkpoint_path), settings), path)
 
 
 def split_refusal(path: Path, world: int) -> Optional[str]:
-    """Why tp.apply_tp cannot split the model at `path` across `world` processes; None when it can."""
+    """Why tp.apply_tp cannot split the model at `path` across `world` processes; None when it
+    can."""
     settings = load_state_dict(path).get("__quant__") or {}  # memory-mapped: reads no weights
     try:
         tp.check_divisible(load_config(path), world, settings.get("groupsize"))

@@ -1,11 +1,12 @@
-"""Tokenizers for the checkpoints brisk runs, behind one interface, with chat templates and streaming decode.
+"""Tokenizers for the checkpoints brisk runs, behind one interface, with chat templates and
+streaming decode.
 
 `load_tokenizer(checkpoint_dir)` reads, in this order of preference:
   tokenizer.json   a Hugging Face `tokenizers` file (SmolLM2, Qwen2, Llama 3 from the Hub, GGUF conversions)
   vocab.json + merges.txt   GPT-2-style byte-level BPE without a tokenizer.json (OPT, older GPT-2 repos)
   tokenizer.model  a SentencePiece model (Llama 2, Mistral, TinyLlama) or a tiktoken rank file (Meta's Llama 3)
-and tokenizer_config.json / generation_config.json beside it for BOS/EOS, whether to prepend BOS, and the chat
-template. Results match `transformers.AutoTokenizer` on the same files.
+and tokenizer_config.json / generation_config.json beside it for BOS/EOS, whether to prepend BOS,
+and the chat template. Results match `transformers.AutoTokenizer` on the same files.
 """
 import base64
 import functools
@@ -21,11 +22,13 @@ from cli import BriskError
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                   "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
+                   "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|reserved_special_token_4|>", "<|eot_id|>"]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
 
-# Used when the checkpoint has no template of its own; picked by the special tokens the vocabulary has.
+# Used when the checkpoint has no template of its own; picked by the special tokens the vocabulary
+# has.
 LLAMA2_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
     "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
@@ -50,7 +53,8 @@ CHATML_TEMPLATE = (
 
 
 class Tokenizer:
-    """Common behaviour; a backend provides _encode (no BOS, special-token text parsed), decode, token_id."""
+    """Common behaviour; a backend provides _encode (no BOS, special-token text parsed), decode,
+    token_id."""
 
     bos_id: Optional[int] = None
     eos_ids: list = []
@@ -74,8 +78,10 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
-    def _configure(self, directory: Path, bos: Optional[str], eos: Optional[str], add_bos: bool) -> None:
-        """Apply tokenizer_config.json, generation_config.json and chat_template.jinja over a backend's defaults."""
+    def _configure(self, directory: Path, bos: Optional[str], eos: Optional[str],
+                   add_bos: bool) -> None:
+        """Apply tokenizer_config.json, generation_config.json and chat_template.jinja over a
+        backend's defaults."""
         config = _read_json(directory / "tokenizer_config.json")
         bos, eos = _token_text(config.get("bos_token", bos)), _token_text(config.get("eos_token", eos))
         self.bos_token, self.eos_token = bos or "", eos or ""
@@ -84,11 +90,13 @@ class Tokenizer:
         stops = [self.token_id(eos) if eos else None]
         generation_eos = _read_json(directory / "generation_config.json").get("eos_token_id")
         stops += generation_eos if isinstance(generation_eos, list) else [generation_eos]
-        stops += [self.token_id(t) for t in ("<|eot_id|>", "<|im_end|>")]  # end of turn in Llama 3 and ChatML
+        # end of turn in Llama 3 and ChatML
+        stops += [self.token_id(t) for t in ("<|eot_id|>", "<|im_end|>")]
         self.eos_ids = sorted({i for i in stops if i is not None})
 
         template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        if isinstance(template, list):
             template = {t["name"]: t["template"] for t in template}.get("default")
         if template is None and (directory / "chat_template.jinja").is_file():
             template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
@@ -105,16 +113,16 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True,
                             tools: Optional[list] = None) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) with the model's template, as transformers does;
-        `tools` ([{"type": "function", "function": {...}}]) is the template's `tools` variable, left undefined
-        when None."""
+        """Render `messages` ([{"role": ..., "content": ...}]) with the model's template, as
+        transformers does; `tools` ([{"type": "function", "function": {...}}]) is the template's
+        `tools` variable, left undefined when None."""
         import jinja2
 
         extra = {} if tools is None else dict(tools=tools)
         try:
             return _compile(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
-                eos_token=self.eos_token, **self._special_tokens, **extra)
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token, eos_token=self.eos_token, **self._special_tokens, **extra)
         except jinja2.TemplateError as e:
             raise BriskError(f"chat template: {e}") from None
 
@@ -122,9 +130,11 @@ class Tokenizer:
         """Whether the chat template renders tools: it reads the `tools` variable."""
         return _reads_tools(self.chat_template)
 
-    def encode_chat(self, messages: list, add_generation_prompt: bool = True, tools: Optional[list] = None) -> list:
+    def encode_chat(self, messages: list, add_generation_prompt: bool = True,
+                    tools: Optional[list] = None) -> list:
         ids = self._encode(self.apply_chat_template(messages, add_generation_prompt, tools))
-        if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:  # templates often write BOS
+        # templates often write BOS
+        if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids
 
@@ -133,9 +143,10 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns tokens into text as they arrive. Each push decodes a short window of recent tokens and emits what
-    it adds to the text already emitted; the window starts one emitted chunk back so that context-dependent
-    decoding (SentencePiece drops the space of the first token only) comes out as in decode(all ids)."""
+    """Turns tokens into text as they arrive. Each push decodes a short window of recent tokens and
+    emits what it adds to the text already emitted; the window starts one emitted chunk back so that
+    context-dependent decoding (SentencePiece drops the space of the first token only) comes out as
+    in decode(all ids)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -172,7 +183,8 @@ class HFTokenizer(Tokenizer):
         except Exception as e:
             raise BriskError(f"cannot read the tokenizer in {directory}: {str(e).splitlines()[0]}") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        # Without add_bos_token in the config, BOS is whatever the file's post-processor puts first (Llama 3)
+        # Without add_bos_token in the config, BOS is whatever the file's post-processor puts first
+        # (Llama 3)
         plain, full = self.tok.encode("a", add_special_tokens=False).ids, self.tok.encode("a").ids
         added_bos = self.tok.id_to_token(full[0]) if len(full) > len(plain) and full[-len(plain):] == plain else None
         # GPT2Tokenizer's default BOS and EOS, for vocab.json + merges.txt
@@ -190,16 +202,20 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """tokenizer.model of Llama 2 / Mistral / TinyLlama. Control tokens written in the text (`<s>`, `</s>`) become
-    those tokens; the text between them is encoded by SentencePiece piece by piece, each with its dummy-prefix
-    space, as Meta's reference code, llama.cpp and the models' own tokenizer.json (legacy Llama) do."""
+    """tokenizer.model of Llama 2 / Mistral / TinyLlama. Control tokens written in the text (`<s>`,
+    `</s>`) become those tokens; the text between them is encoded by SentencePiece piece by piece,
+    each with its dummy-prefix space, as Meta's reference code, llama.cpp and the models' own
+    tokenizer.json (legacy Llama) do."""
 
     def __init__(self, sp, directory: Path):
         self.sp = sp
         self.vocab_size = sp.get_piece_size()
-        specials = [sp.id_to_piece(i) for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)]
-        specials = sorted(specials, key=len, reverse=True)  # longest first, so no special shadows a longer one
-        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        specials = [sp.id_to_piece(i) for i in range(self.vocab_size) if sp.is_control(i)
+                    or sp.is_unknown(i)]
+        # longest first, so no special shadows a longer one
+        specials = sorted(specials, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, specials))
+                                 + ")") if specials else None
         self._configure(directory, _piece(sp, sp.bos_id()), _piece(sp, sp.eos_id()), True)
 
     def _encode(self, text: str) -> list:
@@ -213,8 +229,8 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids) -> str:
-        # pieces joined as transformers' decoder does: "▁" is a space, <0xNN> pieces are bytes, one leading space
-        # of the whole text is dropped
+        # pieces joined as transformers' decoder does: "▁" is a space, <0xNN> pieces are bytes, one
+        # leading space of the whole text is dropped
         out, pending = [], b""
         for i in ids:
             piece = self.sp.id_to_piece(int(i))
@@ -242,8 +258,8 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
 
         specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
-        self.enc = tiktoken.Encoding(name=directory.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                                     special_tokens=specials)
+        self.enc = tiktoken.Encoding(name=directory.name, pat_str=LLAMA3_PATTERN,
+                                     mergeable_ranks=ranks, special_tokens=specials)
         self.specials, self.ranks = specials, ranks
         self.vocab_size = self.enc.n_vocab
         self._configure(directory, "<|begin_of_text|>", "<|end_of_text|>", True)
@@ -261,18 +277,20 @@ class TiktokenTokenizer(Tokenizer):
 
 
 def _byte_level_bpe(directory: Path):
-    """vocab.json + merges.txt as transformers' GPT2Tokenizer runs them; the config's special tokens (and
-    added_tokens_decoder) written in the text become those tokens."""
+    """vocab.json + merges.txt as transformers' GPT2Tokenizer runs them; the config's special tokens
+    (and added_tokens_decoder) written in the text become those tokens."""
     from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
 
     config = _read_json(directory / "tokenizer_config.json")
-    tok = Backend(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+    tok = Backend(models.BPE.from_file(str(directory / "vocab.json"),
+                                       str(directory / "merges.txt")))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
     tok.decoder = decoders.ByteLevel()
     keys = ("bos_token", "eos_token", "unk_token", "pad_token")
     specials = [_token_text(config.get(k)) for k in keys]
     specials += [_token_text(t) for t in config.get("added_tokens_decoder", {}).values()]
-    if not any(specials) and "<|endoftext|>" in tok.get_vocab():  # GPT2Tokenizer's default BOS, EOS and unknown
+    # GPT2Tokenizer's default BOS, EOS and unknown
+    if not any(specials) and "<|endoftext|>" in tok.get_vocab():
         specials.append("<|endoftext|>")
     tok.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys(specials) if t])
     return tok
@@ -347,9 +365,11 @@ def _compile(template: str):
             raise jinja2.TemplateError(message)
 
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -14,11 +14,12 @@ from huggingface_hub.errors import (GatedRepoError, HFValidationError, HTTPError
 
 from cli import ArgumentParser, BriskError, run_cli  # noqa: E402
 
-# config, tokenizer and generation settings (GPT-2-style repos such as OPT's have vocab.json + merges.txt and no
-# tokenizer.json); Llama-3 repos keep tiktoken's file under original/ beside Meta's consolidated .pth weights,
-# which we never want
-META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "original/tokenizer.model"]
+# config, tokenizer and generation settings (GPT-2-style repos such as OPT's have vocab.json +
+# merges.txt and no tokenizer.json); Llama-3 repos keep tiktoken's file under original/ beside
+# Meta's consolidated .pth weights, which we never want
+META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "vocab.json", "merges.txt", "original/tokenizer.model"]
 SAFETENSORS = ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"]
 PYTORCH_BIN = ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"]
 
@@ -51,11 +52,15 @@ def download(repo_id: str, checkpoint_dir: Path, token: str | None) -> Path:
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repo_id", required=True, help="Hugging Face model repo, e.g. meta-llama/Llama-3.2-1B")
-    p.add_argument("--hf_token", default=None, help="access token for gated or private repos (default: $HF_TOKEN)")
-    p.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"), help="files go to DIR/ORG/NAME")
+    p.add_argument("--repo_id", required=True,
+                   help="Hugging Face model repo, e.g. meta-llama/Llama-3.2-1B")
+    p.add_argument("--hf_token", default=None,
+                   help="access token for gated or private repos (default: $HF_TOKEN)")
+    p.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"),
+                   help="files go to DIR/ORG/NAME")
     args = p.parse_args(argv)
-    local_dir = download(args.repo_id, args.checkpoint_dir, args.hf_token or os.environ.get("HF_TOKEN"))
+    local_dir = download(args.repo_id, args.checkpoint_dir,
+                         args.hf_token or os.environ.get("HF_TOKEN"))
     print(f"downloaded {args.repo_id} to {local_dir}")
 
 

@@ -3,10 +3,11 @@
     python scripts/gguf_retype.py IN.gguf OUT.gguf --type Q8_0
     python scripts/gguf_retype.py IN.gguf OUT.gguf --type Q4_0 --head_type Q8_0   # as quantize.py --mode int4
 
-Used to run llama.cpp on the same weights at the precision brisk runs (F32, BF16, F16, Q8_0, Q4_0, Q4_1) for
-side-by-side benchmarks (bench.py --peers). Norms and other 1-D tensors stay F32, as llama.cpp keeps them.
-`--head_type` gives the output head (`token_embd.weight` when the head is tied to it) its own type, as
-llama.cpp's `llama-quantize --output-tensor-type` does: brisk's int4 checkpoints keep an int8 head.
+Used to run llama.cpp on the same weights at the precision brisk runs (F32, BF16, F16, Q8_0, Q4_0,
+Q4_1) for side-by-side benchmarks (bench.py --peers). Norms and other 1-D tensors stay F32, as
+llama.cpp keeps them. `--head_type` gives the output head (`token_embd.weight` when the head is tied
+to it) its own type, as llama.cpp's `llama-quantize --output-tensor-type` does: brisk's int4
+checkpoints keep an int8 head.
 """
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import ArgumentParser, BriskError, run_cli, save_atomic  # noqa: E402
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
-FILE_TYPES = {name: LlamaFileType["ALL_F32" if name == "F32" else "MOSTLY_" + name] for name in TYPES}
+FILE_TYPES = {name: LlamaFileType["ALL_F32" if name == "F32" else "MOSTLY_" + name]
+              for name in TYPES}
 
 
 def retype(src: Path, dst: Path, qtype: GGMLQuantizationType, force: bool = False,

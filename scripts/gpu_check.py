@@ -1,22 +1,26 @@
-"""Check and measure brisk on a CUDA card in about ten minutes, with no network: the driver of scripts/gpu_check.sh.
+"""Check and measure brisk on a CUDA card in about ten minutes, with no network: the driver of
+scripts/gpu_check.sh.
 
     scripts/gpu_check.sh --out gpu_check                                # Llama-2-7B-shaped weights on cuda
     scripts/gpu_check.sh --device cpu --preset llama-68m --out /tmp/dry  # a dry run of the same steps on the CPU
 
-Stages, each time-boxed (a stage that fails or runs out of time is reported and the others still run):
-  1. tests: the suite's device-aware tests on the device (BRISK_TEST_DEVICE), in float32 and in bfloat16: two
-     pytest processes that run beside stage 2;
-  2. weights: random weights in the preset's shape drawn on the device (scripts/random_checkpoint.py), quantized
-     there to int8, int4 g32 and int4 g128 (quantize.py --device), and written once more as a transformers
-     checkpoint; files already in --weights are reused, so a second run skips this stage;
-  3. bench: bench.py on bf16, int8, int4 g32 and int4 g128 one after the other (with --compile: compiled, CUDA
-     graphs on CUDA); the bf16 run also times transformers' static cache + torch.compile recipe on the same
-     weights (--peers transformers-compile) in alternating rounds;
-  4. report: DIR/gpu_check.json (every figure; each stage's command and log under DIR/logs) and DIR/gpu_check.md
-     (decode tok/s, GB/s and its share of bench.py's copy bandwidth, time to first token, compile time, peak
-     memory, brisk / peer ratios, and the targets for a 7B model on an H100/H200).
-The exit status is 0 when every stage passed. With --device cpu the defaults shrink to a dry run: two tests,
-8 new tokens, one timed iteration, no compilation (the eager transformers peer).
+Stages, each time-boxed (a stage that fails or runs out of time is reported and the others still
+run):
+  1. tests: the suite's device-aware tests on the device (BRISK_TEST_DEVICE), in float32 and in
+     bfloat16: two pytest processes that run beside stage 2;
+  2. weights: random weights in the preset's shape drawn on the device
+     (scripts/random_checkpoint.py), quantized there to int8, int4 g32 and int4 g128 (quantize.py
+     --device), and written once more as a transformers checkpoint; files already in --weights are
+     reused, so a second run skips this stage;
+  3. bench: bench.py on bf16, int8, int4 g32 and int4 g128 one after the other (with --compile:
+     compiled, CUDA graphs on CUDA); the bf16 run also times transformers' static cache +
+     torch.compile recipe on the same weights (--peers transformers-compile) in alternating rounds;
+  4. report: DIR/gpu_check.json (every figure; each stage's command and log under DIR/logs) and
+     DIR/gpu_check.md (decode tok/s, GB/s and its share of bench.py's copy bandwidth, time to first
+     token, compile time, peak memory, brisk / peer ratios, and the targets for a 7B model on an
+     H100/H200).
+The exit status is 0 when every stage passed. With --device cpu the defaults shrink to a dry run:
+two tests, 8 new tokens, one timed iteration, no compilation (the eager transformers peer).
 """
 import argparse
 import json
@@ -39,23 +43,25 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from checkpoint import load_config, load_state_dict  # noqa: E402
-from cli import BriskError, check_writable, parse_device, run_cli, save_atomic  # noqa: E402
+from cli import BriskError, check_writable, parse_device, run_cli, save_atomic, save_json  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
-TEST_FILES = ["tests/test_convert.py", "tests/test_model.py", "tests/test_generate.py", "tests/test_quantize.py",
-              "tests/test_speculative.py", "tests/test_prefill.py"]
+TEST_FILES = ["tests/test_convert.py", "tests/test_model.py", "tests/test_generate.py",
+              "tests/test_quantize.py", "tests/test_speculative.py", "tests/test_prefill.py"]
 DRY_RUN_TESTS = "test_converted_model_matches_transformers and llama2 or test_the_devices_int4_kernel and 32"
 # (label, file, quantize.py arguments)
 PRECISIONS = [("bf16", "model.pth", None), ("int8", "model_int8.pth", ["--mode", "int8"]),
               ("int4 g32", "model_int4.g32.pth", ["--mode", "int4", "--groupsize", "32"]),
               ("int4 g128", "model_int4.g128.pth", ["--mode", "int4", "--groupsize", "128"])]
-NOTES = re.compile(r"(Recompiling function|skipping cudagraphs|graph break).*", re.IGNORECASE)  # in a bench log
-# seconds each stage may take at most (guesses for a 7B model on an H100, where nothing has run yet: the tests beside
-# the weights, then each bench run mostly compiling); stages that no longer fit in --budget_s are skipped
+NOTES = re.compile(r"(Recompiling function|skipping cudagraphs|graph break).*",
+                   re.IGNORECASE)  # in a bench log
+# seconds each stage may take at most (guesses for a 7B model on an H100, where nothing has run yet:
+# the tests beside the weights, then each bench run mostly compiling); stages that no longer fit in
+# --budget_s are skipped
 CAPS = dict(tests=240, random=150, quantize=120, hf=150, bench=200, peer=300)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stages: subprocesses with a time limit, their output in DIR/logs/NAME.log
 
 
@@ -69,14 +75,16 @@ class Stages:
 
     def start(self, name: str, cmd: list, cap: float, env: dict = None) -> dict:
         """Start cmd in its own process group; finish() waits for it."""
-        stage = dict(name=name, cmd=" ".join(map(str, cmd)), log=str(self.logs / f"{name}.log"), status="skipped",
-                     seconds=0.0, limit_s=round(self.left(cap)))
+        stage = dict(name=name, cmd=" ".join(map(str, cmd)), log=str(self.logs / f"{name}.log"),
+                     status="skipped", seconds=0.0, limit_s=round(self.left(cap)))
         if stage["limit_s"] < 5:
             stage["status"] = "skipped: out of time"
             return stage
         with open(stage["log"], "w") as log:
-            stage["proc"] = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                             env={**os.environ, **(env or {})}, start_new_session=True)
+            stage["proc"] = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=log,
+                                             stderr=subprocess.STDOUT,
+                                             env={**os.environ, **(env or {})},
+                                             start_new_session=True)
         stage["t0"] = time.monotonic()
         self.running.append(stage["proc"])
         print(f"[{name}] {stage['cmd']}", file=sys.stderr)
@@ -108,7 +116,8 @@ class Stages:
         proc.wait()
 
     def stop(self) -> None:
-        """End the stages still running (after Ctrl-C or an error: they run in sessions of their own)."""
+        """End the stages still running (after Ctrl-C or an error: they run in sessions of their
+        own)."""
         for proc in self.running:
             self.kill(proc)
 
@@ -117,7 +126,8 @@ class Stages:
 
     def record(self, name: str, fn, cap: float) -> dict:
         """An in-process step, recorded like a stage (not interruptible: for quick steps only)."""
-        stage, t0 = dict(name=name, cmd=f"(in process) {fn.__name__}", status="ok", seconds=0.0), time.monotonic()
+        stage, t0 = dict(name=name, cmd=f"(in process) {fn.__name__}", status="ok",
+                         seconds=0.0), time.monotonic()
         if self.left(cap) < 5:
             stage["status"] = "skipped: out of time"
         else:
@@ -132,32 +142,39 @@ class Stages:
         return stage
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The same weights as a transformers checkpoint, for the peer
 
 
 def hf_config(c) -> dict:
-    """config.json of the transformers model that brisk's ModelArgs describes (Llama, or Qwen2 for q/k/v bias)."""
+    """config.json of the transformers model that brisk's ModelArgs describes (Llama, or Qwen2 for
+    q/k/v bias)."""
     arch, model_type = ("Qwen2ForCausalLM", "qwen2") if c.qkv_bias else ("LlamaForCausalLM", "llama")
     rope_scaling = None if c.rope_scaling is None else dict(rope_type="llama3", **c.rope_scaling)
-    return dict(architectures=[arch], model_type=model_type, hidden_size=c.dim, intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_local_heads,
+    return dict(architectures=[arch], model_type=model_type, hidden_size=c.dim,
+                intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head, num_key_value_heads=c.n_local_heads,
                 head_dim=c.head_dim, vocab_size=c.vocab_size, max_position_embeddings=c.block_size,
-                rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, rope_scaling=rope_scaling, hidden_act="silu",
-                tie_word_embeddings=c.tie_embeddings, attention_bias=False, torch_dtype="bfloat16")
+                rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, rope_scaling=rope_scaling,
+                hidden_act="silu", tie_word_embeddings=c.tie_embeddings, attention_bias=False,
+                torch_dtype="bfloat16")
 
 
 # brisk's names -> transformers' Llama/Qwen2 names (the converter reads these and many more)
-HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
-HF_LAYER_NAMES = {"attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-                  "attention.wo.weight": "self_attn.o_proj.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
-                  "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight"}
+HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight",
+                "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+HF_LAYER_NAMES = {"attention_norm.weight": "input_layernorm.weight",
+                  "ffn_norm.weight": "post_attention_layernorm.weight",
+                  "attention.wo.weight": "self_attn.o_proj.weight",
+                  "feed_forward.w1.weight": "mlp.gate_proj.weight",
+                  "feed_forward.w3.weight": "mlp.up_proj.weight",
+                  "feed_forward.w2.weight": "mlp.down_proj.weight"}
 
 
 def write_hf_checkpoint(checkpoint: Path, out: Path) -> None:
-    """out/config.json and out/model.safetensors holding the float checkpoint's weights under transformers' names
-    (wqkv split into q, k and v; brisk keeps q/k in transformers' rotary layout, so nothing is permuted)."""
+    """out/config.json and out/model.safetensors holding the float checkpoint's weights under
+    transformers' names (wqkv split into q, k and v; brisk keeps q/k in transformers' rotary layout,
+    so nothing is permuted)."""
     c, sd = load_config(checkpoint), load_state_dict(checkpoint)
     hf = {}
     for name, t in sd.items():
@@ -167,22 +184,25 @@ def write_hf_checkpoint(checkpoint: Path, out: Path) -> None:
         i, rest = name.split(".", 2)[1:]
         if rest.startswith("attention.wqkv."):
             leaf = rest.rsplit(".", 1)[1]  # weight or bias
-            sizes = [c.n_head * c.head_dim, c.n_local_heads * c.head_dim, c.n_local_heads * c.head_dim]
+            sizes = [c.n_head * c.head_dim, c.n_local_heads * c.head_dim,
+                     c.n_local_heads * c.head_dim]
             for part, piece in zip("qkv", t.split(sizes)):
                 hf[f"model.layers.{i}.self_attn.{part}_proj.{leaf}"] = piece.contiguous()
         else:
             hf[f"model.layers.{i}.{HF_LAYER_NAMES[rest]}"] = t.contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    save_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(hf_config(c), indent=2)), force=True)
-    save_atomic(out / "model.safetensors", lambda tmp: save_file(hf, str(tmp), metadata={"format": "pt"}), force=True)
+    save_json(out / "config.json", hf_config(c), force=True)
+    save_atomic(out / "model.safetensors",
+                lambda tmp: save_file(hf, str(tmp), metadata={"format": "pt"}), force=True)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading the results
 
 
 def compiler_notes(log: Path, most: int = 8) -> list[str]:
-    """Distinct log lines about recompilations, skipped CUDA graphs and graph breaks (TORCH_LOGS), at most `most`."""
+    """Distinct log lines about recompilations, skipped CUDA graphs and graph breaks (TORCH_LOGS),
+    at most `most`."""
     if not log.is_file():
         return []
     lines = log.read_text(errors="replace").splitlines()
@@ -198,8 +218,9 @@ def test_counts(junit: Path) -> dict:
     n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     failures = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
                 if case.find("failure") is not None or case.find("error") is not None]
-    return dict(passed=n["tests"] - n["failures"] - n["errors"] - n["skipped"], failed=n["failures"] + n["errors"],
-                skipped=n["skipped"], seconds=float(suite.get("time", 0)), failures=failures)
+    return dict(passed=n["tests"] - n["failures"] - n["errors"] - n["skipped"],
+                failed=n["failures"] + n["errors"], skipped=n["skipped"],
+                seconds=float(suite.get("time", 0)), failures=failures)
 
 
 def bench_rows(path: Path) -> tuple[list[dict], dict]:
@@ -210,10 +231,13 @@ def bench_rows(path: Path) -> tuple[list[dict], dict]:
     rows = []
     for r in report["results"]:
         med = {k: v["median"] for k, v in r.get("summary", {}).items()}
-        rows.append(dict(engine=r["engine"], checkpoint=r["checkpoint"], weight_gb=r["weight_bytes"] / 1e9,
-                         decode_tokens_per_s=med.get("decode_tokens_per_s"), bandwidth_gb_s=med.get("bandwidth_gb_s"),
-                         bandwidth_pct=med.get("bandwidth_pct"), ttft_ms=_scale(med.get("ttft_s"), 1e3),
-                         compile_s=r.get("compile_s"), peak_memory_gb=med.get("peak_memory_gb"),
+        rows.append(dict(engine=r["engine"], checkpoint=r["checkpoint"],
+                         weight_gb=r["weight_bytes"] / 1e9,
+                         decode_tokens_per_s=med.get("decode_tokens_per_s"),
+                         bandwidth_gb_s=med.get("bandwidth_gb_s"),
+                         bandwidth_pct=med.get("bandwidth_pct"),
+                         ttft_ms=_scale(med.get("ttft_s"), 1e3), compile_s=r.get("compile_s"),
+                         peak_memory_gb=med.get("peak_memory_gb"),
                          noisy=r.get("noisy"), skipped=r.get("skipped")))
     return rows, report["environment"]
 
@@ -244,7 +268,8 @@ def summarize(results: list[dict], peer: dict, peer_name: str) -> tuple[list[dic
                (f"bf16 decode >= 1.5x {peer_name}", get("bf16", "vs_peer"), 1.5, "x"),
                ("bf16 compile <= 90 s", get("bf16", "compile_s"), 90, "s")]
     rows = [dict(target=t, measured=v, unit=u,
-                 met=None if v is None else (v <= bound if u == "s" else v >= bound)) for t, v, bound, u in targets]
+                 met=None if v is None else (v <= bound if u == "s" else v >= bound))
+            for t, v, bound, u in targets]
     return results, rows
 
 
@@ -267,17 +292,19 @@ def markdown(report: dict) -> str:
                      f"{fmt(r.get('vs_bf16'), '.2f', 'x')} | {fmt(r['bandwidth_gb_s'])} | "
                      f"{fmt(r['bandwidth_pct'], '.0f', '%')} | {fmt(r['ttft_ms'])} | {fmt(r['compile_s'])} | "
                      f"{fmt(r['peak_memory_gb'], '.2f')} | {fmt(r.get('vs_peer'), '.2f', 'x')} |")
-    lines += ["", "Targets for a 7B model on an H100/H200:", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "Targets for a 7B model on an H100/H200:", "", "| target | measured | met |",
+              "|---|---|---|"]
     for t in report["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")
         lines.append(f"| {t['target']} | {fmt(t['measured'], '.2f', t['unit'])} | {met} |")
-    lines += ["", f"Device-aware tests on {a['device']}:", "", "| dtype | passed | failed | skipped | failures |",
-              "|---|---|---|---|---|"]
+    lines += ["", f"Device-aware tests on {a['device']}:", "",
+              "| dtype | passed | failed | skipped | failures |", "|---|---|---|---|---|"]
     if not report["tests"]:
         lines.append("| (not run) | | | | |")
     for dtype, t in report["tests"].items():
         lines.append(f"| {dtype} | {t['passed']} | {t['failed']} | {t['skipped']} | {', '.join(t['failures'])} |")
-    lines += ["", "| stage | status | seconds | notes (an error; recompilations, skipped CUDA graphs) |",
+    lines += ["",
+              "| stage | status | seconds | notes (an error; recompilations, skipped CUDA graphs) |",
               "|---|---|---|---|"]
     for s in report["stages"]:
         notes = "<br>".join(s.get("notes", [])).replace("|", "/")
@@ -285,24 +312,30 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", help="default cuda; cpu makes the defaults a dry run")
-    p.add_argument("--preset", default="Llama-2-7b", help="model.py preset of the random weights (default Llama-2-7b)")
-    p.add_argument("--out", type=Path, default=Path("gpu_check"), help="folder for the report (default gpu_check)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda",
+                   help="default cuda; cpu makes the defaults a dry run")
+    p.add_argument("--preset", default="Llama-2-7b",
+                   help="model.py preset of the random weights (default Llama-2-7b)")
+    p.add_argument("--out", type=Path, default=Path("gpu_check"),
+                   help="folder for the report (default gpu_check)")
     p.add_argument("--weights", type=Path, default=None,
                    help="folder for the weights, kept for the next run (default OUT/weights; 7B: ~41 GB in all)")
-    p.add_argument("--tests", default=None, help="pytest -k expression of the device-aware tests to run (default: "
+    p.add_argument("--tests", default=None,
+                   help="pytest -k expression of the device-aware tests to run (default: "
                    "all; --device cpu: two of them); 'none' skips the tests")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="bench.py --compile and the compiled transformers peer (default: on, off with --device cpu)")
     p.add_argument("--input_tokens", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default 128; --device cpu: 8")
-    p.add_argument("--num_iter", type=int, default=None, help="timed iterations (default 3; --device cpu: 1)")
+    p.add_argument("--num_iter", type=int, default=None,
+                   help="timed iterations (default 3; --device cpu: 1)")
     p.add_argument("--copy_gib", type=float, default=None,
                    help="GiB bench.py copies to measure the copy bandwidth (default 1; --device cpu: 0.25)")
     p.add_argument("--budget_s", type=float, default=600,
@@ -344,7 +377,26 @@ def main(argv=None) -> None:
         raise BriskError(f"not everything passed: {', '.join(bad)} (see {out / 'logs'})")
 
 
-def check(a: argparse.Namespace, device: torch.device, out: Path, weights: Path, stages: Stages) -> dict:
+def make_weights(a: argparse.Namespace, device: torch.device, weights: Path, hf_dir: Path,
+                 stages: Stages) -> None:
+    """The stages that make what is missing of: random weights in the preset's shape, their
+    quantized copies, and transformers' copy in hf_dir."""
+    py, float_ckpt = sys.executable, weights / "model.pth"
+    if not float_ckpt.is_file():
+        stages.run("random-weights",
+                   [py, "scripts/random_checkpoint.py", "--model", a.preset, "--out", weights,
+                    "--device", device, "--force"], CAPS["random"])
+    for label, name, quant in PRECISIONS[1:]:
+        if float_ckpt.is_file() and not (weights / name).is_file():
+            cmd = [py, "quantize.py", "--checkpoint_path", float_ckpt, *quant, "--device", device]
+            stages.run(f"quantize-{label.replace(' ', '-')}", cmd, CAPS["quantize"])
+    if float_ckpt.is_file() and not (hf_dir / "model.safetensors").is_file():
+        stages.record("transformers-weights", lambda: write_hf_checkpoint(float_ckpt, hf_dir),
+                      CAPS["hf"])
+
+
+def check(a: argparse.Namespace, device: torch.device, out: Path, weights: Path,
+          stages: Stages) -> dict:
     """Run the stages; returns the report, also written to out/gpu_check.json."""
     py, t_start = sys.executable, time.monotonic()
 
@@ -354,31 +406,25 @@ def check(a: argparse.Namespace, device: torch.device, out: Path, weights: Path,
         for dtype in ("float32", "bfloat16"):
             junit = out / f"tests-{dtype}.xml"
             junit.unlink(missing_ok=True)
-            cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-k", a.tests] if a.tests else []),
-                   "--junitxml", junit, *TEST_FILES]
+            cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                   *(["-k", a.tests] if a.tests else []), "--junitxml", junit, *TEST_FILES]
             tests[dtype] = stages.start(f"tests-{dtype}", cmd, CAPS["tests"],
-                                        env=dict(BRISK_TEST_DEVICE=str(device), BRISK_TEST_DTYPE=dtype))
+                                        env=dict(BRISK_TEST_DEVICE=str(device),
+                                                 BRISK_TEST_DTYPE=dtype))
 
     # 2. weights
-    float_ckpt, hf_dir = weights / "model.pth", weights / "hf"
-    if not float_ckpt.is_file():
-        stages.run("random-weights", [py, "scripts/random_checkpoint.py", "--model", a.preset, "--out", weights,
-                                      "--device", device, "--force"], CAPS["random"])
-    for label, name, quant in PRECISIONS[1:]:
-        if float_ckpt.is_file() and not (weights / name).is_file():
-            stages.run(f"quantize-{label.replace(' ', '-')}", [py, "quantize.py", "--checkpoint_path", float_ckpt,
-                                                               *quant, "--device", device], CAPS["quantize"])
-    if float_ckpt.is_file() and not (hf_dir / "model.safetensors").is_file():
-        stages.record("transformers-weights", lambda: write_hf_checkpoint(float_ckpt, hf_dir), CAPS["hf"])
+    hf_dir = weights / "hf"
+    make_weights(a, device, weights, hf_dir, stages)
     for dtype, stage in tests.items():  # the benchmarks run alone on the device
         stages.finish(stage)
         tests[dtype] = test_counts(out / f"tests-{dtype}.xml")
 
-    # 3. bench: the peer in the bf16 run; if that run fails, brisk alone, and at the end the peer beside an eager
-    # brisk (so a peer that breaks costs no brisk figure)
+    # 3. bench: the peer in the bf16 run; if that run fails, brisk alone, and at the end the peer
+    #    beside an eager brisk (so a peer that breaks costs no brisk figure)
     peer_name = "transformers-compile" if a.compile else "transformers"
     results, peer, env = [], None, {}
-    bench_env = dict(TORCH_LOGS="recompiles,perf_hints")  # recompilations and skipped CUDA graphs, into the logs
+    # recompilations and skipped CUDA graphs, into the logs
+    bench_env = dict(TORCH_LOGS="recompiles,perf_hints")
     runs = [(label, weights / name, label == "bf16", a.compile) for label, name, _ in PRECISIONS]
     while runs:
         label, ckpt, with_peer, compiled = runs.pop(0)
@@ -387,11 +433,13 @@ def check(a: argparse.Namespace, device: torch.device, out: Path, weights: Path,
             continue
         tag = label.replace(" ", "-") + ("+peer" if with_peer and label != "peer" else "")
         figures = out / f"bench-{tag}.json"
-        figures.unlink(missing_ok=True)  # a stale file of an earlier run must not stand in for this one
+        # a stale file of an earlier run must not stand in for this one
+        figures.unlink(missing_ok=True)
         cmd = [py, "bench.py", "--checkpoint_path", ckpt, "--device", device, "--dtype", "bfloat16",
-               "--input-tokens", a.input_tokens, "--max-new-tokens", a.max_new_tokens, "--num-iter", a.num_iter,
-               "--warmup", 1, "--copy_gib", a.copy_gib, "--force", "--json", figures]
-        cmd += (["--compile"] if compiled else []) + (["--peers", peer_name, "--hf_model", hf_dir] if with_peer else [])
+               "--input-tokens", a.input_tokens, "--max-new-tokens", a.max_new_tokens, "--num-iter",
+               a.num_iter, "--warmup", 1, "--copy_gib", a.copy_gib, "--force", "--json", figures]
+        cmd += (["--compile"] if compiled else []) + (["--peers", peer_name, "--hf_model", hf_dir]
+                                                      if with_peer else [])
         stage = stages.run(f"bench-{tag}", cmd, CAPS["peer" if with_peer else "bench"], bench_env)
         stage["notes"] = stage.get("notes", []) + compiler_notes(Path(stage["log"]))
         if stage["status"] != "ok" and with_peer and label != "peer":
@@ -409,15 +457,18 @@ def check(a: argparse.Namespace, device: torch.device, out: Path, weights: Path,
     results, targets = summarize(results, peer, peer_name)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = dict(
-        environment=dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device=str(device),
-                         device_name=name, torch=torch.__version__, cuda=torch.version.cuda,
-                         transformers=version("transformers"), python=platform.python_version(),
-                         device_copy_gb_s=env.get("device_copy_gb_s"), total_s=round(time.monotonic() - t_start, 1)),
+        environment=dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                         device=str(device), device_name=name, torch=torch.__version__,
+                         cuda=torch.version.cuda, transformers=version("transformers"),
+                         python=platform.python_version(),
+                         device_copy_gb_s=env.get("device_copy_gb_s"),
+                         total_s=round(time.monotonic() - t_start, 1)),
         settings=dict(device=str(device), preset=a.preset, input_tokens=a.input_tokens,
-                      max_new_tokens=a.max_new_tokens, num_iter=a.num_iter, compile=a.compile, tests=a.tests,
-                      weights=str(weights)),
-        results=results, peer_name=peer_name, peer=peer, targets=targets, tests=tests, stages=stages.done)
-    save_atomic(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str)), True)
+                      max_new_tokens=a.max_new_tokens, num_iter=a.num_iter, compile=a.compile,
+                      tests=a.tests, weights=str(weights)),
+        results=results, peer_name=peer_name, peer=peer, targets=targets, tests=tests,
+        stages=stages.done)
+    save_json(out / "gpu_check.json", report, True)
     return report
 
 

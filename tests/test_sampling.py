@@ -1,5 +1,5 @@
-"""sampling.py: the one sampler (temperature, top-k, top-p, min-p, a request's own generator), the per-row
-penalties and logit_bias, log-probabilities, and the stop rule."""
+"""sampling.py: the one sampler (temperature, top-k, top-p, min-p, a request's own generator), the
+per-row penalties and logit_bias, log-probabilities, and the stop rule."""
 import pytest
 import torch
 
@@ -21,7 +21,8 @@ def test_top_k_keeps_the_k_most_likely_tokens_renormalized():
     torch.testing.assert_close(probs, expected)
 
 
-@pytest.mark.parametrize("top_p, kept", [(0.3, [0]), (0.75, [0, 1]), (0.85, [0, 1, 2]), (1.0, [0, 1, 2, 3])])
+@pytest.mark.parametrize("top_p, kept",
+                         [(0.3, [0]), (0.75, [0, 1]), (0.85, [0, 1, 2]), (1.0, [0, 1, 2, 3])])
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     probs = sampling.logits_to_probs(p.log(), temperature=1.0, top_p=top_p)
@@ -36,7 +37,8 @@ def test_top_p_keeps_the_most_likely_token_even_when_it_alone_exceeds_p():
 
 
 def test_samples_follow_the_truncated_distribution():
-    # 8 tokens; top-k 5 drops three, then top-p 0.9 drops the least likely survivor: 4 remain, 3 degrees of freedom
+    # 8 tokens; top-k 5 drops three, then top-p 0.9 drops the least likely survivor: 4 remain, 3
+    # degrees of freedom
     logits = torch.tensor([2.0, 1.5, -3.0, 1.0, 0.2, -2.0, 0.5, -4.0])
     kw = dict(temperature=0.8, top_k=5, top_p=0.9)
     probs = sampling.logits_to_probs(logits[None], **kw)[0]
@@ -94,7 +96,8 @@ def test_a_generator_alone_decides_a_requests_draws():
 def test_penalties_and_logit_bias_follow_openais_formula():
     logits = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     tokens = [1, 3, 3, 3]
-    out = sampling.Penalties(presence=0.5, frequency=0.25, bias={0: 10.0, 4: -100.0})(tokens, logits)
+    out = sampling.Penalties(presence=0.5, frequency=0.25,
+                             bias={0: 10.0, 4: -100.0})(tokens, logits)
     #    logit - frequency * count - presence * (count > 0) + bias
     want = [1 + 10, 2 - 0.25 - 0.5, 3, 4 - 0.75 - 0.5, 5 - 100]
     torch.testing.assert_close(out, torch.tensor(want))

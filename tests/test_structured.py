@@ -1,6 +1,6 @@
-"""structured.py: grammars that mask a row's logits (llguidance, the default model's real tokenizer), tools in the
-prompt, tool calls parsed out of replies; then greedy decodes of the real model under the mask, whose outputs parse
-and validate."""
+"""structured.py: grammars that mask a row's logits (llguidance, the default model's real
+tokenizer), tools in the prompt, tool calls parsed out of replies; then greedy decodes of the real
+model under the mask, whose outputs parse and validate."""
 import json
 from typing import Annotated, Literal
 
@@ -11,14 +11,8 @@ import torch
 import structured as st
 from batch import Batch
 from checkpoint import load_model
+from helpers import Person
 from tokenizer import load_tokenizer
-
-
-class Person(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")  # additionalProperties: false, as OpenAI's strict schemas
-    name: str
-    age: int
-    role: Literal["admin", "user"]
 
 
 class Badge(pydantic.BaseModel):
@@ -37,7 +31,8 @@ class Weather(pydantic.BaseModel):
 
 
 def tool(name: str, params: type) -> st.Tool:
-    return st.Tool(type="function", function=st.Function(name=name, description=f"{name} of a place",
+    return st.Tool(type="function", function=st.Function(name=name,
+                                                         description=f"{name} of a place",
                                                          parameters=params.model_json_schema()))
 
 
@@ -62,7 +57,8 @@ def grammars(tok):
 
 @pytest.fixture(scope="module")
 def decode(real_checkpoint, tok, grammars):
-    """decode(spec, messages, max_tokens) -> the greedy reply of the real model (fp32, CPU) under spec's mask."""
+    """decode(spec, messages, max_tokens) -> the greedy reply of the real model (fp32, CPU) under
+    spec's mask."""
     batch = Batch(load_model(real_checkpoint, "cpu", torch.float32), 1, 1024)
 
     def run(spec: st.Spec, messages: list, max_tokens: int = 150) -> str:
@@ -95,10 +91,11 @@ def parse(parser: st.ToolParser, text: str, piece: int = 0) -> tuple:
     for p in pieces + [None]:
         c, k = parser.push(p) if p is not None else parser.finish()
         content, calls = content + c, calls + k
-    return content, [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    return content, [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                     for c in calls]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tool calls out of text
 
 @pytest.mark.parametrize("piece", [0, 1, 3])
@@ -107,43 +104,53 @@ def test_tool_call_blocks_become_calls_and_the_rest_content_streamed_or_not(piec
             '</tool_call>\n<tool_call>\n{"name": "get_person", "arguments": {"name": "Ada"}}\n</tool_call>')
     content, calls = parse(st.ToolParser({"get_weather", "get_person"}), text, piece)
     assert content == "Let me look.\n\n"
-    assert calls == [(0, "get_weather", dict(city="Paris", unit="celsius")), (1, "get_person", dict(name="Ada"))]
+    assert calls == [(0, "get_weather", dict(city="Paris", unit="celsius")),
+                     (1, "get_person", dict(name="Ada"))]
 
 
 @pytest.mark.parametrize("piece", [0, 1])
 def test_text_that_only_looks_like_a_call_stays_content(piece):
     names = {"get_weather"}
-    for text in ['a < b and <tool_ is not <tool_call', '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>',
-                 '<tool_call>{not json}</tool_call> after', '{"name": "other"}', '[1, 2]', 'plain text']:
+    for text in ['a < b and <tool_ is not <tool_call',
+                 '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>',
+                 '<tool_call>{not json}</tool_call> after', '{"name": "other"}', '[1, 2]',
+                 'plain text']:
         assert parse(st.ToolParser(names), text, piece) == (text, [])
 
 
 def test_a_reply_that_is_all_json_is_read_as_calls_llama_style():
     names = {"get_weather"}
-    assert parse(st.ToolParser(names), ' {"name": "get_weather", "parameters": {"city": "Oslo"}}', 2) == \
+    assert parse(st.ToolParser(names), ' {"name": "get_weather", "parameters": {"city": "Oslo"}}',
+                 2) == \
         ("", [(0, "get_weather", dict(city="Oslo"))])
     two = '[{"name": "get_weather", "arguments": {"city": "A"}}, {"name": "get_weather", "arguments": "{}"}]'
-    assert parse(st.ToolParser(names), two)[1] == [(0, "get_weather", dict(city="A")), (1, "get_weather", {})]
+    assert parse(st.ToolParser(names), two)[1] == [(0, "get_weather", dict(city="A")),
+                                                   (1, "get_weather", {})]
     # a call cut off before its closing tag (the model stopped at end of turn) is still a call
-    assert parse(st.ToolParser(names), 'ok <tool_call>\n{"name": "get_weather", "arguments": {}}\n') == \
+    assert parse(st.ToolParser(names),
+                 'ok <tool_call>\n{"name": "get_weather", "arguments": {}}\n') == \
         ("ok ", [(0, "get_weather", {})])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Requests: checks, and tools in the prompt
 
 @pytest.mark.parametrize("kwargs,param", [
     (dict(response_format=st.ResponseFormat(type="json_schema", json_schema=st.JsonSchema(
         schema=dict(type="object", properties=dict(a=dict(type="integer", minimum="x")))))),
      "response_format"),
-    (dict(response_format=st.ResponseFormat(type="json_schema", json_schema=st.JsonSchema(schema=dict(type="foo")))),
+    (dict(response_format=st.ResponseFormat(type="json_schema",
+                                            json_schema=st.JsonSchema(schema=dict(type="foo")))),
      "response_format"),
-    (dict(tools=[st.Tool(type="function", function=st.Function(name="f", parameters={"$ref": "#/nowhere"}))]),
+    (dict(tools=[st.Tool(type="function",
+                         function=st.Function(name="f", parameters={"$ref": "#/nowhere"}))]),
      "tools[0].function.parameters"),
-    (dict(tools=TOOLS, tool_choice=st.NamedToolChoice(type="function", function=st.FunctionName(name="nope"))),
+    (dict(tools=TOOLS, tool_choice=st.NamedToolChoice(type="function",
+                                                      function=st.FunctionName(name="nope"))),
      "tool_choice"),
     (dict(tool_choice="required"), "tool_choice"),
-    (dict(tools=TOOLS, tool_choice="required", response_format=st.ResponseFormat(type="json_object")),
+    (dict(tools=TOOLS, tool_choice="required",
+          response_format=st.ResponseFormat(type="json_object")),
      "response_format"),
 ])
 def test_invalid_requests_are_refused_with_the_parameter_at_fault(grammars, kwargs, param):
@@ -159,14 +166,18 @@ def test_a_tool_message_must_answer_an_earlier_call(grammars):
     st.Spec(grammars, tools=TOOLS).prompt(answered)
     for bad in ("call_2", None):
         with pytest.raises(st.RequestError, match="tool_call_id"):
-            st.Spec(grammars, tools=TOOLS).prompt(answered[:2] + [dict(role="tool", tool_call_id=bad, content="x")])
+            st.Spec(grammars, tools=TOOLS).prompt(answered[:2]
+                                                  + [dict(role="tool", tool_call_id=bad,
+                                                          content="x")])
 
 
 def test_a_template_without_tools_gets_the_generic_format(tok, grammars):
     assert not tok.has_tool_format()  # SmolLM2-135M-Instruct's template
-    call = st.ToolCall(id="call_1", function=st.FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))
+    call = st.ToolCall(id="call_1", function=st.FunctionCall(name="get_weather",
+                                                             arguments='{"city": "Paris"}'))
     messages = [dict(role="system", content="Be brief.")] + WEATHER + [
-        dict(role="assistant", content=None, tool_calls=[call]), dict(role="tool", tool_call_id="call_1", content="21")]
+        dict(role="assistant", content=None, tool_calls=[call]),
+        dict(role="tool", tool_call_id="call_1", content="21")]
     text = render(tok, st.Spec(grammars, tools=TOOLS), messages)
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n") and text.count("<|im_start|>system") == 1
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather", ' in text
@@ -183,14 +194,15 @@ def test_a_template_with_tools_renders_them_itself(tok, grammars, monkeypatch):
                 "{{ c.function.name }}{{ c.function.arguments.city }}{% endfor %}]{% endfor %}")
     monkeypatch.setattr(tok, "chat_template", template)
     assert tok.has_tool_format()
-    call = st.ToolCall(id="c", function=st.FunctionCall(name="get_weather", arguments='{"city": "Oslo"}'))
+    call = st.ToolCall(id="c", function=st.FunctionCall(name="get_weather",
+                                                        arguments='{"city": "Oslo"}'))
     messages = WEATHER + [dict(role="assistant", content=None, tool_calls=[call]),
                           dict(role="tool", tool_call_id="c", content="21")]
     assert render(tok, st.Spec(grammars, tools=TOOLS), messages, add_generation_prompt=False) == \
         f'TOOLS["get_weather", "get_person"][user:{WEATHER[0]["content"]}][assistant:get_weatherOslo][tool:21]'
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The mask
 
 def test_the_mask_leaves_allowed_logits_as_they_were_and_forbids_the_rest(tok, grammars):
@@ -200,8 +212,10 @@ def test_the_mask_leaves_allowed_logits_as_they_were_and_forbids_the_rest(tok, g
     allowed = masked > -torch.inf
     assert torch.equal(masked[allowed], logits[allowed]) and logits is not masked
     starts = [tok.decode([i]) for i in allowed.nonzero().flatten().tolist()]
-    assert starts and all('{"city": '.startswith(s) for s in starts), starts  # the reply can only begin so
-    assert constraint.mask(torch.randn(49160))[49152:].eq(-torch.inf).all()  # padded vocabularies: never past it
+    # the reply can only begin so
+    assert starts and all('{"city": '.startswith(s) for s in starts), starts
+    # padded vocabularies: never past it
+    assert constraint.mask(torch.randn(49160))[49152:].eq(-torch.inf).all()
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -218,7 +232,7 @@ def test_any_draw_under_the_mask_is_valid_json_of_the_schema(tok, grammars, seed
     Badge.model_validate_json(tok.decode([t for t in out if t not in tok.eos_ids]))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The real model, greedy, under the mask
 
 def test_greedy_json_schema_reply_validates(decode, grammars):
@@ -233,7 +247,8 @@ def test_greedy_json_object_reply_is_json(decode, grammars):
     assert isinstance(json.loads(text), dict), text
 
 
-@pytest.mark.parametrize("choice", ["required", st.NamedToolChoice(type="function", function=st.FunctionName(
+@pytest.mark.parametrize("choice", ["required",
+                                    st.NamedToolChoice(type="function", function=st.FunctionName(
     name="get_weather"))])
 def test_greedy_required_or_named_tool_call_has_arguments_of_its_schema(decode, grammars, choice):
     spec = st.Spec(grammars, tools=TOOLS, tool_choice=choice)

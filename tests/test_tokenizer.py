@@ -1,5 +1,6 @@
-"""tokenizer.py against transformers on the same files: a byte-level BPE tokenizer.json, a SentencePiece model,
-a Llama 3 tiktoken rank file and the real SmolLM2 tokenizer. Also chat templates and streaming decode."""
+"""tokenizer.py against transformers on the same files: a byte-level BPE tokenizer.json, a
+SentencePiece model, a Llama 3 tiktoken rank file and the real SmolLM2 tokenizer. Also chat
+templates and streaming decode."""
 import base64
 import json
 
@@ -36,7 +37,7 @@ def stream(tok, ids) -> list:
     return [decoder.push(i) for i in ids] + [decoder.flush()]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Byte-level BPE tokenizer.json (the tiny one the other tests use)
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,8 @@ def test_bpe_matches_transformers(bpe_dir):
         ids = tok.encode(text)
         assert ids == ref.encode(text), text
         assert tok.decode(ids) == ref.decode(ids) == text
-    assert tok.encode("<|im_end|>") == [tok.token_id("<|im_end|>")]  # special-token text is the special token
+    # special-token text is the special token
+    assert tok.encode("<|im_end|>") == [tok.token_id("<|im_end|>")]
     assert (tok.bos_id, tok.add_bos, tok.vocab_size) == (ref.bos_token_id, False, len(ref))
     assert tok.eos_ids == [ref.eos_token_id]
 
@@ -68,7 +70,8 @@ def test_bpe_chat_template_matches_transformers(bpe_dir):
     for gen in (True, False):
         text = tok.apply_chat_template(MESSAGES, add_generation_prompt=gen)
         assert text == ref.apply_chat_template(MESSAGES, add_generation_prompt=gen, tokenize=False)
-        expected = ref.apply_chat_template(MESSAGES, add_generation_prompt=gen, tokenize=True, return_dict=True)
+        expected = ref.apply_chat_template(MESSAGES, add_generation_prompt=gen, tokenize=True,
+                                           return_dict=True)
         assert tok.encode_chat(MESSAGES, add_generation_prompt=gen) == expected["input_ids"]
     assert text.endswith("<|im_start|>user\nCount to three.<|im_end|>\n")
 
@@ -86,7 +89,7 @@ def test_bpe_streaming_is_byte_exact(bpe_dir):
     assert decoder.push(first_byte) == "" and decoder.flush() == "\ufffd"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # SentencePiece tokenizer.model (Llama 2 style, with byte fallback)
 
 @pytest.fixture(scope="module")
@@ -95,28 +98,31 @@ def sp_dir(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("sp")
     spm.SentencePieceTrainer.train(  # Llama 2's trainer settings, tiny
-        sentence_iterator=iter(_CORPUS * 8), model_prefix=str(directory / "tokenizer"), vocab_size=400,
-        model_type="bpe", byte_fallback=True, character_coverage=0.995, add_dummy_prefix=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
-        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+        sentence_iterator=iter(_CORPUS * 8), model_prefix=str(directory / "tokenizer"),
+        vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=0.995,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
+        minloglevel=2)
     config = dict(tokenizer_class="LlamaTokenizer", bos_token={"content": "<s>", "special": True},
-                  eos_token={"content": "</s>", "special": True}, unk_token="<unk>", add_bos_token=True,
-                  chat_template=LLAMA2_TEMPLATE)
+                  eos_token={"content": "</s>", "special": True}, unk_token="<unk>",
+                  add_bos_token=True, chat_template=LLAMA2_TEMPLATE)
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
 
 
 def llama_reference(directory):
-    """transformers' LlamaTokenizer over the SentencePiece vocabulary. AutoTokenizer builds this from
-    tokenizer.model, but needs protobuf to read the file, so the vocabulary is handed over directly. `legacy`
-    gives each text piece between special tokens its dummy-prefix space, as Llama's own tokenizer.json does."""
+    """transformers' LlamaTokenizer over the SentencePiece vocabulary. AutoTokenizer builds this
+    from tokenizer.model, but needs protobuf to read the file, so the vocabulary is handed over
+    directly. `legacy` gives each text piece between special tokens its dummy-prefix space, as
+    Llama's own tokenizer.json does."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
     from transformers.tokenization_utils_base import generate_merges
 
     sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    ref = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, legacy=True)
+    ref = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_bos_token=True,
+                         legacy=True)
     ref.chat_template = LLAMA2_TEMPLATE
     return sp, ref
 
@@ -135,9 +141,9 @@ def test_sentencepiece_matches_transformers(sp_dir):
 
 
 def test_sentencepiece_leading_whitespace_follows_sentencepiece(sp_dir):
-    # SentencePiece always adds its dummy-prefix space; transformers' Metaspace skips it when the text (or the
-    # text after a special token) already starts with a space. The model was trained on SentencePiece's
-    # pieces, and llama.cpp does the same, so we follow SentencePiece.
+    # SentencePiece always adds its dummy-prefix space; transformers' Metaspace skips it when the
+    # text (or the text after a special token) already starts with a space. The model was trained on
+    # SentencePiece's pieces, and llama.cpp does the same, so we follow SentencePiece.
     sp, _ = llama_reference(sp_dir)
     tok = load_tokenizer(sp_dir)
     for text in LEADING_SPACE:
@@ -154,9 +160,11 @@ def test_sentencepiece_chat_template_matches_transformers(sp_dir):
     assert text == ref.apply_chat_template(messages, tokenize=False)
     assert text == "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi! Ça va? 🙂 [/INST]"
     ids = tok.encode_chat(messages)
-    assert ids[:2] != [1, 1] and ids == ref.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert ids[:2] != [1, 1] and ids == ref.apply_chat_template(messages, tokenize=True,
+                                                                return_dict=True)["input_ids"]
     with pytest.raises(BriskError, match="alternate"):
-        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+        tok.apply_chat_template([{"role": "user", "content": "a"},
+                                 {"role": "user", "content": "b"}])
 
 
 def test_sentencepiece_streaming_keeps_spaces(sp_dir):
@@ -167,10 +175,11 @@ def test_sentencepiece_streaming_keeps_spaces(sp_dir):
         assert "".join(pieces) == tok.decode(ids), text
         assert not any("\ufffd" in p for p in pieces)
     pieces = stream(tok, tok.encode("Hello world", bos=False))
-    assert "".join(pieces) == "Hello world" and any(p.startswith(" ") for p in pieces)  # "▁w..." keeps its space
+    # "▁w..." keeps its space
+    assert "".join(pieces) == "Hello world" and any(p.startswith(" ") for p in pieces)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Llama 3 tiktoken rank file
 
 @pytest.fixture(scope="module")
@@ -185,10 +194,12 @@ def tiktoken_dir(tmp_path_factory):
 
 
 def test_tiktoken_matches_transformers(tiktoken_dir):
-    # transformers converts Llama 3's tokenizer.model into a tokenizers BPE with the same specials after the ranks
+    # transformers converts Llama 3's tokenizer.model into a tokenizers BPE with the same specials
+    # after the ranks
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    ref = TikTokenConverter(str(tiktoken_dir / "tokenizer.model"), extra_special_tokens=LLAMA3_SPECIALS).converted()
+    ref = TikTokenConverter(str(tiktoken_dir / "tokenizer.model"),
+                            extra_special_tokens=LLAMA3_SPECIALS).converted()
     tok = load_tokenizer(tiktoken_dir)
     n = 400  # byte-pair ranks; the 256 special tokens follow
     assert (tok.vocab_size, tok.bos_id, tok.add_bos) == (n + 256, n, True)
@@ -211,7 +222,7 @@ def test_tiktoken_fallback_chat_template(tiktoken_dir):
     assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configuration files
 
 def test_config_files_and_fallbacks(tmp_path):
@@ -230,14 +241,15 @@ def test_config_files_and_fallbacks(tmp_path):
 
 
 def test_missing_or_bad_tokenizer_is_one_line_error(tmp_path):
-    with pytest.raises(BriskError, match="no tokenizer.json, vocab.json .+ merges.txt or tokenizer.model"):
+    with pytest.raises(BriskError,
+                       match="no tokenizer.json, vocab.json .+ merges.txt or tokenizer.model"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"\x00\x01 garbage\n")
     with pytest.raises(BriskError, match="neither a SentencePiece model nor a tiktoken rank file"):
         load_tokenizer(tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The real SmolLM2 tokenizer, as written by scripts/convert_gguf.py
 
 def test_real_tokenizer_matches_transformers(real_checkpoint):
@@ -250,7 +262,9 @@ def test_real_tokenizer_matches_transformers(real_checkpoint):
         ids = tok.encode(text)
         assert ids == ref.encode(text) and tok.decode(ids) == text, text
         assert "".join(stream(tok, ids)) == text
-    assert tok.encode("2024") == [tok.token_id(d) for d in "2024"]  # SmolLM2 splits digits one by one
+    # SmolLM2 splits digits one by one
+    assert tok.encode("2024") == [tok.token_id(d) for d in "2024"]
     text = tok.apply_chat_template(MESSAGES[1:2])
-    assert text == ref.apply_chat_template(MESSAGES[1:2], tokenize=False, add_generation_prompt=True)
+    assert text == ref.apply_chat_template(MESSAGES[1:2], tokenize=False,
+                                           add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")

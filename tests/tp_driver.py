@@ -1,15 +1,17 @@
-"""Greedy decoding of checkpoints on the CPU, alone or under torchrun with tp.py, for tests/test_tp.py.
+"""Greedy decoding of checkpoints on the CPU, alone or under torchrun with tp.py, for
+tests/test_tp.py.
 
     torchrun --standalone --nproc_per_node 2 tests/tp_driver.py --out result.pt CHECKPOINT...
 
 Rank 0 saves {checkpoint: {"logits": [steps, V], "tokens": [steps]} or {"error": message}} to --out.
---stall_after/--crash_after make rank 1 hang/exit after that many decode steps, to check that the other ranks fail
-instead of waiting forever.
+--stall_after/--crash_after make rank 1 hang/exit after that many decode steps, to check that the
+other ranks fail instead of waiting forever.
 
     torchrun ... tests/tp_driver.py --out result.pt --speculate "--draft int8 --temperature 0.8" ... CHECKPOINT
 
-decodes with engine.generate and the speculator that generate.py's speculation flags (and --temperature, --seed)
-build; rank 0 saves {(checkpoint, flags): {"tokens": [each rank's tokens], "stats": speculator.stats}}.
+decodes with engine.generate and the speculator that generate.py's speculation flags (and
+--temperature, --seed) build; rank 0 saves {(checkpoint, flags): {"tokens": [each rank's tokens],
+"stats": speculator.stats}}.
 """
 import argparse
 import os
@@ -33,15 +35,16 @@ PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]
 @torch.no_grad()
 def decode(checkpoint_path: Path, steps: int, compile: bool = False, loaded: bool = False,
            on_step=lambda step: None) -> dict:
-    """Logits of the last prompt position and of each greedy step after it, [steps, V], and the tokens [steps].
-    `loaded`: split the model after loading it rather than while loading."""
+    """Logits of the last prompt position and of each greedy step after it, [steps, V], and the
+    tokens [steps]. `loaded`: split the model after loading it rather than while loading."""
     if loaded:
         model = load_model(checkpoint_path, "cpu", torch.float32)
         tp.apply_tp(model)
     else:
         model = load_model(checkpoint_path, "cpu", torch.float32, transform=tp.apply_tp)
     model.setup_caches(1, len(PROMPT) + steps)
-    # aot_eager: the same tracing as Inductor (a graph break fails) without its minute of code generation
+    # aot_eager: the same tracing as Inductor (a graph break fails) without its minute of code
+    # generation
     step = torch.compile(model, fullgraph=True, backend="aot_eager") if compile else model
     logits = model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))[:, -1]  # [1, V]
     all_logits, tokens = [], []
@@ -49,8 +52,10 @@ def decode(checkpoint_path: Path, steps: int, compile: bool = False, loaded: boo
         all_logits.append(logits[0])
         tokens.append(int(logits.argmax()))
         on_step(i)
-        pos = len(PROMPT) + i  # a compiled model reads no position on the host: it is given attend_len
-        logits = step(torch.tensor([[tokens[-1]]]), torch.tensor([pos]), attend_len=model.attend_len(pos))[:, -1]
+        # a compiled model reads no position on the host: it is given attend_len
+        pos = len(PROMPT) + i
+        logits = step(torch.tensor([[tokens[-1]]]), torch.tensor([pos]),
+                      attend_len=model.attend_len(pos))[:, -1]
     return dict(logits=torch.stack(all_logits), tokens=tokens)
 
 
@@ -67,7 +72,8 @@ def speculation_flags(text: str) -> argparse.Namespace:
 
 @torch.no_grad()
 def speculate(checkpoint_path: Path, text: str, steps: int, world: int) -> dict:
-    """`steps` tokens after PROMPT from engine.generate with the speculator built as generate.py builds it."""
+    """`steps` tokens after PROMPT from engine.generate with the speculator built as generate.py
+    builds it."""
     args = speculation_flags(text)
     args.checkpoint_path = checkpoint_path
     config = load_config(checkpoint_path)
