@@ -53,7 +53,6 @@ INDUCTOR_OPTIONS = {
 }
 
 INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantizing + one GEMM
-INT4_DEQUANTIZE_MIN_ROWS = 512  # from this many rows on dequantizing + one GEMM beats brisk's int4 kernel
 INT8_BLOCK = 32  # inputs per block of activations the int8 kernel rounds to int8 (cpu_kernels.cpp), as Q8_0
 INT4_ROWS = 16  # weight rows a block of brisk's int4 layout interleaves (cpu_int4.cpp): N must be a multiple
 
@@ -149,20 +148,19 @@ def register_fakes() -> None:
 
 
 def kernel_rows(x: Tensor, weight: Tensor) -> bool:
-    """True for a product of 1 to FEW_ROWS rows of bf16 activations with a bf16 weight on a CPU with brisk's kernel
-    (either path)."""
-    return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() <= FEW_ROWS * x.shape[-1] and kernel_isa() > 0)
+    """True for a product of bf16 activations with a bf16 weight on a CPU with brisk's kernel (either path), of any
+    number of rows: each row reduced in one order, a prompt's whole, in chunks or one position at a time alike."""
+    return x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and kernel_isa() > 0
 
 
 ATTEND_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # those cpu_kernels.cpp's attend is built for
 
 
 def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
-    """True where brisk's kernel computes a few queries' attention (model.attend's contract, a tile of keys loaded
-    once for the queries that read it): a cache in fp32, bf16 or int8 (kv_store) on a CPU with the kernel, a head
-    size in ATTEND_HEAD_DIMS, a bool or fp32 mask."""
-    return (mask is not None and mask.dtype in (torch.bool, torch.float32) and q.device.type == "cpu"
+    """True where brisk's kernel computes attention, a step's or a prompt's (model.attend's contract, a tile of keys
+    loaded once for the queries that read it): a cache in fp32, bf16 or int8 (kv_store) on a CPU with the kernel, a head
+    size in ATTEND_HEAD_DIMS, a bool, fp32 or int64 (last positions: model.forward) mask."""
+    return (mask is not None and mask.dtype in (torch.bool, torch.float32, torch.long) and q.device.type == "cpu"
             and k.dtype in KV_DTYPES.values() and q.shape[-1] in ATTEND_HEAD_DIMS and kernel_isa() > 0)
 
 
@@ -176,12 +174,12 @@ def two_rows_cost_one(model: nn.Module) -> bool:
 
 
 def rows_product(x: Tensor, weight: Tensor) -> Tensor:
-    # x [..., K] bf16 (up to FEW_ROWS rows), weight [N, K] bf16 -> [..., N] fp32, each row as if alone
+    # x [..., K] bf16 (any rows), weight [N, K] bf16 -> [..., N] fp32, each row as if alone
     return torch.ops.brisk.rows_product(x, weight, kernel_isa()).view(*x.shape[:-1], weight.shape[0])
 
 
 def int8_rows_product(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    # x [..., K] (up to FEW_ROWS rows), weight [N, K] int8, scales [N] -> [..., N] fp32, each row as if alone
+    # x [..., K] (any rows), weight [N, K] int8, scales [N] -> [..., N] fp32, each row as if alone
     return torch.ops.brisk.int8_rows_product(x, weight, scales, kernel_isa()).view(*x.shape[:-1], weight.shape[0])
 
 
@@ -235,8 +233,9 @@ def per_row(x: Tensor, product) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose products of up to FEW_ROWS rows on the CPU reduce each row as if alone: in brisk's kernel
-    (kernel_rows), else compiled in Inductor's loop (one_row_on_cpu), else eagerly one row at a time (per_row)."""
+    """nn.Linear whose products on the CPU reduce each row as if alone: bf16 ones, of any number of rows, in brisk's
+    kernel (kernel_rows); otherwise those of up to FEW_ROWS rows compiled in Inductor's loop (one_row_on_cpu), else
+    eagerly one row at a time (per_row)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if kernel_rows(x, self.weight):

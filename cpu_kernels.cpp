@@ -37,16 +37,22 @@ static void check_isa(int64_t isa, const char* op) {
   TORCH_CHECK(isa >= 1 && isa <= best, op, ": instruction set ", isa, " is not one this CPU runs (1 to ", best, ")");
 }
 
-// Every weight row once, in tiles the threads share out: rows(n, ld, RR) computes weight rows n, n + ld, ... (RR of
-// them); tiles of R rows a quarter of the weight apart (four memory streams), the last N % R rows one by one
+constexpr int64_t ROW_BLOCK_BYTES = 1 << 18;  // activations a block of rows holds: they stay in the L2 cache
+
+// Every weight row once per block of rows, in tiles the threads share out: rows(n, ld, RR, m0, m1) computes weight
+// rows n, n + ld, ... (RR of them) for the rows m0..m1-1 of activations; tiles of R rows a quarter of the weight apart
+// (four memory streams), the last N % R rows one by one. Many rows (a prompt's) go in blocks of row_bytes each up to
+// ROW_BLOCK_BYTES, which each thread's tiles of weight rows pass in turn: a block is read from the L2 cache, not
+// memory, once per tile
 template <typename Rows>
-static void over_weight(int64_t N, const Rows& rows) {
-  const int64_t nb = N / R;
+static void over_weight(int64_t N, int64_t M, int64_t row_bytes, const Rows& rows) {
+  const int64_t nb = N / R, mb = std::max<int64_t>(4, ROW_BLOCK_BYTES / row_bytes / 4 * 4);
   at::parallel_for(0, nb + N % R, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; n++) {
-      if (n < nb) rows(n, nb, std::integral_constant<int, R>{});
-      else rows(n + (R - 1) * nb, 0, std::integral_constant<int, 1>{});
-    }
+    for (int64_t m0 = 0; m0 < M; m0 += mb)
+      for (int64_t n = begin; n < end; n++) {
+        if (n < nb) rows(n, nb, std::integral_constant<int, R>{}, m0, std::min(M, m0 + mb));
+        else rows(n + (R - 1) * nb, 0, std::integral_constant<int, 1>{}, m0, std::min(M, m0 + mb));
+      }
   });
 }
 
@@ -169,10 +175,10 @@ at::Tensor rows_product(const at::Tensor& x_, const at::Tensor& w_, int64_t isa)
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
-  over_weight(N, [&](int64_t n, int64_t ld, auto rr) {
+  over_weight(N, M, K * sizeof(at::BFloat16), [&](int64_t n, int64_t ld, auto rr, int64_t m0, int64_t m1) {
     constexpr int RR = decltype(rr)::value;
-    if (isa == 2) rows_bf16<RR, true>(xp, wp + n * K, yp + n, M, K, N, ld * K, ld);
-    else rows_bf16<RR, false>(xp, wp + n * K, yp + n, M, K, N, ld * K, ld);
+    if (isa == 2) rows_bf16<RR, true>(xp + m0 * K, wp + n * K, yp + m0 * N + n, m1 - m0, K, N, ld * K, ld);
+    else rows_bf16<RR, false>(xp + m0 * K, wp + n * K, yp + m0 * N + n, m1 - m0, K, N, ld * K, ld);
   });
   return y;
 }
@@ -335,9 +341,10 @@ AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, cons
     for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = sum8(acc[t][r]) * (float)sw[r * ldy_r];
 }
 
+// rows m0..m1-1 of the quantized activations against RR weight rows (ldw apart), in tiles of 4 (AVX-512), 2 and 1
 template <int RR, bool Wide, typename S>
-static void rows_int8(const QuantRows& q, const int8_t* w, const S* sw, float* y, int64_t M, int64_t K,
-                      int64_t N, int64_t ldw, int64_t ldy_r) {
+static void rows_int8(const QuantRows& q, const int8_t* w, const S* sw, float* y, int64_t m0, int64_t m1,
+                      int64_t K, int64_t N, int64_t ldw, int64_t ldy_r) {
   const int64_t Kp = q.Kp;
   auto tile = [&](auto tt, int64_t m) {
     constexpr int T = decltype(tt)::value;
@@ -347,21 +354,21 @@ static void rows_int8(const QuantRows& q, const int8_t* w, const S* sw, float* y
     if constexpr (Wide) tile_int8_avx512<T, RR>(xa, se, w, sw, y + m * N, K, Kp, ldw, N, ldy_r);
     else tile_int8_avx2<T, RR>(xq, xa, se, w, sw, y + m * N, K, Kp, ldw, N, ldy_r);
   };
-  int64_t m = 0;
+  int64_t m = m0;
   if constexpr (Wide)
-    for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>{}, m);
-  for (; m + 2 <= M; m += 2) tile(std::integral_constant<int, 2>{}, m);
-  for (; m < M; m++) tile(std::integral_constant<int, 1>{}, m);
+    for (; m + 4 <= m1; m += 4) tile(std::integral_constant<int, 4>{}, m);
+  for (; m + 2 <= m1; m += 2) tile(std::integral_constant<int, 2>{}, m);
+  for (; m < m1; m++) tile(std::integral_constant<int, 1>{}, m);
 }
 
 template <typename X, typename S>
 static void int8_rows(const X* x, const int8_t* w, const S* sw, float* y, int64_t M, int64_t K, int64_t N,
                       int64_t isa) {
   const QuantRows& q = quantize_rows(x, M, K, isa);
-  over_weight(N, [&](int64_t n, int64_t ld, auto rr) {
+  over_weight(N, M, q.Kp * 2, [&](int64_t n, int64_t ld, auto rr, int64_t m0, int64_t m1) {  // xq or xa, and se
     constexpr int RR = decltype(rr)::value;
-    if (isa == 2) rows_int8<RR, true>(q, w + n * K, sw + n, y + n, M, K, N, ld * K, ld);
-    else rows_int8<RR, false>(q, w + n * K, sw + n, y + n, M, K, N, ld * K, ld);
+    if (isa == 2) rows_int8<RR, true>(q, w + n * K, sw + n, y + n, m0, m1, K, N, ld * K, ld);
+    else rows_int8<RR, false>(q, w + n * K, sw + n, y + n, m0, m1, K, N, ld * K, ld);
   });
 }
 
@@ -504,27 +511,41 @@ AVX512 static inline __m512 tile_scores(const float* q, const float* t) {
   return acc[0];
 }
 
-// The lanes of positions j0..j0+15 that the mask lets through (false where it is false, or -inf, or past S), and
-// what it adds to their scores (a float mask: ALiBi)
+// Whether a query attends position j, and what its mask adds to the score: a bool mask (true), a float one (not -inf;
+// ALiBi's bias), or a last position (j <= m[0]: causal attention without a [T, S] mask)
+template <typename Mask>
+static inline bool attended(const Mask* m, int64_t ms, int64_t j, float& add) {
+  add = 0.0f;
+  if constexpr (std::is_same_v<Mask, int64_t>) return j <= m[0];
+  else if constexpr (std::is_same_v<Mask, bool>) return m[j * ms];
+  else return (add = m[j * ms]) != -INFINITY;
+}
+
+// The lanes of positions j0..j0+15 that the mask lets through (attended, and before S), and what it adds to their
+// scores (a float mask: ALiBi)
 template <typename Mask>
 AVX512 static inline __mmask16 mask_tile(const Mask* m, int64_t ms, int64_t j0, int64_t S, __m512& add) {
   const __mmask16 live = S - j0 >= 16 ? 0xffff : (1u << (S - j0)) - 1;
   add = _mm512_setzero_ps();
-  if (ms == 1 && std::is_same_v<Mask, bool>) {
-    const __m128i b = _mm_maskz_loadu_epi8(live, m + j0);
-    return _mm_test_epi8_mask(b, b);
+  if constexpr (std::is_same_v<Mask, int64_t>) {
+    return live & ((1u << std::clamp<int64_t>(m[0] - j0 + 1, 0, 16)) - 1);
+  } else {
+    if (ms == 1 && std::is_same_v<Mask, bool>) {
+      const __m128i b = _mm_maskz_loadu_epi8(live, m + j0);
+      return _mm_test_epi8_mask(b, b);
+    }
+    __m512 mj;
+    if (ms == 1) {
+      mj = _mm512_maskz_loadu_ps(live, m + j0);
+    } else {  // a mask broadcast along positions
+      alignas(64) float f[16];
+      for (int j = 0; j < 16; j++) f[j] = j0 + j < S ? (float)m[(j0 + j) * ms] : 0.0f;
+      mj = _mm512_load_ps(f);
+    }
+    if constexpr (std::is_same_v<Mask, bool>) return live & _mm512_cmp_ps_mask(mj, add, _CMP_NEQ_OQ);
+    add = mj;
+    return live & _mm512_cmp_ps_mask(mj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
   }
-  __m512 mj;
-  if (ms == 1) {
-    mj = _mm512_maskz_loadu_ps(live, m + j0);
-  } else {  // a mask broadcast along positions
-    alignas(64) float f[16];
-    for (int j = 0; j < 16; j++) f[j] = j0 + j < S ? (float)m[(j0 + j) * ms] : 0.0f;
-    mj = _mm512_load_ps(f);
-  }
-  if constexpr (std::is_same_v<Mask, bool>) return live & _mm512_cmp_ps_mask(mj, add, _CMP_NEQ_OQ);
-  add = mj;
-  return live & _mm512_cmp_ps_mask(mj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
 }
 
 // Queries qs[0..Q) of one key/value head, each computed alone and in one order whatever the other queries and the
@@ -636,9 +657,8 @@ AVX2 static void attend_query_avx2(const Query<C, Mask>& q, int64_t S, float* s)
   for (int c = 0; c < NV; c++) qv[c] = _mm256_loadu_ps(q.q + 8 * c);
   float mx = -INFINITY;
   for (int64_t j = 0; j < S; j++) {
-    const Mask mj = q.m[j * q.ms];
-    const float add = std::is_same_v<Mask, bool> ? 0.0f : (float)mj;
-    if (std::is_same_v<Mask, bool> ? !mj : add == -INFINITY) {
+    float add;
+    if (!attended(q.m, q.ms, j, add)) {
       s[j] = -INFINITY;
       continue;
     }
@@ -680,10 +700,9 @@ static void attend_query_ref(const Query<C, Mask>& q, int64_t S, float* s) {
   const float scale = 1.0f / std::sqrt((float)D);
   float mx = -INFINITY, total = 0.0f;
   for (int64_t j = 0; j < S; j++) {
-    const Mask mj = q.m[j * q.ms];
-    const float add = std::is_same_v<Mask, bool> ? 0.0f : (float)mj;
+    float add;
     s[j] = -INFINITY;
-    if (std::is_same_v<Mask, bool> ? !mj : add == -INFINITY) continue;
+    if (!attended(q.m, q.ms, j, add)) continue;
     float dot = 0.0f;
     for (int i = 0; i < D; i++) dot += q.q[i] * value(q.k.at(j), i);
     s[j] = dot * scale + add;
@@ -696,15 +715,19 @@ static void attend_query_ref(const Query<C, Mask>& q, int64_t S, float* s) {
   for (int i = 0; i < D; i++) q.y[i] /= total;
 }
 
+constexpr int64_t MAX_RUN = 64;  // queries per run at most: a prompt's scores [run, S] do not grow with its length
+
 // Every query of attend's arguments, in runs that the threads share out: queries in the order (key/value head, row,
 // head of its group, position), cut into runs within a key/value head, of a length that gives each thread two runs
+// (at most MAX_RUN)
 template <int NC, typename C, typename Mask, int Isa>
 static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
                        const int64_t* prefix, at::Tensor& y) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Hkv = k.size(1), S = k.size(2), D = 16 * NC;
   const int64_t G = H / Hkv, per = B * G * T;  // queries per key/value head
   const int64_t cuts = std::max<int64_t>(1, (2 * at::get_num_threads() + Hkv - 1) / Hkv);
-  const int64_t run = (per + cuts - 1) / cuts, runs = (per + run - 1) / run;  // runs per key/value head
+  const int64_t run = std::min(MAX_RUN, (per + cuts - 1) / cuts);
+  const int64_t runs = (per + run - 1) / run;  // runs per key/value head
   const int64_t unit = sizeof(C) / k.element_size();  // elements of the cache per C: an int8 block's D + 4, else 1
   const C *kp = (const C*)k.data_ptr(), *vp = (const C*)v.data_ptr();
   at::parallel_for(0, Hkv * runs, 1, [&](int64_t begin, int64_t end) {
@@ -737,6 +760,7 @@ template <int NC, typename C, int Isa>
 static void attend_masks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
                          const int64_t* prefix, at::Tensor& y) {
   if (m.scalar_type() == at::kBool) attend_all<NC, C, bool, Isa>(q, k, v, m, prefix, y);
+  else if (m.scalar_type() == at::kLong) attend_all<NC, C, int64_t, Isa>(q, k, v, m, prefix, y);
   else attend_all<NC, C, float, Isa>(q, k, v, m, prefix, y);
 }
 
@@ -756,11 +780,12 @@ static void attend_nc(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   else attend_types<NC, 0>(q, k, v, m, prefix, y);
 }
 
-// Decode attention: q [B, H, T, D] fp32, k v [B, Hkv, S, D] fp32 or bf16, or [B, Hkv, S, D + 4] int8 (block_kv8) (D
-// contiguous; D 16, 32, 48, 64, 80, 96, 128 or 256), a mask that broadcasts to [B, H, T, S], bool or float -> [B, H,
-// T, D] fp32. As model.attend: each (row, head, query) alone, in one order. prefix: none, or [B, 2] ints: row b's
-// first prefix[b, 1] positions are alike in row b + prefix[b, 0] (a hint: where that row is outside 0..B-1 the row's
-// own are read). isa: 2 AVX-512, 1 AVX2, 0 the scalar reference.
+// Attention (a decode step's, a prompt's): q [B, H, T, D] fp32, k v [B, Hkv, S, D] fp32 or bf16, or [B, Hkv, S, D + 4]
+// int8 (block_kv8) (D contiguous; D 16, 32, 48, 64, 80, 96, 128 or 256), a mask that broadcasts to [B, H, T, S], bool
+// or float, or int64: each query's last attended position (read at S's first; a stride 0 view along S, not a [T, S]
+// tensor) -> [B, H, T, D] fp32. As model.attend: each (row, head, query) alone, in one order. prefix: none, or [B, 2]
+// ints: row b's first prefix[b, 1] positions are alike in row b + prefix[b, 0] (a hint: where that row is outside
+// 0..B-1 the row's own are read). isa: 2 AVX-512, 1 AVX2, 0 the scalar reference.
 at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                   const std::optional<at::Tensor>& prefix_, int64_t isa) {
   if (isa != 0) check_isa(isa, "attend");
@@ -769,9 +794,10 @@ at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v
   const bool int8 = k.scalar_type() == at::kChar;
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type()
               && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16 || int8)
-              && (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat)
+              && (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat
+                  || mask.scalar_type() == at::kLong)
               && k.size(3) == D + (int8 ? 4 : 0) && k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides(),
-              "attend: fp32 queries, an fp32, bf16 or int8 (D + 4 per position) cache, a bool or fp32 mask");
+              "attend: fp32 queries, an fp32, bf16 or int8 (D + 4 per position) cache, a bool, fp32 or int64 mask");
   at::Tensor prefix;
   if (prefix_.has_value()) {
     prefix = prefix_->to(at::kLong).contiguous();
