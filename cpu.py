@@ -1,9 +1,9 @@
 """Everything brisk does differently on a CPU, each with why in a line; the figures are in BENCHMARKS.md.
 
 - kernel_isa: the path of brisk's C++ kernels (cpu_kernels.cpp): AVX-512, AVX2 or none, once per process.
-- Linear: nn.Linear whose few-row products (a decode step, a batch's step, a verify pass) reduce each row as if
-  alone (batch invariance): bf16 ones in brisk's kernel where the CPU has AVX2 at least, compiled ones otherwise in
-  a loop Inductor writes, faster than aten's.
+- Linear: nn.Linear whose products reduce each row as if alone (batch and split invariance): bf16 ones, of any
+  number of rows, in brisk's kernel where the CPU has AVX2 at least; without it those of a few rows (a decode step,
+  a batch's step, a verify pass) compiled in a loop Inductor writes, faster than aten's.
 - gemm_dtype: on AVX2 CPUs many bf16 rows are multiplied in fp32.
 - kv_cache_dtype, attend_dtype: the KV cache and attention in fp32 on the CPU (bf16 where brisk's kernel
   attends: kernel_attends).
@@ -11,7 +11,7 @@
 - int8_rows_product: brisk's int8 kernel for quant.WeightOnlyInt8Linear.
 - INDUCTOR_OPTIONS: Inductor settings of a compiled CPU step.
 - cache_dir: where compiled steps are kept, Inductor's C++ beside them (one folder per CPU capability).
-- The int8/int4 kernels' row bounds; kernel_isa, the SIMD path of brisk's kernels (int4: cpu_int4.cpp).
+- int8_kernel: the kernel of an int8 layer; kernel_isa, the SIMD path of brisk's kernels (int4: cpu_int4.cpp).
 A fork that runs on GPUs only can replace `Linear` with nn.Linear in model.py and ignore the rest.
 """
 import contextlib

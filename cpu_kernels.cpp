@@ -1,12 +1,13 @@
-// brisk's hand-written CPU kernels, built by cpu.py (torch.utils.cpp_extension) on first use: products of 1 to 16
-// rows of activations with a bf16 or an int8 weight, and decode attention (attend, below). Each op takes the
-// instruction set to run as its last argument (cpu.kernel_isa: 2 the AVX-512 path, 1 the AVX2 one), so that one
-// process can run both; each function is compiled for its own set by a target attribute (no global -m flags).
+// brisk's hand-written CPU kernels, built by cpu.py (torch.utils.cpp_extension) on first use: products of any number
+// of rows of activations (a decode step's, a prompt's) with a bf16 or an int8 weight, and attention (attend, below).
+// Each op takes the instruction set to run as its last argument (cpu.kernel_isa: 2 the AVX-512 path, 1 the AVX2 one),
+// so that one process can run both; each function is compiled for its own set by a target attribute (no global -m
+// flags).
 // Why the products (BENCHMARKS.md, "A kernel for bf16 rows", "Kernels for AVX2 and int8 rows"):
 // - each weight element is loaded once for all rows (bf16: multiplied in pairs by `vdpbf16ps`, or widened to fp32
 //   by a shift on AVX2; int8: integer dots with activations quantized to int8 per block of 32, as llama.cpp's Q8_0);
 // - each output y[m, n] is reduced in one order whatever the number of rows (per instruction set): a row's result
-//   never depends on the rows beside it (batch invariance).
+//   never depends on the rows beside it (batch invariance), nor a prompt's on how it is split (split invariance).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -59,6 +60,44 @@ static void over_weight(int64_t N, int64_t M, int64_t row_bytes, const Rows& row
 // ---------------------------------------------------------------------------------------------------------------
 // bf16 weights: y[t, r] = x[t] . w[r * ldw] for T rows of x and RR rows of w (ldw apart); K elements each.
 
+// The 16 lanes of each of 16 vectors v summed, in _mm512_reduce_add_ps's order (lanes j and j + 8, then j and j + 4,
+// j and j + 2, j and j + 1), but the 16 vectors at once: 15 adds instead of 64. Returns lane 4k + m = v[4m + k]'s sum.
+AVX512 static inline __m512 reduce_add_16(const __m512 (&v)[16]) {
+  __m512 c[8], e[4], g[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i++)  // halves: v[2i]'s in the low 8 lanes, v[2i + 1]'s in the high ones
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; i++)  // quarters: block b holds v[4i + b]'s 4 sums
+    e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; i++)  // eighths: block b holds v[8i + b]'s 2 sums, then v[8i + 4 + b]'s
+    g[i] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xdd));
+}
+
+// y[t * ldy_t + r * ldy_r] = the sum of acc[t][r]'s 16 lanes (each as _mm512_reduce_add_ps sums it: the same bits
+// whatever the tile), a whole 4 x 4 tile at once
+template <int T, int RR>
+AVX512 static inline void store_sums(const __m512 (&acc)[T][RR], float* y, int64_t ldy_t, int64_t ldy_r) {
+  if constexpr (T * RR == 16) {
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, reduce_add_16(reinterpret_cast<const __m512(&)[16]>(acc)));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+      for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = sums[4 * r + t];  // acc[t][r] is v[4t + r]
+  } else {
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+      for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]);
+  }
+}
+
 // AVX-512: 32 products a step into 16 fp32 lanes along k (`vdpbf16ps`), then the 16 lanes
 template <int T, int RR>
 AVX512 static inline void tile_bf16_avx512(const at::BFloat16* x, const at::BFloat16* w, float* y, int64_t K,
@@ -83,10 +122,7 @@ AVX512 static inline void tile_bf16_avx512(const at::BFloat16* x, const at::BFlo
       for (int r = 0; r < RR; r++) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, wv[r]);
     }
   }
-#pragma GCC unroll 4
-  for (int t = 0; t < T; t++)
-#pragma GCC unroll 4
-    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]);
+  store_sums<T, RR>(acc, y, ldy_t, ldy_r);
 }
 
 // 8 fp32 lanes summed in one order: the halves, then pairs
@@ -451,7 +487,8 @@ struct Keys {
   const C* at(int64_t j) const { return (j < n ? src : own) + j * ld; }
 };
 
-// One query of decode attention: q [D], its row's keys and values, its mask (m[j * ms], j < S), its output y [D]
+// One query of attention: q [D], its row's keys and values, its mask (m[j * ms], j < S), its output y [D], and the
+// positions it reads, n: S, or up to its last position (an int64 mask: the rest would weigh 0, adding nothing)
 template <typename C, typename Mask>
 struct Query {
   const float* q;
@@ -459,6 +496,7 @@ struct Query {
   const Mask* m;
   int64_t ms;
   float* y;
+  int64_t n;
 };
 
 // the bytes of one position of a head, D = 16 NC values of C (an int8 block holds them all)
@@ -566,6 +604,7 @@ AVX512 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int64_t S
   };
   for (int64_t j0 = 0; j0 < S; j0 += 16)
     for (int64_t i = 0; i < Q; i++) {
+      if (j0 >= qs[i].n) continue;
       __m512 add, sj = _mm512_set1_ps(-INFINITY);
       const __mmask16 keep = mask_tile(qs[i].m, qs[i].ms, j0, S, add);
       if (keep) {  // a tile masked out in full (a shorter row's, an idle row's) is neither loaded nor computed
@@ -576,10 +615,11 @@ AVX512 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int64_t S
     }
   for (int64_t i = 0; i < Q; i++) {  // the weights e^(s - max) and their total
     float* si = s + i * S16;
+    const int64_t n16 = (qs[i].n + 15) / 16 * 16;
     __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < S16; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(si + j));
+    for (int64_t j = 0; j < n16; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(si + j));
     const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    for (int64_t j = 0; j < S16; j += 16) {
+    for (int64_t j = 0; j < n16; j += 16) {
       const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(si + j), top));
       _mm512_storeu_ps(si + j, e);
       sum = _mm512_add_ps(sum, e);
@@ -593,7 +633,8 @@ AVX512 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int64_t S
   for (int64_t j0 = 0; j0 < S; j0 += 16)
     for (int64_t i = 0; i < Q; i++) {
       const float* p = s + i * S16 + j0;
-      if (!_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_setzero_ps(), _CMP_NEQ_OQ)) continue;  // weighs nothing
+      if (j0 >= qs[i].n || !_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_setzero_ps(), _CMP_NEQ_OQ))
+        continue;  // weighs nothing
       load(qs[i].v, j0);
       __m512 a[U][NC];
 #pragma GCC unroll 4
@@ -743,15 +784,17 @@ static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const int64_t ko = (b * k.stride(0) + hk * k.stride(1)) / unit;
         const int64_t ks = (src * k.stride(0) + hk * k.stride(1)) / unit;
         const int64_t qi = ((b * H + h) * T + pos) * D;
-        qs[i] = {q.data_ptr<float>() + qi,
-                 {kp + ks, kp + ko, n, k.stride(2) / unit},
-                 {vp + ks, vp + ko, n, v.stride(2) / unit},
-                 m.data_ptr<Mask>() + b * m.stride(0) + h * m.stride(1) + pos * m.stride(2), m.stride(3),
-                 y.data_ptr<float>() + qi};
+        const Mask* mi = m.data_ptr<Mask>() + b * m.stride(0) + h * m.stride(1) + pos * m.stride(2);
+        int64_t reads = S;
+        if constexpr (std::is_same_v<Mask, int64_t>) reads = std::clamp<int64_t>(mi[0] + 1, 1, S);
+        qs[i] = {q.data_ptr<float>() + qi, {kp + ks, kp + ko, n, k.stride(2) / unit},
+                 {vp + ks, vp + ko, n, v.stride(2) / unit}, mi, m.stride(3), y.data_ptr<float>() + qi, reads};
       }
       if constexpr (Isa == 2) attend_queries<NC>(qs.data(), Q, S, s.data(), t.data(), total.data());
-      else if constexpr (Isa == 1) for (int64_t i = 0; i < Q; i++) attend_query_avx2<NC>(qs[i], S, s.data() + i * S16);
-      else for (int64_t i = 0; i < Q; i++) attend_query_ref<NC>(qs[i], S, s.data() + i * S16);
+      else if constexpr (Isa == 1)
+        for (int64_t i = 0; i < Q; i++) attend_query_avx2<NC>(qs[i], qs[i].n, s.data() + i * S16);
+      else
+        for (int64_t i = 0; i < Q; i++) attend_query_ref<NC>(qs[i], qs[i].n, s.data() + i * S16);
     }
   });
 }

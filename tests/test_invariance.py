@@ -87,6 +87,21 @@ def test_a_restored_prefix_then_the_rest_gives_the_logits_and_cache_of_a_whole_p
     assert_bitwise_equal(prefill(model, [len(PROMPT) - CACHED], start=CACHED), whole)
 
 
+@each_isa
+@pytest.mark.parametrize("cache", [torch.bfloat16, torch.int8])
+def test_attention_to_each_querys_last_position_is_a_causal_masks_whatever_the_attended_length(cache, isa):
+    """brisk.attend with an int64 mask (each query's last position, a view along the keys) gives the causal bool
+    mask's result bitwise, and the same over 70 positions as over the 40 the queries can see."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 40, 64, generator=g)
+    k, v = (cpu.kv_store(torch.randn(1, 2, 70, 64, generator=g), cache) for _ in "kv")
+    pos = torch.arange(40).view(1, 1, 40, 1)
+    want = torch.ops.brisk.attend(q, k[:, :, :40], v[:, :, :40], torch.arange(40) <= pos, None, isa)
+    for S in (40, 70):
+        last = pos.expand(-1, -1, -1, S)
+        assert torch.equal(torch.ops.brisk.attend(q, k[:, :, :S], v[:, :, :S], last, None, isa), want)
+
+
 def test_a_long_prompt_attends_without_a_mask_of_positions_squared(checkpoints, monkeypatch):
     """brisk's kernel takes each query's last position, a view of T values, not a [T, S] mask; in the kernel the
     queries go in runs of at most 64 (their scores: [64, S])."""
