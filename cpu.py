@@ -117,8 +117,10 @@ def load_kernels() -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     start = time.perf_counter()
     try:
-        cpp_extension.load("brisk_cpu_kernels", [os.path.join(here, f) for f in SOURCES], extra_cflags=["-O3"],
-                           is_python_module=False)
+        # OpenMP, else at::parallel_for runs its range on one thread; at run time the extension binds to the
+        # libgomp.so.1 torch has loaded (one pool of threads), and takes torch.set_num_threads' count
+        cpp_extension.load("brisk_cpu_kernels", [os.path.join(here, f) for f in SOURCES],
+                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     except (RuntimeError, OSError) as e:  # no compiler, or no ninja
         print(f"brisk: {', '.join(SOURCES)} not built ({str(e).splitlines()[0]}); aten and Inductor serve",
               file=sys.stderr)
