@@ -122,8 +122,8 @@ class Transformer(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the KV cache and the rotary tables for exactly max_batch_size x max_seq_length positions (kept as
-        they are when they already have that size; nothing grows with positions squared), and choose how few rows
-        attend. Steps compiled for the old cache refuse the new one."""
+        they are when they already have that size; nothing grows with positions squared), and choose how queries
+        attend (self.kernel). Steps compiled for the old cache refuse the new one."""
         if (self.max_seq_length, self.max_batch_size) == (max_seq_length, max_batch_size):
             return
         c = self.config
