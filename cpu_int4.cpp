@@ -1,5 +1,5 @@
-// brisk's int4 CPU kernel, built with cpu_kernels.cpp by cpu.py: products of a few rows of activations (a decode
-// step, a batch's step, a verify pass; any count) with an int4 weight in brisk's own layout (block_q4x16 below),
+// brisk's int4 CPU kernel, built with cpu_kernels.cpp by cpu.py: products of any number of rows of activations (a
+// decode step, a batch's step, a verify pass, a prompt) with an int4 weight in brisk's own layout (block_q4x16 below),
 // repacked at load from the file's device-neutral values. As llama.cpp's Q4_0 x Q8_0 (BENCHMARKS.md, "An int4 kernel"):
 // - each row of activations is quantized once per product to int8 in blocks of 32 inputs (x ~ d * q, d = max|x| / 127);
 // - the weight's values (0..15) are the unsigned operand of the integer dot: `vpdpbusd` (AVX-512 VNNI) or
@@ -15,6 +15,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -143,6 +144,7 @@ AVX512_VNNI static inline __m512 bf16x16(const at::BFloat16* p) {
 }
 
 constexpr int64_t AHEAD = 8192;  // bytes prefetched ahead in a row block's stream
+constexpr int64_t ROW_BLOCK_BYTES = 1 << 18;  // int8 activations a block of rows holds: they stay in the L2 cache
 
 template <int T, int G>
 AVX512_VNNI static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
@@ -280,8 +282,12 @@ static void product(const at::Tensor& x, const uint8_t* w, float* y, int64_t M, 
   std::vector<Acts> a(M);
   for (int64_t m = 0; m < M; m++) a[m] = {q.data() + m * K, d.data() + m * nb, c.data() + m * ng};
   const auto* groups = (const group_q4x16<G>*)w;
+  // many rows (a prompt's) in blocks that each thread's row blocks of the weight pass in turn
+  const int64_t mb = std::max<int64_t>(4, ROW_BLOCK_BYTES / K / 4 * 4);
   at::parallel_for(0, N / NR, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t rb = begin; rb < end; rb++) row_block<G>(groups + rb * ng, ng, a.data(), M, y + rb * NR, N, isa);
+    for (int64_t m0 = 0; m0 < M; m0 += mb)
+      for (int64_t rb = begin; rb < end; rb++)
+        row_block<G>(groups + rb * ng, ng, a.data() + m0, std::min(mb, M - m0), y + m0 * N + rb * NR, N, isa);
   });
 }
 
@@ -341,8 +347,8 @@ at::Tensor int4_pack(const at::Tensor& q_, const at::Tensor& sz_, int64_t groups
   return w;
 }
 
-// brisk's layout back to the weight [N, K] = (q - 8) * scale + zero in dtype (fp32 or bf16): a long input's product is
-// one GEMM with it
+// brisk's layout back to the weight [N, K] = (q - 8) * scale + zero in dtype (fp32 or bf16): the layout, checked
+// (tests/test_cpu.py)
 at::Tensor int4_dequantize(const at::Tensor& w, int64_t groupsize, at::ScalarType dtype) {
   const int G = blocks_per_group(groupsize);
   const int64_t N = w.size(0) * NR, ng = w.size(1), K = ng * groupsize, bytes = 256 * G + 4 * NR;

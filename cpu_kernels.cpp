@@ -1,12 +1,13 @@
-// brisk's hand-written CPU kernels, built by cpu.py (torch.utils.cpp_extension) on first use: products of 1 to 16
-// rows of activations with a bf16 or an int8 weight, and decode attention (attend, below). Each op takes the
-// instruction set to run as its last argument (cpu.kernel_isa: 2 the AVX-512 path, 1 the AVX2 one), so that one
-// process can run both; each function is compiled for its own set by a target attribute (no global -m flags).
+// brisk's hand-written CPU kernels, built by cpu.py (torch.utils.cpp_extension) on first use: products of any number
+// of rows of activations (a decode step's, a prompt's) with a bf16 or an int8 weight, and attention (attend, below).
+// Each op takes the instruction set to run as its last argument (cpu.kernel_isa: 2 the AVX-512 path, 1 the AVX2 one),
+// so that one process can run both; each function is compiled for its own set by a target attribute (no global -m
+// flags).
 // Why the products (BENCHMARKS.md, "A kernel for bf16 rows", "Kernels for AVX2 and int8 rows"):
 // - each weight element is loaded once for all rows (bf16: multiplied in pairs by `vdpbf16ps`, or widened to fp32
 //   by a shift on AVX2; int8: integer dots with activations quantized to int8 per block of 32, as llama.cpp's Q8_0);
 // - each output y[m, n] is reduced in one order whatever the number of rows (per instruction set): a row's result
-//   never depends on the rows beside it (batch invariance).
+//   never depends on the rows beside it (batch invariance), nor a prompt's on how it is split (split invariance).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,21 +38,65 @@ static void check_isa(int64_t isa, const char* op) {
   TORCH_CHECK(isa >= 1 && isa <= best, op, ": instruction set ", isa, " is not one this CPU runs (1 to ", best, ")");
 }
 
-// Every weight row once, in tiles the threads share out: rows(n, ld, RR) computes weight rows n, n + ld, ... (RR of
-// them); tiles of R rows a quarter of the weight apart (four memory streams), the last N % R rows one by one
+constexpr int64_t ROW_BLOCK_BYTES = 1 << 18;  // activations a block of rows holds: they stay in the L2 cache
+
+// Every weight row once per block of rows, in tiles the threads share out: rows(n, ld, RR, m0, m1) computes weight
+// rows n, n + ld, ... (RR of them) for the rows m0..m1-1 of activations; tiles of R rows a quarter of the weight apart
+// (four memory streams), the last N % R rows one by one. Many rows (a prompt's) go in blocks of row_bytes each up to
+// ROW_BLOCK_BYTES, which each thread's tiles of weight rows pass in turn: a block is read from the L2 cache, not
+// memory, once per tile
 template <typename Rows>
-static void over_weight(int64_t N, const Rows& rows) {
-  const int64_t nb = N / R;
+static void over_weight(int64_t N, int64_t M, int64_t row_bytes, const Rows& rows) {
+  const int64_t nb = N / R, mb = std::max<int64_t>(4, ROW_BLOCK_BYTES / row_bytes / 4 * 4);
   at::parallel_for(0, nb + N % R, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; n++) {
-      if (n < nb) rows(n, nb, std::integral_constant<int, R>{});
-      else rows(n + (R - 1) * nb, 0, std::integral_constant<int, 1>{});
-    }
+    for (int64_t m0 = 0; m0 < M; m0 += mb)
+      for (int64_t n = begin; n < end; n++) {
+        if (n < nb) rows(n, nb, std::integral_constant<int, R>{}, m0, std::min(M, m0 + mb));
+        else rows(n + (R - 1) * nb, 0, std::integral_constant<int, 1>{}, m0, std::min(M, m0 + mb));
+      }
   });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // bf16 weights: y[t, r] = x[t] . w[r * ldw] for T rows of x and RR rows of w (ldw apart); K elements each.
+
+// The 16 lanes of each of 16 vectors v summed, in _mm512_reduce_add_ps's order (lanes j and j + 8, then j and j + 4,
+// j and j + 2, j and j + 1), but the 16 vectors at once: 15 adds instead of 64. Returns lane 4k + m = v[4m + k]'s sum.
+AVX512 static inline __m512 reduce_add_16(const __m512 (&v)[16]) {
+  __m512 c[8], e[4], g[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i++)  // halves: v[2i]'s in the low 8 lanes, v[2i + 1]'s in the high ones
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; i++)  // quarters: block b holds v[4i + b]'s 4 sums
+    e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; i++)  // eighths: block b holds v[8i + b]'s 2 sums, then v[8i + 4 + b]'s
+    g[i] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xdd));
+}
+
+// y[t * ldy_t + r * ldy_r] = the sum of acc[t][r]'s 16 lanes (each as _mm512_reduce_add_ps sums it: the same bits
+// whatever the tile), a whole 4 x 4 tile at once
+template <int T, int RR>
+AVX512 static inline void store_sums(const __m512 (&acc)[T][RR], float* y, int64_t ldy_t, int64_t ldy_r) {
+  if constexpr (T * RR == 16) {
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, reduce_add_16(reinterpret_cast<const __m512(&)[16]>(acc)));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+      for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = sums[4 * r + t];  // acc[t][r] is v[4t + r]
+  } else {
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+      for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]);
+  }
+}
 
 // AVX-512: 32 products a step into 16 fp32 lanes along k (`vdpbf16ps`), then the 16 lanes
 template <int T, int RR>
@@ -77,10 +122,7 @@ AVX512 static inline void tile_bf16_avx512(const at::BFloat16* x, const at::BFlo
       for (int r = 0; r < RR; r++) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, wv[r]);
     }
   }
-#pragma GCC unroll 4
-  for (int t = 0; t < T; t++)
-#pragma GCC unroll 4
-    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]);
+  store_sums<T, RR>(acc, y, ldy_t, ldy_r);
 }
 
 // 8 fp32 lanes summed in one order: the halves, then pairs
@@ -169,10 +211,10 @@ at::Tensor rows_product(const at::Tensor& x_, const at::Tensor& w_, int64_t isa)
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
-  over_weight(N, [&](int64_t n, int64_t ld, auto rr) {
+  over_weight(N, M, K * sizeof(at::BFloat16), [&](int64_t n, int64_t ld, auto rr, int64_t m0, int64_t m1) {
     constexpr int RR = decltype(rr)::value;
-    if (isa == 2) rows_bf16<RR, true>(xp, wp + n * K, yp + n, M, K, N, ld * K, ld);
-    else rows_bf16<RR, false>(xp, wp + n * K, yp + n, M, K, N, ld * K, ld);
+    if (isa == 2) rows_bf16<RR, true>(xp + m0 * K, wp + n * K, yp + m0 * N + n, m1 - m0, K, N, ld * K, ld);
+    else rows_bf16<RR, false>(xp + m0 * K, wp + n * K, yp + m0 * N + n, m1 - m0, K, N, ld * K, ld);
   });
   return y;
 }
@@ -335,9 +377,10 @@ AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, cons
     for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = sum8(acc[t][r]) * (float)sw[r * ldy_r];
 }
 
+// rows m0..m1-1 of the quantized activations against RR weight rows (ldw apart), in tiles of 4 (AVX-512), 2 and 1
 template <int RR, bool Wide, typename S>
-static void rows_int8(const QuantRows& q, const int8_t* w, const S* sw, float* y, int64_t M, int64_t K,
-                      int64_t N, int64_t ldw, int64_t ldy_r) {
+static void rows_int8(const QuantRows& q, const int8_t* w, const S* sw, float* y, int64_t m0, int64_t m1,
+                      int64_t K, int64_t N, int64_t ldw, int64_t ldy_r) {
   const int64_t Kp = q.Kp;
   auto tile = [&](auto tt, int64_t m) {
     constexpr int T = decltype(tt)::value;
@@ -347,21 +390,21 @@ static void rows_int8(const QuantRows& q, const int8_t* w, const S* sw, float* y
     if constexpr (Wide) tile_int8_avx512<T, RR>(xa, se, w, sw, y + m * N, K, Kp, ldw, N, ldy_r);
     else tile_int8_avx2<T, RR>(xq, xa, se, w, sw, y + m * N, K, Kp, ldw, N, ldy_r);
   };
-  int64_t m = 0;
+  int64_t m = m0;
   if constexpr (Wide)
-    for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>{}, m);
-  for (; m + 2 <= M; m += 2) tile(std::integral_constant<int, 2>{}, m);
-  for (; m < M; m++) tile(std::integral_constant<int, 1>{}, m);
+    for (; m + 4 <= m1; m += 4) tile(std::integral_constant<int, 4>{}, m);
+  for (; m + 2 <= m1; m += 2) tile(std::integral_constant<int, 2>{}, m);
+  for (; m < m1; m++) tile(std::integral_constant<int, 1>{}, m);
 }
 
 template <typename X, typename S>
 static void int8_rows(const X* x, const int8_t* w, const S* sw, float* y, int64_t M, int64_t K, int64_t N,
                       int64_t isa) {
   const QuantRows& q = quantize_rows(x, M, K, isa);
-  over_weight(N, [&](int64_t n, int64_t ld, auto rr) {
+  over_weight(N, M, q.Kp * 2, [&](int64_t n, int64_t ld, auto rr, int64_t m0, int64_t m1) {  // xq or xa, and se
     constexpr int RR = decltype(rr)::value;
-    if (isa == 2) rows_int8<RR, true>(q, w + n * K, sw + n, y + n, M, K, N, ld * K, ld);
-    else rows_int8<RR, false>(q, w + n * K, sw + n, y + n, M, K, N, ld * K, ld);
+    if (isa == 2) rows_int8<RR, true>(q, w + n * K, sw + n, y + n, m0, m1, K, N, ld * K, ld);
+    else rows_int8<RR, false>(q, w + n * K, sw + n, y + n, m0, m1, K, N, ld * K, ld);
   });
 }
 
@@ -444,7 +487,8 @@ struct Keys {
   const C* at(int64_t j) const { return (j < n ? src : own) + j * ld; }
 };
 
-// One query of decode attention: q [D], its row's keys and values, its mask (m[j * ms], j < S), its output y [D]
+// One query of attention: q [D], its row's keys and values, its mask (m[j * ms], j < S), its output y [D], and the
+// positions it reads, n: S, or up to its last position (an int64 mask: the rest would weigh 0, adding nothing)
 template <typename C, typename Mask>
 struct Query {
   const float* q;
@@ -452,6 +496,7 @@ struct Query {
   const Mask* m;
   int64_t ms;
   float* y;
+  int64_t n;
 };
 
 // the bytes of one position of a head, D = 16 NC values of C (an int8 block holds them all)
@@ -504,27 +549,41 @@ AVX512 static inline __m512 tile_scores(const float* q, const float* t) {
   return acc[0];
 }
 
-// The lanes of positions j0..j0+15 that the mask lets through (false where it is false, or -inf, or past S), and
-// what it adds to their scores (a float mask: ALiBi)
+// Whether a query attends position j, and what its mask adds to the score: a bool mask (true), a float one (not -inf;
+// ALiBi's bias), or a last position (j <= m[0]: causal attention without a [T, S] mask)
+template <typename Mask>
+static inline bool attended(const Mask* m, int64_t ms, int64_t j, float& add) {
+  add = 0.0f;
+  if constexpr (std::is_same_v<Mask, int64_t>) return j <= m[0];
+  else if constexpr (std::is_same_v<Mask, bool>) return m[j * ms];
+  else return (add = m[j * ms]) != -INFINITY;
+}
+
+// The lanes of positions j0..j0+15 that the mask lets through (attended, and before S), and what it adds to their
+// scores (a float mask: ALiBi)
 template <typename Mask>
 AVX512 static inline __mmask16 mask_tile(const Mask* m, int64_t ms, int64_t j0, int64_t S, __m512& add) {
   const __mmask16 live = S - j0 >= 16 ? 0xffff : (1u << (S - j0)) - 1;
   add = _mm512_setzero_ps();
-  if (ms == 1 && std::is_same_v<Mask, bool>) {
-    const __m128i b = _mm_maskz_loadu_epi8(live, m + j0);
-    return _mm_test_epi8_mask(b, b);
+  if constexpr (std::is_same_v<Mask, int64_t>) {
+    return live & ((1u << std::clamp<int64_t>(m[0] - j0 + 1, 0, 16)) - 1);
+  } else {
+    if (ms == 1 && std::is_same_v<Mask, bool>) {
+      const __m128i b = _mm_maskz_loadu_epi8(live, m + j0);
+      return _mm_test_epi8_mask(b, b);
+    }
+    __m512 mj;
+    if (ms == 1) {
+      mj = _mm512_maskz_loadu_ps(live, m + j0);
+    } else {  // a mask broadcast along positions
+      alignas(64) float f[16];
+      for (int j = 0; j < 16; j++) f[j] = j0 + j < S ? (float)m[(j0 + j) * ms] : 0.0f;
+      mj = _mm512_load_ps(f);
+    }
+    if constexpr (std::is_same_v<Mask, bool>) return live & _mm512_cmp_ps_mask(mj, add, _CMP_NEQ_OQ);
+    add = mj;
+    return live & _mm512_cmp_ps_mask(mj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
   }
-  __m512 mj;
-  if (ms == 1) {
-    mj = _mm512_maskz_loadu_ps(live, m + j0);
-  } else {  // a mask broadcast along positions
-    alignas(64) float f[16];
-    for (int j = 0; j < 16; j++) f[j] = j0 + j < S ? (float)m[(j0 + j) * ms] : 0.0f;
-    mj = _mm512_load_ps(f);
-  }
-  if constexpr (std::is_same_v<Mask, bool>) return live & _mm512_cmp_ps_mask(mj, add, _CMP_NEQ_OQ);
-  add = mj;
-  return live & _mm512_cmp_ps_mask(mj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
 }
 
 // Queries qs[0..Q) of one key/value head, each computed alone and in one order whatever the other queries and the
@@ -545,6 +604,7 @@ AVX512 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int64_t S
   };
   for (int64_t j0 = 0; j0 < S; j0 += 16)
     for (int64_t i = 0; i < Q; i++) {
+      if (j0 >= qs[i].n) continue;
       __m512 add, sj = _mm512_set1_ps(-INFINITY);
       const __mmask16 keep = mask_tile(qs[i].m, qs[i].ms, j0, S, add);
       if (keep) {  // a tile masked out in full (a shorter row's, an idle row's) is neither loaded nor computed
@@ -555,10 +615,11 @@ AVX512 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int64_t S
     }
   for (int64_t i = 0; i < Q; i++) {  // the weights e^(s - max) and their total
     float* si = s + i * S16;
+    const int64_t n16 = (qs[i].n + 15) / 16 * 16;
     __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < S16; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(si + j));
+    for (int64_t j = 0; j < n16; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(si + j));
     const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    for (int64_t j = 0; j < S16; j += 16) {
+    for (int64_t j = 0; j < n16; j += 16) {
       const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(si + j), top));
       _mm512_storeu_ps(si + j, e);
       sum = _mm512_add_ps(sum, e);
@@ -572,7 +633,8 @@ AVX512 static void attend_queries(const Query<C, Mask>* qs, int64_t Q, int64_t S
   for (int64_t j0 = 0; j0 < S; j0 += 16)
     for (int64_t i = 0; i < Q; i++) {
       const float* p = s + i * S16 + j0;
-      if (!_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_setzero_ps(), _CMP_NEQ_OQ)) continue;  // weighs nothing
+      if (j0 >= qs[i].n || !_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_setzero_ps(), _CMP_NEQ_OQ))
+        continue;  // weighs nothing
       load(qs[i].v, j0);
       __m512 a[U][NC];
 #pragma GCC unroll 4
@@ -636,9 +698,8 @@ AVX2 static void attend_query_avx2(const Query<C, Mask>& q, int64_t S, float* s)
   for (int c = 0; c < NV; c++) qv[c] = _mm256_loadu_ps(q.q + 8 * c);
   float mx = -INFINITY;
   for (int64_t j = 0; j < S; j++) {
-    const Mask mj = q.m[j * q.ms];
-    const float add = std::is_same_v<Mask, bool> ? 0.0f : (float)mj;
-    if (std::is_same_v<Mask, bool> ? !mj : add == -INFINITY) {
+    float add;
+    if (!attended(q.m, q.ms, j, add)) {
       s[j] = -INFINITY;
       continue;
     }
@@ -680,10 +741,9 @@ static void attend_query_ref(const Query<C, Mask>& q, int64_t S, float* s) {
   const float scale = 1.0f / std::sqrt((float)D);
   float mx = -INFINITY, total = 0.0f;
   for (int64_t j = 0; j < S; j++) {
-    const Mask mj = q.m[j * q.ms];
-    const float add = std::is_same_v<Mask, bool> ? 0.0f : (float)mj;
+    float add;
     s[j] = -INFINITY;
-    if (std::is_same_v<Mask, bool> ? !mj : add == -INFINITY) continue;
+    if (!attended(q.m, q.ms, j, add)) continue;
     float dot = 0.0f;
     for (int i = 0; i < D; i++) dot += q.q[i] * value(q.k.at(j), i);
     s[j] = dot * scale + add;
@@ -696,15 +756,19 @@ static void attend_query_ref(const Query<C, Mask>& q, int64_t S, float* s) {
   for (int i = 0; i < D; i++) q.y[i] /= total;
 }
 
+constexpr int64_t MAX_RUN = 64;  // queries per run at most: a prompt's scores [run, S] do not grow with its length
+
 // Every query of attend's arguments, in runs that the threads share out: queries in the order (key/value head, row,
 // head of its group, position), cut into runs within a key/value head, of a length that gives each thread two runs
+// (at most MAX_RUN)
 template <int NC, typename C, typename Mask, int Isa>
 static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
                        const int64_t* prefix, at::Tensor& y) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Hkv = k.size(1), S = k.size(2), D = 16 * NC;
   const int64_t G = H / Hkv, per = B * G * T;  // queries per key/value head
   const int64_t cuts = std::max<int64_t>(1, (2 * at::get_num_threads() + Hkv - 1) / Hkv);
-  const int64_t run = (per + cuts - 1) / cuts, runs = (per + run - 1) / run;  // runs per key/value head
+  const int64_t run = std::min(MAX_RUN, (per + cuts - 1) / cuts);
+  const int64_t runs = (per + run - 1) / run;  // runs per key/value head
   const int64_t unit = sizeof(C) / k.element_size();  // elements of the cache per C: an int8 block's D + 4, else 1
   const C *kp = (const C*)k.data_ptr(), *vp = (const C*)v.data_ptr();
   at::parallel_for(0, Hkv * runs, 1, [&](int64_t begin, int64_t end) {
@@ -720,15 +784,17 @@ static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const int64_t ko = (b * k.stride(0) + hk * k.stride(1)) / unit;
         const int64_t ks = (src * k.stride(0) + hk * k.stride(1)) / unit;
         const int64_t qi = ((b * H + h) * T + pos) * D;
-        qs[i] = {q.data_ptr<float>() + qi,
-                 {kp + ks, kp + ko, n, k.stride(2) / unit},
-                 {vp + ks, vp + ko, n, v.stride(2) / unit},
-                 m.data_ptr<Mask>() + b * m.stride(0) + h * m.stride(1) + pos * m.stride(2), m.stride(3),
-                 y.data_ptr<float>() + qi};
+        const Mask* mi = m.data_ptr<Mask>() + b * m.stride(0) + h * m.stride(1) + pos * m.stride(2);
+        int64_t reads = S;
+        if constexpr (std::is_same_v<Mask, int64_t>) reads = std::clamp<int64_t>(mi[0] + 1, 1, S);
+        qs[i] = {q.data_ptr<float>() + qi, {kp + ks, kp + ko, n, k.stride(2) / unit},
+                 {vp + ks, vp + ko, n, v.stride(2) / unit}, mi, m.stride(3), y.data_ptr<float>() + qi, reads};
       }
       if constexpr (Isa == 2) attend_queries<NC>(qs.data(), Q, S, s.data(), t.data(), total.data());
-      else if constexpr (Isa == 1) for (int64_t i = 0; i < Q; i++) attend_query_avx2<NC>(qs[i], S, s.data() + i * S16);
-      else for (int64_t i = 0; i < Q; i++) attend_query_ref<NC>(qs[i], S, s.data() + i * S16);
+      else if constexpr (Isa == 1)
+        for (int64_t i = 0; i < Q; i++) attend_query_avx2<NC>(qs[i], qs[i].n, s.data() + i * S16);
+      else
+        for (int64_t i = 0; i < Q; i++) attend_query_ref<NC>(qs[i], qs[i].n, s.data() + i * S16);
     }
   });
 }
@@ -737,6 +803,7 @@ template <int NC, typename C, int Isa>
 static void attend_masks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
                          const int64_t* prefix, at::Tensor& y) {
   if (m.scalar_type() == at::kBool) attend_all<NC, C, bool, Isa>(q, k, v, m, prefix, y);
+  else if (m.scalar_type() == at::kLong) attend_all<NC, C, int64_t, Isa>(q, k, v, m, prefix, y);
   else attend_all<NC, C, float, Isa>(q, k, v, m, prefix, y);
 }
 
@@ -756,11 +823,12 @@ static void attend_nc(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   else attend_types<NC, 0>(q, k, v, m, prefix, y);
 }
 
-// Decode attention: q [B, H, T, D] fp32, k v [B, Hkv, S, D] fp32 or bf16, or [B, Hkv, S, D + 4] int8 (block_kv8) (D
-// contiguous; D 16, 32, 48, 64, 80, 96, 128 or 256), a mask that broadcasts to [B, H, T, S], bool or float -> [B, H,
-// T, D] fp32. As model.attend: each (row, head, query) alone, in one order. prefix: none, or [B, 2] ints: row b's
-// first prefix[b, 1] positions are alike in row b + prefix[b, 0] (a hint: where that row is outside 0..B-1 the row's
-// own are read). isa: 2 AVX-512, 1 AVX2, 0 the scalar reference.
+// Attention (a decode step's, a prompt's): q [B, H, T, D] fp32, k v [B, Hkv, S, D] fp32 or bf16, or [B, Hkv, S, D + 4]
+// int8 (block_kv8) (D contiguous; D 16, 32, 48, 64, 80, 96, 128 or 256), a mask that broadcasts to [B, H, T, S], bool
+// or float, or int64: each query's last attended position (read at S's first; a stride 0 view along S, not a [T, S]
+// tensor) -> [B, H, T, D] fp32. As model.attend: each (row, head, query) alone, in one order. prefix: none, or [B, 2]
+// ints: row b's first prefix[b, 1] positions are alike in row b + prefix[b, 0] (a hint: where that row is outside
+// 0..B-1 the row's own are read). isa: 2 AVX-512, 1 AVX2, 0 the scalar reference.
 at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                   const std::optional<at::Tensor>& prefix_, int64_t isa) {
   if (isa != 0) check_isa(isa, "attend");
@@ -769,9 +837,10 @@ at::Tensor attend(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v
   const bool int8 = k.scalar_type() == at::kChar;
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type()
               && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16 || int8)
-              && (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat)
+              && (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat
+                  || mask.scalar_type() == at::kLong)
               && k.size(3) == D + (int8 ? 4 : 0) && k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides(),
-              "attend: fp32 queries, an fp32, bf16 or int8 (D + 4 per position) cache, a bool or fp32 mask");
+              "attend: fp32 queries, an fp32, bf16 or int8 (D + 4 per position) cache, a bool, fp32 or int64 mask");
   at::Tensor prefix;
   if (prefix_.has_value()) {
     prefix = prefix_->to(at::kLong).contiguous();

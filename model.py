@@ -122,8 +122,8 @@ class Transformer(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the KV cache and the rotary tables for exactly max_batch_size x max_seq_length positions (kept as
-        they are when they already have that size; nothing grows with positions squared), and choose how few rows
-        attend. Steps compiled for the old cache refuse the new one."""
+        they are when they already have that size; nothing grows with positions squared), and choose how queries
+        attend (self.kernel). Steps compiled for the old cache refuse the new one."""
         if (self.max_seq_length, self.max_batch_size) == (max_seq_length, max_batch_size):
             return
         c = self.config
@@ -142,9 +142,10 @@ class Transformer(nn.Module):
         slopes = alibi_slopes(total)[first:first + count]
         self.register_buffer("alibi_slopes", slopes.to(device, attend_dtype(device, dtype)), persistent=False)  # [H]
         probe = [torch.empty(1, c.head_dim, device=device), torch.empty(0, dtype=cache_dtype),
-                 torch.empty(0, dtype=self.alibi_slopes.dtype if c.positions == "alibi" else torch.bool)]
-        for b in self.layers:  # few rows (decode, verify: with a mask always) attend in brisk's kernel, else `attend`
-            b.attention.kernel, b.attention.attend_dtype = kernel_attends(*probe), attend_dtype(device, dtype)
+                 torch.empty(0, dtype=self.alibi_slopes.dtype if c.positions == "alibi" else torch.long)]
+        self.kernel = kernel_attends(*probe)  # every query in brisk's kernel, else SDPA, or `attend` for a few
+        for b in self.layers:
+            b.attention.kernel, b.attention.attend_dtype = self.kernel, attend_dtype(device, dtype)
 
     def attend_len(self, last_pos: int, T: int = 1) -> int:
         """How many cache positions T inputs whose last sits at last_pos attend to (forward's attend_len), decided on
@@ -165,17 +166,18 @@ class Transformer(nn.Module):
         # idx: [B, T] token ids at positions input_pos: [T], or [B, T] where each row sits at its own positions,
         # using the cache's rows row..row+B-1; returns logits [B, T, V], or [B, logits_to_keep, V] for the last
         # positions only (None: all): a prefill needs one row of the head's product, not T.
-        # The (ascending) positions attend to the cache's first attend_len positions under a causal mask; attending
-        # to exactly their own T positions (a prompt from position 0) is plain causal attention, which SDPA does
-        # without a mask in half the work. A compiled step passes attend_len (it cannot read input_pos on the host);
-        # an eager call may leave it to self.attend_len of the last position.
+        # The (ascending) positions attend to the cache's first attend_len positions, causally (SDPA: a prompt from
+        # position 0 without a mask, in half the work). A compiled step passes attend_len (it cannot read input_pos on
+        # the host); an eager call may leave it to self.attend_len of the last position.
         assert self.max_seq_length > 0, "call setup_caches() first"
         T = idx.shape[1]
         if attend_len is None:
             attend_len = self.attend_len(int(input_pos.max()), T)
-        keys, pos = torch.arange(attend_len, device=idx.device), input_pos.view(-1, 1, T, 1)  # spare position: key 0
-        causal = (keys <= pos) & ((pos < self.max_seq_length) | (keys == 0))  # [1|B, 1, T, S']: 4-D for SDPA's flash
-        mask = causal if attend_len > T else None
+        keys, pos = torch.arange(attend_len, device=idx.device), input_pos.view(-1, 1, T, 1)
+        # key j is attended iff j <= last (past the cache: spare key 0); brisk's kernel takes this view of T values as
+        # it is (no [T, S'] mask for a long prompt), SDPA a 4-D mask (flash) or none
+        last = torch.where(pos < self.max_seq_length, pos, 0).expand(-1, -1, -1, attend_len)
+        mask = last if self.kernel else (keys <= last if attend_len > T else None)
         cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)  # [1|B, 1, T, R/2]
         x = self.tok_embeddings(idx)  # [B, T, dim]
         if self.pos_embeddings is not None:
@@ -183,8 +185,7 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         if self.config.positions == "alibi":  # a per-head bias slope * (key pos - query pos) on causal scores
-            rel = keys - pos  # [1|B, 1, T, S']
-            mask = (self.alibi_slopes[:, None, None] * rel).masked_fill(~causal, float("-inf"))  # [1|B, H, T, S']
+            mask = (self.alibi_slopes[:, None, None] * (keys - pos)).masked_fill(keys > last, -math.inf)  # [1|B,H,T,S']
         for layer in self.layers:
             x = layer(x, input_pos, cos, sin, mask, row)
         if logits_to_keep is not None:
@@ -236,11 +237,10 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(input_pos, k, v, row)  # [B, Hkv, S, D]
         end = T if mask is None else mask.shape[-1]  # the cache positions attended to
         k, v = k[:, :, :end], v[:, :, :end]
-        few = T <= FEW_ROWS and mask is not None  # a step's queries, each reduced alone (attend's contract)
-        if few and self.kernel:
+        if self.kernel:  # each query alone, in one order whatever T and S': a prompt split anyhow attends alike
             y = torch.ops.brisk.attend(q.float(), k, v, mask, self.kv_cache.prefix[row:row + B], kernel_isa())
         else:
-            dt = self.attend_dtype
+            dt, few = self.attend_dtype, T <= FEW_ROWS and mask is not None  # few: a step's queries, each alone
             q, k, v = q.to(dt), kv_load(k, dt), kv_load(v, dt)
             y = attend(q, k, v, mask) if few else F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_head != self.n_local_heads)

@@ -15,10 +15,9 @@ device's int4 kernel when there is one (CPU: brisk's cpu_int4.cpp, which quantiz
 to int8 per block of 32, else aten's, on bf16 activations; CUDA) and otherwise dequantizes at run
 time. A layer whose in_features the group size does not divide (SmolLM2's 576 with g128/g256) is
 zero-padded to the next multiple; its input is padded to match at run time, so every group size
-works with every model. The CPU kernels read the weight once per few rows of activations: fast for
-decode, slow for a long prompt, so from cpu.INT4_DEQUANTIZE_MIN_ROWS rows on the weight is
-dequantized from its packed form and multiplied with one GEMM instead (aten's kernel, the fallback,
-serves every row count).
+works with every model. brisk's int8 and int4 kernels serve every row count (a prompt as a decode
+step: each row reduced alone, in one order), faster than dequantizing for a GEMM (BENCHMARKS.md,
+"Split-invariant prefill").
 """
 import math
 from pathlib import Path
@@ -32,9 +31,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cli import BriskError
-from cpu import (FEW_ROWS, INT4_DEQUANTIZE_MIN_ROWS, INT4_ROWS, INT8_KERNEL_MAX_ROWS, gemm_dtype,
-                 int8_kernel, int8_rows_product, kernel_isa, one_row_on_cpu, one_row_product,
-                 per_row)
+from cpu import (INT4_ROWS, INT8_KERNEL_MAX_ROWS, gemm_dtype, int8_kernel, int8_rows_product,
+                 kernel_isa, one_row_on_cpu, one_row_product, per_row)
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -146,8 +144,8 @@ class WeightOnlyInt8Linear(nn.Module):
         self.kernel: Optional[str] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        # activations as int8 (cpu_kernels.cpp)
-        if self.kernel == "brisk" and x.numel() <= FEW_ROWS * self.in_features:
+        # activations as int8 (cpu_kernels.cpp), any number of rows, each alone
+        if self.kernel == "brisk":
             y = int8_rows_product(x, self.weight, self.scales).to(x.dtype)
         # one row or a few, compiled: as cpu.Linear, Inductor's loop where it beats aten's kernel,
         # and always rather than converting the whole weight for a GEMM; otherwise a few rows one at
@@ -254,16 +252,12 @@ class WeightOnlyInt4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if k != self.in_features:
             x2 = F.pad(x2, (0, k - self.in_features))
-        # the CPU kernels take time linear in the rows: long inputs dequantize the weight for one
-        # GEMM
-        dt, long = gemm_dtype(x2), x2.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS
-        if self.kernel == "brisk" and not long:
+        dt = gemm_dtype(x2)
+        # every row count: each row alone, faster than dequantizing for a GEMM
+        if self.kernel == "brisk":
             y = torch.ops.brisk.int4_product(x2, self.weight, self.groupsize, kernel_isa())
-        elif self.kernel == "brisk":
-            w = torch.ops.brisk.int4_dequantize(self.weight, self.groupsize, dt)
-            y = F.linear(x2.to(dt), w)
+        # these kernels take bf16 activations: others round-trip through bf16
         elif self.kernel in ("cpu", "cuda"):
-            # these kernels take bf16 activations: others round-trip through bf16
             aten = torch.ops.aten
             mm = aten._weight_int4pack_mm_for_cpu if self.kernel == "cpu" else aten._weight_int4pack_mm
             y = mm(x2.to(torch.bfloat16), self.weight, self.groupsize, self.scales_and_zeros)

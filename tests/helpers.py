@@ -328,3 +328,11 @@ def check_rows_equal_alone(model, compile: bool, n_steps: int = 12, alone_in_bat
         for j, (a, b) in enumerate(zip(want, got[i])):
             tol = TOLERANCE[model.norm.weight.dtype] if compile and not cpu.two_rows_cost_one(model) else 0
             assert torch.allclose(a, b, atol=tol, rtol=tol), f"prompt {i}, step {j}: max diff {(a - b).abs().max()}"
+
+
+def scribble(model) -> None:
+    """Fill the KV cache with noise, so that only restored positions can be right."""
+    for layer in model.layers:
+        for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
+            c.copy_(cpu.kv_store(torch.randn(*c.shape[:-1], model.config.head_dim, device=c.device),
+                                 c.dtype))

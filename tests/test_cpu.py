@@ -247,11 +247,11 @@ def run_seeing(layer, x, compile: bool, op: str):
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("rows, dtype, kernel", [
     (1, torch.bfloat16, True), (cpu.FEW_ROWS, torch.float32, True),
-    (cpu.FEW_ROWS + 1, torch.bfloat16, False)])
-def test_an_int8_linear_takes_brisks_kernel_for_a_few_rows(compile, rows, dtype, kernel):
-    """An int8 layer packed for the CPU (quant.pack_for_device: kernel "brisk") multiplies 1 to
-    FEW_ROWS rows in brisk's int8 kernel, eagerly and compiled, with int8_reference's values; more
-    rows convert the weight for a GEMM."""
+    (cpu.FEW_ROWS + 1, torch.bfloat16, True), (300, torch.bfloat16, True)])
+def test_an_int8_linear_takes_brisks_kernel_for_every_row_count(compile, rows, dtype, kernel):
+    """An int8 layer packed for the CPU (quant.pack_for_device: kernel "brisk") multiplies any
+    number of rows (a decode step, a prompt's) in brisk's int8 kernel, eagerly and compiled, with
+    int8_reference's values."""
     torch.manual_seed(0)
     layer = quant.WeightOnlyInt8Linear(96, 40, bias=True)
     layer.weight, scales = quant.int8_quantize(torch.randn(40, 96))
@@ -270,12 +270,12 @@ def test_an_int8_linear_takes_brisks_kernel_for_a_few_rows(compile, rows, dtype,
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("rows, dtype, kernel", [
     (1, torch.bfloat16, True), (cpu.FEW_ROWS, torch.bfloat16, True),
-    (cpu.FEW_ROWS + 1, torch.bfloat16, False), (3, torch.float32, False),
+    (cpu.FEW_ROWS + 1, torch.bfloat16, True), (300, torch.bfloat16, True),
+    (3, torch.float32, False),
 ])
-def test_a_bf16_linear_takes_the_kernel_for_a_few_rows(compile, rows, dtype, kernel):
-    """A bf16 Linear multiplies 1 to FEW_ROWS rows in brisk's kernel (on this process's path),
-    eagerly and compiled, and more rows with aten's matrix product; an fp32 layer never takes it.
-    F.linear's values every time."""
+def test_a_bf16_linear_takes_the_kernel_for_every_row_count(compile, rows, dtype, kernel):
+    """A bf16 Linear multiplies any number of rows in brisk's kernel (on this process's path),
+    eagerly and compiled; an fp32 layer never takes it. F.linear's values every time."""
     torch.manual_seed(0)
     lin = Linear(96, 40, bias=True).to(dtype)
     x = torch.randn(1, rows, 96, dtype=dtype)
@@ -503,14 +503,11 @@ def int4_layer(n, k, groupsize, kernel):
 
 @needs_int4_kernel
 @pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("rows, op", [(1, "int4_product"), (cpu.FEW_ROWS, "int4_product"),
-                                      (quant.INT4_DEQUANTIZE_MIN_ROWS - 1, "int4_product"),
-                                      (quant.INT4_DEQUANTIZE_MIN_ROWS, "int4_dequantize")])
-def test_an_int4_layer_takes_the_kernel_until_a_long_input(compile, rows, op):
-    """An int4 layer packed for the CPU (quant.int4_kernel: "brisk") multiplies its rows in brisk's
-    kernel, eagerly and compiled (100 inputs padded to whole groups of 32), until
-    INT4_DEQUANTIZE_MIN_ROWS rows: those multiply the dequantized weight in one GEMM. The same
-    values every way (the kernel's own within its int8 activations)."""
+@pytest.mark.parametrize("rows", [1, cpu.FEW_ROWS, 600])
+def test_an_int4_layer_takes_the_kernel_for_every_row_count(compile, rows):
+    """An int4 layer packed for the CPU (quant.int4_kernel: "brisk") multiplies any number of rows
+    in brisk's kernel, eagerly and compiled (100 inputs padded to whole groups of 32). The values of
+    the dequantized weight (within the kernel's int8 activations)."""
     assert quant.int4_kernel(torch.device("cpu"), 48, 128) == "brisk"
     torch.manual_seed(0)
     layer = int4_layer(48, 100, 32, "brisk")
@@ -522,11 +519,11 @@ def test_an_int4_layer_takes_the_kernel_until_a_long_input(compile, rows, op):
             compiled = torch.compile(layer, fullgraph=True, dynamic=False,
                                      options=cpu.INDUCTOR_OPTIONS)
             y, codes = run_and_get_code(compiled, x)
-            assert f"brisk.{op}" in "".join(codes)
+            assert "brisk.int4_product" in "".join(codes)
             assert torch.equal(y, layer(x))  # the compiled step keeps eager's roundings
         else:
             with OpsSeen() as seen:
                 y = layer(x)
-            assert f"brisk.{op}" in seen.names
+            assert "brisk.int4_product" in seen.names
     want = plain(x.float())
     torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

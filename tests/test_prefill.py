@@ -17,10 +17,9 @@ import prefix_cache
 import speculative as spec
 import tp
 from conftest import ROOT, make_checkpoint
-from helpers import compiled_steps, torchrun
+from helpers import compiled_steps, scribble, torchrun
 from checkpoint import load_model
 from cli import BriskError, looks_like_path, run_cli
-from cpu import kv_store
 
 SHARED = [5, 17, 42, 99, 7, 250, 3, 61, 8, 140, 33, 2]
 TAIL_A, TAIL_B = [77, 12, 90, 6], [201, 45, 9]
@@ -44,14 +43,6 @@ def prefill_logits(model, ids: list, start: int = 0) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids[start:]], device=device),
                      torch.arange(start, len(ids), device=device))[0]
-
-
-def scribble(model) -> None:
-    """Fill the KV cache with noise, so that only restored positions can be right."""
-    for layer in model.layers:
-        for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
-            c.copy_(kv_store(torch.randn(*c.shape[:-1], model.config.head_dim, device=c.device),
-                             c.dtype))
 
 
 def greedy(model, cache, ids: list, n: int = 8, **kwargs) -> tuple[list, int]:
