@@ -177,6 +177,7 @@ def test_checkpoint_loads_back_to_the_model_it_describes(tmp_path, monkeypatch, 
     # a tied embedding reads the same rows
     expected = logits(fake_quantized(path, mode, groupsize, head), idx)
     monkeypatch.setattr(quant, "int4_kernel", lambda *_: None)  # the exact fp32 path
+    monkeypatch.setattr(quant, "int8_kernel", lambda *_: None)
     model = load_model(out, device, torch.float32)
     torch.testing.assert_close(logits(model, idx), expected, rtol=1e-4, atol=1e-4)
     assert isinstance(model.output, {"int8": WeightOnlyInt8Linear,
@@ -334,7 +335,8 @@ def test_real_model_int8_keeps_its_predictions(real_checkpoint, tmp_path):
             (tmp_path / f.name).symlink_to(f)
     quantize_cli(tmp_path / "model.pth", "--mode", "int8")
     from tokenizer import load_tokenizer
-    idx = torch.tensor([load_tokenizer(tmp_path).encode(quant.pydoc_text(1)[:400])])
+    # ~420 positions: on ~100 one flip of a near tie moved the share by 0.01 between the CPU paths
+    idx = torch.tensor([load_tokenizer(tmp_path).encode(quant.pydoc_text(1)[:1600])])
     expected = logits(load_model(real_checkpoint), idx).argmax(-1)
     agree = (logits(load_model(tmp_path / "model_int8.pth"), idx).argmax(-1) == expected).float().mean()
     assert agree > 0.9
