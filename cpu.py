@@ -63,7 +63,7 @@ INDUCTOR_OPTIONS = {
     "emulate_precision_casts": True,
 }
 
-INT8_KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantizing + one GEMM
+INT8_KERNEL_MAX_ROWS = 16  # up to this many rows torch's int8 kernel (no brisk kernel) beats one GEMM
 # inputs per block of activations the int8 kernel rounds to int8 (cpu_kernels.cpp), as Q8_0
 INT8_BLOCK = 32
 # weight rows a block of brisk's int4 layout interleaves (cpu_int4.cpp): N must be a multiple

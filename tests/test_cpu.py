@@ -482,7 +482,7 @@ def test_int8_activations_stay_within_a_percent_of_the_float_product():
 @needs_int4_kernel
 @pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
 def test_the_int4_layout_dequantizes_to_the_files_weight(groupsize):
-    """brisk's int4 layout read back (the weight of a long input's GEMM): int4_dequantize's values,
+    """brisk's int4 layout (int4_pack) read back by its op: int4_dequantize's values,
     bitwise, in fp32 and bf16."""
     q, scales, zeros, packed = int4_weight(48, 512, groupsize)
     for dtype in (torch.float32, torch.bfloat16):
