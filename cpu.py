@@ -21,6 +21,7 @@ BENCHMARKS.md.
   ignore the rest.
 """
 import contextlib
+import hashlib
 import os
 import platform
 import sys
@@ -109,7 +110,9 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
 
 # brisk's kernel paths: BRISK_CPU_ISA's values, kernel_isa's levels
 ISAS = {"none": 0, "avx2": 1, "avx512": 2}
-SOURCES = ["cpu_kernels.cpp", "cpu_int4.cpp"]  # the files of brisk's C++ extension, built as one
+# the files of brisk's C++ extension, built as one (in parallel), and the header they share
+SOURCES = ["cpu_kernels.cpp", "cpu_attend.cpp", "cpu_int4.cpp"]
+HEADER = "cpu_kernels.h"
 KERNEL_ISA: Optional[int] = None  # see kernel_isa
 
 
@@ -134,13 +137,16 @@ def load_kernels() -> int:
     if ISAS[forced] == 0 or platform.machine().lower() not in ("x86_64", "amd64"):
         return 0
     here = os.path.dirname(os.path.abspath(__file__))
+    # torch rebuilds when a source or a flag changes: the header's hash as a flag covers it too
+    header = hashlib.sha1(open(os.path.join(here, HEADER), "rb").read()).hexdigest()[:16]
     start = time.perf_counter()
     try:
         # OpenMP, else at::parallel_for runs its range on one thread; at run time the extension
         # binds to the libgomp.so.1 torch has loaded (one pool of threads), and takes
         # torch.set_num_threads' count
         cpp_extension.load("brisk_cpu_kernels", [os.path.join(here, f) for f in SOURCES],
-                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=["-O3", "-fopenmp", f"-DBRISK_HEADER={header}"],
+                           extra_ldflags=["-fopenmp"],
                            is_python_module=False)
     except (RuntimeError, OSError) as e:  # no compiler, or no ninja
         print(f"brisk: {', '.join(SOURCES)} not built ({str(e).splitlines()[0]}); aten and Inductor serve",
@@ -168,8 +174,6 @@ def register_fakes() -> None:
     torch.library.register_fake("brisk::int4_product")(
         lambda x, w, g, isa: x.new_empty((x.numel() // x.shape[-1], w.shape[0] * INT4_ROWS),
                                          dtype=torch.float32))
-    torch.library.register_fake("brisk::int4_dequantize")(
-        lambda w, g, dtype: w.new_empty((w.shape[0] * INT4_ROWS, w.shape[1] * g), dtype=dtype))
 
 
 def kernel_rows(x: Tensor, weight: Tensor) -> bool:

@@ -1,6 +1,7 @@
-// brisk's int4 CPU kernel, built with cpu_kernels.cpp by cpu.py: products of any number of rows of activations (a
-// decode step, a batch's step, a verify pass, a prompt) with an int4 weight in brisk's own layout (block_q4x16 below),
-// repacked at load from the file's device-neutral values. As llama.cpp's Q4_0 x Q8_0 (BENCHMARKS.md, "An int4 kernel"):
+// brisk's int4 CPU kernel, built with cpu_kernels.cpp by cpu.py (which registers the ops):
+// products of any number of rows of activations (a decode step, a batch's step, a verify pass, a
+// prompt) with an int4 weight in brisk's own layout (block_q4x16 below), repacked at load from the
+// file's device-neutral values. As llama.cpp's Q4_0 x Q8_0 (BENCHMARKS.md, "An int4 kernel"):
 // - each row of activations is quantized once per product to int8 in blocks of 32 inputs (x ~ d * q, d = max|x| / 127);
 // - the weight's values (0..15) are the unsigned operand of the integer dot: `vpdpbusd` (AVX-512 VNNI) or
 //   `vpmaddubsw` + `vpmaddwd` (AVX2) adds 4 products into each of 16 rows' int32 lanes, with no nibble table: the
@@ -10,19 +11,7 @@
 // Each row of activations is reduced alone and in one order (integer sums are exact; the float steps are the same on
 // every path), so a row's result is bitwise the same whatever rows are beside it and on both SIMD paths as in the
 // scalar reference.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <type_traits>
-#include <vector>
-
-#define AVX2_FMA __attribute__((target("avx2,fma,f16c")))
-#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+#include "cpu_kernels.h"
 
 constexpr int NR = 16;  // weight rows interleaved in a block: the int32 lanes of one 512-bit dot
 constexpr int QK = 32;  // inputs per block, and per int8 block of the activations
@@ -64,7 +53,7 @@ static void quantize_block_ref(const float* x, int8_t* q, float& d, int32_t& sum
   }
 }
 
-AVX2_FMA static void quantize_block_avx2(const float* x, int8_t* q, float& d, int32_t& sum) {
+AVX2 static void quantize_block_avx2(const float* x, int8_t* q, float& d, int32_t& sum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 v[4], mx = _mm256_setzero_ps();
   for (int i = 0; i < 4; i++) {
@@ -139,7 +128,7 @@ static void rows_ref(const group_q4x16<G>* w, int64_t ng, const Acts* a, int T, 
     }
 }
 
-AVX512_VNNI static inline __m512 bf16x16(const at::BFloat16* p) {
+AVX512 static inline __m512 bf16x16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
@@ -147,7 +136,7 @@ constexpr int64_t AHEAD = 8192;  // bytes prefetched ahead in a row block's stre
 constexpr int64_t ROW_BLOCK_BYTES = 1 << 18;  // int8 activations a block of rows holds: they stay in the L2 cache
 
 template <int T, int G>
-AVX512_VNNI static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
+AVX512 static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
   const __m512i low = _mm512_set1_epi8(15);
   __m512 acc[T];
 #pragma GCC unroll 4
@@ -187,7 +176,7 @@ AVX512_VNNI static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const A
   for (int t = 0; t < T; t++) _mm512_storeu_ps(y + t * ldy, acc[t]);
 }
 
-AVX2_FMA static inline __m256 bf16x8(const at::BFloat16* p) {
+AVX2 static inline __m256 bf16x8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
@@ -196,7 +185,7 @@ AVX2_FMA static inline __m256 bf16x8(const at::BFloat16* p) {
 // order), then pairs summed into int32 (vpmaddwd). Quad by quad, the weight's nibbles and each row's two broadcasts
 // serve both halves.
 template <int T, int G>
-AVX2_FMA static void rows_avx2(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
+AVX2 static void rows_avx2(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
   const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   __m256 acc[T][2];
 #pragma GCC unroll 4
@@ -306,7 +295,7 @@ at::Tensor int4_product(const at::Tensor& x_, const at::Tensor& w, int64_t group
               && x_.size(-1) == K, "int4_product: a weight from int4_pack and ", K, " inputs");
   TORCH_CHECK(isa >= 0 && isa <= 2, "int4_product: isa 0, 1 or 2");
   const at::Tensor x = (x_.scalar_type() == at::kBFloat16 ? x_ : x_.to(at::kFloat)).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = x.new_empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   switch (G) {
@@ -325,7 +314,7 @@ at::Tensor int4_pack(const at::Tensor& q_, const at::Tensor& sz_, int64_t groups
   const int64_t N = q.size(0), K = q.size(1), ng = K / groupsize, bytes = 256 * G + 4 * NR;
   TORCH_CHECK(N % NR == 0 && K % groupsize == 0 && sz.size(0) == ng && sz.size(1) == N && sz.size(2) == 2,
               "int4_pack: q [N, K] with N a multiple of 16 and K of the group size, scales_and_zeros [K/g, N, 2]");
-  at::Tensor w = at::empty({N / NR, ng, bytes}, q.options());
+  at::Tensor w = q.new_empty({N / NR, ng, bytes});
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const at::BFloat16* s = sz.data_ptr<at::BFloat16>();
   uint8_t* wp = w.data_ptr<uint8_t>();
@@ -345,50 +334,4 @@ at::Tensor int4_pack(const at::Tensor& q_, const at::Tensor& sz_, int64_t groups
       }
   });
   return w;
-}
-
-// brisk's layout back to the weight [N, K] = (q - 8) * scale + zero in dtype (fp32 or bf16): the layout, checked
-// (tests/test_cpu.py)
-at::Tensor int4_dequantize(const at::Tensor& w, int64_t groupsize, at::ScalarType dtype) {
-  const int G = blocks_per_group(groupsize);
-  const int64_t N = w.size(0) * NR, ng = w.size(1), K = ng * groupsize, bytes = 256 * G + 4 * NR;
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.size(2) == bytes,
-              "int4_dequantize: a weight from int4_pack");
-  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N / NR, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t rb = begin; rb < end; rb++)
-      for (int64_t g = 0; g < ng; g++) {
-        const uint8_t* in = wp + (rb * ng + g) * bytes;
-        const auto* params = (const at::BFloat16*)(in + 256 * G);
-        for (int j = 0; j < G; j++)
-          for (int p = 0; p < 4; p++)
-            for (int i = 0; i < 64; i++) {
-              const int r = i / 4;
-              const float s = params[r], z = params[NR + r];
-              const uint8_t v = in[(j * 4 + p) * 64 + i];
-              float* row = o + (rb * NR + r) * K + g * groupsize + j * QK + 4 * p + i % 4;
-              row[0] = (float)((v & 15) - 8) * s + z;  // (q - 8) * s is exact: one rounding, as addcmul's
-              row[16] = (float)((v >> 4) - 8) * s + z;
-            }
-      }
-  });
-  return dtype == at::kFloat ? out : out.to(dtype);
-}
-
-TORCH_LIBRARY_FRAGMENT(brisk, m) {
-  m.def("int4_product(Tensor x, Tensor w, int groupsize, int isa) -> Tensor");
-  m.def("int4_pack(Tensor q, Tensor scales_and_zeros, int groupsize) -> Tensor");
-  m.def("int4_dequantize(Tensor w, int groupsize, ScalarType dtype) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(brisk, CPU, m) {
-  m.impl("int4_product", int4_product);
-  m.impl("int4_pack", int4_pack);
-  m.impl("int4_dequantize", int4_dequantize);
-}
-TORCH_LIBRARY_IMPL(brisk, Autograd, m) {  // inference only
-  m.impl("int4_product", torch::CppFunction::makeFallthrough());
-  m.impl("int4_pack", torch::CppFunction::makeFallthrough());
-  m.impl("int4_dequantize", torch::CppFunction::makeFallthrough());
 }

@@ -49,8 +49,7 @@ def products(rows: list, clock, repeats: int) -> None:
                 "bf16": (lambda: F.linear(x, w), lambda: torch.ops.brisk.rows_product(x, w, isa)),
                 "int8": (lambda: F.linear(x, wq.to(x.dtype)) * scales.bfloat16(),
                          lambda: torch.ops.brisk.int8_rows_product(x, wq, scales.bfloat16(), isa)),
-                "int4": (lambda: F.linear(x,
-                                          torch.ops.brisk.int4_dequantize(packed, 32, torch.bfloat16)),
+                "int4": (lambda: F.linear(x, quant.int4_dequantize(q, s, z, torch.bfloat16)),
                          lambda: torch.ops.brisk.int4_product(x, packed, 32, isa)),
             }
             for name, (aten, kernel) in pairs.items():

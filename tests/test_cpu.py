@@ -481,13 +481,16 @@ def test_int8_activations_stay_within_a_percent_of_the_float_product():
 
 @needs_int4_kernel
 @pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
-def test_the_int4_layout_dequantizes_to_the_files_weight(groupsize):
-    """brisk's int4 layout (int4_pack) read back by its op: int4_dequantize's values,
-    bitwise, in fp32 and bf16."""
+def test_the_int4_layout_holds_every_weight_where_the_product_reads_it(groupsize):
+    """brisk's int4 layout (int4_pack) read back through its product: unit rows of activations (127
+    at input k, quantized exactly: d = 1, q = 127) give 127 times column k of the file's weight,
+    quant.int4_dequantize's values, within fp32 rounding; a value, scale or zero in the wrong place
+    would be off by a whole step."""
     q, scales, zeros, packed = int4_weight(48, 512, groupsize)
-    for dtype in (torch.float32, torch.bfloat16):
-        assert torch.equal(torch.ops.brisk.int4_dequantize(packed, groupsize, dtype),
-                           quant.int4_dequantize(q, scales, zeros, dtype))
+    want = 127 * quant.int4_dequantize(q, scales, zeros).t()  # [K, N]
+    for isa in [0] + ISA_PATHS:
+        y = torch.ops.brisk.int4_product(127 * torch.eye(512), packed, groupsize, isa)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def int4_layer(n, k, groupsize, kernel):
