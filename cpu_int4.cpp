@@ -14,7 +14,7 @@
 #include "cpu_kernels.h"
 
 constexpr int NR = 16;  // weight rows interleaved in a block: the int32 lanes of one 512-bit dot
-constexpr int QK = 32;  // inputs per block, and per int8 block of the activations
+constexpr int QK = QK8;  // inputs per block, and per int8 block of the activations
 
 // 16 rows x 32 inputs of values 0..15. Byte 4r + c of qs[p] holds row r's input 4p + c in its low nibble and input
 // 16 + 4p + c in its high one: the low (high) nibbles of qs[p] are the 16 rows' input quad p (p + 4), which one
@@ -38,65 +38,20 @@ struct Acts {
   const float* c;
 };
 
-// ---------------------------------------------------------------------------------------------------------------
-// Activations: scalar reference, and AVX2 (both SIMD paths use it) with the same roundings
-
-static void quantize_block_ref(const float* x, int8_t* q, float& d, int32_t& sum) {
-  float amax = 0.0f;
-  for (int i = 0; i < QK; i++) amax = std::max(amax, std::fabs(x[i]));
-  d = amax / 127.0f;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  sum = 0;
-  for (int i = 0; i < QK; i++) {
-    q[i] = (int8_t)std::nearbyint(x[i] * id);  // to nearest, ties to even: _mm256_round_ps's rounding
-    sum += q[i];
-  }
-}
-
-AVX2 static void quantize_block_avx2(const float* x, int8_t* q, float& d, int32_t& sum) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 v[4], mx = _mm256_setzero_ps();
-  for (int i = 0; i < 4; i++) {
-    v[i] = _mm256_loadu_ps(x + 8 * i);
-    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
-  }
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  d = _mm_cvtss_f32(m4) / 127.0f;
-  const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-  __m256i n[4];
-  for (int i = 0; i < 4; i++)
-    n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  __m256i s = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
-  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-  s4 = _mm_hadd_epi32(s4, s4);
-  s4 = _mm_hadd_epi32(s4, s4);
-  sum = _mm_cvtsi128_si32(s4);
-  // int32 -> int8, in order: the packs interleave 128-bit lanes, the permute puts them back
-  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
-  _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-}
-
-// x [M, K] fp32 or bf16 -> the M rows' Acts, in the buffers q [M, K], d [M, K/32], c [M, K/g]. bf16 is widened here,
-// 32 values at a time: a separate conversion of x is a parallel region of its own, which costs more than the product
-// when the machine's other threads are busy
+// x [M, K] fp32 or bf16 -> the M rows' Acts (quantize_q8), in the buffers q [M, K], d [M, K/32], c
+// [M, K/g]. bf16 read as it is: a separate conversion of x is a parallel region of its own, which
+// costs more than the product when the machine's other threads are busy
 template <typename T>
-static void quantize_rows(const T* x, int64_t M, int64_t K, int G, bool simd, int8_t* q, float* d, float* c) {
+static void quantize_rows(const T* x, int64_t M, int64_t K, int G, bool simd, int8_t* q, float* d,
+                          float* c) {
   const int64_t nb = K / QK, ng = nb / G;
-  float wide[QK];
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t b = 0; b < nb; b++) {
-      const int64_t i = m * nb + b;
-      const float* xb = wide;
-      if constexpr (std::is_same_v<T, float>) xb = x + i * QK;
-      else for (int k = 0; k < QK; k++) wide[k] = (float)x[i * QK + k];
-      int32_t sum;
-      if (simd) quantize_block_avx2(xb, q + i * QK, d[i], sum);
-      else quantize_block_ref(xb, q + i * QK, d[i], sum);
-      float& ci = c[m * ng + b / G];
-      ci = std::fma(d[i], (float)sum, b % G ? ci : 0.0f);
-    }
+  for (int64_t i = 0; i < M * nb; i++) {  // block i % nb of row i / nb
+    d[i] = simd ? quantize_q8(x + i * QK, q + i * QK) : quantize_q8_ref(x + i * QK, q + i * QK);
+    int32_t sum = 0;
+    for (int k = 0; k < QK; k++) sum += q[i * QK + k];
+    float& ci = c[i / nb * ng + i % nb / G];
+    ci = std::fma(d[i], (float)sum, i % nb % G ? ci : 0.0f);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -205,11 +205,10 @@ at::Tensor rows_product(const at::Tensor& x_, const at::Tensor& w_, int64_t isa)
 // int8 weights with a scale per output channel (quant.WeightOnlyInt8Linear), activations quantized per block of 32:
 // y[m, n] = sw[n] * sum over blocks b of sx[m, b] * (xq[m, b] . w[n, b]), each block's dot exact in int32.
 
-constexpr int64_t QBLOCK = 32;  // activations per scale
 constexpr int64_t QPAD = 64;    // rows of quantized activations padded to this many (zeros): whole AVX-512 steps
 
-// The rows of activations as the kernels read them (Kp = K rounded up to QPAD): xq = round(x / s) in -127..127, s =
-// max |x| / 127 per block (a block of zeros: 0, s 0); xa, what the instruction set multiplies: xq + 128 (AVX-512's
+// The rows of activations as the kernels read them (Kp = K rounded up to QPAD): xq and s per block of 32
+// (quantize_q8: round(x / s), s = max |x| / 127); xa, what the instruction set multiplies: xq + 128 (AVX-512's
 // unsigned operand) or |xq| (AVX2's); se [Kp / 4]: each block's scale 8 times, one per lane of its 4-product sums.
 // One buffer per thread, reused: a product of a few rows is short enough that allocating them would show.
 struct QuantRows {
@@ -219,31 +218,13 @@ struct QuantRows {
   int64_t Kp;
 };
 
-// One block of 32 activations into xq, xa and se (8 lanes), both paths: x / s divided and rounded to nearest even,
-// as the scalar std::nearbyint(x / s) does
+// One block of 32 activations into xq (quantize_q8), xa and se (8 lanes), both paths
 template <typename X>
 AVX2 static inline void quantize_block(const X* x, int8_t* xq, uint8_t* xa, float* se, bool wide) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 v[4], mx = _mm256_setzero_ps();
-  for (int i = 0; i < 4; i++) {
-    v[i] = load8(x, i);
-    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
-  }
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  const float s = _mm_cvtss_f32(m4) / 127.0f;
-  _mm256_storeu_ps(se, _mm256_set1_ps(s));
-  if (s == 0.0f) return;  // the buffers' zeros (xa: 128 where wide) stand
-  __m256i n[4];
-  for (int i = 0; i < 4; i++)
-    n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(v[i], _mm256_set1_ps(s)),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  // int32 -> int8, in order: the packs interleave 128-bit lanes, the permute puts them back
-  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
-  const __m256i q = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256((__m256i*)xq, q);
-  _mm256_storeu_si256((__m256i*)xa, wide ? _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)) : _mm256_abs_epi8(q));
+  _mm256_storeu_ps(se, _mm256_set1_ps(quantize_q8(x, xq)));
+  const __m256i q = _mm256_loadu_si256((const __m256i*)xq);
+  const __m256i a = wide ? _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)) : _mm256_abs_epi8(q);
+  _mm256_storeu_si256((__m256i*)xa, a);
 }
 
 // x [M, K] fp32 or bf16 -> the thread's QuantRows; a last block shorter than 32 from a zero-padded copy
@@ -252,12 +233,12 @@ static const QuantRows& quantize_rows(const X* x, int64_t M, int64_t K, int64_t 
   thread_local QuantRows q;
   q.Kp = (K + QPAD - 1) / QPAD * QPAD;
   q.xq.assign(M * q.Kp, 0), q.xa.assign(M * q.Kp, isa == 2 ? 128 : 0), q.se.assign(M * q.Kp / 4, 0.0f);
-  X tail[QBLOCK] = {};  // a short last block copied over its front (the same length in every row): zeros past K
+  X tail[QK8] = {};  // a short last block copied over its front (the same length in every row): zeros past K
   for (int64_t m = 0; m < M; m++)
-    for (int64_t b = 0; b < K; b += QBLOCK) {
+    for (int64_t b = 0; b < K; b += QK8) {
       const int64_t at = m * q.Kp + b;
       const X* xb = x + m * K + b;
-      if (K - b < QBLOCK) xb = (const X*)std::memcpy(tail, xb, (K - b) * sizeof(X));
+      if (K - b < QK8) xb = (const X*)std::memcpy(tail, xb, (K - b) * sizeof(X));
       quantize_block(xb, q.xq.data() + at, q.xa.data() + at, q.se.data() + at / 4, isa == 2);
     }
   return q;
@@ -334,7 +315,7 @@ AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, cons
     for (int r = 0; r < RR; r++) acc[t][r] = _mm256_setzero_ps();
   const int8_t* ws[RR];
   int64_t k = 0;
-  for (; k + QBLOCK <= K; k += QBLOCK) {
+  for (; k + QK8 <= K; k += QK8) {
 #pragma GCC unroll 4
     for (int r = 0; r < RR; r++) {
       ws[r] = w + r * ldw + k;
@@ -343,7 +324,7 @@ AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, cons
     step_int8_avx2<T, RR>(acc, xq + k, xa + k, se + k / 4, Kp, ws);
   }
   if (k < K) {
-    int8_t wt[RR][QBLOCK] = {};
+    int8_t wt[RR][QK8] = {};
     for (int r = 0; r < RR; r++) std::memcpy(wt[r], w + r * ldw + k, K - k), ws[r] = wt[r];
     step_int8_avx2<T, RR>(acc, xq + k, xa + k, se + k / 4, Kp, ws);
   }

@@ -47,3 +47,46 @@ AVX2 static inline __m256 load8(const at::BFloat16* p, int c) {
   const __m128i v = _mm_loadu_si128((const __m128i*)(p + 8 * c));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
+
+// Activations as int8 in blocks of 32, as llama.cpp's Q8_0 (brisk's int8 and int4 products): x ~
+// d * q, d = max |x| / 127, q = x / d rounded to nearest (ties to even) in -127..127; a block of
+// zeros: d 0, q 0. Divided, not multiplied by 1 / d: correctly rounded, the round(x / d) of torch
+// (the tests' references, cpu.kv_store). Writes q [32], returns d. The scalar reference:
+constexpr int QK8 = 32;
+
+template <typename X>
+static inline float quantize_q8_ref(const X* x, int8_t* q) {
+  float amax = 0.0f;
+  for (int i = 0; i < QK8; i++) amax = std::max(amax, std::fabs((float)x[i]));
+  const float d = amax / 127.0f;
+  for (int i = 0; i < QK8; i++) q[i] = d != 0.0f ? (int8_t)std::nearbyint((float)x[i] / d) : 0;
+  return d;
+}
+
+// AVX2 (both SIMD paths use it): the same roundings
+template <typename X>
+AVX2 static inline float quantize_q8(const X* x, int8_t* q) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4], mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; i++) {
+    v[i] = load8(x, i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float d = _mm_cvtss_f32(m4) / 127.0f;
+  if (d == 0.0f) {
+    _mm256_storeu_si256((__m256i*)q, _mm256_setzero_si256());
+    return d;
+  }
+  __m256i n[4];
+  for (int i = 0; i < 4; i++)
+    n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(v[i], _mm256_set1_ps(d)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // int32 -> int8, in order: the packs interleave 128-bit lanes, the permute puts them back
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(b, perm));
+  return d;
+}

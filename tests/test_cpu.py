@@ -424,12 +424,13 @@ def int4_weight(n, k, groupsize, seed=0):
 
 def int4_reference(x, q, scales, zeros, groupsize):
     """What the kernel computes, in plain torch (fp64 sums): each row of x [M, K] quantized to int8
-    in blocks of 32 (x ~ d * xq, d = max|x| / 127, to nearest), then y = sum over groups of scale *
-    sum_b d_b (q - 8) . xq_b + zero * sum_b d_b sum(xq_b)."""
+    in blocks of 32 (x ~ d * xq, xq = round(x / d), d = max|x| / 127), as the int8 kernel's
+    activations, then y = sum over groups of scale * sum_b d_b (q - 8) . xq_b + zero * sum_b d_b
+    sum(xq_b)."""
     M, K = x.shape
     xb = x.float().reshape(M, K // 32, 32)
     d = xb.abs().amax(-1) / 127  # [M, K/32]
-    xq = torch.round(xb * torch.where(d != 0, 1 / d, 0)[..., None]).double()
+    xq = torch.where(d[..., None] != 0, xb / d[..., None], 0).round().double()
     dots = torch.einsum("nbk,mbk->mnb", (q.double() - 8).reshape(-1, K // 32, 32),
                         xq) * d.double()[:, None]
     sums = xq.sum(-1) * d.double()  # [M, K/32]
