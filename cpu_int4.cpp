@@ -94,7 +94,7 @@ template <int T, int G>
 AVX512 static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {
   const __m512i low = _mm512_set1_epi8(15);
   __m512 acc[T];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; g++) {
     __m512 gacc[T];
@@ -103,14 +103,14 @@ AVX512 static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const Acts* 
       const block_q4x16& blk = w[g].b[j];
       for (int l = 0; l < 4; l++) _mm_prefetch((const char*)blk.qs[l] + AHEAD, _MM_HINT_T0);
       __m512i q[8];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int p = 0; p < 4; p++) {
         const __m512i v = _mm512_loadu_si512(blk.qs[p]);
         q[p] = _mm512_and_si512(v, low);
         q[p + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       }
       const int64_t b = g * G + j;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int t = 0; t < T; t++) {
         const int32_t* xq = (const int32_t*)(a[t].q + b * QK);
         __m512i s[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // two chains: exact in any order
@@ -121,13 +121,13 @@ AVX512 static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const Acts* 
       }
     }
     const __m512 scale = bf16x16(w[g].scale), m = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, bf16x16(w[g].zero));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
       const __m512 mc = _mm512_mul_ps(m, _mm512_set1_ps(a[t].c[g]));
       acc[t] = _mm512_add_ps(acc[t], _mm512_fmadd_ps(gacc[t], scale, mc));
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int t = 0; t < T; t++) _mm512_storeu_ps(y + t * ldy, acc[t]);
 }
 
@@ -202,6 +202,7 @@ template <int G>
 static void row_block(const group_q4x16<G>* w, int64_t ng, const Acts* a, int64_t M, float* y, int64_t N, int isa) {
   int64_t m = 0;
   if (isa == 2) {
+    for (; m + 8 <= M; m += 8) rows_avx512<8, G>(w, ng, a + m, y + m * N, N);
     for (; m + 4 <= M; m += 4) rows_avx512<4, G>(w, ng, a + m, y + m * N, N);
     for (; m + 2 <= M; m += 2) rows_avx512<2, G>(w, ng, a + m, y + m * N, N);
     for (; m < M; m++) rows_avx512<1, G>(w, ng, a + m, y + m * N, N);
