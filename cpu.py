@@ -1,7 +1,7 @@
 """Everything brisk does differently on a CPU, each with why in a line; the figures are in
 BENCHMARKS.md.
 
-- kernel_isa: the path of brisk's C++ kernels (cpu_kernels.cpp): AVX-512, AVX2 or none, once per
+- kernel_isa: the path of brisk's C++ kernels (SOURCES): AVX-512, AVX2 or none, once per
   process.
 - Linear: nn.Linear whose products reduce each row as if alone (batch and split invariance): bf16
   ones, of any number of rows, in brisk's kernel where the CPU has AVX2 at least; without it those
@@ -183,7 +183,7 @@ def kernel_rows(x: Tensor, weight: Tensor) -> bool:
     return x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and kernel_isa() > 0
 
 
-ATTEND_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # those cpu_kernels.cpp's attend is built for
+ATTEND_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # those cpu_attend.cpp's attend is built for
 
 
 def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
@@ -307,7 +307,7 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype, head_dim: int) -> t
 
 # the caches the kernel reads
 KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
-# an int8 cache's fp32 scale, after each vector's values (cpu_kernels.cpp's block_kv8)
+# an int8 cache's fp32 scale, after each vector's values (cpu_attend.cpp's block_kv8)
 KV_SCALE_BYTES = 4
 
 

@@ -39,19 +39,21 @@ struct Acts {
 };
 
 // x [M, K] fp32 or bf16 -> the M rows' Acts (quantize_q8), in the buffers q [M, K], d [M, K/32], c
-// [M, K/g]. bf16 read as it is: a separate conversion of x is a parallel region of its own, which
+// [M, K/g] (many rows by all threads). bf16 read as it is: a separate conversion of x is a parallel region of its own, which
 // costs more than the product when the machine's other threads are busy
 template <typename T>
 static void quantize_rows(const T* x, int64_t M, int64_t K, int G, bool simd, int8_t* q, float* d,
                           float* c) {
   const int64_t nb = K / QK, ng = nb / G;
-  for (int64_t i = 0; i < M * nb; i++) {  // block i % nb of row i / nb
-    d[i] = simd ? quantize_q8(x + i * QK, q + i * QK) : quantize_q8_ref(x + i * QK, q + i * QK);
-    int32_t sum = 0;
-    for (int k = 0; k < QK; k++) sum += q[i * QK + k];
-    float& ci = c[i / nb * ng + i % nb / G];
-    ci = std::fma(d[i], (float)sum, i % nb % G ? ci : 0.0f);
-  }
+  at::parallel_for(0, M, std::max<int64_t>(1, QUANT_GRAIN / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t i = m0 * nb; i < m1 * nb; i++) {  // block i % nb of row i / nb
+      d[i] = simd ? quantize_q8(x + i * QK, q + i * QK) : quantize_q8_ref(x + i * QK, q + i * QK);
+      int32_t sum = 0;
+      for (int k = 0; k < QK; k++) sum += q[i * QK + k];
+      float& ci = c[i / nb * ng + i % nb / G];
+      ci = std::fma(d[i], (float)sum, i % nb % G ? ci : 0.0f);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------

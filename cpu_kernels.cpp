@@ -29,17 +29,17 @@ void check_isa(int64_t isa, const char* op) {
 
 constexpr int64_t ROW_BLOCK_BYTES = 1 << 18;  // activations a block of rows holds: they stay in the L2 cache
 
-// Tiles whose outputs are gathered before they are written: a cache line per row and stream. Written as
-// computed, the R streams of M rows, a quarter of the weight and a row of y apart, fell in one set of the L1
-// cache where N is a multiple of 1024 (a vocabulary: 49152): 16 rows ran 6x slower than 4.
+// Tiles whose outputs are gathered before they are written: a cache line per row and stream.
+// Written as computed, the R streams of M rows, a quarter of the weight and a row of y apart, fell
+// in one set of the L1 cache where N is a multiple of 1024 (a vocabulary: 49152).
 constexpr int64_t CH = 16;
 
-// Every weight row once per block of rows, in tiles the threads share out: rows(n, ld, RR, m0, m1, out)
-// computes weight rows n, n + ld, ... (RR of them) for the rows m0..m1-1 of activations into out[(m - m0) * R
-// * CH + r * CH]; tiles of R rows a quarter of the weight apart (four memory streams), the last N % R rows one
-// by one; every CH tiles, their outputs to y [M, N]. Many rows (a prompt's) go in blocks of row_bytes each up
-// to ROW_BLOCK_BYTES, which each thread's tiles of weight rows pass in turn: a block is read from the L2
-// cache, not memory, once per tile
+// Every weight row once per block of rows, in tiles the threads share out: rows(n, ld, RR, m0, m1,
+// out) computes weight rows n, n + ld, ... (RR of them) for the rows m0..m1-1 of activations into
+// out[(m - m0) * R * CH + r * CH]; tiles of R rows a quarter of the weight apart (four memory
+// streams), the last N % R rows one by one; every CH tiles, their outputs to y [M, N]. Many rows (a
+// prompt's) go in blocks of row_bytes each up to ROW_BLOCK_BYTES, which each thread's tiles of
+// weight rows pass in turn: a block is read from the L2 cache, not memory, once per tile
 template <typename Rows>
 static void over_weight(float* y, int64_t N, int64_t M, int64_t row_bytes, const Rows& rows) {
   const int64_t nb = N / R, mb = std::max<int64_t>(4, ROW_BLOCK_BYTES / row_bytes / 4 * 4);
@@ -54,10 +54,14 @@ static void over_weight(float* y, int64_t N, int64_t M, int64_t row_bytes, const
           if (n < nb) rows(n, nb, std::integral_constant<int, R>{}, m0, m1, out);
           else rows(n + (R - 1) * nb, 0, std::integral_constant<int, 1>{}, m0, m1, out);
         }
-        for (int64_t m = m0; m < m1; m++)
+        const int64_t split = std::clamp(nb, n0, n1);  // tiles of R streams before, of 1 row after
+        for (int64_t m = m0; m < m1; m++) {
+          const float* b = buf.data() + (m - m0) * R * CH - n0;
+          float* ym = y + m * N;
           for (int r = 0; r < R; r++)
-            for (int64_t n = n0; n < n1 && (n < nb || r == 0); n++)
-              y[m * N + n + (n < nb ? r : R - 1) * nb] = buf[((m - m0) * R + r) * CH + n - n0];
+            for (int64_t n = n0; n < split; n++) ym[n + r * nb] = b[r * CH + n];
+          for (int64_t n = split; n < n1; n++) ym[n + (R - 1) * nb] = b[n];
+        }
       }
     }
   });
@@ -211,8 +215,8 @@ at::Tensor rows_product(const at::Tensor& x_, const at::Tensor& w_, int64_t isa)
   at::Tensor y = x.new_empty({M, N}, x.options().dtype(at::kFloat));
   const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
-  over_weight(yp, N, M, K * sizeof(at::BFloat16), [&](int64_t n, int64_t ld, auto rr, int64_t m0, int64_t m1,
-                                                      float* out) {
+  const int64_t row_bytes = K * sizeof(at::BFloat16);
+  over_weight(yp, N, M, row_bytes, [&](int64_t n, int64_t ld, auto rr, int64_t m0, int64_t m1, float* out) {
     constexpr int RR = decltype(rr)::value;
     if (isa == 2) rows_bf16<RR, true>(xp + m0 * K, wp + n * K, out, m1 - m0, K, ld * K);
     else rows_bf16<RR, false>(xp + m0 * K, wp + n * K, out, m1 - m0, K, ld * K);
@@ -226,12 +230,12 @@ at::Tensor rows_product(const at::Tensor& x_, const at::Tensor& w_, int64_t isa)
 
 constexpr int64_t QPAD = 64;    // rows of quantized activations padded to this many (zeros): whole AVX-512 steps
 
-// The rows of activations as the kernels read them (Kp = K rounded up to QPAD): xq [Kp] and d [Kp / 32]
-// per row, each block's values and scale (quantize_q8: xq = round(x / d), d = max |x| / 127); xa, what the
-// instruction set multiplies: xq + 128 (AVX-512's unsigned operand) or |xq| (AVX2's). One scale per block,
-// spread over the lanes in registers: 16 rows of activations stay in the L1 cache (8 copies per block
-// overflowed it). One buffer per thread, reused: a product of a few rows is short enough that allocating them
-// would show.
+// The rows of activations as the kernels read them (Kp = K rounded up to QPAD): xq [Kp] and d
+// [Kp / 32] per row, each block's values and scale (quantize_q8: xq = round(x / d), d = max |x| /
+// 127); xa, what the instruction set multiplies: xq + 128 (AVX-512's unsigned operand) or |xq|
+// (AVX2's). One scale per block, spread over the lanes in registers (not stored 8 times: half the
+// bytes). One buffer per thread, reused: a product of a few rows is short enough that allocating
+// them would show.
 struct QuantRows {
   std::vector<int8_t> xq;
   std::vector<uint8_t> xa;
@@ -248,31 +252,37 @@ AVX2 static inline void quantize_block(const X* x, int8_t* xq, uint8_t* xa, floa
   _mm256_storeu_si256((__m256i*)xa, a);
 }
 
-// x [M, K] fp32 or bf16 -> the thread's QuantRows; a last block shorter than 32 from a zero-padded copy
+// x [M, K] fp32 or bf16 -> the calling thread's QuantRows (many rows quantized by all threads); a last
+// block shorter than 32 from a zero-padded copy
 template <typename X>
 static const QuantRows& quantize_rows(const X* x, int64_t M, int64_t K, int64_t isa) {
-  thread_local QuantRows q;
+  thread_local QuantRows mine;
+  QuantRows& q = mine;  // the calling thread's, which the lambda below writes from every thread
   q.Kp = (K + QPAD - 1) / QPAD * QPAD;
-  q.xq.assign(M * q.Kp, 0), q.xa.assign(M * q.Kp, isa == 2 ? 128 : 0), q.d.assign(M * q.Kp / QK8, 0.0f);
-  X tail[QK8] = {};  // a short last block copied over its front (the same length in every row): zeros past K
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t b = 0; b < K; b += QK8) {
-      const int64_t at = m * q.Kp + b;
-      const X* xb = x + m * K + b;
-      if (K - b < QK8) xb = (const X*)std::memcpy(tail, xb, (K - b) * sizeof(X));
-      quantize_block(xb, q.xq.data() + at, q.xa.data() + at, q.d.data() + at / QK8, isa == 2);
-    }
+  q.xq.assign(M * q.Kp, 0), q.xa.assign(M * q.Kp, isa == 2 ? 128 : 0);
+  q.d.assign(M * q.Kp / QK8, 0.0f);
+  at::parallel_for(0, M, std::max<int64_t>(1, QUANT_GRAIN / K), [&](int64_t m0, int64_t m1) {
+    X tail[QK8] = {};  // a short last block copied over its front (the same length in every row)
+    for (int64_t m = m0; m < m1; m++)
+      for (int64_t b = 0; b < K; b += QK8) {
+        const int64_t at = m * q.Kp + b;
+        const X* xb = x + m * K + b;
+        if (K - b < QK8) xb = (const X*)std::memcpy(tail, xb, (K - b) * sizeof(X));
+        quantize_block(xb, q.xq.data() + at, q.xa.data() + at, q.d.data() + at / QK8, isa == 2);
+      }
+  });
   return q;
 }
 
-// AVX-512 (VNNI): 64 products a step, two blocks. `vpdpbusd` sums 4 products of xq + 128 (unsigned) and w (signed)
-// into each int32 lane; added to minus the same sums of 128 and w (once per weight row and step, the lanes' start),
-// they are xq . w exactly. Lanes 0-7 hold the first block, 8-15 the second: as fp32 times their block's scale into
-// 16 fp32 lanes, then the lanes, then the weight's scale.
+// AVX-512 (VNNI): 64 products a step, two blocks. `vpdpbusd` sums 4 products of xq + 128
+// (unsigned) and w (signed) into each int32 lane; started from minus the same sums of 128 and w
+// (once per weight row and step), they are xq . w exactly. Lanes 0-7 hold the first block, 8-15 the
+// second: as fp32 times their block's scale into 16 fp32 lanes, then the lanes, then the weight's
+// scale.
 template <int T, int RR>
 AVX512 static inline void tile_int8_avx512(const uint8_t* xa, const float* d, const int8_t* w,
-                                           const float* sw, int64_t lds, float* y, int64_t K, int64_t Kp,
-                                           int64_t ldw, int64_t ldy_t, int64_t ldy_r) {
+                                           const float* sw, int64_t lds, float* y, int64_t K,
+                                           int64_t Kp, int64_t ldw, int64_t ldy_t, int64_t ldy_r) {
   __m512 acc[T][RR];
 #pragma GCC unroll 4
   for (int t = 0; t < T; t++)
@@ -286,7 +296,8 @@ AVX512 static inline void tile_int8_avx512(const uint8_t* xa, const float* d, co
     for (int r = 0; r < RR; r++) {
       wv[r] = _mm512_maskz_loadu_epi8(mask, w + r * ldw + k);
       _mm_prefetch((const char*)(w + r * ldw + k + 2 * AHEAD), _MM_HINT_T0);
-      bias[r] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), k128, wv[r]));
+      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), k128, wv[r]);
+      bias[r] = _mm512_sub_epi32(_mm512_setzero_si512(), sums);
     }
 #pragma GCC unroll 4
     for (int t = 0; t < T; t++) {
@@ -303,15 +314,16 @@ AVX512 static inline void tile_int8_avx512(const uint8_t* xa, const float* d, co
 #pragma GCC unroll 4
   for (int t = 0; t < T; t++)
 #pragma GCC unroll 4
-    for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]) * sw[r * lds];
+    for (int r = 0; r < RR; r++)
+      y[t * ldy_t + r * ldy_r] = _mm512_reduce_add_ps(acc[t][r]) * sw[r * lds];
 }
 
 // one block of the AVX2 tile: w takes xq's signs (`vpsignb`), `vpmaddubsw` multiplies it by |xq| into int16 pairs
 // (at most 2 * 127 * 127: no saturation; w in -127..127, as quant.int8_quantize makes it: -128 has no sign to
 // take), `vpmaddwd` sums those into 8 int32 lanes, as fp32 times the block's scale
 template <int T, int RR>
-AVX2 static inline void step_int8_avx2(__m256 (&acc)[T][RR], const int8_t* xq, const uint8_t* xa, const float* d,
-                                       int64_t Kp, const int8_t* const* w) {
+AVX2 static inline void step_int8_avx2(__m256 (&acc)[T][RR], const int8_t* xq, const uint8_t* xa,
+                                       const float* d, int64_t Kp, const int8_t* const* w) {
   const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 4
   for (int r = 0; r < RR; r++) {
@@ -321,16 +333,18 @@ AVX2 static inline void step_int8_avx2(__m256 (&acc)[T][RR], const int8_t* xq, c
       const __m256i s = _mm256_sign_epi8(wv, _mm256_loadu_si256((const __m256i*)(xq + t * Kp)));
       const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(xa + t * Kp)), s),
                                           ones);
-      acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(d + t * Kp / QK8), acc[t][r]);
+      const __m256 dt = _mm256_broadcast_ss(d + t * Kp / QK8);
+      acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dt, acc[t][r]);
     }
   }
 }
 
 // AVX2: a block of 32 a step into 8 fp32 lanes, the tail's weights from a zero-padded copy, then the 8 lanes
 template <int T, int RR>
-AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, const float* d, const int8_t* w,
-                                       const float* sw, int64_t lds, float* y, int64_t K, int64_t Kp,
-                                       int64_t ldw, int64_t ldy_t, int64_t ldy_r) {
+AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, const float* d,
+                                       const int8_t* w, const float* sw, int64_t lds, float* y,
+                                       int64_t K, int64_t Kp, int64_t ldw, int64_t ldy_t,
+                                       int64_t ldy_r) {
   __m256 acc[T][RR];
 #pragma GCC unroll 4
   for (int t = 0; t < T; t++)
@@ -355,11 +369,11 @@ AVX2 static inline void tile_int8_avx2(const int8_t* xq, const uint8_t* xa, cons
     for (int r = 0; r < RR; r++) y[t * ldy_t + r * ldy_r] = sum8(acc[t][r]) * sw[r * lds];
 }
 
-// rows m0..m1-1 of the quantized activations against RR weight rows (ldw apart, their scales lds apart) into
-// over_weight's out, in tiles of 4 (AVX-512), 2 and 1
+// rows m0..m1-1 of the quantized activations against RR weight rows (ldw apart, their scales lds
+// apart) into over_weight's out, in tiles of 4 (AVX-512), 2 and 1
 template <int RR, bool Wide>
-static void rows_int8(const QuantRows& q, const int8_t* w, const float* sw, int64_t lds, float* y, int64_t m0,
-                      int64_t m1, int64_t K, int64_t ldw) {
+static void rows_int8(const QuantRows& q, const int8_t* w, const float* sw, int64_t lds, float* y,
+                      int64_t m0, int64_t m1, int64_t K, int64_t ldw) {
   constexpr int64_t ldy_t = R * CH, ldy_r = CH;
   const int64_t Kp = q.Kp;
   auto tile = [&](auto tt, int64_t m) {
@@ -378,10 +392,10 @@ static void rows_int8(const QuantRows& q, const int8_t* w, const float* sw, int6
   for (; m < m1; m++) tile(std::integral_constant<int, 1>{}, m);
 }
 
-static void int8_rows(const QuantRows& q, const int8_t* w, const float* sw, float* y, int64_t M, int64_t K,
-                      int64_t N, int64_t isa) {
-  // the activations' bytes per row: xq and xa, and d
-  over_weight(y, N, M, q.Kp * 2, [&](int64_t n, int64_t ld, auto rr, int64_t m0, int64_t m1, float* out) {
+static void int8_rows(const QuantRows& q, const int8_t* w, const float* sw, float* y, int64_t M,
+                      int64_t K, int64_t N, int64_t isa) {
+  const int64_t row_bytes = q.Kp * 2;  // the activations' bytes per row: xq and xa, and d
+  over_weight(y, N, M, row_bytes, [&](int64_t n, int64_t ld, auto rr, int64_t m0, int64_t m1, float* out) {
     constexpr int RR = decltype(rr)::value;
     if (isa == 2) rows_int8<RR, true>(q, w + n * K, sw + n, ld, out, m0, m1, K, ld * K);
     else rows_int8<RR, false>(q, w + n * K, sw + n, ld, out, m0, m1, K, ld * K);
@@ -389,8 +403,8 @@ static void int8_rows(const QuantRows& q, const int8_t* w, const float* sw, floa
 }
 
 // x [..., K] fp32 or bf16 (M rows), w [N, K] int8, scales [N] fp32 or bf16 -> (x w^T) * scales [M, N] fp32, x
-// quantized per block of 32; both read as they are (a conversion would be a call and a copy per product), bf16
-// scales widened here (exactly: one kernel for both)
+// quantized per block of 32; both read as they are (a conversion would be a call and a copy per
+// product), bf16 scales widened here (exactly: one kernel for both)
 at::Tensor int8_rows_product(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& sw_, int64_t isa) {
   TORCH_CHECK(w_.scalar_type() == at::kChar, "int8_rows_product: int8 weights");
   check_isa(isa, "int8_rows_product");
@@ -408,8 +422,9 @@ at::Tensor int8_rows_product(const at::Tensor& x_, const at::Tensor& w_, const a
     wide.assign(b, b + N);
     sp = wide.data();
   }
-  const QuantRows& q = x.scalar_type() == at::kBFloat16 ? quantize_rows(x.data_ptr<at::BFloat16>(), M, K, isa)
-                                                        : quantize_rows(x.data_ptr<float>(), M, K, isa);
+  const QuantRows& q = x.scalar_type() == at::kBFloat16
+                           ? quantize_rows(x.data_ptr<at::BFloat16>(), M, K, isa)
+                           : quantize_rows(x.data_ptr<float>(), M, K, isa);
   int8_rows(q, w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, K, N, isa);
   return y;
 }

@@ -63,6 +63,10 @@ static inline float quantize_q8_ref(const X* x, int8_t* q) {
   return d;
 }
 
+// Values of activations a thread quantizes at least: a prompt's rows in parallel, the few rows of a
+// decode step inline (a parallel region's start would cost more)
+constexpr int64_t QUANT_GRAIN = 16384;
+
 // AVX2 (both SIMD paths use it): the same roundings
 template <typename X>
 AVX2 static inline float quantize_q8(const X* x, int8_t* q) {
