@@ -53,7 +53,9 @@ if os.environ.get("BRISK_CPU_ISA") == "avx2" and CPU_CAPABILITY.startswith("AVX5
 # "Compiled decode step"):
 INDUCTOR_OPTIONS = {
     "cpp_wrapper": True,  # kernels called from C++: no Python between them
-    "cpp_wrapper_build_separate": True,  # the glue that calls them built at -O1, apart: a cold compile's largest part
+    "cpp_wrapper_build_separate": True,  # the glue that calls them built apart from them: a cold compile's largest part
+    "aot_inductor.compile_wrapper_opt_level": "O0",  # and unoptimised: a third of the build, and no slower
+    "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False,  # no checks of shapes the trace proved
     "cpp.vec_isa_ok": True,  # the CPU's flags suffice: Inductor's check runs a Python per instruction set, every run
     "realize_opcount_threshold": 4,  # an activation read by a row loop (exact GELU) is computed once, not per row
     "realize_acc_reads_threshold": 1,  # a norm's output is stored once, not recomputed inside every row loop
