@@ -110,6 +110,9 @@ class SavedStep:
         self.fn, self.what, self.dynamic = fn, what, dynamic
         self.options = dict(options, guard_filter_fn=keep_guard)
         self.graphs: dict[tuple, Callable] = {}
+        # (file, key) per kind of input: the key, which hashes the sources and the model's tensors,
+        # is computed once, not again when saved() is followed by a load or a compile
+        self.keys: dict[tuple, tuple[Path, str]] = {}
         self.load_s = 0.0  # seconds spent loading saved steps
         self.names = list(inspect.signature(fn).parameters)[1:]
 
@@ -131,8 +134,10 @@ class SavedStep:
         return inputs in self.graphs or self.path(model, inputs)[0].exists()
 
     def path(self, model, inputs: tuple) -> tuple[Path, str]:
-        key = step_key(self.fn, self.options, model, inputs)
-        return cpu.cache_dir() / f"{self.fn.__name__}-{key[:40]}.bin", key
+        if inputs not in self.keys:  # one model per step, as self.graphs
+            key = step_key(self.fn, self.options, model, inputs)
+            self.keys[inputs] = cpu.cache_dir() / f"{self.fn.__name__}-{key[:40]}.bin", key
+        return self.keys[inputs]
 
     def load_saved(self, model, inputs: tuple):
         """The step saved for these inputs, or None where none is (or it is stale or corrupt: load

@@ -178,11 +178,11 @@ def register_fakes() -> None:
                                          dtype=torch.float32))
 
 
-def kernel_rows(x: Tensor, weight: Tensor) -> bool:
-    """True for a product of bf16 activations with a bf16 weight on a CPU with brisk's kernel
-    (either path), of any number of rows: each row reduced in one order, a prompt's whole, in chunks
-    or one position at a time alike."""
-    return x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and kernel_isa() > 0
+def kernel_rows(weight: Tensor) -> bool:
+    """True for a bf16 weight on a CPU with brisk's kernel (either path), which then multiplies
+    (bf16) activations of any number of rows: each row reduced in one order, a prompt's whole, in
+    chunks or one position at a time alike."""
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernel_isa() > 0
 
 
 ATTEND_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # those cpu_attend.cpp's attend is built for
@@ -192,7 +192,7 @@ def kernel_attends(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> bool:
     """True where brisk's kernel computes attention, a step's or a prompt's (model.attend's
     contract, a tile of keys loaded once for the queries that read it): a cache in fp32, bf16 or
     int8 (kv_store) on a CPU with the kernel, a head size in ATTEND_HEAD_DIMS, a bool, fp32 or int64
-    (last positions: model.forward) mask."""
+    (last positions: model.last_mask) mask."""
     return (mask is not None and mask.dtype in (torch.bool, torch.float32, torch.long)
             and q.device.type == "cpu" and k.dtype in KV_DTYPES.values()
             and q.shape[-1] in ATTEND_HEAD_DIMS and kernel_isa() > 0)
@@ -274,22 +274,48 @@ def per_row(x: Tensor, product) -> Tensor:
 
 class Linear(nn.Linear):
     """nn.Linear whose products on the CPU reduce each row as if alone: bf16 ones, of any number of
-    rows, in brisk's kernel (kernel_rows); otherwise those of up to FEW_ROWS rows compiled in
-    Inductor's loop (one_row_on_cpu), else eagerly one row at a time (per_row)."""
+    rows, in brisk's kernel (kernel_linear); otherwise row by row (rows_linear). Which one is
+    decided once per weight (choose): when the layer is built, cast or moved, and loaded."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.choose()
+
+    def choose(self) -> None:
+        # F.linear's stand-in: a function, not a bound method (no cycle keeps the layer alive)
+        self.product = kernel_linear if kernel_rows(self.weight) else rows_linear
+
+    def _apply(self, *args, **kwargs):  # .to(), .bfloat16(), ...
+        super()._apply(*args, **kwargs)
+        self.choose()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict(..., assign=True)
+        super()._load_from_state_dict(*args, **kwargs)
+        self.choose()
 
     def forward(self, x: Tensor) -> Tensor:
-        if kernel_rows(x, self.weight):
-            y = rows_product(x, self.weight).to(x.dtype)
-        elif one_row_on_cpu(x, self.weight):
-            y = one_row_product(x, self.weight).to(x.dtype)
-        else:
-            return per_row(x, self.gemm)
-        return y if self.bias is None else y + self.bias
+        return self.product(x, self.weight, self.bias)
 
-    def gemm(self, x: Tensor) -> Tensor:
-        dt = gemm_dtype(x)
-        bias = None if self.bias is None else self.bias.to(dt)
-        return F.linear(x.to(dt), self.weight.to(dt), bias).to(x.dtype)
+
+def kernel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    y = rows_product(x, weight).to(x.dtype)  # any number of rows, each as if alone
+    return y if bias is None else y + bias
+
+
+def rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    # up to FEW_ROWS rows compiled in Inductor's loop (one_row_on_cpu), else eagerly one row at a
+    # time (per_row)
+    if one_row_on_cpu(x, weight):
+        y = one_row_product(x, weight).to(x.dtype)
+        return y if bias is None else y + bias
+    return per_row(x, lambda rows: gemm(rows, weight, bias))
+
+
+def gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    dt = gemm_dtype(x)
+    bias = None if bias is None else bias.to(dt)
+    return F.linear(x.to(dt), weight.to(dt), bias).to(x.dtype)
 
 
 def attend_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

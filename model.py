@@ -1,9 +1,6 @@
-"""The model: one config (ModelArgs: Llama and, through a few switches, GPT-NeoX, GPT-J, OPT, BLOOM, GPTBigCode, Phi-3
-and GPT-2) and a static-KV-cache transformer; the presets are in presets.py.
-
-Weights use the Hugging Face layout for q/k (rotate-half rotary), so converted Hugging Face checkpoints need no
-permutation. Names follow gpt-fast: `wqkv` is q, k and v fused along the output dimension.
-"""
+"""The model: one config (ModelArgs: Llama and, through a few switches, GPT-NeoX, GPT-J, OPT, BLOOM,
+GPTBigCode, Phi-3 and GPT-2; presets in presets.py) and a static-KV-cache transformer. q/k in the
+Hugging Face layout (rotate-half rotary: no permutation); names as gpt-fast's (`wqkv`: q, k, v)."""
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -52,8 +49,7 @@ class ModelArgs:
         if self.n_local_heads == -1:
             self.n_local_heads = self.n_head
         if self.intermediate_size is None:
-            hidden = 4 * self.dim
-            n_hidden = int(2 * hidden / 3)
+            n_hidden = int(2 * (4 * self.dim) / 3)
             self.intermediate_size = n_hidden + (256 - n_hidden % 256) % 256
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_head
@@ -72,8 +68,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,8 +84,7 @@ class KVCache(nn.Module):
         self.register_buffer("prefix", torch.zeros(max_batch_size, 2, dtype=torch.long), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int = 0) -> tuple[Tensor, Tensor]:
-        # input_pos: [T] or [B, T] (each row at its own positions), k/v: [B, Hkv, T, D] for the cache's rows
-        # row..row+B-1; writes in place so compiled graphs keep their buffers
+        # k/v [B, Hkv, T, D] at input_pos [T] or [B, T] to rows row..row+B-1, in place (for graphs)
         B = k.shape[0]
         rows = torch.arange(row, row + B, device=k.device)[:, None]  # [B, 1]
         self.k_cache[rows, :, input_pos] = kv_store(k.transpose(1, 2), self.k_cache.dtype)  # [B, T, Hkv, D]
@@ -113,17 +107,16 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = self.max_seq_length = -1
         self.kv_cache_dtype: Optional[torch.dtype] = None  # the KV cache's: None cpu.kv_cache_dtype's, or torch.int8
-        # ALiBi: this model's heads among all heads (tp.apply_tp gives each rank its own)
-        self.alibi_heads = (0, config.n_head, config.n_head)  # (first, count, of all)
+        self.alibi_heads = (0, config.n_head, config.n_head)  # ALiBi: (first, count, of all), tp.py
 
     @classmethod
     def from_name(cls, name: str) -> "Transformer":
         return cls(ModelArgs.from_name(name))
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
-        """Allocate the KV cache and the rotary tables for exactly max_batch_size x max_seq_length positions (kept as
-        they are when they already have that size; nothing grows with positions squared), and choose how queries
-        attend (self.kernel). Steps compiled for the old cache refuse the new one."""
+        """Allocate the KV cache and rotary tables for exactly max_batch_size x max_seq_length
+        positions (kept at that size; nothing grows with positions squared); choose how queries
+        attend (self.mask, Attention.attend). Steps compiled for the old cache refuse the new."""
         if (self.max_seq_length, self.max_batch_size) == (max_seq_length, max_batch_size):
             return
         c = self.config
@@ -140,21 +133,20 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)  # [S, R/2]
         first, count, total = self.alibi_heads
         slopes = alibi_slopes(total)[first:first + count]
-        self.register_buffer("alibi_slopes", slopes.to(device, attend_dtype(device, dtype)), persistent=False)  # [H]
-        probe = [torch.empty(1, c.head_dim, device=device), torch.empty(0, dtype=cache_dtype),
-                 torch.empty(0, dtype=self.alibi_slopes.dtype if c.positions == "alibi" else torch.long)]
-        self.kernel = kernel_attends(*probe)  # every query in brisk's kernel, else SDPA, or `attend` for a few
+        adt, alibi = attend_dtype(device, dtype), c.positions == "alibi"
+        self.register_buffer("alibi_slopes", slopes.to(device, adt), persistent=False)  # [H]
+        # how queries attend, decided once: in brisk's kernel, else SDPA (`attend` for a few)
+        probe = torch.empty(1, c.head_dim, device=device), torch.empty(0, dtype=cache_dtype)
+        kernel = kernel_attends(*probe, torch.empty(0, dtype=adt if alibi else torch.long))
+        self.mask = alibi_mask if alibi else last_mask if kernel else causal_mask
         for b in self.layers:
-            b.attention.kernel, b.attention.attend_dtype = self.kernel, attend_dtype(device, dtype)
+            b.attention.attend = kernel_attend if kernel else sdpa_attend
 
     def attend_len(self, last_pos: int, T: int = 1) -> int:
-        """How many cache positions T inputs whose last sits at last_pos attend to (forward's attend_len), decided on
-        the host, where the positions are known. A few inputs (FEW_ROWS: a decode step, a verify pass, a batch's
-        rows) attend to last_pos + 1 rounded up to a block of 64 positions (from 1024 on, 1/16 of the position's
-        power of two), at most max_seq_length: a compiled step takes it as its one dynamic size, so it reads the
-        cache written so far (at most ~6% more) instead of all of it, CUDA graphs, recorded once per length, stay
-        few, and brisk's kernel gives a row the same result whatever the length. More inputs (a prompt) attend to
-        exactly last_pos + 1, which from position 0 is T: plain causal attention (forward)."""
+        """Cache positions that T inputs up to last_pos attend to, decided on the host: a prompt
+        exactly last_pos + 1; a few (FEW_ROWS: a step, a verify pass, a batch's rows) that rounded
+        up to 64 (from 1024 on, 1/16 of its power of two; at most max_seq_length): a compiled
+        step's one dynamic size, ~6% more read at most, few CUDA graphs, one result a row."""
         n = last_pos + 1
         if T > FEW_ROWS:
             return n
@@ -163,34 +155,28 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, input_pos: Tensor, attend_len: Optional[int] = None,
                 logits_to_keep: Optional[int] = None, row: int = 0) -> Tensor:
-        # idx: [B, T] token ids at positions input_pos: [T], or [B, T] where each row sits at its own positions,
-        # using the cache's rows row..row+B-1; returns logits [B, T, V], or [B, logits_to_keep, V] for the last
-        # positions only (None: all): a prefill needs one row of the head's product, not T.
-        # The (ascending) positions attend to the cache's first attend_len positions, causally (SDPA: a prompt from
-        # position 0 without a mask, in half the work). A compiled step passes attend_len (it cannot read input_pos on
-        # the host); an eager call may leave it to self.attend_len of the last position.
+        # idx: [B, T] token ids at positions input_pos: [T], or [B, T] (each row its own), in the
+        # cache's rows row..row+B-1 -> logits [B, T, V], or the last logits_to_keep (a prefill: 1)
         assert self.max_seq_length > 0, "call setup_caches() first"
-        T = idx.shape[1]
-        if attend_len is None:
-            attend_len = self.attend_len(int(input_pos.max()), T)
-        keys, pos = torch.arange(attend_len, device=idx.device), input_pos.view(-1, 1, T, 1)
-        # key j is attended iff j <= last (past the cache: spare key 0); brisk's kernel takes this view of T values as
-        # it is (no [T, S'] mask for a long prompt), SDPA a 4-D mask (flash) or none
-        last = torch.where(pos < self.max_seq_length, pos, 0).expand(-1, -1, -1, attend_len)
-        mask = last if self.kernel else (keys <= last if attend_len > T else None)
-        cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)  # [1|B, 1, T, R/2]
+        mask, S = self.attended(input_pos, idx.shape[1], attend_len)  # S: cache positions attended
+        cos, sin = self.rope_cos[input_pos].unsqueeze(-3), self.rope_sin[input_pos].unsqueeze(-3)
         x = self.tok_embeddings(idx)  # [B, T, dim]
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(input_pos + self.config.pos_offset)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        if self.config.positions == "alibi":  # a per-head bias slope * (key pos - query pos) on causal scores
-            mask = (self.alibi_slopes[:, None, None] * (keys - pos)).masked_fill(keys > last, -math.inf)  # [1|B,H,T,S']
         for layer in self.layers:
-            x = layer(x, input_pos, cos, sin, mask, row)
+            x = layer(x, input_pos, cos, sin, mask, S, row)  # cos, sin: [1|B, 1, T, R/2]
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         return self.output(self.norm(x))
+
+    def attended(self, input_pos: Tensor, T: int, attend_len: Optional[int]) -> tuple:
+        # (self.mask, S'); attend_len: a compiled step's (it reads no position on the host), or ours
+        attend_len = self.attend_len(int(input_pos.max()), T) if attend_len is None else attend_len
+        keys, pos = torch.arange(attend_len, device=input_pos.device), input_pos.view(-1, 1, T, 1)
+        last = torch.where(pos < self.max_seq_length, pos, 0).expand(-1, -1, -1, attend_len)
+        return self.mask(keys, pos, last, T, self.alibi_slopes), attend_len
 
 
 class TransformerBlock(nn.Module):
@@ -202,10 +188,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = None if config.shared_norm else make_norm(config)
         self.parallel_residual = config.parallel_residual
 
-    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
-                row: int = 0) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor,
+                mask: Optional[Tensor], S: int, row: int = 0) -> Tensor:
         h = self.attention_norm(x)
-        a = self.attention(h, input_pos, cos, sin, mask, row)
+        a = self.attention(h, input_pos, cos, sin, mask, S, row)
         if self.parallel_residual:
             return x + a + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x))
         h = x + a
@@ -220,30 +206,19 @@ class Attention(nn.Module):
         self.wqkv = Linear(config.dim, qkv_dim, bias=config.qkv_bias)
         self.wo = Linear(config.n_head * config.head_dim, config.dim, bias=config.wo_bias)
         self.rotary = config.positions == "rope"
-        self.kv_cache: Optional[KVCache] = None
-        self.kernel, self.attend_dtype = False, torch.float32  # set by setup_caches
+        self.kv_cache: Optional[KVCache] = None  # and self.attend: set by setup_caches
 
-    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
-                row: int = 0) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor,
+                mask: Optional[Tensor], S: int, row: int = 0) -> Tensor:
         B, T, _ = x.shape
-        # n_head etc. come from the weights' shapes so that a tensor-parallel shard runs unchanged
         kv_size = self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D] (k, v: Hkv)
+        k, v = (t.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2) for t in (k, v))
         if self.rotary:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v, row)  # [B, Hkv, S, D]
-        end = T if mask is None else mask.shape[-1]  # the cache positions attended to
-        k, v = k[:, :, :end], v[:, :, :end]
-        if self.kernel:  # each query alone, in one order whatever T and S': a prompt split anyhow attends alike
-            y = torch.ops.brisk.attend(q.float(), k, v, mask, self.kv_cache.prefix[row:row + B], kernel_isa())
-        else:
-            dt, few = self.attend_dtype, T <= FEW_ROWS and mask is not None  # few: a step's queries, each alone
-            q, k, v = q.to(dt), kv_load(k, dt), kv_load(v, dt)
-            y = attend(q, k, v, mask) if few else F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_head != self.n_local_heads)
+        y = self.attend(q, k[:, :, :S], v[:, :, :S], mask, self.kv_cache.prefix, row)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H*D]
         return self.wo(y)
 
@@ -263,24 +238,50 @@ class FeedForward(nn.Module):
 
 
 ACTIVATIONS = {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
-
-
 NORMS = ("rmsnorm", "layernorm")
 
 
 def make_norm(config: ModelArgs) -> nn.Module:
-    if config.norm == "layernorm":
-        return nn.LayerNorm(config.dim, config.norm_eps)
-    return RMSNorm(config.dim, config.norm_eps)
+    norm = nn.LayerNorm if config.norm == "layernorm" else RMSNorm
+    return norm(config.dim, config.norm_eps)
+
+
+# Transformer.mask (setup_caches) of T inputs at positions pos [1|B, 1, T, 1] to keys [S']: key j is
+# attended iff j <= last [1|B, 1, T, S'] (past the cache: 0); ALiBi's: + slope * (key - query pos)
+def last_mask(keys: Tensor, pos: Tensor, last: Tensor, T: int, slopes: Tensor):
+    return last  # brisk's kernel takes it as it is: no [T, S'] bool mask for a long prompt
+
+
+def causal_mask(keys: Tensor, pos: Tensor, last: Tensor, T: int, slopes: Tensor):
+    return keys <= last if keys.shape[0] > T else None  # SDPA's: none from 0 (half the work)
+
+
+def alibi_mask(keys: Tensor, pos: Tensor, last: Tensor, T: int, slopes: Tensor):
+    return (slopes[:, None, None] * (keys - pos)).masked_fill(keys > last, -math.inf)
+
+
+# Attention.attend, chosen in setup_caches: q [B, H, T, D] to k, v [B, Hkv, S', D] -> [B, H, T, D]
+def kernel_attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: Tensor, row: int):
+    # each query alone, in one order whatever T and S': a prompt split anyhow attends alike
+    return torch.ops.brisk.attend(q.float(), k, v, mask, prefix[row:row + q.shape[0]], kernel_isa())
+
+
+def sdpa_attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], prefix: Tensor, row: int):
+    # a step's few queries each alone (`attend`), a prompt's in SDPA; prefix, row: the kernel's
+    dt = attend_dtype(q.device, q.dtype)
+    q, k, v = q.to(dt), kv_load(k, dt), kv_load(v, dt)
+    if q.shape[2] <= FEW_ROWS and mask is not None:
+        return attend(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of a few queries q [B, H, T, D] to k, v [B, Hkv, S, D] under mask [1|B, 1, T, S], written so that
-    each (row, head, query) is reduced alone and the same way whatever B, T and S: a row's result does not depend
-    on the other rows, nor a masked tail on the attended length (eagerly: if one key at least is masked). SDPA's
-    CPU kernel gives neither (its blocking follows the shapes)."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
+    """Attention of a few queries q [B, H, T, D] to k, v [B, Hkv, S, D] under mask [1|B, 1, T, S],
+    each (row, head, query) reduced alone and alike whatever B, T, S: a row's result depends neither
+    on the other rows nor a masked tail on the attended length (eagerly: if one key at least is
+    masked). SDPA's CPU kernel gives neither (its blocking follows the shapes)."""
+    (B, H, T, D), Hkv = q.shape, k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv * T, D)  # the queries of each key/value head: [B, Hkv, G*T, D]
     s = (qg[:, :, :, None] * k[:, :, None]).sum(-1) * D ** -0.5  # [B, Hkv, G*T, S]
     s = s.view(B, H, T, -1)
@@ -343,8 +344,7 @@ def llama31_scale(inv_freq: Tensor, factor: float, low_freq_factor: float, high_
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, H, T, D]; cos/sin: [T, R/2] or [1|B, 1, T, R/2]. Rotate-half layout over the first R dims: pairs are
-    # (i, i + R/2).
+    # x [B, H, T, D], cos/sin [T, R/2] or [1|B, 1, T, R/2]: rotate-half over the first R dims
     R = 2 * cos.shape[-1]
     x1, x2 = x[..., :R // 2], x[..., R // 2:R]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], dim=-1)

@@ -427,7 +427,7 @@ def gptq_model(model: Transformer, samples: Tensor, groupsize: int, blocksize: i
         model(samples[i:i + 1], pos, logits_to_keep=1)
     hook.remove()
     xs = [args[0] for args in inputs]  # S x [1, T, D]
-    cos, sin, mask = inputs[0][2:5]
+    rest = inputs[0][1:]  # the positions, rotary tables, mask, ... as the model passes them
     results = {}
     for li, block in enumerate(tqdm(model.layers, desc="GPTQ", unit="layer")):
         linears = dict(linear_layers(block))
@@ -442,7 +442,7 @@ def gptq_model(model: Transformer, samples: Tensor, groupsize: int, blocksize: i
 
         hooks = [m.register_forward_pre_hook(collect(n)) for n, m in linears.items()]
         for x in xs:
-            block(x, pos, cos, sin, mask)
+            block(x, *rest)
         for h in hooks:
             h.remove()
         for n, m in linears.items():
@@ -452,7 +452,7 @@ def gptq_model(model: Transformer, samples: Tensor, groupsize: int, blocksize: i
                                     groupsize, blocksize, percdamp, name=f"layers.{li}.{n}")
             results[f"layers.{li}.{n}"] = (q, s, z)
             m.weight.copy_(int4_dequantize(q, s, z)[:, :m.in_features])
-        xs = [block(x, pos, cos, sin, mask) for x in xs]
+        xs = [block(x, *rest) for x in xs]
     return results
 
 

@@ -1,28 +1,30 @@
-"""An OpenAI-compatible HTTP server: completions and chat completions, streamed or not, with continuous batching
-and prefix caching, and a chat page at /.
+"""An OpenAI-compatible HTTP server: completions and chat completions, streamed or not, with
+continuous batching and prefix caching, and a chat page at /.
 
     python serve.py --compile
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
 
-The main thread owns the model (uvicorn runs in another). Requests join the running batch between decode steps,
-up to --max_batch_size rows, and leave when done; the rest wait in a queue. While rows decode, prompts go in
---prefill_chunk tokens between two steps, so that a long one does not stall the rows streaming. Every prompt's
-beginning found in the prefix cache is restored instead of prefilled again. Sampling is per request (sampling.py:
-temperature, top_k, top_p, min_p, penalties, logit_bias, seed), so a greedy request gets the tokens it would get
-alone, whatever runs beside it (with --compile, bitwise where bf16 takes brisk's CPU kernel, else logits within
-rounding of alone: a near tie can go the other way; so too for a prompt prefilled in pieces, chunked or restored).
-/metrics: the server's figures for Prometheus. A chat request's response_format or required tool call holds its own
-rows to a grammar, and its tool calls are parsed out of its replies (structured.py).
+The main thread owns the model (uvicorn runs in another). Requests join the running batch between
+decode steps, up to --max_batch_size rows, and leave when done; the rest wait in a queue. While rows
+decode, prompts go in --prefill_chunk tokens between two steps, so that a long one does not stall
+the rows streaming. Every prompt's beginning found in the prefix cache is restored instead of
+prefilled again. Sampling is per request (sampling.py: temperature, top_k, top_p, min_p, penalties,
+logit_bias, seed), so a greedy request gets the tokens it would get alone, whatever runs beside it
+(with --compile, bitwise where bf16 takes brisk's CPU kernel, else logits within rounding of alone:
+a near tie can go the other way; so too for a prompt prefilled in pieces, chunked or restored).
+/metrics: the server's figures for Prometheus. A chat request's response_format or required tool
+call holds its own rows to a grammar, and its tool calls are parsed out of its replies
+(structured.py).
 
-A request is a recipe: its route checks and tokenizes it, Server.rows makes a Seq per choice, the Scheduler's loop
-sends each Seq's events (Text, Done, Failed; CallEvents adds Calls), and a Reply shapes them as the request's Kind
-(CHAT, COMPLETION) wants.
+A request is a recipe: its route checks and tokenizes it, Server.rows makes a Seq per choice, the
+Scheduler's loop sends each Seq's events (Text, Done, Failed; CallEvents adds Calls), and a Reply
+shapes them as the request's Kind (CHAT, COMPLETION) wants. The requests, events and answers are
+data, in protocol.py.
 """
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import secrets
 import signal
@@ -32,131 +34,65 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import engine
 import structured
 from checkpoint import DEFAULT_CHECKPOINT, check_checkpoint, load_config
-from cli import (DTYPES, ArgumentParser, BriskError, TextStream, add_device_flags, check_at_least_one, kv_cache_dtype,
-                 run_cli)
+from cli import (DTYPES, ArgumentParser, BriskError, TextStream, add_device_flags,
+                 check_at_least_one, kv_cache_dtype, run_cli)
 from prefix_cache import PrefixBatch, PrefixCache, model_meta
+from protocol import (CHAT, COMPLETION, MAX_CHOICES, MAX_STOPS, UNSUPPORTED, CallEvents,
+                      ChatRequest, CompletionRequest, Done, Event, Failed, Kind, Reply, Sampling,
+                      ServeError, Text, TokenLogprob, http_error, invalid, logit_bias,
+                      queue_timeout_error, sse)
 from sampling import Penalties, logprobs, sample, stop_reason
 from tokenizer import load_tokenizer
 
 CHAT_PAGE = Path(__file__).resolve().parent / "chat.html"
-MAX_N = 16  # choices per prompt
-MAX_CHOICES = 64  # prompts times n, per request
-MAX_STOPS = 4
 MAX_BODY = 16 * 2**20  # bytes of a request's body
 DEFAULT_BUDGET_MB = 2048  # the prefix cache's
 DEFAULT_PREFILL_CHUNK = 512  # tokens: BENCHMARKS.md, "Chunked prefill"
-# OpenAI parameters this server does not implement: refused when given a value that asks for them, not ignored
-# (tools, tool_choice and response_format are chat requests' fields: a completion's are refused)
-UNSUPPORTED = ("echo", "suffix", "best_of", "tools", "tool_choice", "functions", "response_format")
-MAX_LOGPROBS = 20  # most likely tokens reported beside each token's logprob
-
-# ---------------------------------------------------------------------------------------------------------------
-# What the loop tells a request: typed events, sent from the loop's thread
 
 
-class ServeError(Exception):
-    """An error answered to the client: HTTP status, message, OpenAI error type and code."""
-
-    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.type = "invalid_request_error" if status < 500 else "server_error"
-
-    def response(self) -> JSONResponse:
-        body = dict(message=self.message, type=self.type, param=self.param, code=self.code)
-        return JSONResponse(dict(error=body), status_code=self.status)
-
-
-@dataclass
-class TokenLogprob:
-    """A generated token's log-probability, the most likely tokens' (sampling.logprobs), and where its text starts."""
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token, log-probability), most likely first
-    offset: int  # characters of the choice's text before this token's
-
-
-@dataclass
-class Text:
-    """More text of choice `index`, with the logprobs of the tokens generated since its last event (if asked)."""
-    index: int
-    text: str
-    logprobs: list[TokenLogprob]
-
-
-@dataclass
-class Calls:
-    """Tool calls that choice `index` has made (structured.ToolParser's dicts), each once it is complete."""
-    index: int
-    calls: list[dict]
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # none: its tokens' go with its Text and Done
-
-
-@dataclass
-class Done:
-    """Choice `index` has ended ("stop" or "length") after `tokens` new tokens; `cached`: its prompt tokens restored
-    from the prefix cache; logprobs: of its tokens not yet sent."""
-    index: int
-    reason: str
-    tokens: int
-    cached: int
-    logprobs: list[TokenLogprob]
-
-
-@dataclass
-class Failed:
-    """The request fails with this error (a streamed one after its status was sent: the stream tells it)."""
-    error: ServeError
-
-
-Event = Union[Text, Calls, Done, Failed]
-
-
-def queue_timeout_error(seconds: float) -> Failed:
-    return Failed(ServeError(503, f"the request waited over {seconds:g} s for a free row; try again later",
-                             "queue_timeout"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The loop that owns the model
 
 
 @dataclass
 class Seq:
-    """One choice of one request: its prompt, how it samples and stops, and what it has generated. Once submitted,
-    only the loop's thread touches it, but `cancelled`."""
+    """One choice of one request: its prompt, how it samples and stops, and what it has generated.
+    Once submitted, only the loop's thread touches it, but `cancelled`."""
     ids: list[int]
     index: int  # the choice's index in the response
     max_tokens: int
     emit: Callable[[Event], None]  # called from the loop's thread
-    sampling: dict = field(default_factory=dict)  # sampling.sample's temperature, top_k, top_p, min_p
-    generator: Optional[torch.Generator] = None  # its own random draws, so that its seed alone decides them
-    # logits processors (token ids generated so far, logits [V]) -> logits, applied in order before sampling:
-    # sampling.Penalties (penalties, logit_bias)
+    # sampling.sample's temperature, top_k, top_p, min_p
+    sampling: dict = field(default_factory=dict)
+    # its own random draws, so that its seed alone decides them
+    generator: Optional[torch.Generator] = None
+    # logits processors (token ids generated so far, logits [V]) -> logits, applied in order before
+    # sampling: sampling.Penalties (penalties, logit_bias)
     processors: list[Callable] = field(default_factory=list)
-    # a grammar its tokens must follow (response_format, tools): masks the logits before the processors, is told
-    # each token, and ends the sequence once complete
+    # a grammar its tokens must follow (response_format, tools): masks the logits before the
+    # processors, is told each token, and ends the sequence once complete
     constraint: Optional[structured.Constraint] = None
     stops: list[str] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: Optional[int] = None  # most likely tokens reported beside each token's logprob; None: no logprobs
+    # most likely tokens reported beside each token's logprob; None: no logprobs
+    logprobs: Optional[int] = None
     enqueued: float = field(default_factory=time.monotonic)
     tokens: list[int] = field(default_factory=list)
     cached: int = 0  # prompt tokens restored from the prefix cache
@@ -172,23 +108,29 @@ class Seq:
 
 
 class Metrics:
-    """The server's figures for /metrics, in Prometheus's text format: a registry of its own per scheduler."""
+    """The server's figures for /metrics, in Prometheus's text format: a registry of its own per
+    scheduler."""
 
     def __init__(self, scheduler: "Scheduler"):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("brisk_requests", "HTTP requests answered, by status code", ["status"], registry=r)
-        self.prompt_tokens = Counter("brisk_prompt_tokens", "prompt tokens of the choices given a row", registry=r)
+        self.requests = Counter("brisk_requests", "HTTP requests answered, by status code",
+                                ["status"], registry=r)
+        self.prompt_tokens = Counter("brisk_prompt_tokens",
+                                     "prompt tokens of the choices given a row", registry=r)
         self.generated_tokens = Counter("brisk_generation_tokens", "tokens generated", registry=r)
-        self.cache_hits = Counter("brisk_prefix_cache_hits", "prompts whose beginning the prefix cache restored",
-                                  registry=r)
-        self.cache_hit_tokens = Counter("brisk_prefix_cache_hit_tokens", "prompt tokens the prefix cache restored",
-                                        registry=r)
-        Gauge("brisk_rows_busy", "rows of the batch generating", registry=r).set_function(lambda: len(scheduler.active))
+        self.cache_hits = Counter("brisk_prefix_cache_hits",
+                                  "prompts whose beginning the prefix cache restored", registry=r)
+        self.cache_hit_tokens = Counter("brisk_prefix_cache_hit_tokens",
+                                        "prompt tokens the prefix cache restored", registry=r)
+        Gauge("brisk_rows_busy", "rows of the batch generating", registry=r).set_function(
+            lambda: len(scheduler.active))
         Gauge("brisk_queue_length", "choices waiting for a row", registry=r).set_function(
             lambda: len(scheduler.pending))
-        self.ttft = Histogram("brisk_time_to_first_token_seconds", "from a choice's queueing to its first token",
-                              registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-        self.itl = Histogram("brisk_inter_token_latency_seconds", "between a choice's consecutive tokens", registry=r,
+        self.ttft = Histogram("brisk_time_to_first_token_seconds",
+                              "from a choice's queueing to its first token", registry=r,
+                              buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.itl = Histogram("brisk_inter_token_latency_seconds",
+                             "between a choice's consecutive tokens", registry=r,
                              buckets=(.0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56))
 
     def admitted(self, seq: Seq) -> None:
@@ -207,8 +149,9 @@ class Metrics:
 
 
 class Scheduler:
-    """Admits queued sequences into free rows between decode steps, samples each row's next token, streams the text
-    out and frees a row when its sequence ends (sampling.stop_reason) or its client has gone."""
+    """Admits queued sequences into free rows between decode steps, samples each row's next token,
+    streams the text out and frees a row when its sequence ends (sampling.stop_reason) or its client
+    has gone."""
 
     def __init__(self, batch: PrefixBatch, tokenizer, max_rows: int, prefix: Optional[PrefixCache],
                  queue_timeout: float, prefill_chunk: int = 0):
@@ -216,7 +159,8 @@ class Scheduler:
         self.queue_timeout, self.prefill_chunk = queue_timeout, prefill_chunk
         self.pending: deque[Seq] = deque()
         self.active: dict[int, Seq] = {}  # row -> sequence
-        self.filling: dict[int, Seq] = {}  # the rows of active whose prompt is not all in yet, oldest first
+        # the rows of active whose prompt is not all in yet, oldest first
+        self.filling: dict[int, Seq] = {}
         self.wake = threading.Condition()
         self.accepting, self.running = True, True
         self.cancelled = 0  # rows freed because their client went away
@@ -234,7 +178,8 @@ class Scheduler:
         with self.wake:
             self.accepting = False
             while self.pending:
-                self.pending.popleft().emit(Failed(ServeError(503, "the server is shutting down", "shutting_down")))
+                self.pending.popleft().emit(Failed(ServeError(503, "the server is shutting down",
+                                                              "shutting_down")))
 
     def stop(self) -> None:
         """Cancel the running rows and end the loop (run returns)."""
@@ -244,10 +189,11 @@ class Scheduler:
             self.wake.notify()
 
     def stats(self) -> dict:
-        cache = None if self.prefix is None else dict(entries=len(self.prefix.entries), bytes=self.prefix.nbytes,
+        cache = None if self.prefix is None else dict(entries=len(self.prefix.entries),
+                                                      bytes=self.prefix.nbytes,
                                                       budget_bytes=self.prefix.budget)
-        return dict(rows=self.max_rows, rows_busy=len(self.active), queued=len(self.pending), cancelled=self.cancelled,
-                    prefix_cache=cache)
+        return dict(rows=self.max_rows, rows_busy=len(self.active), queued=len(self.pending),
+                    cancelled=self.cancelled, prefix_cache=cache)
 
     def run(self) -> None:
         """The loop, until stop(): in the thread that loaded the model (see main)."""
@@ -263,9 +209,12 @@ class Scheduler:
             except Exception:  # a bug must not take the other requests or the server down
                 traceback.print_exc()
                 for row, seq in list(self.active.items()):
-                    self.finish(row, seq, error=ServeError(500, "internal error while generating", "internal_error"))
+                    self.finish(row, seq,
+                                error=ServeError(500, "internal error while generating",
+                                                 "internal_error"))
         for row, seq in list(self.active.items()):
-            self.finish(row, seq, error=ServeError(503, "the server is shutting down", "shutting_down"))
+            self.finish(row, seq, error=ServeError(503, "the server is shutting down",
+                                                   "shutting_down"))
 
     def iteration(self) -> None:
         for row, seq in list(self.active.items()):
@@ -273,15 +222,17 @@ class Scheduler:
                 self.cancelled += 1
                 self.finish(row, seq, reason=None)
         self.admit()
-        tokens = {row: seq.tokens[-1] for row, seq in self.active.items() if row not in self.filling}
+        tokens = {row: seq.tokens[-1] for row, seq in self.active.items()
+                  if row not in self.filling}
         if tokens:
             for row, logits in self.batch.step(tokens).items():
                 self.advance(row, self.active[row], logits)
 
     def admit(self) -> None:
-        """Prefill the prompts that have a row, then give the queued sequences free rows and prefill theirs, oldest
-        first. While other rows decode, at most prefill_chunk prompt tokens in all (0: no limit): those rows then
-        wait for no more than a chunk between two steps, and a long prompt goes in over several iterations."""
+        """Prefill the prompts that have a row, then give the queued sequences free rows and prefill
+        theirs, oldest first. While other rows decode, at most prefill_chunk prompt tokens in all
+        (0: no limit): those rows then wait for no more than a chunk between two steps, and a long
+        prompt goes in over several iterations."""
         decoding = len(self.active) > len(self.filling)
         budget = self.prefill_chunk if self.prefill_chunk and decoding else None  # None: no limit
         for row, seq in list(self.filling.items()):
@@ -308,15 +259,16 @@ class Scheduler:
             seq.stream = TextStream(self.tokenizer, seq.stops, Emitter(seq))
             self.metrics.admitted(seq)
             budget = self.fill(row, seq, budget)
-        with self.wake:  # the rest wait; those that waited too long are told so now, not when a row frees up
+        # the rest wait; those that waited too long are told so now, not when a row frees up
+        with self.wake:
             late = [s for s in self.pending if time.monotonic() - s.enqueued > self.queue_timeout]
             for seq in late:
                 self.pending.remove(seq)
                 seq.emit(queue_timeout_error(self.queue_timeout))
 
     def fill(self, row: int, seq: Seq, budget: Optional[int]) -> Optional[int]:
-        """Prefill up to budget more tokens of row's prompt (None: all); once it is all in, sample the first token.
-        Returns the budget left."""
+        """Prefill up to budget more tokens of row's prompt (None: all); once it is all in, sample
+        the first token. Returns the budget left."""
         before = self.batch.pos[row]
         ready = self.batch.fill(row, seq.ids, budget)
         left = None if budget is None else budget - (self.batch.pos[row] - before)
@@ -326,8 +278,9 @@ class Scheduler:
         return left
 
     def advance(self, row: int, seq: Seq, logits: torch.Tensor) -> None:
-        """Sample the next token of row's sequence from its fp32 logits [V]; end the sequence if it stops there.
-        Its logprobs are those of the logits it samples from: masked by its constraint and processed."""
+        """Sample the next token of row's sequence from its fp32 logits [V]; end the sequence if it
+        stops there. Its logprobs are those of the logits it samples from: masked by its constraint
+        and processed."""
         c = seq.constraint
         if c is not None:  # only this row's logits: the others are sampled as they came
             logits = c.mask(logits)
@@ -335,7 +288,8 @@ class Scheduler:
             logits = process(seq.tokens, logits)
         token = int(sample(logits[None], generator=seq.generator, **seq.sampling)[0])
         if seq.logprobs is not None:
-            seq.unsent.append(TokenLogprob(token, *logprobs(logits, token, seq.logprobs), len(seq.stream.text)))
+            seq.unsent.append(TokenLogprob(token, *logprobs(logits, token, seq.logprobs),
+                                           len(seq.stream.text)))
         seq.tokens.append(token)
         self.metrics.token(seq)
         eos_ids = () if seq.ignore_eos else self.tokenizer.eos_ids
@@ -347,7 +301,8 @@ class Scheduler:
         if reason is not None:
             self.finish(row, seq, reason)
 
-    def finish(self, row: int, seq: Seq, reason: Optional[str] = None, error: Optional[ServeError] = None) -> None:
+    def finish(self, row: int, seq: Seq, reason: Optional[str] = None,
+               error: Optional[ServeError] = None) -> None:
         self.batch.remove(row)
         del self.active[row]
         self.filling.pop(row, None)
@@ -356,28 +311,6 @@ class Scheduler:
         elif reason is not None:  # None: cancelled, nobody listens
             seq.stream.finish()
             seq.emit(Done(seq.index, reason, len(seq.tokens), seq.cached, seq.sent()))
-
-
-class CallEvents:
-    """A request's event sink that parses each choice's text for tool calls (structured.ToolParser): its Text events
-    carry the content around them, a Calls event comes as each call ends, and a choice that called a tool finishes
-    with "tool_calls"."""
-
-    def __init__(self, emit: Callable[[Event], None], parsers: dict[int, structured.ToolParser]):
-        self.emit, self.parsers = emit, parsers
-
-    def __call__(self, event: Event) -> None:
-        if not isinstance(event, (Text, Done)):
-            return self.emit(event)
-        parser = self.parsers[event.index]
-        content, calls = parser.push(event.text) if isinstance(event, Text) else parser.finish()
-        if content or (isinstance(event, Text) and event.logprobs):  # held text still sends its tokens' logprobs
-            self.emit(Text(event.index, content, event.logprobs if isinstance(event, Text) else []))
-        if calls:
-            self.emit(Calls(event.index, calls))
-        if isinstance(event, Done):
-            reason = "tool_calls" if parser.calls and event.reason == "stop" else event.reason
-            self.emit(replace(event, reason=reason))
 
 
 class Emitter:
@@ -393,209 +326,8 @@ class Emitter:
         pass
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The API's requests
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # wrong types are errors, unknown fields are ignored
-
-
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
-class Sampling(Strict):
-    model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSUPPORTED ones
-    model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=1)  # extensions of OpenAI's API, as in vLLM and llama.cpp's server
-    min_p: float = Field(0.0, ge=0, le=1)
-    ignore_eos: bool = False  # generate max_tokens whatever the model says (for load tests)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None  # token id -> added to its logit
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-
-
-class CompletionRequest(Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)  # most likely tokens reported beside each token
-
-
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
-class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
-    tool_calls: Optional[list[structured.ToolCall]] = None  # an assistant's
-    tool_call_id: Optional[str] = None  # a tool's: the call it answers
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: Optional[structured.ResponseFormat] = None
-    tools: Optional[list[structured.Tool]] = None
-    tool_choice: Optional[structured.ToolChoice] = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The API's answers: a table per kind of request, and a Reply that builds one request's answer from its events
-
-
-def chat_choice(index: int, text: str, reason: Optional[str], logprobs: Optional[dict], calls: list) -> dict:
-    return dict(index=index, message=structured.message(text, calls), finish_reason=reason, logprobs=logprobs)
-
-
-def chat_delta(index: int, text: Optional[str], reason: Optional[str], logprobs: Optional[dict], calls: list,
-               first: bool) -> dict:
-    delta = {} if text is None else dict(content=text)
-    if calls:
-        delta["tool_calls"] = calls
-    if first:
-        delta["role"] = "assistant"
-    return dict(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)
-
-
-def text_choice(index: int, text: Optional[str], reason: Optional[str], logprobs: Optional[dict],
-                calls: list = (), first: bool = False) -> dict:
-    return dict(index=index, text=text or "", finish_reason=reason, logprobs=logprobs)
-
-
-def chat_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str]) -> dict:
-    """OpenAI's chat logprobs: an entry per token, its text (and its UTF-8 bytes) and the most likely tokens'."""
-    def item(token: int, logprob: float) -> dict:
-        text = decode(token)
-        return dict(token=text, logprob=logprob, bytes=list(text.encode()))
-    return dict(content=[dict(item(e.token, e.logprob), top_logprobs=[item(*t) for t in e.top]) for e in entries])
-
-
-def text_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str]) -> dict:
-    """The legacy completions' logprobs: per token its text, logprob, {text: logprob} of the most likely tokens and
-    the token's own, and where its text starts."""
-    return dict(tokens=[decode(e.token) for e in entries], token_logprobs=[e.logprob for e in entries],
-                top_logprobs=[{decode(t): lp for t, lp in [*e.top, (e.token, e.logprob)]} for e in entries],
-                text_offset=[e.offset for e in entries])
-
-
-@dataclass(frozen=True)
-class Kind:
-    """What sets chat completions and completions apart in their answers."""
-    id_prefix: str
-    object: str
-    chunk_object: str
-    choice: Callable  # (index, text, finish_reason, logprobs, tool calls) -> a choice of the whole answer
-    # (index, text or None, finish_reason, logprobs, tool calls, first of its choice) -> a streamed one
-    chunk_choice: Callable
-    logprobs: Callable  # (TokenLogprobs, decode) -> a choice's logprobs
-
-
-CHAT = Kind("chatcmpl-", "chat.completion", "chat.completion.chunk", chat_choice, chat_delta, chat_logprobs)
-COMPLETION = Kind("cmpl-", "text_completion", "text_completion", text_choice, text_choice, text_logprobs)
-
-
-def sse(body: dict) -> str:
-    return f"data: {json.dumps(body)}\n\n"
-
-
-class Reply:
-    """The answer to one request, from its Text, Calls and Done events: collected whole (add, then body) or streamed
-    (chunk per event, then usage_chunk)."""
-
-    def __init__(self, kind: Kind, model: str, prompts: list[list[int]], n: int, logprobs: bool, decode: Callable):
-        self.kind, self.model, self.n, self.logprobs, self.decode = kind, model, n, logprobs, decode
-        self.id, self.created = kind.id_prefix + secrets.token_hex(12), int(time.time())
-        self.usage = dict(prompt_tokens=sum(map(len, prompts)), completion_tokens=0,
-                          prompt_tokens_details=dict(cached_tokens=0))
-        count = len(prompts) * n
-        self.texts, self.reasons = [""] * count, [None] * count
-        self.entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
-        self.calls: list[list[dict]] = [[] for _ in range(count)]
-        self.started: set[int] = set()  # choices streamed from
-
-    @property
-    def finished(self) -> bool:
-        return all(self.reasons)
-
-    def shaped(self, entries: list[TokenLogprob]) -> Optional[dict]:
-        return self.kind.logprobs(entries, self.decode) if self.logprobs else None
-
-    def add(self, event: Union[Text, Calls, Done]) -> None:
-        self.entries[event.index] += event.logprobs
-        if isinstance(event, Text):
-            self.texts[event.index] += event.text
-        elif isinstance(event, Calls):
-            self.calls[event.index] += event.calls
-        else:
-            self.count(event)
-
-    def count(self, done: Done) -> None:
-        self.reasons[done.index] = done.reason
-        self.usage["completion_tokens"] += done.tokens
-        if done.index % self.n == 0:  # a prompt's cached tokens are those of its first choice
-            self.usage["prompt_tokens_details"]["cached_tokens"] += done.cached
-
-    def total_usage(self) -> dict:
-        return dict(self.usage, total_tokens=self.usage["prompt_tokens"] + self.usage["completion_tokens"])
-
-    def body(self) -> dict:
-        choices = [self.kind.choice(i, t, r, self.shaped(e), c)
-                   for i, (t, r, e, c) in enumerate(zip(self.texts, self.reasons, self.entries, self.calls))]
-        return dict(id=self.id, object=self.kind.object, created=self.created, model=self.model, choices=choices,
-                    usage=self.total_usage())
-
-    def chunk(self, event: Union[Text, Calls, Done], include_usage: bool) -> str:
-        """The server-sent event of a piece of text, of tool calls or of a choice's end (counted; the text is not
-        kept)."""
-        text = event.text if isinstance(event, Text) else None
-        reason = event.reason if isinstance(event, Done) else None
-        if reason is not None:
-            self.count(event)
-        first = event.index not in self.started
-        self.started.add(event.index)
-        calls = event.calls if isinstance(event, Calls) else []
-        choice = self.kind.chunk_choice(event.index, text, reason, self.shaped(event.logprobs), calls, first)
-        body = dict(id=self.id, object=self.kind.chunk_object, created=self.created, model=self.model,
-                    choices=[choice])
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
-
-    def usage_chunk(self) -> str:
-        return sse(dict(id=self.id, object=self.kind.chunk_object, created=self.created, model=self.model, choices=[],
-                        usage=self.total_usage()))
-
-
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The HTTP server
-
-
-async def invalid(request: Request, e: RequestValidationError):
-    """A body that does not validate: the first problem, in OpenAI's shape."""
-    err = e.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    if err.get("type") == "json_invalid":
-        return ServeError(400, f"the body is not valid JSON: {err.get('msg')}", "invalid_json").response()
-    if err.get("type") == "missing":
-        return ServeError(400, f"missing required field {'.'.join(loc)!r}", "missing_field", ".".join(loc)).response()
-    where = f"{'.'.join(loc)}: " if loc else "the body: "
-    return ServeError(400, where + err.get("msg", "invalid value"), "invalid_value", ".".join(loc) or None).response()
-
-
-async def http_error(request: Request, e: HTTPException):
-    return ServeError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None).response()
 
 
 class ClientGone(Exception):
@@ -614,22 +346,12 @@ async def next_event(events: asyncio.Queue, request: Request) -> Event:
 
 def cancel(seqs: list[Seq]) -> None:
     for s in seqs:
-        s.cancelled = True  # the loop frees their rows before its next step; finished ones are gone already
+        # the loop frees their rows before its next step; finished ones are gone already
+        s.cancelled = True
 
 
-def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
-    """A request's logit_bias with token ids for keys; a key that is not one in [0, vocab_size) is an error."""
-    out = {}
-    for key, value in bias.items():
-        token = int(key) if key.isdigit() else -1
-        if not 0 <= token < vocab_size:
-            raise ServeError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})",
-                             "invalid_value", "logit_bias")
-        out[token] = value
-    return out
-
-
-async def collect(reply: Reply, event: Event, events: asyncio.Queue, seqs: list[Seq], request: Request):
+async def collect(reply: Reply, event: Event, events: asyncio.Queue, seqs: list[Seq],
+                  request: Request):
     """The whole answer, once every choice has ended."""
     try:
         while True:
@@ -645,11 +367,14 @@ async def collect(reply: Reply, event: Event, events: asyncio.Queue, seqs: list[
         cancel(seqs)
 
 
-async def stream(reply: Reply, event: Event, events: asyncio.Queue, seqs: list[Seq], include_usage: bool):
-    """Server-sent events: one chunk per piece of text, one with each choice's finish_reason, then [DONE]."""
+async def stream(reply: Reply, event: Event, events: asyncio.Queue, seqs: list[Seq],
+                 include_usage: bool):
+    """Server-sent events: one chunk per piece of text, one with each choice's finish_reason, then
+    [DONE]."""
     try:
         while True:
-            if isinstance(event, Failed):  # after the first event: the status is sent; say it in the stream
+            # after the first event: the status is sent; say it in the stream
+            if isinstance(event, Failed):
                 err = event.error
                 yield sse(dict(error=dict(message=err.message, type=err.type, code=err.code)))
                 break
@@ -665,16 +390,18 @@ async def stream(reply: Reply, event: Event, events: asyncio.Queue, seqs: list[S
 
 
 class Server:
-    """The FastAPI app around a Scheduler: a short function per route; generate() makes a request's rows, and
-    collect() or stream() turn their events into the answer."""
+    """The FastAPI app around a Scheduler: a short function per route; generate() makes a request's
+    rows, and collect() or stream() turn their events into the answer."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, max_seq_length: int, vocab_size: int,
-                 api_key: Optional[str]):
+    def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, max_seq_length: int,
+                 vocab_size: int, api_key: Optional[str]):
         self.scheduler, self.tokenizer, self.model_id = scheduler, tokenizer, model_id
         self.max_seq_length, self.vocab_size, self.api_key = max_seq_length, vocab_size, api_key
         self.created = int(time.time())
-        self.grammars = structured.Grammars(tokenizer)  # the vocabulary for grammars, built on first use
-        app = self.app = FastAPI(title="brisk", lifespan=self.lifespan, docs_url=None, redoc_url=None)
+        # the vocabulary for grammars, built on first use
+        self.grammars = structured.Grammars(tokenizer)
+        app = self.app = FastAPI(title="brisk", lifespan=self.lifespan, docs_url=None,
+                                 redoc_url=None)
         app.exception_handler(RequestValidationError)(invalid)
         app.exception_handler(HTTPException)(http_error)
         app.exception_handler(ServeError)(lambda request, e: e.response())
@@ -692,12 +419,13 @@ class Server:
         self.scheduler.stop()
 
     async def guard(self, request: Request, call_next):
-        """Refuse oversized bodies, and requests without the API key (but /health, /metrics and the page); count
-        the answers by status."""
+        """Refuse oversized bodies, and requests without the API key (but /health, /metrics and the
+        page); count the answers by status."""
         size = request.headers.get("content-length", "0")
         given = request.headers.get("authorization", "")
         if not size.isdigit() or int(size) > MAX_BODY:
-            response = ServeError(413, f"the body must be at most {MAX_BODY} bytes", "body_too_large").response()
+            response = ServeError(413, f"the body must be at most {MAX_BODY} bytes",
+                                  "body_too_large").response()
         elif (self.api_key is not None and request.url.path.startswith("/v1/")
               and not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())):
             response = ServeError(401, "invalid or missing API key (Authorization: Bearer KEY)",
@@ -716,7 +444,8 @@ class Server:
         return dict(status="ok", model=self.model_id, **self.scheduler.stats())
 
     async def metrics(self):
-        return Response(generate_latest(self.scheduler.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.scheduler.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
 
     async def models(self):
         card = dict(id=self.model_id, object="model", created=self.created, owned_by="brisk",
@@ -730,33 +459,40 @@ class Server:
             p = [p]
         if not p:
             raise ServeError(400, "prompt: give at least one prompt", "invalid_value", "prompt")
-        prompts = [await run_in_threadpool(self.tokenizer.encode, x) if isinstance(x, str) else x for x in p]
+        prompts = [await run_in_threadpool(self.tokenizer.encode, x) if isinstance(x, str) else x
+                   for x in p]
         for ids in prompts:
             if not ids:
-                raise ServeError(400, "prompt: a prompt encodes to no tokens", "invalid_value", "prompt")
-            if not all(0 <= t < self.vocab_size for t in ids):
-                raise ServeError(400, f"prompt: token ids must be in [0, {self.vocab_size})", "invalid_value",
+                raise ServeError(400, "prompt: a prompt encodes to no tokens", "invalid_value",
                                  "prompt")
+            if not all(0 <= t < self.vocab_size for t in ids):
+                raise ServeError(400, f"prompt: token ids must be in [0, {self.vocab_size})",
+                                 "invalid_value", "prompt")
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         return await self.generate(request, body, COMPLETION, prompts, max_tokens, body.logprobs)
 
     async def chat_completions(self, body: ChatRequest, request: Request):
         self.check_model(body)
         if body.top_logprobs is not None and not body.logprobs:
-            raise ServeError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+            raise ServeError(400, "top_logprobs needs logprobs: true", "invalid_value",
+                             "top_logprobs")
         messages = [dict(role="system" if m.role == "developer" else m.role,
-                         content=m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content),
-                         tool_calls=m.tool_calls, tool_call_id=m.tool_call_id) for m in body.messages]
+                         content=m.content if not isinstance(m.content, list)
+                         else "".join(p.text for p in m.content),
+                         tool_calls=m.tool_calls,
+                         tool_call_id=m.tool_call_id) for m in body.messages]
         try:  # the vocabulary for grammars is built here on first use, off the event loop
-            spec = await run_in_threadpool(structured.Spec, self.grammars, body.response_format, body.tools,
-                                           body.tool_choice)
+            spec = await run_in_threadpool(structured.Spec, self.grammars, body.response_format,
+                                           body.tools, body.tool_choice)
             messages, tools = spec.prompt(messages)
         except structured.RequestError as e:
             raise ServeError(400, e.message, "invalid_value", e.param)
         try:
             ids = await run_in_threadpool(self.tokenizer.encode_chat, messages, True, tools)
-        except Exception as e:  # the template may refuse a conversation (say two user messages in a row)
-            raise ServeError(400, f"messages: the chat template refused them: {e}", "invalid_value", "messages")
+        # the template may refuse a conversation (say two user messages in a row)
+        except Exception as e:
+            raise ServeError(400, f"messages: the chat template refused them: {e}", "invalid_value",
+                             "messages")
         alternatives = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await self.generate(request, body, CHAT, [ids], max_tokens, alternatives, spec)
@@ -764,29 +500,36 @@ class Server:
     def check_model(self, body: Sampling) -> None:
         extra = body.model_extra or {}
         for name in UNSUPPORTED:
-            if extra.get(name) not in (None, False, 0, [], {}) and not (name == "best_of" and extra[name] == 1):
-                raise ServeError(400, f"{name} is not supported by this server", "unsupported_parameter", name)
+            if extra.get(name) not in (None, False, 0, [], {}) and not (name == "best_of"
+                                                                        and extra[name] == 1):
+                raise ServeError(400, f"{name} is not supported by this server",
+                                 "unsupported_parameter", name)
         name = body.model
         if name != self.model_id:
-            raise ServeError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
-                             "model_not_found", "model")
+            raise ServeError(404, f"the model {name!r} does not exist; this server serves "
+                             f"{self.model_id!r}", "model_not_found", "model")
 
     # generation
 
     async def generate(self, request: Request, body: Sampling, kind: Kind, prompts: list[list[int]],
-                       max_tokens: Optional[int], alternatives: Optional[int], spec: Optional[structured.Spec] = None):
-        """Queue a choice per prompt and n, then answer from their events; alternatives: the most likely tokens
-        reported beside each token's logprob (None: no logprobs); spec: a chat request's grammar and tools."""
+                       max_tokens: Optional[int], alternatives: Optional[int],
+                       spec: Optional[structured.Spec] = None):
+        """Queue a choice per prompt and n, then answer from their events; alternatives: the most
+        likely tokens reported beside each token's logprob (None: no logprobs); spec: a chat
+        request's grammar and tools."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens any more
+            # the event loop is closed: nobody listens any more
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, event)
-        if spec is not None and spec.tools is not None:  # each choice's text is parsed for tool calls
+        # each choice's text is parsed for tool calls
+        if spec is not None and spec.tools is not None:
             emit = CallEvents(emit, {k: spec.parser() for k in range(len(prompts) * body.n)})
         seqs = self.rows(body, prompts, max_tokens, alternatives, emit, spec)
         self.scheduler.submit(seqs)
-        reply = Reply(kind, self.model_id, prompts, body.n, alternatives is not None, self.decode_token)
+        reply = Reply(kind, self.model_id, prompts, body.n, alternatives is not None,
+                      self.decode_token)
         try:
             first = await next_event(events, request)
         except BaseException as e:
@@ -799,49 +542,57 @@ class Server:
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(stream(reply, first, events, seqs, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         return await collect(reply, first, events, seqs, request)
 
-    def rows(self, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int], alternatives: Optional[int],
-             emit: Callable[[Event], None], spec: Optional[structured.Spec] = None) -> list[Seq]:
-        """A request's sequences, choice i * n + j for prompt i, each with its own generator, processors and
-        constraint."""
+    def rows(self, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int],
+             alternatives: Optional[int], emit: Callable[[Event], None],
+             spec: Optional[structured.Spec] = None) -> list[Seq]:
+        """A request's sequences, choice i * n + j for prompt i, each with its own generator,
+        processors and constraint."""
         for ids in prompts:
             try:
                 engine.check_fits(len(ids), self.max_seq_length)
             except BriskError as e:
-                raise ServeError(400, f"{e}, this server's context", "context_length_exceeded") from None
+                raise ServeError(400, f"{e}, this server's context",
+                                 "context_length_exceeded") from None
         if len(prompts) * body.n > MAX_CHOICES:
-            raise ServeError(400, f"prompts times n must be at most {MAX_CHOICES}", "invalid_value", "n")
+            raise ServeError(400, f"prompts times n must be at most {MAX_CHOICES}", "invalid_value",
+                             "n")
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(stops) > MAX_STOPS:
             raise ServeError(400, f"stop: at most {MAX_STOPS} strings", "invalid_value", "stop")
         bias = logit_bias(body.logit_bias or {}, self.vocab_size)
-        sampling = dict(temperature=body.temperature, top_k=body.top_k, top_p=None if body.top_p == 1 else body.top_p,
-                        min_p=body.min_p or None)
+        sampling = dict(temperature=body.temperature, top_k=body.top_k,
+                        top_p=None if body.top_p == 1 else body.top_p, min_p=body.min_p or None)
         seqs = []
         for i, ids in enumerate(prompts):
-            fit = engine.tokens_that_fit(max_tokens or self.max_seq_length, len(ids), self.max_seq_length)
+            fit = engine.tokens_that_fit(max_tokens or self.max_seq_length, len(ids),
+                                         self.max_seq_length)
             for j in range(body.n):
-                seed = secrets.randbits(63) if body.seed is None else hash((body.seed, j)) & (2**63 - 1)
+                seed = (secrets.randbits(63) if body.seed is None
+                        else hash((body.seed, j)) & (2**63 - 1))
                 processors = []
                 if bias or body.presence_penalty or body.frequency_penalty:
-                    processors.append(Penalties(body.presence_penalty, body.frequency_penalty, bias))
+                    processors.append(Penalties(body.presence_penalty, body.frequency_penalty,
+                                                bias))
                 generator = torch.Generator(self.scheduler.batch.device).manual_seed(seed)
                 seqs.append(Seq(ids, i * body.n + j, fit, emit, sampling=sampling,
-                                generator=generator, processors=processors, stops=stops, ignore_eos=body.ignore_eos,
-                                logprobs=alternatives, constraint=None if spec is None else spec.constraint()))
+                                generator=generator, processors=processors, stops=stops,
+                                ignore_eos=body.ignore_eos, logprobs=alternatives,
+                                constraint=None if spec is None else spec.constraint()))
         return seqs
 
     def decode_token(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
 
-
 class UvicornServer(uvicorn.Server):
-    """uvicorn for a thread other than the main one: the main thread catches SIGINT/SIGTERM and calls handle, which
-    refuses new requests and lets the running ones finish (at most timeout_graceful_shutdown seconds, then they are
-    cancelled); the process then exits 0 instead of re-raising the signal."""
+    """uvicorn for a thread other than the main one: the main thread catches SIGINT/SIGTERM and
+    calls handle, which refuses new requests and lets the running ones finish (at most
+    timeout_graceful_shutdown seconds, then they are cancelled); the process then exits 0 instead of
+    re-raising the signal."""
 
     def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
         super().__init__(config)
@@ -857,7 +608,7 @@ class UvicornServer(uvicorn.Server):
         self.scheduler.stop_accepting()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -865,23 +616,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model.pth in a checkpoint directory (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
-    p.add_argument("--max_batch_size", type=int, default=8, help="rows generated at once (default 8)")
+    p.add_argument("--max_batch_size", type=int, default=8,
+                   help="rows generated at once (default 8)")
     p.add_argument("--max_seq_length", type=int, default=None,
-                   help=f"positions of each row's KV cache: prompt + reply (default: the model's block_size, at most "
-                        f"{engine.INTERACTIVE_MAX_SEQ_LENGTH})")
+                   help="positions of each row's KV cache: prompt + reply (default: the model's "
+                        f"block_size, at most {engine.INTERACTIVE_MAX_SEQ_LENGTH})")
     add_device_flags(p)
     p.add_argument("--cache_budget_mb", type=float, default=DEFAULT_BUDGET_MB,
-                   help=f"memory for the prefix cache's keys/values, MiB (default {DEFAULT_BUDGET_MB}; 0: no cache)")
-    p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+                   help="memory for the prefix cache's keys/values, MiB (default "
+                        f"{DEFAULT_BUDGET_MB}; 0: no cache)")
+    p.add_argument("--api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
-                   help="prompt tokens prefilled between two decode steps while other rows decode, so that a long "
-                        f"prompt does not stall them (default {DEFAULT_PREFILL_CHUNK}; 0: each prompt at once)")
+                   help="prompt tokens prefilled between two decode steps while other rows decode, "
+                        "so that a long prompt does not stall them (default "
+                        f"{DEFAULT_PREFILL_CHUNK}; 0: each prompt at once)")
     p.add_argument("--queue_timeout", type=float, default=60.0,
-                   help="seconds a request may wait for a free row before it gets an error (default 60)")
-    p.add_argument("--model_name", default=None, help="the model's id in the API (default: the checkpoint's directory)")
+                   help="seconds a request may wait for a free row before it gets an error "
+                        "(default 60)")
+    p.add_argument("--model_name", default=None,
+                   help="the model's id in the API (default: the checkpoint's directory)")
     return p.parse_args(argv)
 
 
@@ -901,10 +659,12 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads, so that a port in use is a one-line error at once."""
+    """The server's socket, bound before the model loads, so that a port in use is a one-line error
+    at once."""
     try:
         family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
-        sock = socket.socket(family, kind, proto)  # proto TCP: else asyncio leaves Nagle on (40 ms stalls)
+        # proto TCP: else asyncio leaves Nagle on (40 ms stalls)
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:
@@ -917,24 +677,28 @@ def main(argv=None) -> None:
     check_args(args)
     sock = listen(args.host, args.port)
     config = load_config(args.checkpoint_path)
-    max_seq_length = engine.cache_length(args.max_seq_length, None, config.block_size)  # a conversation's
+    # a conversation's
+    max_seq_length = engine.cache_length(args.max_seq_length, None, config.block_size)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     model = engine.load(args.checkpoint_path, args.device, DTYPES[args.dtype], kv_cache_dtype(args))
     batch = PrefixBatch(model, args.max_batch_size, max_seq_length, compile=args.compile)
     prefix = None
     if args.cache_budget_mb > 0:
-        prefix = PrefixCache([model], [model_meta(model, args.checkpoint_path)], int(args.cache_budget_mb * 2**20))
+        prefix = PrefixCache([model], [model_meta(model, args.checkpoint_path)],
+                             int(args.cache_budget_mb * 2**20))
     if args.compile:  # before serving, so that no request waits for it
         t0 = time.perf_counter()
         batch.warm_up()
         print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    scheduler = Scheduler(batch, tokenizer, args.max_batch_size, prefix, args.queue_timeout, args.prefill_chunk)
+    scheduler = Scheduler(batch, tokenizer, args.max_batch_size, prefix, args.queue_timeout,
+                          args.prefill_chunk)
     model_id = args.model_name or args.checkpoint_path.parent.name
-    server = Server(scheduler, tokenizer, model_id, max_seq_length, min(config.vocab_size, tokenizer.vocab_size),
-                    args.api_key)
-    print(f"serving {model_id} on http://{args.host}:{args.port} ({args.max_batch_size} rows of {max_seq_length} "
-          f"positions); Ctrl-C stops", file=sys.stderr)
-    web = UvicornServer(uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=30), scheduler)
+    server = Server(scheduler, tokenizer, model_id, max_seq_length,
+                    min(config.vocab_size, tokenizer.vocab_size), args.api_key)
+    print(f"serving {model_id} on http://{args.host}:{args.port} ({args.max_batch_size} rows of "
+          f"{max_seq_length} positions); Ctrl-C stops", file=sys.stderr)
+    web = UvicornServer(uvicorn.Config(server.app, log_level="warning",
+                                       timeout_graceful_shutdown=30), scheduler)
 
     def serve_http() -> None:
         try:
@@ -945,8 +709,9 @@ def main(argv=None) -> None:
         signal.signal(s, web.handle)
     http = threading.Thread(target=serve_http, name="brisk-http", daemon=True)
     http.start()
-    # the model's steps stay in the thread that loaded it: torch's OpenMP loops started from a second thread run
-    # at half speed on a small machine (two thread teams; BENCHMARKS.md, "The server under load")
+    # the model's steps stay in the thread that loaded it: torch's OpenMP loops started from a
+    # second thread run at half speed on a small machine (two thread teams; BENCHMARKS.md, "The
+    # server under load")
     scheduler.run()
     http.join()
 

@@ -170,3 +170,19 @@ def test_a_warm_start_prints_the_first_token_before_it_loads_the_saved_step(cold
                               t: events.append(t) and 0)
     assert rows[0] == eager and events == [eager[0], "load", *eager[1:]]
     assert 0 < timing["decode_s"] and 0 < timing["load_s"]
+
+
+@pytest.mark.slow
+def test_a_warm_start_hashes_the_step_key_once(cold, tmp_path, monkeypatch):
+    """Engine.warm_up asks whether the step is saved (SavedStep.saved) and its first call loads it:
+    the key, which hashes brisk's sources and the model's tensors, is computed once for both."""
+    path, eager, cache = cold
+    monkeypatch.setenv("BRISK_CACHE_DIR", str(copy_of(cache, tmp_path)))
+    torch._dynamo.reset()
+    e = engine.Engine(tiny_model(path), compile=True)
+    e.setup(1, 64)
+    keys, step_key, loaded = [], compile_cache.step_key, compile_cache.TALLY["loaded"]
+    monkeypatch.setattr(compile_cache, "step_key", lambda *a: keys.append(a) or step_key(*a))
+    assert e.warm_up(torch.tensor(PROMPT), 6, 1, temperature=0.0) == 0.0
+    rows, _ = e.generate(torch.tensor(PROMPT), 6, temperature=0.0)
+    assert rows[0] == eager and len(keys) == 1 and compile_cache.TALLY["loaded"] == loaded + 1

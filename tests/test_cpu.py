@@ -267,6 +267,22 @@ def test_an_int8_linear_takes_brisks_kernel_for_every_row_count(compile, rows, d
 
 
 @needs_kernel
+def test_a_linear_chooses_its_product_once_when_built_cast_or_loaded():
+    """cpu.Linear decides its product per weight, not per call: built in fp32 it multiplies row by
+    row; cast to bf16, or given bf16 tensors by load_state_dict(assign=True) on the meta device (as
+    checkpoint.load_model does), it takes brisk's kernel."""
+    lin = Linear(96, 40)
+    assert lin.product is cpu.rows_linear
+    assert lin.to(torch.bfloat16).product is cpu.kernel_linear
+    with torch.device("meta"):
+        loaded = Linear(96, 40)
+    assert loaded.product is cpu.rows_linear
+    loaded.load_state_dict(lin.state_dict(), assign=True)
+    assert loaded.product is cpu.kernel_linear
+    assert lin.float().product is cpu.rows_linear
+
+
+@needs_kernel
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("rows, dtype, kernel", [
     (1, torch.bfloat16, True), (cpu.FEW_ROWS, torch.bfloat16, True),
