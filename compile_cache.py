@@ -32,8 +32,9 @@ import cpu
 
 HERE = Path(__file__).resolve().parent
 # the files whose code a compiled step runs or whose choices shape it
-SOURCES = [HERE / n for n in ("model.py", "cpu.py", *cpu.SOURCES, "quant.py", "tp.py", "engine.py",
-                              "sampling.py", "batch.py", "speculative.py", "compile_cache.py")]
+SOURCES = [HERE / n for n in ("model.py", "cpu.py", *cpu.SOURCES, cpu.HEADER, "quant.py", "tp.py",
+                              "engine.py", "sampling.py", "batch.py", "speculative.py",
+                              "compile_cache.py")]
 MAGIC = b"brisk compiled step 1\n"
 # steps loaded from disk and compiled here, by every SavedStep of this process
 TALLY = {"loaded": 0, "compiled": 0}
