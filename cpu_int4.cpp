@@ -90,7 +90,6 @@ AVX512 static inline __m512 bf16x16(const at::BFloat16* p) {
 }
 
 constexpr int64_t AHEAD = 8192;  // bytes prefetched ahead in a row block's stream
-constexpr int64_t ROW_BLOCK_BYTES = 1 << 18;  // int8 activations a block of rows holds: they stay in the L2 cache
 
 template <int T, int G>
 AVX512 static void rows_avx512(const group_q4x16<G>* w, int64_t ng, const Acts* a, float* y, int64_t ldy) {

@@ -27,7 +27,6 @@ void check_isa(int64_t isa, const char* op) {
   TORCH_CHECK(isa >= 1 && isa <= best, op, ": instruction set ", isa, " is not one this CPU runs (1 to ", best, ")");
 }
 
-constexpr int64_t ROW_BLOCK_BYTES = 1 << 18;  // activations a block of rows holds: they stay in the L2 cache
 
 // Tiles whose outputs are gathered before they are written: a cache line per row and stream.
 // Written as computed, the R streams of M rows, a quarter of the weight and a row of y apart, fell

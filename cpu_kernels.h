@@ -63,6 +63,10 @@ static inline float quantize_q8_ref(const X* x, int8_t* q) {
   return d;
 }
 
+// Bytes of activations a block of rows holds (brisk's products): they stay in the L2 cache while
+// each thread's tiles of weight rows pass over them
+constexpr int64_t ROW_BLOCK_BYTES = 1 << 18;
+
 // Values of activations a thread quantizes at least: a prompt's rows in parallel, the few rows of a
 // decode step inline (a parallel region's start would cost more)
 constexpr int64_t QUANT_GRAIN = 16384;
